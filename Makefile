@@ -1,0 +1,71 @@
+# dwcp-agent: every target creates .venv if missing and installs what it needs.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp
+APT_STAMP := $(VENV)/.apt-stamp
+NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
+# System tools the tests and benchmarks use: iperf3/zstd/lz4 as references, iproute2/iptables/
+# ethtool/libnetfilter-queue for the WAN test bed, rdma-core/pyverbs for RDMA discovery,
+# prometheus/alertmanager/promtool/amtool for the operator surface, etcd for the consensus bench.
+APT_PKGS := iperf3 zstd lz4 iproute2 iptables ethtool gcc libnetfilter-queue-dev \
+	        python3-pyverbs rdma-core ibverbs-utils prometheus prometheus-alertmanager systemd \
+	        etcd-server etcd-client
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all demo test test-fast bench lint fuzz soak native clean apt venv
+
+all: native
+
+$(APT_STAMP):
+	@mkdir -p $(VENV)
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing $$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
+	  || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y --no-install-recommends $$missing; }; \
+	fi
+	@touch $@
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(APT_STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python tools/link_pyverbs.py
+	@touch $@
+
+native: $(STAMP) $(NATIVE_SRC)
+	$(BIN)/python setup.py -q build_ext --inplace
+	@[ ! -f tools/nfq-delay/Makefile ] || $(MAKE) -s -C tools/nfq-delay
+
+venv: native
+
+demo: native
+	$(BIN)/dwcp-agent demo
+
+test: native
+	$(BIN)/python -m pytest -q -ra
+	$(MAKE) lint
+
+test-fast: native
+	$(BIN)/python -m pytest -q -ra -m "not slow and not system"
+
+lint: $(STAMP)
+	$(BIN)/ruff check dwcp_agent tests benchmarks tools
+	$(BIN)/mypy dwcp_agent
+
+bench: native
+	$(BIN)/python -m benchmarks.run_all
+
+fuzz: native
+	DWCP_FUZZ_ITERATIONS=2000000 $(BIN)/python -m pytest -q tests -k fuzz
+
+soak: native
+	DWCP_SIM_SCHEDULES=50000 $(BIN)/python -m pytest -q tests -k simulation
+
+clean:
+	rm -rf build dwcp_agent/_native/*.so native/*.c

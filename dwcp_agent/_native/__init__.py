@@ -1,0 +1,1 @@
+"""Compiled Cython kernels built from native/*.pyx by setup.py."""

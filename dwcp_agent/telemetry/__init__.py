@@ -1,0 +1,1 @@
+"""Metrics, logs, traces, health and SLA guard: what operators see of the agent."""

@@ -1,0 +1,204 @@
+"""The metric contract: every series the agent exports, declared once.
+
+Dashboards, alert rules and tests read names from here (`CONTRACT`), so a series the ops guide
+queries cannot silently disappear. Labels are low-cardinality by rule: never a VM or migration id.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from dwcp_agent import __version__
+
+MODES = ("datacenter", "internet", "hybrid")
+COMPONENTS = ("amst", "hde", "pba", "acp", "migration", "agent")
+
+# 10 ms ... 30 min: a migration of a small disk on loopback up to a large VM over the internet.
+MIGRATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
+# 50 us ... 10 s: one chunk encode up to a slow consensus round.
+COMPONENT_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)
+CONSENSUS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """All agent metrics on one registry; one instance per agent, passed to components."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.build_info = Gauge(
+            "dwcp_v3_build_info", "Agent build; value is always 1.", ["version", "python"], registry=r
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+
+        # Migrations
+        self.migration_latency = Histogram(
+            "dwcp_v3_migration_latency_seconds", "Wall time of a finished migration, start to commit.",
+            ["mode", "protocol"], buckets=MIGRATION_BUCKETS, registry=r,
+        )
+        self.migrations = Counter(
+            "dwcp_v3_migrations", "Migrations ended, by outcome.", ["status", "mode", "protocol"], registry=r
+        )
+        self.active_migrations = Gauge("dwcp_v3_active_migrations", "Migrations in progress.", registry=r)
+        self.bytes_transferred = Counter(
+            "dwcp_v3_bytes_transferred", "Wire bytes of migration payload, by direction.",
+            ["direction", "mode", "transport"], registry=r,
+        )
+        self.logical_bytes = Counter(
+            "dwcp_v3_logical_bytes", "Image bytes moved (before encoding), by direction.",
+            ["direction"], registry=r,
+        )
+        self.throughput = Gauge(
+            "dwcp_v3_throughput_bytes_per_second",
+            "Logical throughput of the most recent migration (bytes/s).", ["protocol"], registry=r,
+        )
+        self.errors = Counter(
+            "dwcp_v3_errors", "Errors by component and kind.", ["component", "error_type"], registry=r
+        )
+
+        # Components
+        self.component_operations = Counter(
+            "dwcp_v3_component_operations", "Operations per component.", ["component"], registry=r
+        )
+        self.component_errors = Counter(
+            "dwcp_v3_component_errors", "Failed operations per component.", ["component"], registry=r
+        )
+        self.component_latency = Histogram(
+            "dwcp_v3_component_latency_seconds", "Latency of one component operation.", ["component"],
+            buckets=COMPONENT_BUCKETS, registry=r,
+        )
+
+        # AMST
+        self.active_streams = Gauge("dwcp_v3_active_streams", "Open AMST data streams.", registry=r)
+        self.amst_active_streams = Gauge(
+            "dwcp_v3_amst_active_streams", "Open AMST data streams (AMST-scoped alias).", registry=r
+        )
+        self.amst_stream_utilization = Gauge(
+            "dwcp_v3_amst_stream_utilization", "Share of time streams had data queued (0..1).", registry=r
+        )
+        self.amst_throughput = Gauge(
+            "dwcp_v3_amst_throughput_bytes_per_second", "Wire throughput over all streams.", registry=r
+        )
+        self.amst_rtt = Gauge("dwcp_v3_amst_rtt_seconds", "Smoothed RTT of data streams (TCP_INFO).", registry=r)
+        self.amst_retransmits = Counter(
+            "dwcp_v3_amst_retransmits", "TCP segments retransmitted on data streams.", registry=r
+        )
+        self.transport_info = Gauge(
+            "dwcp_v3_transport_info", "Transport in use: 1 for the active one.", ["transport"], registry=r
+        )
+        self.rdma_posted = Counter("dwcp_v3_rdma_work_requests_posted", "RDMA work requests posted.", registry=r)
+        self.rdma_completions = Counter(
+            "dwcp_v3_rdma_completions", "RDMA completions polled.", ["status"], registry=r
+        )
+        self.rdma_credit_stalls = Counter(
+            "dwcp_v3_rdma_credit_stalls", "Times the sender waited for receiver credits.", registry=r
+        )
+        self.rdma_errors = Counter("dwcp_v3_rdma_errors", "RDMA errors.", ["error_type"], registry=r)
+
+        # HDE
+        self.hde_compression_ratio = Gauge(
+            "dwcp_v3_hde_compression_ratio", "Logical bytes / wire bytes of the most recent migration.",
+            registry=r,
+        )
+        self.hde_compression_latency = Histogram(
+            "dwcp_v3_hde_compression_latency_seconds", "Time to encode one chunk.",
+            buckets=COMPONENT_BUCKETS, registry=r,
+        )
+        self.hde_pages = Counter(
+            "dwcp_v3_hde_pages", "Pages encoded, by how they were sent.", ["kind"], registry=r
+        )
+        self.hde_codec_chunks = Counter(
+            "dwcp_v3_hde_codec_chunks", "Chunks encoded, by codec.", ["codec"], registry=r
+        )
+
+        # PBA
+        self.prediction_accuracy = Gauge(
+            "dwcp_v3_prediction_accuracy", "1 - MAPE of bandwidth predictions over a sliding window.",
+            registry=r,
+        )
+        self.current_mode = Gauge(
+            "dwcp_v3_current_mode", "Network mode: 1 for the current one.", ["mode"], registry=r
+        )
+        self.mode_switches = Counter(
+            "dwcp_v3_mode_switches", "Network mode changes.", ["from", "to"], registry=r
+        )
+
+        # ACP
+        self.acp_consensus_latency = Histogram(
+            "dwcp_v3_acp_consensus_latency_seconds", "Proposal to commit.", ["protocol"],
+            buckets=CONSENSUS_BUCKETS, registry=r,
+        )
+        self.acp_protocol = Gauge(
+            "dwcp_v3_acp_protocol", "Consensus protocol: 1 for the running one.", ["protocol"], registry=r
+        )
+        self.acp_leader_changes = Counter("dwcp_v3_acp_leader_changes", "Raft leader changes.", registry=r)
+        self.acp_view_changes = Counter("dwcp_v3_acp_view_changes", "PBFT view changes.", registry=r)
+        self.acp_commits = Counter("dwcp_v3_acp_commits", "Commands committed.", ["protocol"], registry=r)
+        self.acp_byzantine_detections = Counter(
+            "dwcp_v3_acp_byzantine_detections", "Byzantine behaviour detected, by reason.", ["reason"],
+            registry=r,
+        )
+
+        # SLA and rollout
+        self.sla_compliance = Gauge(
+            "dwcp_v3_sla_compliance", "1 when the SLA is met over the guard window, else 0.", ["sla"],
+            registry=r,
+        )
+        self.rollout_percentage = Gauge(
+            "dwcp_v3_rollout_percentage", "Share of migrations using protocol profile v3.", registry=r
+        )
+        self.rollout_frozen = Gauge("dwcp_v3_rollout_frozen", "1 when rollout is frozen by rollback.", registry=r)
+        self.rollbacks = Counter("dwcp_v3_rollbacks", "Automatic or manual rollbacks.", ["reason"], registry=r)
+
+        self._prime()
+
+    def _prime(self) -> None:
+        """Create label sets the dashboards query so series exist before the first event."""
+        for mode in MODES:
+            self.current_mode.labels(mode).set(0)
+        for component in COMPONENTS:
+            self.component_operations.labels(component)
+            self.component_errors.labels(component)
+        for direction in ("sent", "received"):
+            self.logical_bytes.labels(direction)
+        for protocol in ("v1", "v3"):
+            self.throughput.labels(protocol)
+        for kind in ("zero", "dup", "baseline", "delta", "literal"):
+            self.hde_pages.labels(kind)
+
+    def error(self, component: str, error_type: str) -> None:
+        """Count one error in both the error and the per-component error series."""
+        self.errors.labels(component, error_type).inc()
+        self.component_errors.labels(component).inc()
+
+    @contextmanager
+    def operation(self, component: str) -> Iterator[None]:
+        """Count and time one component operation; an exception counts as a component error."""
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.component_errors.labels(component).inc()
+            raise
+        finally:
+            self.component_operations.labels(component).inc()
+            self.component_latency.labels(component).observe(time.perf_counter() - start)
+
+    def exposition(self) -> bytes:
+        """Prometheus text format of every series."""
+        return generate_latest(self.registry)
+
+
+def contract_names() -> list[str]:
+    """Names of every metric family in the contract, as Prometheus exposes them (counters with _total)."""
+    names: list[str] = []
+    for family in Metrics().registry.collect():
+        names.append(family.name + ("_total" if family.type == "counter" else ""))
+    return sorted(names)
