@@ -1,0 +1,1 @@
+"""HDE: the encoding that makes a migration cheaper than copying bytes."""
