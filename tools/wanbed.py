@@ -1,0 +1,254 @@
+"""WAN emulation test bed: two network namespaces joined by a veth pair, shaped by profile.
+
+This kernel has no netem, so each direction is shaped with what it does have: `tbf` on the
+sender's veth for the rate, `iptables -m statistic` on the receiver's ingress for random loss,
+and `nfq-delay` (tools/nfq-delay, an NFQUEUE program) on the receiver's ingress for half the
+RTT. TSO/GSO/GRO are off on the veths so loss and delay apply per wire-sized packet.
+
+Shared by tests/system and benchmarks (put tools/ on sys.path). `WanBed` is a context manager;
+everything it creates is removed on exit, also when setup fails half-way.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+TOOLS = Path(__file__).resolve().parent
+NFQ_DIR = TOOLS / "nfq-delay"
+NFQ_DELAY = NFQ_DIR / "nfq-delay"
+ADDR_A = "10.200.0.1"
+ADDR_B = "10.200.0.2"
+QUEUE_NUM = 7
+# Per-namespace TCP buffer ceilings: large enough for one flow to cover 2 x BDP of every profile.
+TCP_MEM = "4096 131072 134217728"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One emulated path: round-trip delay, random loss per packet, and rate (0 = unshaped)."""
+
+    name: str
+    rtt_s: float
+    loss: float
+    rate_bps: int
+
+    @property
+    def bdp_bytes(self) -> int:
+        """Bandwidth-delay product of the nominal path."""
+        return int(self.rate_bps / 8 * self.rtt_s)
+
+
+PROFILES: dict[str, Profile] = {
+    "datacenter": Profile("datacenter", 0.0, 0.0, 0),
+    "metro": Profile("metro", 0.005, 0.0, 10_000_000_000),
+    "internet": Profile("internet", 0.050, 0.001, 1_000_000_000),
+    "bad-internet": Profile("bad-internet", 0.150, 0.01, 100_000_000),
+}
+
+
+class BedError(RuntimeError):
+    """A test bed command failed; the message carries the command and its stderr."""
+
+
+def unsupported_reason() -> str | None:
+    """Why the test bed cannot run here, or None when it can (tests skip with this text)."""
+    if os.geteuid() != 0:
+        return "WAN test bed needs root (network namespaces, tc, iptables)"
+    for tool in ("ip", "tc", "iptables", "ethtool"):
+        if shutil.which(tool) is None:
+            return f"WAN test bed needs '{tool}' on PATH"
+    if not Path("/proc/self/ns/net").exists():
+        return "WAN test bed needs network namespace support in the kernel"
+    if not NFQ_DELAY.exists():
+        if shutil.which("make") is None or shutil.which("gcc") is None:
+            return "WAN test bed needs tools/nfq-delay built (make -C tools/nfq-delay)"
+        done = subprocess.run(["make", "-s", "-C", str(NFQ_DIR)], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"cannot build tools/nfq-delay: {done.stderr.strip()[-300:]}"
+    probe = f"dwcpchk{secrets.token_hex(3)}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _tbf_args(rate_bps: int, rtt_s: float) -> list[str]:
+    """tbf rate/burst/limit: a 1 ms burst and a bottleneck queue of half a BDP (at least 10 ms)."""
+    rate_bytes = rate_bps // 8
+    burst = max(32 * 1024, rate_bytes // 1000)
+    limit = max(256 * 1024, int(rate_bytes * max(rtt_s, 0.010) / 2))
+    return ["rate", f"{rate_bps}bit", "burst", str(burst), "limit", str(limit)]
+
+
+class WanBed:
+    """Namespaces `a` and `b` (addresses ADDR_A, ADDR_B) joined by one veth pair, shaped by `profile`."""
+
+    def __init__(self, profile: Profile | str, suffix: str | None = None) -> None:
+        self.profile = PROFILES[profile] if isinstance(profile, str) else profile
+        self.suffix = suffix or secrets.token_hex(3)
+        self.ns = {"a": f"dwcpa{self.suffix}", "b": f"dwcpb{self.suffix}"}
+        self.dev = {"a": f"dwa{self.suffix}", "b": f"dwb{self.suffix}"}
+        self.addr = {"a": ADDR_A, "b": ADDR_B}
+        self._delayers: list[subprocess.Popen[bytes]] = []
+        self._children: list[subprocess.Popen[Any]] = []
+        self._created: list[str] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> WanBed:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Create both namespaces, the veth pair and the shaping of `profile`."""
+        for side in ("a", "b"):
+            _run(["ip", "netns", "add", self.ns[side]])
+            self._created.append(self.ns[side])
+        _run(["ip", "link", "add", self.dev["a"], "netns", self.ns["a"], "type", "veth",
+              "peer", "name", self.dev["b"], "netns", self.ns["b"]])
+        for side in ("a", "b"):
+            ns, dev = self.ns[side], self.dev[side]
+            _run(["ip", "-n", ns, "addr", "add", f"{self.addr[side]}/24", "dev", dev])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "link", "set", dev, "up"])
+            self.run(side, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"], check=False)
+            self.run(side, ["sysctl", "-q", "-w", f"net.ipv4.tcp_wmem={TCP_MEM}",
+                            f"net.ipv4.tcp_rmem={TCP_MEM}"])
+        self.shape(self.profile)
+
+    def shape(self, profile: Profile) -> None:
+        """Apply `profile` to a running bed (rate, loss and delay replaced in both directions)."""
+        self._unshape()
+        self.profile = profile
+        for side in ("a", "b"):
+            dev = self.dev[side]
+            if profile.rate_bps:
+                self.run(side, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+                                *_tbf_args(profile.rate_bps, profile.rtt_s)])
+            if profile.loss:
+                self.run(side, ["iptables", "-w", "-A", "INPUT", "-i", dev, "-m", "statistic", "--mode",
+                                "random", "--probability", f"{profile.loss:.6f}", "-j", "DROP"])
+            if profile.rtt_s:
+                self._start_delayer(side, profile.rtt_s / 2)
+                self.run(side, ["iptables", "-w", "-A", "INPUT", "-i", dev, "-j", "NFQUEUE",
+                                "--queue-num", str(QUEUE_NUM), "--queue-bypass"])
+
+    def set_rate(self, rate_bps: int) -> None:
+        """Change only the tbf rate, in both directions (the prediction benchmark's rate trace)."""
+        for side in ("a", "b"):
+            self.run(side, ["tc", "qdisc", "replace", "dev", self.dev[side], "root", "tbf",
+                            *_tbf_args(rate_bps, self.profile.rtt_s)])
+        self.profile = Profile(self.profile.name, self.profile.rtt_s, self.profile.loss, rate_bps)
+
+    def down(self) -> None:
+        """Stop every process started here and delete both namespaces (the veths and rules go too)."""
+        for proc in self._children + self._delayers:
+            _stop(proc)
+        self._children.clear()
+        self._delayers.clear()
+        for ns in self._created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._created.clear()
+
+    def _unshape(self) -> None:
+        for side in ("a", "b"):
+            self.run(side, ["iptables", "-w", "-F", "INPUT"], check=False)
+            self.run(side, ["tc", "qdisc", "del", "dev", self.dev[side], "root"], check=False)
+        for proc in self._delayers:
+            _stop(proc)
+        self._delayers.clear()
+
+    def _start_delayer(self, side: str, delay_s: float) -> None:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[side], str(NFQ_DELAY), str(QUEUE_NUM), str(int(delay_s * 1e6))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self._delayers.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != b"ready":
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise BedError(f"nfq-delay did not start in {self.ns[side]}: {line!r} {err.strip()}")
+
+    # --- running things inside ------------------------------------------------------------
+    def cmd(self, side: str, argv: Sequence[str]) -> list[str]:
+        """`argv` wrapped to run inside namespace `side` ('a' or 'b')."""
+        return ["ip", "netns", "exec", self.ns[side], *argv]
+
+    def run(self, side: str, argv: Sequence[str], check: bool = True, timeout: float = 120,
+            **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """Run `argv` inside namespace `side` and wait; stdout/stderr captured as text."""
+        done = subprocess.run(self.cmd(side, argv), capture_output=True, text=True, timeout=timeout, **kwargs)
+        if check and done.returncode != 0:
+            raise BedError(f"{' '.join(argv)} in {self.ns[side]} failed ({done.returncode}): {done.stderr.strip()}")
+        return done
+
+    def popen(self, side: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start `argv` inside namespace `side`; it is stopped by `down()` if still running."""
+        proc = subprocess.Popen(self.cmd(side, argv), **kwargs)
+        self._children.append(proc)
+        return proc
+
+    def enter(self, side: str) -> NetnsScope:
+        """Context in which the calling thread's sockets live in namespace `side` (setns)."""
+        return NetnsScope(self.ns[side])
+
+
+class NetnsScope:
+    """Move the calling thread into a named network namespace and back (sockets keep their ns)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._home: int | None = None
+
+    def __enter__(self) -> NetnsScope:
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            os.setns(target, os.CLONE_NEWNET)
+        finally:
+            os.close(target)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self._home is not None
+        try:
+            os.setns(self._home, os.CLONE_NEWNET)
+        finally:
+            os.close(self._home)
+
+
+def _run(argv: Sequence[str]) -> None:
+    done = subprocess.run(list(argv), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BedError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pipe in (proc.stdout, proc.stderr, proc.stdin):
+        if pipe is not None:
+            pipe.close()
