@@ -196,7 +196,8 @@ class WanBed:
         """Run `argv` inside namespace `side` and wait; stdout/stderr captured as text."""
         done = subprocess.run(self.cmd(side, argv), capture_output=True, text=True, timeout=timeout, **kwargs)
         if check and done.returncode != 0:
-            raise BedError(f"{' '.join(argv)} in {self.ns[side]} failed ({done.returncode}): {done.stderr.strip()}")
+            raise BedError(f"{' '.join(argv)} in {self.ns[side]} failed ({done.returncode}): "
+                           f"{done.stderr.strip()}")
         return done
 
     def popen(self, side: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
