@@ -17,6 +17,11 @@ from dwcp_agent import __version__
 
 MODES = ("datacenter", "internet", "hybrid")
 COMPONENTS = ("amst", "hde", "pba", "acp", "migration", "agent")
+PROTOCOLS = ("v1", "v3")
+# `cancelled` is an operator's choice and does not count against availability; see docs/operations.md.
+MIGRATION_STATUSES = ("completed", "failed", "cancelled")
+SLA_NAMES = ("availability", "latency", "error_rate", "throughput")
+ROLLBACK_REASONS = ("sla_nogo", "manual")
 
 # 10 ms ... 30 min: a migration of a small disk on loopback up to a large VM over the internet.
 MIGRATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
@@ -86,14 +91,18 @@ class Metrics:
         self.amst_throughput = Gauge(
             "dwcp_v3_amst_throughput_bytes_per_second", "Wire throughput over all streams.", registry=r
         )
-        self.amst_rtt = Gauge("dwcp_v3_amst_rtt_seconds", "Smoothed RTT of data streams (TCP_INFO).", registry=r)
+        self.amst_rtt = Gauge(
+            "dwcp_v3_amst_rtt_seconds", "Smoothed RTT of data streams (TCP_INFO).", registry=r
+        )
         self.amst_retransmits = Counter(
             "dwcp_v3_amst_retransmits", "TCP segments retransmitted on data streams.", registry=r
         )
         self.transport_info = Gauge(
             "dwcp_v3_transport_info", "Transport in use: 1 for the active one.", ["transport"], registry=r
         )
-        self.rdma_posted = Counter("dwcp_v3_rdma_work_requests_posted", "RDMA work requests posted.", registry=r)
+        self.rdma_posted = Counter(
+            "dwcp_v3_rdma_work_requests_posted", "RDMA work requests posted.", registry=r
+        )
         self.rdma_completions = Counter(
             "dwcp_v3_rdma_completions", "RDMA completions polled.", ["status"], registry=r
         )
@@ -154,8 +163,26 @@ class Metrics:
         self.rollout_percentage = Gauge(
             "dwcp_v3_rollout_percentage", "Share of migrations using protocol profile v3.", registry=r
         )
-        self.rollout_frozen = Gauge("dwcp_v3_rollout_frozen", "1 when rollout is frozen by rollback.", registry=r)
-        self.rollbacks = Counter("dwcp_v3_rollbacks", "Automatic or manual rollbacks.", ["reason"], registry=r)
+        self.rollout_frozen = Gauge(
+            "dwcp_v3_rollout_frozen", "1 when rollout is frozen by rollback.", registry=r
+        )
+        self.rollbacks = Counter(
+            "dwcp_v3_rollbacks", "Automatic or manual rollbacks.", ["reason"], registry=r
+        )
+        self.sla_go = Gauge(
+            "dwcp_v3_sla_go", "SLA guard decision over the 5 min window: 1 GO, 0 NO-GO.", registry=r
+        )
+        self.sla_error_budget_remaining = Gauge(
+            "dwcp_v3_sla_error_budget_remaining",
+            "Share of the 30 d availability error budget not yet spent (1 = untouched, 0 = spent).",
+            registry=r,
+        )
+        self.migrated_bytes = Counter(
+            "dwcp_v3_migrated_bytes",
+            "Logical bytes of finished migrations, counted when each ends; over "
+            "dwcp_v3_migration_latency_seconds_sum it gives the throughput SLI.",
+            ["protocol"], registry=r,
+        )
 
         self._prime()
 
@@ -168,10 +195,22 @@ class Metrics:
             self.component_errors.labels(component)
         for direction in ("sent", "received"):
             self.logical_bytes.labels(direction)
-        for protocol in ("v1", "v3"):
+        for protocol in PROTOCOLS:
             self.throughput.labels(protocol)
         for kind in ("zero", "dup", "baseline", "delta", "literal"):
             self.hde_pages.labels(kind)
+        # rate() and increase() miss the first increment of a series that appears at 1, so the
+        # series the SLA rules divide are created at 0 up front.
+        for protocol in PROTOCOLS:
+            self.migrated_bytes.labels(protocol)
+            for mode in MODES:
+                self.migration_latency.labels(mode, protocol)
+                for status in MIGRATION_STATUSES:
+                    self.migrations.labels(status, mode, protocol)
+        for sla in SLA_NAMES:
+            self.sla_compliance.labels(sla)
+        for reason in ROLLBACK_REASONS:
+            self.rollbacks.labels(reason)
 
     def error(self, component: str, error_type: str) -> None:
         """Count one error in both the error and the per-component error series."""
