@@ -60,6 +60,8 @@ class Config:
     admin_port: int = _spec(8080, lo=0, hi=65535, doc="Admin HTTP port (0 = any free port).")
     acp_port: int = _spec(9877, lo=0, hi=65535, doc="Consensus port between agents.")
     state_dir: str = _spec("/var/lib/dwcp-agent", doc="Journals, WAL and runtime state.")
+    dest_dirs: list[str] = _spec([], doc="Directories incoming images may be written to ([] = state_dir/images).")
+    source_dirs: list[str] = _spec([], doc="Directories images may be migrated from ([] = state_dir/images).")
     psk: str = _spec("", doc="Pre-shared key authenticating peers (prefer psk_file).")
     psk_file: str = _spec("", doc="File holding the pre-shared key.")
     stream_count: int = _spec(4, lo=0, hi=256, doc="AMST data streams per migration (0 = tuned online).")
@@ -96,6 +98,16 @@ class Config:
     acp_peers: list[str] = _spec([], doc="Cluster members as id=host:port (empty = single node).")
 
     @property
+    def allowed_dest_dirs(self) -> list[Path]:
+        """Where peers may write images: dest_dirs, or state_dir/images when none are set."""
+        return _dirs(self.dest_dirs, self.state_dir)
+
+    @property
+    def allowed_source_dirs(self) -> list[Path]:
+        """What the admin API may send away: source_dirs, or state_dir/images when none are set."""
+        return _dirs(self.source_dirs, self.state_dir)
+
+    @property
     def psk_bytes(self) -> bytes:
         """The pre-shared key, read from psk_file when that is set."""
         if self.psk_file:
@@ -104,6 +116,10 @@ class Config:
             except OSError as exc:
                 raise ConfigError("psk_file", f"cannot read {self.psk_file}: {exc.strerror}") from exc
         return self.psk.encode()
+
+
+def _dirs(configured: list[str], state_dir: str) -> list[Path]:
+    return [Path(d).resolve() for d in (configured or [str(Path(state_dir) / "images")])]
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -135,7 +151,7 @@ def _coerce(key: str, value: Any) -> Any:
             else:
                 raise ValueError(f"expected a boolean, got {value!r}")
         elif kind == "int":
-            if isinstance(value, bool) or isinstance(value, float):
+            if isinstance(value, (bool, float)):
                 raise ValueError(f"expected an integer, got {value!r}")
             if isinstance(value, str):
                 result = parse_size(value) if meta["size"] else int(value.strip())

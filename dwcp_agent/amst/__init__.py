@@ -1,0 +1,1 @@
+"""AMST: adaptive multi-stream transport."""

@@ -1,0 +1,1 @@
+"""Migration: sessions that move an object (image file, VM memory) between agents."""

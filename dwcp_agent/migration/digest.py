@@ -1,0 +1,38 @@
+"""The object digest: one hash over the ordered chunk checksums, proving the whole image."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import xxhash
+
+from dwcp_agent.hde.chunk import checksum
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return (size + chunk_size - 1) // chunk_size
+
+
+def chunk_length(index: int, size: int, chunk_size: int) -> int:
+    return min(chunk_size, size - index * chunk_size)
+
+
+def object_digest(checksums: np.ndarray) -> bytes:
+    """xxh3-128 over the little-endian u64 chunk checksums in chunk order."""
+    return xxhash.xxh3_128_digest(np.ascontiguousarray(checksums, dtype="<u8").tobytes())
+
+
+def file_digest(fd: int, size: int, chunk_size: int) -> bytes:
+    """Re-read a file chunk by chunk (one reused buffer) and compute its object digest."""
+    n = chunk_count(size, chunk_size)
+    sums = np.empty(n, dtype=np.uint64)
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    for i in range(n):
+        length = chunk_length(i, size, chunk_size)
+        got = os.preadv(fd, [view[:length]], i * chunk_size)
+        if got != length:
+            raise OSError(f"short read at chunk {i}: {got} of {length} bytes")
+        sums[i] = checksum(view[:length])
+    return object_digest(sums)

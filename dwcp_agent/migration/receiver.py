@@ -1,0 +1,343 @@
+"""Destination side of a migration: accept streams, verify every chunk, journal, commit by rename.
+
+One `ReceiveSession` per incoming migration. Its control connection carries Start/Ready and
+Commit/Committed; each data connection carries DATA frames one way and ACK frames back. A chunk
+is written at its offset in `<dest>.dwcp-part` only after its checksum matches; the final path is
+touched once, by an atomic rename after the whole-object digest of the re-read file matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+from dwcp_agent import wire
+from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, checksum
+from dwcp_agent.hde.codecs import CodecError, CodecId
+from dwcp_agent.migration.digest import chunk_count, chunk_length, file_digest
+from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
+from dwcp_agent.telemetry.metrics import Metrics
+
+log = logging.getLogger("dwcp_agent.migration")
+
+PARTIAL_SUFFIX = ".dwcp-part"
+JOURNAL_SUFFIX = ".dwcp-journal"
+FLUSH_INTERVAL_S = 0.05
+
+
+class ReceiveError(Exception):
+    """The destination cannot take this migration; `error_type` labels the metric."""
+
+    def __init__(self, message: str, error_type: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def max_encoded_len(raw_len: int) -> int:
+    """Largest payload a sender may announce for a chunk (codec framing and page maps included)."""
+    return raw_len + raw_len // 16 + 4096
+
+
+def resolve_destination(dest_path: str, allowed: list[Path]) -> Path:
+    """The destination as an absolute path inside an allowed directory, or a ReceiveError."""
+    path = Path(dest_path)
+    if not path.is_absolute():
+        raise ReceiveError(f"destination {dest_path!r} must be an absolute path", "bad_request")
+    resolved = path.parent.resolve() / path.name
+    if not any(resolved.is_relative_to(d) for d in allowed):
+        raise ReceiveError(f"destination {resolved} is outside the allowed directories "
+                           f"({', '.join(map(str, allowed))}; see config key dest_dirs)", "forbidden")
+    if not resolved.parent.is_dir():
+        raise ReceiveError(f"destination directory {resolved.parent} does not exist", "bad_request")
+    if not os.access(resolved.parent, os.W_OK):
+        raise ReceiveError(f"destination directory {resolved.parent} is not writable", "unwritable")
+    return resolved
+
+
+class ReceiveSession:
+    """One incoming migration: partial file, journal, data streams, commit."""
+
+    def __init__(self, start: wire.Start, dest: Path, metrics: Metrics, mode: str = "datacenter") -> None:
+        self.start = start
+        self.dest = dest
+        self.metrics = metrics
+        self.mode = mode
+        self.session_id = secrets.randbits(63) or 1
+        self.partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
+        self.chunks = chunk_count(start.size, start.chunk_size)
+        self.bytes_received = 0
+        self._streams: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._control: socket.socket | None = None
+        self._control_lock = threading.Lock()
+        self.failure: ReceiveError | None = None
+        self.journal = Journal(dest.with_name(dest.name + JOURNAL_SUFFIX),
+                               Identity(start.size, start.chunk_size, start.vm_id))
+        try:
+            self._fd, self.fresh = self._open_partial()
+        except BaseException:
+            self.journal.close()
+            raise
+        self._flusher = threading.Thread(target=self._flush_loop, name=f"journal-{self.session_id:x}",
+                                         daemon=True)
+        self._flusher.start()
+
+    def _open_partial(self) -> tuple[int, bool]:
+        resumed = self.journal.resumed and self.partial.exists()
+        if not resumed and self.journal.have:
+            self.journal.reset()
+        needed = self.start.size
+        if resumed:
+            needed -= os.stat(self.partial).st_blocks * 512
+        stats = os.statvfs(self.partial.parent)
+        free = stats.f_bavail * stats.f_frsize
+        if needed > free:
+            raise ReceiveError(f"not enough space in {self.partial.parent}: need {needed} bytes, "
+                               f"{free} free", "no_space")
+        try:
+            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | (0 if resumed else os.O_TRUNC), 0o600)
+            os.ftruncate(fd, self.start.size)
+        except OSError as exc:
+            raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
+        return fd, not resumed
+
+    # -- control connection ---------------------------------------------------------------
+
+    def ready(self) -> wire.Ready:
+        return wire.Ready(self.session_id, pack_have(self.journal.known()))
+
+    def run_control(self, sock: socket.socket) -> None:
+        """Serve Commit/Abort until the source is done or goes away; keep the journal for resume."""
+        self._control = sock
+        sock.settimeout(None)
+        try:
+            while not self._closed.is_set():
+                msg = wire.recv_message(sock)
+                if isinstance(msg, wire.Commit):
+                    self._commit(msg.digest)
+                    return
+                if isinstance(msg, wire.Abort):
+                    log.info("migration aborted by source", extra={
+                        "migration_id": self.start.migration_id, "migration_status": "cancelled"})
+                    self._discard()
+                    return
+        except (wire.WireError, OSError) as exc:
+            if not self._closed.is_set():
+                log.warning("source control connection lost; journal kept for resume", extra={
+                    "migration_id": self.start.migration_id, "error": str(exc)})
+        finally:
+            self.close()
+
+    def _send_control(self, msg: object) -> None:
+        if self._control is None:
+            return
+        with self._control_lock, contextlib.suppress(OSError):
+            wire.send_message(self._control, msg)
+
+    def _commit(self, digest: bytes) -> None:
+        self._stop_streams()
+        self.journal.flush(self._fd)
+        missing = self.chunks - len(self.journal.have)
+        if self.failure is not None:
+            self._send_control(wire.Failed(str(self.failure), self.failure.error_type))
+            return
+        if missing:
+            self._send_control(wire.Failed(f"{missing} chunks are missing at commit", "incomplete"))
+            return
+        actual = file_digest(self._fd, self.start.size, self.start.chunk_size)
+        if actual != digest:
+            self.metrics.error("migration", "digest_mismatch")
+            self.journal.reset()
+            self._send_control(wire.Failed("object digest of the written image does not match the "
+                                           "source; partial discarded", "digest_mismatch"))
+            return
+        os.fsync(self._fd)
+        os.rename(self.partial, self.dest)
+        dir_fd = os.open(self.dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.journal.remove()
+        log.info("image committed", extra={"migration_id": self.start.migration_id,
+                                           "migration_status": "committed", "path": str(self.dest)})
+        self._send_control(wire.Committed(actual, str(self.dest)))
+
+    def _discard(self) -> None:
+        self._stop_streams()
+        self.partial.unlink(missing_ok=True)
+        self.journal.remove()
+
+    def fail(self, error: ReceiveError) -> None:
+        """A fatal destination error (disk full, unwritable): tell the source, stop the streams."""
+        if self.failure is None:
+            self.failure = error
+            self.metrics.error("migration", error.error_type)
+            log.error("destination failed: %s", error, extra={
+                "migration_id": self.start.migration_id, "migration_status": "failed",
+                "error_type": error.error_type})
+            self._send_control(wire.Failed(str(error), error.error_type))
+            self._stop_streams()
+
+    # -- data streams -----------------------------------------------------------------------
+
+    def run_stream(self, sock: socket.socket, stream_id: int, version: int) -> None:
+        """Receive DATA frames until the stream ends; a bad frame closes this stream only."""
+        with self._lock:
+            if self._closed.is_set():
+                sock.close()
+                return
+            self._streams.add(sock)
+        sock.settimeout(None)
+        self.metrics.active_streams.inc()
+        self.metrics.amst_active_streams.inc()
+        try:
+            self._receive_frames(sock, stream_id, version)
+        except wire.PeerClosed:
+            pass
+        except wire.WireError as exc:
+            if not self._closed.is_set():
+                self.metrics.error("amst", exc.error_type)
+                log.warning("stream %d refused a frame: %s", stream_id, exc, extra={
+                    "migration_id": self.start.migration_id, "error_type": exc.error_type})
+        except CodecError as exc:
+            self.metrics.error("hde", "decode")
+            log.warning("stream %d: chunk does not decode: %s", stream_id, exc,
+                        extra={"migration_id": self.start.migration_id, "error_type": "decode"})
+        except OSError as exc:
+            if not self._closed.is_set() and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO,
+                                                            errno.EROFS, errno.EFBIG, errno.EACCES):
+                self.fail(ReceiveError(f"cannot write {self.partial}: {exc.strerror}",
+                                       "no_space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io"))
+        finally:
+            self.metrics.active_streams.dec()
+            self.metrics.amst_active_streams.dec()
+            with self._lock:
+                self._streams.discard(sock)
+            sock.close()
+
+    def _receive_frames(self, sock: socket.socket, stream_id: int, version: int) -> None:
+        size, chunk_size = self.start.size, self.start.chunk_size
+        header_buf = bytearray(wire.HEADER_SIZE)
+        header_view = memoryview(header_buf)
+        payload = memoryview(bytearray(max_encoded_len(chunk_size)))
+        raw = memoryview(bytearray(chunk_size))
+        decoder = ChunkDecoder()
+        zero_sums: dict[int, int] = {}
+        expected_seq = 0
+        bytes_counter = self.metrics.bytes_transferred.labels("received", self.mode, "tcp")
+        logical_counter = self.metrics.logical_bytes.labels("received")
+        while True:
+            wire.recv_exact_into(sock, header_view)
+            h = wire.unpack_header(header_buf)
+            index = self._check_header(h, stream_id, version, expected_seq)
+            expected_len = chunk_length(index, size, chunk_size)
+            if h.raw_len != expected_len:
+                raise wire.FrameError(f"chunk {index} announces {h.raw_len} bytes, expected {expected_len}",
+                                      "bad_length")
+            if h.encoded_len > max_encoded_len(h.raw_len):
+                raise wire.FrameError(f"chunk {index} payload of {h.encoded_len} bytes exceeds the bound",
+                                      "bad_length")
+            body = payload[: h.encoded_len]
+            wire.recv_exact_into(sock, body)
+            if h.codec == CodecId.NONE and h.flags == 0:
+                if h.encoded_len != h.raw_len:
+                    raise wire.FrameError("uncompressed chunk length mismatch", "bad_length")
+                data = body
+            else:
+                data = raw[: h.raw_len]
+                decoder.decode(h.codec, h.flags, body, h.raw_len, data)
+            skip_write = bool(h.flags & FLAG_ALL_ZERO) and self.fresh
+            if skip_write:
+                actual = zero_sums.get(h.raw_len)
+                if actual is None:
+                    actual = zero_sums[h.raw_len] = checksum(bytes(h.raw_len))
+            else:
+                actual = checksum(data)
+            if actual != h.checksum:
+                raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
+            if not skip_write:
+                _pwrite_all(self._fd, data, h.offset)
+            self.journal.add(index, h.checksum)
+            sock.sendall(wire.pack_header(wire.FrameType.ACK, 0, 0, self.session_id, stream_id, h.sequence,
+                                          h.offset, 0, 0, 0, version))
+            expected_seq += 1
+            self.bytes_received += h.raw_len
+            bytes_counter.inc(wire.HEADER_SIZE + h.encoded_len)
+            logical_counter.inc(h.raw_len)
+
+    def _check_header(self, h: wire.FrameHeader, stream_id: int, version: int, expected_seq: int) -> int:
+        if h.version != version:
+            raise wire.FrameError(f"frame version {h.version}, stream negotiated {version}", "version")
+        if h.type != wire.FrameType.DATA:
+            raise wire.FrameError(f"unexpected frame type {h.type} on a data stream", "unexpected_frame")
+        if h.session != self.session_id or h.stream != stream_id:
+            raise wire.FrameError("frame for another session or stream", "bad_header")
+        if h.sequence != expected_seq:
+            raise wire.FrameError(f"sequence {h.sequence}, expected {expected_seq}", "sequence")
+        if h.offset % self.start.chunk_size or h.offset >= max(self.start.size, 1):
+            raise wire.FrameError(f"offset {h.offset} is not a chunk of this image", "bad_offset")
+        return h.offset // self.start.chunk_size
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        while not self._closed.wait(FLUSH_INTERVAL_S):
+            self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self.journal.flush(self._fd)
+        except OSError as exc:
+            if self._fd >= 0:
+                self.fail(ReceiveError(f"cannot persist {self.partial}: {exc.strerror}", "io"))
+
+    def _stop_streams(self) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for s in streams:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop streams, make the journal durable, release the destination lock."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._stop_streams()
+        if self._control is not None:
+            with contextlib.suppress(OSError):
+                self._control.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        self._flusher.join(max(0.0, deadline - time.monotonic()))
+        os.close(self._fd)
+        self._fd = -1
+        self.journal.close()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def open_session(start: wire.Start, allowed: list[Path], metrics: Metrics) -> ReceiveSession:
+    """Validate a Start and open its session, mapping every refusal to a ReceiveError."""
+    if start.size < 0 or start.chunk_size <= 0 or start.chunk_size % 4096 or start.chunk_size > 64 << 20:
+        raise ReceiveError(f"invalid geometry: size {start.size}, chunk size {start.chunk_size}", "bad_request")
+    dest = resolve_destination(start.dest_path, allowed)
+    try:
+        return ReceiveSession(start, dest, metrics)
+    except JournalBusy as exc:
+        raise ReceiveError(str(exc), "busy") from exc
+    except PermissionError as exc:
+        raise ReceiveError(f"cannot write beside {dest}: {exc.strerror}", "unwritable") from exc

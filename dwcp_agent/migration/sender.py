@@ -1,0 +1,493 @@
+"""Source side of a migration: read, encode and stripe chunks over N streams until all are acked.
+
+Threads, not coroutines: reading (preadv), encoding (codecs release the GIL) and sending
+(sendmsg) are blocking calls that run in parallel. Encoder workers read a chunk into a pooled
+buffer, encode it and queue it; each stream thread takes the next queued chunk, so faster streams
+carry more. A chunk stays owned by its stream until the receiver ACKs it; if the stream dies its
+unacknowledged chunks go back to the queue. If the whole session breaks, a new attempt asks the
+destination what it already holds (the journal) and sends only the rest.
+The source file is opened read-only: nothing here can modify it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dwcp_agent import wire
+from dwcp_agent.amst import tcp
+from dwcp_agent.config import Config
+from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum
+from dwcp_agent.hde.codecs import codec_by_name
+from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest
+from dwcp_agent.migration.journal import unpack_have
+from dwcp_agent.telemetry.metrics import Metrics
+
+log = logging.getLogger("dwcp_agent.migration")
+
+# Refusals that another attempt cannot fix.
+FATAL_ERRORS = frozenset({"version", "auth", "forbidden", "bad_request", "unwritable", "no_space", "busy",
+                          "io", "malformed"})
+POLL_S = 0.1
+
+
+class MigrationError(Exception):
+    """A migration could not complete; the source is untouched and the destination path too."""
+
+    def __init__(self, message: str, error_type: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.retryable = retryable
+
+
+class Interrupted(MigrationError):
+    """Stopped on purpose (cancel or agent shutdown)."""
+
+
+@dataclass
+class MigrationRequest:
+    """What to move, where to, and under which protocol profile."""
+
+    migration_id: str
+    vm_id: str
+    source: Path
+    host: str
+    port: int
+    dest_path: str
+    protocol: str = "v3"
+    mode: str = "datacenter"
+
+
+@dataclass
+class Progress:
+    """Counters the agent and the CLI read while a migration runs (written by its threads)."""
+
+    total_bytes: int = 0
+    acked_bytes: int = 0
+    skipped_bytes: int = 0
+    wire_bytes: int = 0
+    attempts: int = 0
+    streams: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, amount: int) -> None:
+        """Thread-safe increment (several stream threads update the same counters)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    @property
+    def done_bytes(self) -> int:
+        return self.acked_bytes + self.skipped_bytes
+
+
+@dataclass(frozen=True)
+class SendResult:
+    digest: bytes
+    logical_bytes: int
+    wire_bytes: int
+    skipped_bytes: int
+    attempts: int
+
+
+@dataclass
+class _Item:
+    index: int
+    buffer: bytearray
+    encoded: EncodedChunk
+
+
+class _Attempt:
+    """One connected try: control connection, stream threads, encoder workers."""
+
+    def __init__(self, session: SendSession, control: socket.socket, ready: wire.Ready,
+                 version: int) -> None:
+        self.s = session
+        self.control = control
+        self.session_id = ready.session
+        self.version = version
+        self.have = unpack_have(ready.have)
+        self.queue: queue.Queue[_Item] = queue.Queue()
+        self.free: queue.Queue[bytearray] = session.buffers
+        self.cond = threading.Condition()
+        self.outstanding = 0
+        self.next_index = 0
+        self.workers_left = session.workers
+        self.live_streams = 0
+        self.error: MigrationError | None = None
+        self.done = threading.Event()
+        self.committed: wire.Committed | None = None
+        self.committed_event = threading.Event()
+
+    # -- outcome ----------------------------------------------------------------------------
+
+    def abort(self, error: MigrationError) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = error
+            self.cond.notify_all()
+        self.done.set()
+        self.committed_event.set()
+
+    def _finished(self) -> bool:
+        return self.workers_left == 0 and self.outstanding == 0
+
+    # -- encoder workers --------------------------------------------------------------------
+
+    def _take_index(self) -> int | None:
+        with self.cond:
+            if self.next_index >= self.s.chunks or self.done.is_set():
+                return None
+            index = self.next_index
+            self.next_index += 1
+            self.outstanding += 1
+            return index
+
+    def worker(self) -> None:
+        s = self.s
+        try:
+            while (index := self._take_index()) is not None:
+                buf = self._get_buffer()
+                if buf is None:
+                    self._settle(None)
+                    return
+                length = chunk_length(index, s.size, s.chunk_size)
+                view = memoryview(buf)[:length]
+                if os.preadv(s.fd, [view], index * s.chunk_size) != length:
+                    raise MigrationError(f"source {s.request.source} changed size during migration", "source")
+                known = self.have.get(index)
+                if known is not None and known == checksum(view):
+                    s.checksums[index] = known
+                    s.progress.add("skipped_bytes", length)
+                    self.free.put(buf)
+                    self._settle(None)
+                    continue
+                encoded = s.encoder.encode(view)
+                s.checksums[index] = encoded.checksum
+                self.queue.put(_Item(index, buf, encoded))
+        except MigrationError as exc:
+            self.abort(exc)
+        except OSError as exc:
+            self.abort(MigrationError(f"cannot read source {s.request.source}: {exc.strerror}", "source"))
+        finally:
+            with self.cond:
+                self.workers_left -= 1
+                if self._finished():
+                    self.done.set()
+                self.cond.notify_all()
+
+    def _get_buffer(self) -> bytearray | None:
+        while not self.done.is_set():
+            try:
+                return self.free.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+        return None
+
+    def _settle(self, item: _Item | None) -> None:
+        """A chunk is no longer outstanding (acked, skipped, or abandoned)."""
+        if item is not None:
+            self.free.put(item.buffer)
+        with self.cond:
+            self.outstanding -= 1
+            if self._finished():
+                self.done.set()
+                self.cond.notify_all()
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def stream(self, stream_id: int) -> None:
+        s = self.s
+        failures = 0
+        while not self.done.is_set():
+            try:
+                sock = s.open_connection("data", self.session_id, stream_id)
+            except MigrationError as exc:
+                failures += 1
+                if exc.error_type in FATAL_ERRORS:
+                    self.abort(exc)
+                    return
+                if failures > s.config.retry_limit:
+                    break
+                time.sleep(min(0.1 * 2 ** failures, 2.0))
+                continue
+            if self._run_stream(sock, stream_id):
+                failures = 0
+            else:
+                failures += 1
+                s.metrics.error("amst", "stream_lost")
+                if failures > s.config.retry_limit:
+                    break
+        with self.cond:
+            self.live_streams -= 1
+            if self.live_streams == 0 and not self.done.is_set():
+                self.error = self.error or MigrationError("every data stream failed", "streams", retryable=True)
+                self.done.set()
+            self.cond.notify_all()
+
+    def _run_stream(self, sock: socket.socket, stream_id: int) -> bool:
+        """Send until done; False when the stream broke (its unacked chunks are requeued)."""
+        s = self.s
+        inflight: collections.deque[tuple[int, _Item]] = collections.deque()
+        lock = threading.Lock()
+        broken = threading.Event()
+        acker = threading.Thread(target=self._read_acks, args=(sock, inflight, lock, broken),
+                                 name=f"acks-{stream_id}", daemon=True)
+        acker.start()
+        s.progress.add("streams", 1)
+        s.metrics.active_streams.inc()
+        s.metrics.amst_active_streams.inc()
+        sent_counter = s.metrics.bytes_transferred.labels("sent", s.request.mode, "tcp")
+        seq = 0
+        try:
+            while not self.done.is_set() and not broken.is_set():
+                try:
+                    item = self.queue.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                enc = item.encoded
+                header = wire.pack_header(wire.FrameType.DATA, enc.flags, enc.codec, self.session_id, stream_id,
+                                          seq, item.index * s.chunk_size, enc.raw_len, len(enc.payload),
+                                          enc.checksum, self.version)
+                payload = enc.payload if enc.payload else b""
+                with lock:
+                    inflight.append((seq, item))
+                try:
+                    _sendmsg_all(sock, [header, payload])
+                except OSError:
+                    broken.set()
+                    break
+                seq += 1
+                wire_len = wire.HEADER_SIZE + len(payload)
+                s.progress.add("wire_bytes", wire_len)
+                sent_counter.inc(wire_len)
+        finally:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            acker.join()
+            sock.close()
+            s.progress.add("streams", -1)
+            s.metrics.active_streams.dec()
+            s.metrics.amst_active_streams.dec()
+            with lock:
+                orphans = [item for _, item in inflight]
+                inflight.clear()
+            for item in orphans:
+                self.queue.put(item)
+        return not broken.is_set() or self.done.is_set()
+
+    def _read_acks(self, sock: socket.socket, inflight: collections.deque[tuple[int, _Item]],
+                   lock: threading.Lock, broken: threading.Event) -> None:
+        header_buf = bytearray(wire.HEADER_SIZE)
+        s = self.s
+        try:
+            while True:
+                h = wire.recv_header(sock, header_buf)
+                if h.type != wire.FrameType.ACK:
+                    raise wire.FrameError(f"unexpected frame type {h.type} from receiver", "unexpected_frame")
+                acked: list[_Item] = []
+                with lock:
+                    while inflight and inflight[0][0] <= h.sequence:
+                        acked.append(inflight.popleft()[1])
+                for item in acked:
+                    s.progress.add("acked_bytes", item.encoded.raw_len)
+                    self._settle(item)
+        except (wire.WireError, OSError):
+            if not self.done.is_set():
+                broken.set()
+
+    # -- control ----------------------------------------------------------------------------
+
+    def watch_control(self) -> None:
+        """The only reader of the control connection after Ready: Committed or a failure."""
+        try:
+            msg = wire.recv_message(self.control, wire.Committed)
+            self.committed = msg
+            self.committed_event.set()
+        except wire.WireError as exc:
+            fatal = exc.error_type in FATAL_ERRORS or exc.error_type == "digest_mismatch"
+            self.abort(MigrationError(f"destination: {exc}", exc.error_type, retryable=not fatal))
+        except OSError as exc:
+            self.abort(MigrationError(f"control connection lost: {exc}", "disconnected", retryable=True))
+
+
+class SendSession:
+    """Runs one migration from the source side, with resume across attempts."""
+
+    def __init__(self, config: Config, metrics: Metrics, key: bytes, request: MigrationRequest,
+                 trace: dict[str, str] | None = None, progress: Progress | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.key = key
+        self.request = request
+        self.cancel = threading.Event()
+        self.abort_destination = False
+        self.trace = trace or {}
+        self.progress = progress or Progress()
+        self.chunk_size = config.chunk_size
+        self.streams = config.stream_count or 4
+        self.workers = config.encode_threads or (os.cpu_count() or 1)
+        codec_name = "lz4" if config.compression_algo == "auto" else config.compression_algo
+        if request.protocol == "v1":
+            codec_name = "lz4" if codec_name == "auto" else codec_name
+        self.encoder = ChunkEncoder(codec_by_name(codec_name, config.zstd_level), metrics)
+        try:
+            self.fd = os.open(request.source, os.O_RDONLY)
+        except OSError as exc:
+            raise MigrationError(f"cannot open source {request.source}: {exc.strerror}", "source") from exc
+        self.size = os.fstat(self.fd).st_size
+        self.chunks = chunk_count(self.size, self.chunk_size)
+        self.checksums = np.zeros(self.chunks, dtype=np.uint64)
+        self.progress.total_bytes = self.size
+        slots = max(2 * self.streams + self.workers, config.max_inflight_bytes // self.chunk_size)
+        self.buffers: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(min(slots, max(self.chunks, 1))):
+            self.buffers.put(bytearray(self.chunk_size))
+
+    def stop(self, abort_destination: bool) -> None:
+        """Stop the migration. Cancelling discards the destination's partial image; a shutdown
+        (abort_destination=False) leaves it and its journal for a later resume."""
+        self.abort_destination = abort_destination
+        self.cancel.set()
+
+    def open_connection(self, role: str, session: int = 0, stream: int = 0) -> socket.socket:
+        """Connect and authenticate one connection; failures become MigrationErrors."""
+        c = self.config
+        try:
+            sock = tcp.connect(self.request.host, self.request.port, c.connect_timeout_s, c.socket_buffer_bytes,
+                               c.tcp_congestion, c.pacing_rate_bytes)
+        except (ConnectionError, OSError) as exc:
+            raise MigrationError(str(exc), "connect", retryable=True) from exc
+        except ValueError as exc:
+            raise MigrationError(str(exc), "config") from exc
+        try:
+            wire.client_handshake(sock, self.key, c.node_id, role, session, stream, self.trace)
+        except wire.WireError as exc:
+            sock.close()
+            raise MigrationError(f"{self.request.host}:{self.request.port}: {exc}", exc.error_type,
+                                 retryable=exc.error_type not in FATAL_ERRORS) from exc
+        except OSError as exc:
+            sock.close()
+            raise MigrationError(f"handshake with {self.request.host}:{self.request.port} failed: {exc}",
+                                 "disconnected", retryable=True) from exc
+        sock.settimeout(c.io_timeout_s)
+        return sock
+
+    def run(self) -> SendResult:
+        """Migrate, retrying broken attempts; raises MigrationError (or Interrupted)."""
+        try:
+            failures = 0
+            while True:
+                self._check_cancel()
+                self.progress.attempts += 1
+                try:
+                    return self._attempt()
+                except MigrationError as exc:
+                    if not exc.retryable or self.cancel.is_set():
+                        raise
+                    failures += 1
+                    if failures > self.config.retry_limit:
+                        raise MigrationError(f"gave up after {failures} attempts: {exc}", exc.error_type) from exc
+                    self.metrics.error("migration", "retry")
+                    log.warning("attempt %d failed (%s); resuming", self.progress.attempts, exc, extra={
+                        "migration_id": self.request.migration_id, "migration_status": "retrying"})
+                    self._sleep(min(0.2 * 2 ** failures, 5.0))
+        finally:
+            os.close(self.fd)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Interrupted("migration was stopped", "cancelled")
+
+    def _sleep(self, seconds: float) -> None:
+        if self.cancel.wait(seconds):
+            self._check_cancel()
+
+    def _attempt(self) -> SendResult:
+        r = self.request
+        control = self.open_connection("control")
+        try:
+            wire.send_message(control, wire.Start(r.migration_id, r.vm_id, r.dest_path, self.size,
+                                                  self.chunk_size, self.streams, r.protocol))
+            ready = wire.recv_message(control, wire.Ready)
+        except wire.WireError as exc:
+            control.close()
+            raise MigrationError(f"destination refused: {exc}", exc.error_type,
+                                 retryable=exc.error_type not in FATAL_ERRORS) from exc
+        except OSError as exc:
+            control.close()
+            raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
+        attempt = _Attempt(self, control, ready, wire.PROTOCOL_VERSION)
+        self.progress.acked_bytes = 0
+        self.progress.skipped_bytes = 0
+        control.settimeout(None)
+        threads = [threading.Thread(target=attempt.watch_control, name="control", daemon=True)]
+        threads += [threading.Thread(target=attempt.worker, name=f"encode-{i}", daemon=True)
+                    for i in range(self.workers)]
+        attempt.live_streams = self.streams
+        threads += [threading.Thread(target=attempt.stream, args=(i,), name=f"stream-{i}", daemon=True)
+                    for i in range(self.streams)]
+        for t in threads:
+            t.start()
+        try:
+            while not attempt.done.wait(POLL_S):
+                if self.cancel.is_set():
+                    attempt.abort(Interrupted("migration was stopped", "cancelled"))
+            if attempt.error is None:
+                digest = object_digest(self.checksums)
+                wire.send_message(control, wire.Commit(digest))
+                while not attempt.committed_event.wait(POLL_S):
+                    if self.cancel.is_set():
+                        attempt.abort(Interrupted("migration was stopped", "cancelled"))
+                if attempt.committed is not None:
+                    if attempt.committed.digest != digest:
+                        raise MigrationError("destination reports a different digest", "digest_mismatch")
+                    return SendResult(digest, self.size, self.progress.wire_bytes, self.progress.skipped_bytes,
+                                      self.progress.attempts)
+            assert attempt.error is not None
+            raise attempt.error
+        except OSError as exc:
+            raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
+        finally:
+            attempt.abort(attempt.error or Interrupted("attempt finished", "done"))
+            if self.cancel.is_set() and self.abort_destination:
+                with contextlib.suppress(OSError):
+                    wire.send_message(control, wire.Abort("cancelled by operator"))
+            with contextlib.suppress(OSError):
+                control.shutdown(socket.SHUT_RDWR)
+            control.close()
+            for t in threads:
+                t.join(timeout=self.config.io_timeout_s)
+            self._reclaim(attempt)
+
+    def _reclaim(self, attempt: _Attempt) -> None:
+        """Return buffers still held by queued chunks so the next attempt has its full pool."""
+        while True:
+            try:
+                item = attempt.queue.get_nowait()
+            except queue.Empty:
+                break
+            self.buffers.put(item.buffer)
+
+
+def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """sendmsg until every byte of header + payload is out (short sends resume mid-buffer)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
