@@ -1,12 +1,13 @@
 # cython: language_level=3
-"""Page kernels over whole chunks: zero-page scan.
+"""Page kernels over whole chunks: zero-page scan, 128-bit page hashes, in-chunk dedupe.
 
 Chunks are 4 KiB pages back to back. Every kernel checks buffer sizes once at the boundary,
 then runs without the GIL over raw pointers, so a thread pool can scan chunks in parallel.
 """
 
-from libc.stdint cimport uint8_t, uint64_t
-from libc.string cimport memcpy
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy, memset
 
 PAGE_SIZE = 4096
 cdef Py_ssize_t _PAGE = 4096
@@ -78,3 +79,197 @@ def is_zero(const uint8_t[::1] data):
     with nogil:
         result = _all_zero(&data[0], n)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Page hashes: a 128-bit content hash per page, computed in one pass with the zero scan.
+#
+# The low half is the page *fingerprint* (the key of every lookup table); the high half is the
+# independent confirmation a table hit must also match before a page is sent as a reference,
+# so a 64-bit fingerprint collision can never make the receiver copy the wrong page.
+#
+# Construction: eight 64-bit lanes; each 64-byte stripe is keyed by its position, every lane adds
+# the 32x32->64 product of its keyed word's halves and the raw word of its neighbour lane (so no
+# input bit is lost when a product is zero); the lanes are folded with 64x64->128 multiplies and
+# a final avalanche. The inner loop is plain integer arithmetic the compiler vectorises.
+# ---------------------------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    static inline unsigned long long dwcp_fold_mul(unsigned long long a, unsigned long long b) {
+        unsigned __int128 p = (unsigned __int128)a * b;
+        return (unsigned long long)p ^ (unsigned long long)(p >> 64);
+    }
+    """
+    uint64_t dwcp_fold_mul(uint64_t a, uint64_t b) noexcept nogil
+
+cdef uint64_t[8] _SEED = [
+    0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+    0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x27D4EB2F165667C5, 0x94D049BB133111EB,
+]
+cdef uint64_t[8] _KEY = [
+    0xBE4BA423396CFEB8, 0x1CAD21F72C81017C, 0xDB979083E96DD4DE, 0x1F67B3B7A4A44072,
+    0x78E5C0CC4EE679CB, 0x2172FFCC7DD05A82, 0x8E2443F7744608B8, 0x4C263A81E69035E0,
+]
+cdef uint64_t _STEP = 0xA0761D6478BD642F
+cdef uint64_t _FIN_LO = 0xE7037ED1A0B428DB
+cdef uint64_t _FIN_HI = 0x8EBC6AF09C88C6E3
+cdef uint64_t _MIX1 = 0xFF51AFD7ED558CCD
+cdef uint64_t _MIX2 = 0xC4CEB9FE1A85EC53
+
+# Test hook: the fingerprint (low half) is ANDed with this mask. Setting it to 0 forces every
+# page to share one fingerprint, which is how tests prove a collision is caught and not trusted.
+cdef uint64_t _fp_mask = 0xFFFFFFFFFFFFFFFF
+
+
+def set_fingerprint_mask(uint64_t mask):
+    """Test hook: AND every fingerprint with `mask` (0 forces collisions); return the old mask."""
+    global _fp_mask
+    old = _fp_mask
+    _fp_mask = mask
+    return old
+
+
+cdef inline uint64_t _avalanche(uint64_t h) noexcept nogil:
+    h ^= h >> 33
+    h *= _MIX1
+    h ^= h >> 29
+    h *= _MIX2
+    h ^= h >> 32
+    return h
+
+
+cdef inline void _stripe(uint64_t* acc, const uint8_t* src, uint64_t pos) noexcept nogil:
+    cdef uint64_t w[8]
+    cdef uint64_t k0, k1
+    cdef int i
+    memcpy(w, src, 64)
+    for i in range(0, 8, 2):
+        k0 = w[i] ^ (_KEY[i] + pos)
+        k1 = w[i + 1] ^ (_KEY[i + 1] + pos)
+        acc[i] += <uint64_t><uint32_t>k0 * (k0 >> 32) + w[i + 1]
+        acc[i + 1] += <uint64_t><uint32_t>k1 * (k1 >> 32) + w[i]
+
+
+cdef void hash_bytes(const uint8_t* src, Py_ssize_t n, uint64_t* out_lo, uint64_t* out_hi) noexcept nogil:
+    """128-bit hash of n bytes (any length; pages are the hot case)."""
+    cdef uint64_t acc[8]
+    cdef uint8_t last[64]
+    cdef Py_ssize_t s, stripes = n // 64, rest = n - (n // 64) * 64
+    cdef uint64_t lo, hi
+    cdef int i
+    for i in range(8):
+        acc[i] = _SEED[i]
+    for s in range(stripes):
+        _stripe(acc, src + s * 64, <uint64_t>s * _STEP)
+    if rest:
+        memset(last, 0, 64)
+        memcpy(last, src + stripes * 64, rest)
+        _stripe(acc, last, <uint64_t>stripes * _STEP)
+    lo = <uint64_t>n * _FIN_LO
+    hi = <uint64_t>n * _FIN_HI + 1
+    for i in range(4):
+        lo += dwcp_fold_mul(acc[2 * i] ^ _KEY[2 * i + 1], acc[2 * i + 1] ^ _FIN_LO)
+        hi += dwcp_fold_mul(acc[i] ^ _FIN_HI, acc[i + 4] ^ _KEY[i])
+    out_lo[0] = _avalanche(lo) & _fp_mask
+    out_hi[0] = _avalanche(hi ^ (lo >> 7))
+
+
+def page_hashes(const uint8_t[::1] chunk, uint8_t[::1] zero_out, uint64_t[:, ::1] hash_out):
+    """Zero scan and 128-bit hash of every page of `chunk` in one pass; return the zero count.
+
+    `zero_out[p]` is 1 for an all-zero page (whose hash is left 0, zero pages are never looked
+    up); `hash_out[p, 0]` is the fingerprint, `hash_out[p, 1]` the confirmation half. A short
+    last page is hashed over the bytes it has.
+    """
+    cdef Py_ssize_t n = chunk.shape[0]
+    cdef Py_ssize_t pages = (n + _PAGE - 1) // _PAGE
+    if zero_out.shape[0] < pages or hash_out.shape[0] < pages or hash_out.shape[1] != 2:
+        raise ValueError(f"outputs too small for {pages} pages")
+    cdef Py_ssize_t p, length, count = 0
+    cdef const uint8_t* base
+    cdef const uint8_t* page
+    cdef bint z
+    if n == 0:
+        return 0
+    base = &chunk[0]
+    with nogil:
+        for p in range(pages):
+            page = base + p * _PAGE
+            length = min(_PAGE, n - p * _PAGE)
+            if length == _PAGE:
+                z = _page_is_zero(page)
+            else:
+                z = _all_zero(page, length)
+            zero_out[p] = z
+            count += z
+            if z:
+                hash_out[p, 0] = 0
+                hash_out[p, 1] = 0
+            else:
+                hash_bytes(page, length, &hash_out[p, 0], &hash_out[p, 1])
+    return count
+
+
+def hash128(const uint8_t[::1] data):
+    """(fingerprint, confirmation) of `data`: the page hash for one buffer, for tests and tools."""
+    cdef uint64_t lo = 0, hi = 0
+    cdef Py_ssize_t n = data.shape[0]
+    cdef uint8_t empty = 0
+    with nogil:
+        hash_bytes(&data[0] if n else &empty, n, &lo, &hi)
+    return lo, hi
+
+
+# Page kinds of the chunk page map (mirrored in dwcp_agent/hde/layout.py).
+KIND_LITERAL = 0
+KIND_ZERO = 1
+KIND_DUP_IN = 2
+cdef uint8_t _LITERAL = 0, _ZERO = 1, _DUP_IN = 2
+
+
+def dedupe_in_chunk(const uint8_t[::1] chunk, const uint8_t[::1] zero, const uint64_t[:, ::1] hashes,
+                    uint8_t[::1] kinds, uint64_t[::1] refs):
+    """Classify pages as zero, duplicate of an earlier page of this chunk, or literal.
+
+    A fingerprint hit is confirmed byte for byte before the page becomes a reference (the first
+    page holding a fingerprint wins; a colliding page with other content stays literal). Only
+    full pages are deduplicated. Returns the number of duplicate pages.
+    """
+    cdef Py_ssize_t n = chunk.shape[0]
+    cdef Py_ssize_t pages = (n + _PAGE - 1) // _PAGE
+    cdef Py_ssize_t full = n // _PAGE
+    if (zero.shape[0] < pages or hashes.shape[0] < pages or hashes.shape[1] != 2
+            or kinds.shape[0] < pages or refs.shape[0] < pages):
+        raise ValueError(f"buffers too small for {pages} pages")
+    cdef Py_ssize_t cap = 16, mask, p, slot, q, dups = 0
+    while cap < 2 * pages:
+        cap *= 2
+    mask = cap - 1
+    cdef int64_t* table = <int64_t*>malloc(cap * sizeof(int64_t))
+    if table == NULL:
+        raise MemoryError()
+    cdef const uint8_t* base = &chunk[0] if n else NULL
+    with nogil:
+        for p in range(cap):
+            table[p] = -1
+        for p in range(pages):
+            refs[p] = 0
+            if zero[p]:
+                kinds[p] = _ZERO
+                continue
+            kinds[p] = _LITERAL
+            if p >= full:
+                continue
+            slot = <Py_ssize_t>(hashes[p, 0] & <uint64_t>mask)
+            while table[slot] >= 0 and hashes[table[slot], 0] != hashes[p, 0]:
+                slot = (slot + 1) & mask
+            q = table[slot]
+            if q < 0:
+                table[slot] = p
+            elif memcmp(base + q * _PAGE, base + p * _PAGE, _PAGE) == 0:
+                kinds[p] = _DUP_IN
+                refs[p] = q
+                dups += 1
+        free(table)
+    return dups
