@@ -1,0 +1,137 @@
+"""The agent: owns the components, the data listener and the admin HTTP server, and their lifecycle.
+
+Start order: data listener, components, admin server, then "ready". Stop order (SIGTERM):
+"stopping" (health turns 503), outgoing migrations stop and leave destinations resumable,
+incoming sessions make their journals durable, then the servers close, all within
+`shutdown_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from dwcp_agent import __version__, api
+from dwcp_agent._native import pages
+from dwcp_agent.config import Config, ConfigError
+from dwcp_agent.hde.codecs import NAMES
+from dwcp_agent.migration.manager import Migration, MigrationManager
+from dwcp_agent.migration.sender import MigrationRequest
+from dwcp_agent.migration.server import DataServer
+from dwcp_agent.telemetry.health import Health
+from dwcp_agent.telemetry.metrics import Metrics
+
+log = logging.getLogger("dwcp_agent.agent")
+
+
+class Agent:
+    """One dwcp-agent process worth of state; `run()` serves until SIGTERM/SIGINT."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.health = Health()
+        self.key = config.psk_bytes
+        if len(self.key) < 16:
+            raise ConfigError("psk", "a pre-shared key of at least 16 bytes is required "
+                                     "(set psk_file, DWCP_PSK_FILE, psk or DWCP_PSK)")
+        self.state_dir = Path(config.state_dir)
+        self.manager = MigrationManager(config, self.metrics, self.key)
+        self.data_server: DataServer | None = None
+        self.admin_port = 0
+        self._runner: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+        self._started_at = time.time()
+
+    # -- components ---------------------------------------------------------------------------
+
+    def _register_health(self) -> None:
+        def amst() -> dict[str, Any]:
+            return {"status": "ok" if self.data_server else "down", "transport": "tcp",
+                    "data_port": self.data_server.port if self.data_server else None,
+                    "incoming_sessions": len(self.data_server.sessions) if self.data_server else 0}
+
+        def hde() -> dict[str, Any]:
+            return {"status": "ok", "codecs": sorted(NAMES), "native_kernels": pages.__name__,
+                    "compression_algo": self.config.compression_algo}
+
+        def migration() -> dict[str, Any]:
+            states: dict[str, int] = {}
+            for m in self.manager.list():
+                states[m.state] = states.get(m.state, 0) + 1
+            return {"status": "ok", "outgoing": states}
+
+        self.health.register("amst", amst)
+        self.health.register("hde", hde)
+        self.health.register("migration", migration)
+
+    def start_migration(self, request: MigrationRequest) -> Migration:
+        return self.manager.start(request)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for d in (self.state_dir, *self.config.allowed_dest_dirs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.data_server = DataServer(self.config, self.metrics, self.key)
+        self.data_server.start()
+        self._register_health()
+        app = web.Application(client_max_size=1 << 20)
+        app.add_routes(api.routes(self))
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.admin_host, self.config.admin_port)
+        await site.start()
+        self.admin_port = self._runner.addresses[0][1]
+        self._write_runtime_file()
+        self.health.started = True
+        self.metrics.transport_info.labels("tcp").set(1)
+        log.info("agent ready", extra={"component": "agent", "version": __version__,
+                                       "data_port": self.data_server.port, "admin_port": self.admin_port,
+                                       "node_id": self.config.node_id})
+
+    def _write_runtime_file(self) -> None:
+        """state_dir/agent.json tells scripts and tests which ports were bound (ports may be 0)."""
+        assert self.data_server is not None
+        runtime = {"pid": os.getpid(), "data_port": self.data_server.port, "admin_port": self.admin_port,
+                   "node_id": self.config.node_id, "version": __version__}
+        tmp = self.state_dir / "agent.json.tmp"
+        tmp.write_text(json.dumps(runtime))
+        tmp.replace(self.state_dir / "agent.json")
+
+    async def stop(self) -> None:
+        """Graceful stop, bounded by shutdown_timeout_s."""
+        timeout = self.config.shutdown_timeout_s
+        started = time.monotonic()
+        self.health.stopping = True
+        log.info("agent stopping", extra={"component": "agent"})
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.manager.stop_all, timeout * 0.6)
+        if self.data_server is not None:
+            remaining = max(0.1, timeout - (time.monotonic() - started))
+            await loop.run_in_executor(None, self.data_server.stop, remaining * 0.8)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        (self.state_dir / "agent.json").unlink(missing_ok=True)
+        log.info("agent stopped", extra={"component": "agent",
+                                         "duration_ms": round((time.monotonic() - started) * 1000)})
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stop.wait()
+        await self.stop()

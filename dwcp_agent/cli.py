@@ -1,0 +1,302 @@
+"""`dwcp-agent` command line: serve, migrate, status, cancel, gen-image, demo, and component commands.
+
+Exit status: 0 success, 1 the operation failed (a migration did not complete), 2 bad usage or
+bad configuration (the message names the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from dwcp_agent import __version__
+from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
+from dwcp_agent.progress import ProgressBar, human_bytes, human_rate, summary
+
+DEFAULT_AGENT = "http://127.0.0.1:8080"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def api_call(agent: str, method: str, path: str, body: dict[str, Any] | None = None,
+             timeout: float = 30.0) -> dict[str, Any]:
+    """Call the agent's admin API; errors carry the agent's own message."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(agent.rstrip("/") + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            result: dict[str, Any] = json.loads(resp.read() or b"{}")
+            return result
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except (ValueError, AttributeError):
+            message = str(exc.reason)
+        raise ApiError(exc.code, f"agent answered {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ApiError(0, f"cannot reach the agent at {agent}: {reason} (is `dwcp-agent serve` running?)") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+SERVE_FLAGS = {  # flag -> config key
+    "data_port": "data_port", "admin_port": "admin_port", "state_dir": "state_dir", "node_id": "node_id",
+    "psk_file": "psk_file", "log_level": "log_level", "listen_host": "listen_host", "admin_host": "admin_host",
+}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {key: getattr(args, flag) for flag, key in SERVE_FLAGS.items()}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(key, "--set expects KEY=VALUE")
+        values[key.strip()] = value
+    return values
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dwcp_agent.agent import Agent
+    from dwcp_agent.telemetry.logs import setup_logging
+
+    config = load_config(args.config, overrides=_overrides(args))
+    setup_logging(config.log_level, config.node_id)
+    agent = Agent(config)
+    asyncio.run(agent.run())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# migrate / status / cancel
+
+def follow(agent: str, migration_id: str, show_progress: bool, poll_s: float = 0.2) -> dict[str, Any]:
+    """Poll a migration until it ends, drawing the progress bar."""
+    bar = ProgressBar() if show_progress else None
+    while True:
+        m = api_call(agent, "GET", f"/api/v3/migrations/{migration_id}")
+        if bar is not None:
+            bar.update(m)
+        if m["state"] not in ("running",):
+            if bar is not None:
+                bar.finish()
+            return m
+        time.sleep(poll_s)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"source": args.source, "to": args.to, "dest_path": args.dest_path}
+    if args.vm_id:
+        body["vm_id"] = args.vm_id
+    if args.migration_id:
+        body["migration_id"] = args.migration_id
+    if args.protocol:
+        body["protocol"] = args.protocol
+    started = api_call(args.agent, "POST", "/api/v3/migrations", body)
+    if args.no_wait:
+        print(json.dumps(started) if args.json else started["id"])
+        return 0
+    try:
+        final = follow(args.agent, started["id"], show_progress=not args.json)
+    except KeyboardInterrupt:
+        api_call(args.agent, "DELETE", f"/api/v3/migrations/{started['id']}")
+        print("\ncancelled", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(final, indent=1) if args.json else summary(final))
+    return 0 if final["state"] == "completed" else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.id:
+        data = api_call(args.agent, "GET", f"/api/v3/migrations/{args.id}")
+        print(json.dumps(data, indent=1) if args.json else summary(data))
+        return 0
+    data = api_call(args.agent, "GET", "/api/v3/migrations")
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    rows = data["migrations"]
+    if not rows:
+        print("no migrations")
+        return 0
+    print(f"{'ID':<18} {'STATE':<11} {'VM':<16} {'DONE':>20} {'RATE':>12}  DESTINATION")
+    for m in rows:
+        done = f"{human_bytes(m['done_bytes'])}/{human_bytes(m['total_bytes'])}"
+        print(f"{m['id']:<18} {m['state']:<11} {m['vm_id'][:16]:<16} {done:>20} "
+              f"{human_rate(m['throughput_bytes_per_second']):>12}  {m['destination']}:{m['dest_path']}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    data = api_call(args.agent, "DELETE", f"/api/v3/migrations/{args.id}")
+    print(json.dumps(data, indent=1) if args.json else f"migration {data['id']}: {data['state']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# gen-image / demo
+
+def cmd_gen_image(args: argparse.Namespace) -> int:
+    from dwcp_agent.migration.images import PROFILES, generate
+
+    if args.profile not in PROFILES:
+        print(f"unknown profile {args.profile!r}; choose from {', '.join(PROFILES)}", file=sys.stderr)
+        return EXIT_USAGE
+    started = time.monotonic()
+    path = generate(args.path, args.size, args.profile, args.seed)
+    print(f"wrote {path}: {human_bytes(args.size)} {args.profile} seed {args.seed} "
+          f"in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dwcp_agent.demo import run_demo
+
+    return run_demo(args.size, args.state_dir, args.streams, args.codec, args.profile)
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _agent_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agent", default=DEFAULT_AGENT, metavar="URL",
+                   help=f"admin URL of the local agent (default {DEFAULT_AGENT})")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dwcp-agent",
+        description="Per-node agent that migrates VM state between hosts over DWCP v3 "
+                    "(multi-stream transport, page-aware compression, verified and resumable).",
+        epilog="Exit status: 0 success, 1 operation failed, 2 bad usage or configuration.")
+    parser.add_argument("--version", action="version", version=f"dwcp-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keys = ", ".join(sorted(FIELDS))
+    p = sub.add_parser("serve", help="run the agent (data listener + admin HTTP server)",
+                       description="Run the agent until SIGTERM/SIGINT. Configuration: defaults < YAML file "
+                                   "(--config or DWCP_CONFIG) < environment (STREAM_COUNT, COMPRESSION_ALGO, "
+                                   "TRANSPORT_MODE, TRACE_SAMPLING, FEATURE_FLAG_ROLLOUT, ENABLE_V3, DWCP_<KEY>) "
+                                   "< these flags.",
+                       epilog=f"Config keys: {keys}.")
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    p.add_argument("--data-port", type=int, help="data listener port (default 9876)")
+    p.add_argument("--admin-port", type=int, help="admin HTTP port (default 8080)")
+    p.add_argument("--listen-host", help="data listener address (default 0.0.0.0)")
+    p.add_argument("--admin-host", help="admin HTTP address (default 0.0.0.0)")
+    p.add_argument("--state-dir", help="state directory (default /var/lib/dwcp-agent)")
+    p.add_argument("--node-id", help="name of this agent (default: host name)")
+    p.add_argument("--psk-file", help="file holding the pre-shared key that authenticates peers")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log threshold")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="set any config key (repeatable)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="migrate an image to another agent, with a progress bar",
+                       description="Ask the local agent to migrate SOURCE to the agent at HOST:PORT, show "
+                                   "progress (bytes, rate, ETA), then a summary. Exit 0 only when the "
+                                   "destination committed the image with a verified digest.")
+    p.add_argument("--source", required=True, metavar="PATH", help="image file on this host")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="data address of the destination agent")
+    p.add_argument("--dest-path", required=True, metavar="PATH", help="absolute path on the destination host")
+    p.add_argument("--vm-id", metavar="ID", help="VM identifier (default: source file name)")
+    p.add_argument("--migration-id", metavar="ID", help="migration identifier (default: random)")
+    p.add_argument("--protocol", choices=("v1", "v3"), help="force a protocol profile (default: rollout)")
+    p.add_argument("--no-wait", action="store_true", help="start the migration and return its id")
+    _agent_opts(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("status", help="list migrations, or show one",
+                       description="List this agent's migrations, or show one migration in detail.")
+    p.add_argument("id", nargs="?", help="migration id")
+    _agent_opts(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a running migration",
+                       description="Cancel a migration: the destination discards its partial image; the source "
+                                   "image is never modified.")
+    p.add_argument("id", help="migration id")
+    _agent_opts(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("gen-image", help="write a synthetic VM memory image",
+                       description="Write a deterministic synthetic VM memory image (same size, profile and seed "
+                                   "give the same bytes). Profiles: vm-mix (zero, duplicate, text, binary, random "
+                                   "pages), idle-vm, random, zero.")
+    p.add_argument("path", help="output file")
+    p.add_argument("--size", type=_size, default=_size("1GiB"), help="size, e.g. 1GiB, 512MiB (default 1GiB)")
+    p.add_argument("--profile", default="vm-mix", help="page mix profile (default vm-mix)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_gen_image)
+
+    p = sub.add_parser("demo", help="two local agents migrate a VM image, with progress and summary",
+                       description="Start two agents on loopback (own ports and state directories), migrate a "
+                                   "synthetic VM image between them with the progress bar, print the summary, "
+                                   "and stop both agents. Exit 0 when the digest was verified.")
+    p.add_argument("--size", type=_size, default=_size("1GiB"), help="image size (default 1GiB)")
+    p.add_argument("--profile", default="vm-mix", help="image profile (default vm-mix)")
+    p.add_argument("--streams", type=int, default=4, help="data streams (default 4)")
+    p.add_argument("--codec", default="auto", choices=("auto", "none", "lz4", "zstd", "snappy"),
+                   help="compression (default auto)")
+    p.add_argument("--state-dir", default="demo-state", help="where the demo keeps images and state")
+    p.set_defaults(func=cmd_demo)
+
+    for register in _component_commands():
+        register(sub)
+    return parser
+
+
+def _component_commands() -> list[Any]:
+    """Subcommands contributed by components (cluster/vm, rollout/sla-report) when present."""
+    registers: list[Any] = []
+    for module_name in ("dwcp_agent.acp.cli", "dwcp_agent.telemetry.rollout_cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        registers.append(module.register)
+    return registers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"dwcp-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiError as exc:
+        print(f"dwcp-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.status == 400 else EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

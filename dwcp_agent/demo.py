@@ -1,0 +1,113 @@
+"""`dwcp-agent demo`: two agents on loopback migrate a synthetic VM image, end to end.
+
+Everything real: two agent processes with their own ports and state directories, the admin API,
+multi-stream TCP, journal and verified commit. The image is generated once and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dwcp_agent.cli import ApiError, api_call, follow
+from dwcp_agent.migration.images import generate
+from dwcp_agent.progress import human_bytes, summary
+
+READY_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LocalAgent:
+    """An agent subprocess on loopback with its own state directory."""
+
+    def __init__(self, name: str, root: Path, psk_file: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.state_dir = root / name
+        self.images = self.state_dir / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.data_port = free_port()
+        self.admin_port = free_port()
+        self.log_path = self.state_dir / "agent.log"
+        cmd = [sys.executable, "-m", "dwcp_agent", "serve", "--node-id", name, "--state-dir", str(self.state_dir),
+               "--data-port", str(self.data_port), "--admin-port", str(self.admin_port), "--listen-host", "127.0.0.1",
+               "--admin-host", "127.0.0.1", "--psk-file", str(psk_file), "--set", f"dest_dirs={self.images}",
+               "--set", f"source_dirs={self.images}"]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent {self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if api_call(self.url, "GET", "/health", timeout=1.0).get("ready"):
+                    return
+            except ApiError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"agent {self.name} not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def run_demo(size: int, state_dir: str, streams: int, codec: str, profile: str) -> int:
+    root = Path(state_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    psk_file = root / "psk"
+    if not psk_file.exists():
+        psk_file.write_text(secrets.token_hex(32))
+        psk_file.chmod(0o600)
+    env = {"STREAM_COUNT": str(streams), "COMPRESSION_ALGO": codec}
+    source = LocalAgent("source", root, psk_file, env)
+    dest = LocalAgent("destination", root, psk_file, env)
+    try:
+        image = source.images / f"vm-{profile}-{size}.img"
+        if not image.exists() or image.stat().st_size != size:
+            print(f"generating a {human_bytes(size)} {profile} VM image at {image} ...", file=sys.stderr)
+            generate(image, size, profile, seed=42)
+        target = dest.images / "vm-demo.img"
+        target.unlink(missing_ok=True)
+        source.wait_ready()
+        dest.wait_ready()
+        print(f"agents ready: source admin {source.url}, destination data 127.0.0.1:{dest.data_port}",
+              file=sys.stderr)
+        started = api_call(source.url, "POST", "/api/v3/migrations",
+                           {"source": str(image), "to": f"127.0.0.1:{dest.data_port}", "dest_path": str(target),
+                            "vm_id": "demo-vm"})
+        final = follow(source.url, started["id"], show_progress=True)
+        print(summary(final))
+        (root / "last-demo.json").write_text(json.dumps(final, indent=1))
+        return 0 if final["state"] == "completed" and final.get("digest_verified") else 1
+    finally:
+        for agent in (source, dest):
+            code = agent.stop()
+            print(f"agent {agent.name} stopped (exit {code}); log: {agent.log_path}", file=sys.stderr)

@@ -1,0 +1,209 @@
+"""Outgoing migrations of one agent: start, list, cancel, stop all; metrics and logs at the end.
+
+Each migration runs its `SendSession` on a thread; the admin API reads `Migration.to_dict()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dwcp_agent.config import Config
+from dwcp_agent.migration.sender import (
+    Interrupted,
+    MigrationError,
+    MigrationRequest,
+    Progress,
+    SendResult,
+    SendSession,
+)
+from dwcp_agent.telemetry.metrics import Metrics
+
+log = logging.getLogger("dwcp_agent.migration")
+
+TERMINAL = ("completed", "failed", "cancelled", "interrupted")
+
+
+class RequestError(ValueError):
+    """A migration request is invalid; the message says which field and why."""
+
+
+@dataclass
+class Migration:
+    """One outgoing migration as the API and CLI see it."""
+
+    request: MigrationRequest
+    progress: Progress
+    session: SendSession | None = None
+    state: str = "running"
+    error: str = ""
+    error_type: str = ""
+    result: SendResult | None = None
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def duration_s(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.progress
+        duration = self.duration_s
+        data: dict[str, Any] = {
+            "id": self.request.migration_id,
+            "vm_id": self.request.vm_id,
+            "source": str(self.request.source),
+            "destination": f"{self.request.host}:{self.request.port}",
+            "dest_path": self.request.dest_path,
+            "protocol": self.request.protocol,
+            "state": self.state,
+            "total_bytes": p.total_bytes,
+            "done_bytes": p.done_bytes,
+            "skipped_bytes": p.skipped_bytes,
+            "wire_bytes": p.wire_bytes,
+            "attempts": p.attempts,
+            "streams": p.streams,
+            "streams_configured": self.session.streams if self.session else 0,
+            "started": self.started,
+            "duration_s": round(duration, 3),
+            "throughput_bytes_per_second": round(p.done_bytes / duration) if duration > 0 else 0,
+        }
+        if self.error:
+            data["error"] = self.error
+            data["error_type"] = self.error_type
+        if self.result is not None:
+            data["digest"] = self.result.digest.hex()
+            data["digest_verified"] = True
+            data["compression_ratio"] = round(p.total_bytes / max(self.result.wire_bytes, 1), 3)
+        return data
+
+
+class MigrationManager:
+    """Starts migrations on threads and records their outcome."""
+
+    def __init__(self, config: Config, metrics: Metrics, key: bytes,
+                 profile_for: Callable[[str], str] = lambda _id: "v3",
+                 on_finished: Callable[[Migration], None] | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.key = key
+        self.profile_for = profile_for
+        self.on_finished = on_finished
+        self.migrations: dict[str, Migration] = {}
+        self._lock = threading.Lock()
+
+    def parse_request(self, body: dict[str, Any]) -> MigrationRequest:
+        """Validate an API request body into a MigrationRequest (RequestError names the field)."""
+        for key in ("source", "to", "dest_path"):
+            if not isinstance(body.get(key), str) or not body[key]:
+                raise RequestError(f"field '{key}' is required (a non-empty string)")
+        unknown = set(body) - {"source", "to", "dest_path", "vm_id", "migration_id", "protocol"}
+        if unknown:
+            raise RequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        source = Path(body["source"]).resolve()
+        if not any(source.is_relative_to(d) for d in self.config.allowed_source_dirs):
+            raise RequestError(f"field 'source': {source} is outside the allowed directories "
+                               f"({', '.join(map(str, self.config.allowed_source_dirs))}; config key source_dirs)")
+        if not source.is_file():
+            raise RequestError(f"field 'source': {source} is not a readable file")
+        host, sep, port = body["to"].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RequestError(f"field 'to': {body['to']!r} is not HOST:PORT")
+        migration_id = body.get("migration_id") or uuid.uuid4().hex[:16]
+        if not isinstance(migration_id, str) or not migration_id.replace("-", "").isalnum():
+            raise RequestError("field 'migration_id': letters, digits and dashes only")
+        with self._lock:
+            existing = self.migrations.get(migration_id)
+        if existing is not None and existing.state not in TERMINAL:
+            raise RequestError(f"migration {migration_id} is already running")
+        protocol = body.get("protocol") or self.profile_for(migration_id)
+        if protocol not in ("v1", "v3"):
+            raise RequestError("field 'protocol': v1 or v3")
+        return MigrationRequest(migration_id, str(body.get("vm_id") or source.stem), source, host.strip("[]"),
+                                int(port), body["dest_path"], protocol)
+
+    def start(self, request: MigrationRequest, trace: dict[str, str] | None = None) -> Migration:
+        migration = Migration(request, Progress())
+        migration.session = SendSession(self.config, self.metrics, self.key, request, trace, migration.progress)
+        with self._lock:
+            self.migrations[request.migration_id] = migration
+        self.metrics.active_migrations.inc()
+        log.info("migration started", extra={
+            "migration_id": request.migration_id, "migration_status": "started", "vm_id": request.vm_id,
+            "destination": f"{request.host}:{request.port}", "protocol": request.protocol})
+        threading.Thread(target=self._run, args=(migration,), name=f"migration-{request.migration_id}",
+                         daemon=True).start()
+        return migration
+
+    def _run(self, migration: Migration) -> None:
+        assert migration.session is not None
+        try:
+            migration.result = migration.session.run()
+            migration.state = "completed"
+        except Interrupted as exc:
+            migration.state = "cancelled" if migration.session.abort_destination else "interrupted"
+            migration.error, migration.error_type = str(exc), exc.error_type
+        except MigrationError as exc:
+            migration.state = "failed"
+            migration.error, migration.error_type = str(exc), exc.error_type
+            self.metrics.error("migration", exc.error_type)
+        except Exception as exc:  # a bug must still end the migration visibly, never hang it
+            log.exception("migration crashed")
+            migration.state = "failed"
+            migration.error, migration.error_type = f"internal error: {exc}", "internal"
+            self.metrics.error("migration", "internal")
+        finally:
+            migration.finished = time.time()
+            self._record(migration)
+            migration.done.set()
+
+    def _record(self, migration: Migration) -> None:
+        r = migration.request
+        m = self.metrics
+        m.active_migrations.dec()
+        m.migrations.labels(migration.state, r.mode, r.protocol).inc()
+        duration = migration.duration_s
+        if migration.state == "completed":
+            m.migration_latency.labels(r.mode, r.protocol).observe(duration)
+            m.throughput.labels(r.protocol).set(migration.progress.total_bytes / max(duration, 1e-9))
+            if migration.result is not None:
+                m.hde_compression_ratio.set(migration.progress.total_bytes / max(migration.result.wire_bytes, 1))
+        log.log(logging.INFO if migration.state == "completed" else logging.WARNING,
+                "migration %s", migration.state, extra={
+                    "migration_id": r.migration_id, "migration_status": migration.state,
+                    "duration_ms": round(duration * 1000), "bytes": migration.progress.total_bytes,
+                    "wire_bytes": migration.progress.wire_bytes, "error": migration.error or None,
+                    "error_type": migration.error_type or None})
+        if self.on_finished is not None:
+            self.on_finished(migration)
+
+    def get(self, migration_id: str) -> Migration | None:
+        with self._lock:
+            return self.migrations.get(migration_id)
+
+    def list(self) -> list[Migration]:
+        with self._lock:
+            return sorted(self.migrations.values(), key=lambda m: m.started)
+
+    def cancel(self, migration_id: str) -> Migration | None:
+        migration = self.get(migration_id)
+        if migration is not None and migration.session is not None and migration.state not in TERMINAL:
+            migration.session.stop(abort_destination=True)
+        return migration
+
+    def stop_all(self, timeout: float) -> None:
+        """Shutdown: stop every running migration, leaving destinations resumable."""
+        running = [m for m in self.list() if m.state not in TERMINAL]
+        for m in running:
+            if m.session is not None:
+                m.session.stop(abort_destination=False)
+        deadline = time.monotonic() + timeout
+        for m in running:
+            m.done.wait(max(0.0, deadline - time.monotonic()))

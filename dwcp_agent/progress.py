@@ -1,0 +1,90 @@
+"""Human-readable sizes, rates and the migrate command's progress bar and summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_rate(bytes_per_s: float) -> str:
+    """Decimal units, as network rates are quoted (GB/s)."""
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_s >= scale:
+            return f"{bytes_per_s / scale:.2f} {unit}"
+    return f"{bytes_per_s:.0f} B/s"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressBar:
+    """Redraws one line on a terminal; prints a line per second otherwise (logs, CI)."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = self.stream.isatty()
+        self._last_print = 0.0
+
+    def update(self, m: dict[str, Any]) -> None:
+        total = m.get("total_bytes") or 0
+        done = m.get("done_bytes") or 0
+        rate = m.get("throughput_bytes_per_second") or 0
+        frac = done / total if total else 1.0
+        filled = int(frac * self.width)
+        eta = (total - done) / rate if rate else 0
+        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}%  "
+                f"{human_bytes(done)} / {human_bytes(total)}  {human_rate(rate)}  ETA {human_duration(eta)}"
+                f"  streams {m.get('streams', 0)}")
+        if m.get("attempts", 1) > 1:
+            line += f"  attempt {m['attempts']}"
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.stream.flush()
+        elif time.monotonic() - self._last_print >= 1.0:
+            self.stream.write(line + "\n")
+            self._last_print = time.monotonic()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def summary(m: dict[str, Any]) -> str:
+    """The end-of-migration report."""
+    total = m.get("total_bytes", 0)
+    wire = m.get("wire_bytes", 0)
+    duration = m.get("duration_s", 0) or 0
+    lines = [
+        f"migration {m['id']} {m['state']}",
+        f"  vm:              {m.get('vm_id', '')}",
+        f"  destination:     {m.get('destination', '')}:{m.get('dest_path', '')}",
+        f"  logical bytes:   {human_bytes(total)} ({total} B)",
+        f"  wire bytes:      {human_bytes(wire)} ({wire} B)",
+        f"  ratio:           {total / wire:.2f}x" if wire else "  ratio:           -",
+        f"  duration:        {duration:.2f} s",
+        f"  throughput:      {human_rate(total / duration) if duration else '-'} (logical)",
+        f"  streams:         {m.get('streams_configured', m.get('streams', ''))}  attempts: {m.get('attempts', 1)}",
+    ]
+    if m.get("skipped_bytes"):
+        lines.append(f"  already at dest: {human_bytes(m['skipped_bytes'])} (resumed)")
+    if m["state"] == "completed":
+        lines.append(f"  digest verified: yes (xxh3-128 {m.get('digest', '')})")
+    else:
+        lines.append(f"  error:           {m.get('error', '')} [{m.get('error_type', '')}]")
+        lines.append("  source image untouched; destination path unchanged")
+    return "\n".join(lines)
