@@ -1,0 +1,278 @@
+# cython: language_level=3
+"""What the peer holds, seen from the sender: the tables behind cross-chunk references.
+
+One `PeerIndex` per migration. It keeps, in preallocated arrays (no per-page Python objects):
+  * per page of the object: the 128-bit hash of the version last sent and whether the peer has
+    acknowledged it (state UNSENT / SENT / ACKED);
+  * a content table, fingerprint -> page, for dedupe across chunks;
+  * the peer's baseline (its have-list): per-page hashes plus a fingerprint -> page table;
+  * the XOR-delta cache: page versions as sent, two-way set associative, LRU within a set.
+A reference is only emitted to a page whose content the peer is known to hold: a baseline page
+(immutable for the whole migration) or a page whose latest sent version is ACKED and whose hash
+matches in all 128 bits. Callers serialise calls (the encoder holds a lock); every method checks
+its buffers once and then runs without the GIL.
+"""
+
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.string cimport memcpy
+
+import numpy as np
+
+cdef Py_ssize_t _PAGE = 4096
+cdef uint8_t K_LITERAL = 0, K_ZERO = 1, K_DUP_IN = 2, K_DUP_X = 3, K_BASELINE = 4, K_SAME = 5
+cdef uint8_t K_DELTA = 6
+cdef uint8_t S_UNSENT = 0, S_SENT = 1, S_ACKED = 2
+cdef int _PROBES = 8
+
+
+cdef inline Py_ssize_t _pow2_at_least(Py_ssize_t n):
+    cdef Py_ssize_t cap = 16
+    while cap < n:
+        cap *= 2
+    return cap
+
+
+cdef class PeerIndex:
+    cdef public object _state_arr, _hash_arr, _tkey_arr, _tpage_arr
+    cdef public object _base_arr, _bkey_arr, _bpage_arr, _cache_arr, _ctag_arr, _clru_arr
+    cdef uint8_t[::1] state
+    cdef uint64_t[:, ::1] hashes
+    cdef uint64_t[:, ::1] tkey
+    cdef int64_t[::1] tpage
+    cdef uint64_t[:, ::1] base
+    cdef uint64_t[::1] bkey
+    cdef int64_t[::1] bpage
+    cdef uint8_t[:, ::1] cache
+    cdef int64_t[::1] ctag
+    cdef uint8_t[::1] clru
+    cdef Py_ssize_t n_pages, tmask, bmask, n_base, n_sets
+    cdef readonly Py_ssize_t table_entries, cache_pages
+
+    def __init__(self, Py_ssize_t table_entries=1 << 18, Py_ssize_t cache_bytes=0):
+        """`table_entries` bounds the dedupe table (24 bytes each); `cache_bytes` the delta cache."""
+        self.table_entries = _pow2_at_least(max(table_entries, 16))
+        self.tmask = self.table_entries - 1
+        self._tkey_arr = np.zeros((self.table_entries, 2), dtype=np.uint64)
+        self._tpage_arr = np.full(self.table_entries, -1, dtype=np.int64)
+        self.tkey = self._tkey_arr
+        self.tpage = self._tpage_arr
+        self.n_pages = 0
+        self._grow(1024)
+        self.n_sets = max(cache_bytes // _PAGE, 0) // 2
+        self.cache_pages = 2 * self.n_sets
+        self._cache_arr = np.zeros((self.cache_pages, _PAGE), dtype=np.uint8)
+        self._ctag_arr = np.full(self.cache_pages, -1, dtype=np.int64)
+        self._clru_arr = np.zeros(max(self.n_sets, 1), dtype=np.uint8)
+        self.cache = self._cache_arr
+        self.ctag = self._ctag_arr
+        self.clru = self._clru_arr
+        self.set_baseline(np.zeros((0, 2), dtype=np.uint64))
+
+    def _grow(self, Py_ssize_t pages):
+        cdef Py_ssize_t cap = self.n_pages
+        if pages <= cap:
+            return
+        cap = max(pages, 2 * cap)
+        state = np.zeros(cap, dtype=np.uint8)
+        hashes = np.zeros((cap, 2), dtype=np.uint64)
+        if self.n_pages:
+            state[: self.n_pages] = self._state_arr
+            hashes[: self.n_pages] = self._hash_arr
+        self._state_arr, self._hash_arr = state, hashes
+        self.state, self.hashes = state, hashes
+        self.n_pages = cap
+
+    def set_baseline(self, const uint64_t[:, ::1] have):
+        """Install the peer's have-list: `have[i]` is the hash of its baseline page i (0,0 = none)."""
+        if have.shape[0] and have.shape[1] != 2:
+            raise ValueError("have-list rows must be (fingerprint, confirmation)")
+        cdef Py_ssize_t n = have.shape[0], cap = _pow2_at_least(2 * n), i, slot, probe
+        self._base_arr = np.ascontiguousarray(have, dtype=np.uint64).reshape(n, 2)
+        self._bkey_arr = np.zeros(cap, dtype=np.uint64)
+        self._bpage_arr = np.full(cap, -1, dtype=np.int64)
+        self.base, self.bkey, self.bpage = self._base_arr, self._bkey_arr, self._bpage_arr
+        self.n_base, self.bmask = n, cap - 1
+        with nogil:
+            for i in range(n):
+                if self.base[i, 0] == 0 and self.base[i, 1] == 0:
+                    continue
+                slot = <Py_ssize_t>(self.base[i, 0] & <uint64_t>self.bmask)
+                for probe in range(cap):
+                    if self.bpage[slot] < 0:
+                        self.bkey[slot] = self.base[i, 0]
+                        self.bpage[slot] = i
+                        break
+                    if self.bkey[slot] == self.base[i, 0]:
+                        break
+                    slot = (slot + 1) & self.bmask
+
+    @property
+    def baseline_pages(self):
+        return self.n_base
+
+    def cache_array(self):
+        """The delta cache rows (read by delta.encode_deltas under the caller's lock)."""
+        return self._cache_arr
+
+    cdef inline int64_t _cache_find(self, int64_t page) noexcept nogil:
+        cdef Py_ssize_t s
+        if self.n_sets == 0:
+            return -1
+        s = 2 * (page % self.n_sets)
+        if self.ctag[s] == page:
+            return s
+        if self.ctag[s + 1] == page:
+            return s + 1
+        return -1
+
+    cdef inline void _cache_put(self, int64_t page, const uint8_t* content) noexcept nogil:
+        cdef Py_ssize_t set_ = page % self.n_sets, s
+        s = self._cache_find(page)
+        if s < 0:
+            s = 2 * set_ + self.clru[set_]   # clru names the least recently used way of the set
+        self.ctag[s] = page
+        memcpy(&self.cache[s, 0], content, _PAGE)
+        self.clru[set_] = <uint8_t>((s - 2 * set_) ^ 1)
+
+    cdef inline void _cache_drop(self, int64_t page) noexcept nogil:
+        cdef int64_t s = self._cache_find(page)
+        if s >= 0:
+            self.ctag[s] = -1
+
+    cdef inline int64_t _table_find(self, uint64_t lo, uint64_t hi) noexcept nogil:
+        cdef Py_ssize_t slot = <Py_ssize_t>(lo & <uint64_t>self.tmask)
+        cdef int probe
+        for probe in range(_PROBES):
+            if self.tpage[slot] < 0:
+                return -1
+            if self.tkey[slot, 0] == lo:
+                return self.tpage[slot] if self.tkey[slot, 1] == hi else -1
+            slot = (slot + 1) & self.tmask
+        return -1
+
+    cdef inline void _table_put(self, uint64_t lo, uint64_t hi, int64_t page) noexcept nogil:
+        cdef Py_ssize_t slot = <Py_ssize_t>(lo & <uint64_t>self.tmask), first = slot, q
+        cdef int probe
+        for probe in range(_PROBES):
+            q = self.tpage[slot]
+            if q < 0 or self.tkey[slot, 0] == lo or not self._holds(q, self.tkey[slot, 0], self.tkey[slot, 1]):
+                break
+            slot = (slot + 1) & self.tmask
+        else:
+            slot = first
+        if self.tpage[slot] >= 0 and self.tkey[slot, 0] == lo and self._holds(self.tpage[slot], lo, hi) \
+                and self.state[self.tpage[slot]] == S_ACKED:
+            return   # keep a reference the peer can already resolve
+        self.tkey[slot, 0] = lo
+        self.tkey[slot, 1] = hi
+        self.tpage[slot] = page
+
+    cdef inline bint _holds(self, int64_t page, uint64_t lo, uint64_t hi) noexcept nogil:
+        return page < self.n_pages and self.hashes[page, 0] == lo and self.hashes[page, 1] == hi
+
+    cdef inline int64_t _base_find(self, uint64_t lo, uint64_t hi) noexcept nogil:
+        cdef Py_ssize_t slot, probe
+        cdef int64_t q
+        if self.n_base == 0:
+            return -1
+        slot = <Py_ssize_t>(lo & <uint64_t>self.bmask)
+        for probe in range(self.bmask + 1):
+            q = self.bpage[slot]
+            if q < 0:
+                return -1
+            if self.bkey[slot] == lo:
+                return q if self.base[q, 1] == hi else -1
+            slot = (slot + 1) & self.bmask
+        return -1
+
+    def classify(self, Py_ssize_t page0, Py_ssize_t raw_len, const uint64_t[:, ::1] hashes,
+                 uint8_t[::1] kinds, uint64_t[::1] refs, int64_t[::1] slots, bint use_delta=True):
+        """Upgrade LITERAL pages of the chunk at page `page0` to references the peer can resolve.
+
+        In order of preference: SAME (the peer's baseline has this page unchanged at this
+        index), BASELINE (the baseline has it elsewhere), DUP_X (a page the peer acknowledged
+        holds it), DELTA (the delta cache has the version the peer acknowledged at this index;
+        `slots[p]` names the cache row). Every hit matches all 128 bits of the hash.
+        """
+        cdef Py_ssize_t pages = (raw_len + _PAGE - 1) // _PAGE, full = raw_len // _PAGE, p
+        cdef int64_t P, q
+        cdef uint64_t lo, hi
+        if page0 < 0 or hashes.shape[0] < pages or kinds.shape[0] < pages or refs.shape[0] < pages \
+                or slots.shape[0] < pages:
+            raise ValueError("page arrays shorter than the chunk")
+        self._grow(page0 + pages)
+        with nogil:
+            for p in range(full):
+                slots[p] = -1
+                if kinds[p] != K_LITERAL:
+                    continue
+                P = page0 + p
+                lo = hashes[p, 0]
+                hi = hashes[p, 1]
+                if P < self.n_base and self.base[P, 0] == lo and self.base[P, 1] == hi:
+                    kinds[p] = K_SAME
+                    continue
+                q = self._base_find(lo, hi)
+                if q >= 0:
+                    kinds[p] = K_BASELINE
+                    refs[p] = <uint64_t>q
+                    continue
+                q = self._table_find(lo, hi)
+                if q >= 0 and self.state[q] == S_ACKED and self._holds(q, lo, hi):
+                    kinds[p] = K_DUP_X
+                    refs[p] = <uint64_t>q
+                    continue
+                if use_delta and self.state[P] == S_ACKED:
+                    q = self._cache_find(P)
+                    if q >= 0:
+                        kinds[p] = K_DELTA
+                        slots[p] = q
+
+    def commit(self, Py_ssize_t page0, const uint8_t[::1] chunk, const uint64_t[:, ::1] hashes,
+               const uint8_t[::1] kinds):
+        """Record that this chunk's pages were sent: hashes, SENT state, content table, delta cache."""
+        cdef Py_ssize_t raw_len = chunk.shape[0], pages = (raw_len + _PAGE - 1) // _PAGE
+        cdef Py_ssize_t full = raw_len // _PAGE, p
+        cdef int64_t P
+        if page0 < 0 or hashes.shape[0] < pages or kinds.shape[0] < pages:
+            raise ValueError("page arrays shorter than the chunk")
+        self._grow(page0 + pages)
+        if raw_len == 0:
+            return
+        cdef const uint8_t* base = &chunk[0]
+        with nogil:
+            for p in range(pages):
+                P = page0 + p
+                self.state[P] = S_SENT
+                self.hashes[P, 0] = hashes[p, 0]
+                self.hashes[P, 1] = hashes[p, 1]
+                if p >= full or kinds[p] == K_ZERO:
+                    if self.n_sets:
+                        self._cache_drop(P)
+                    continue
+                self._table_put(hashes[p, 0], hashes[p, 1], P)
+                if self.n_sets:
+                    self._cache_put(P, base + p * _PAGE)
+
+    def ack(self, Py_ssize_t page0, Py_ssize_t pages):
+        """The peer holds the versions last sent for pages [page0, page0 + pages) durably."""
+        cdef Py_ssize_t p
+        if page0 < 0 or pages < 0:
+            raise ValueError("negative page range")
+        self._grow(page0 + pages)
+        with nogil:
+            for p in range(page0, page0 + pages):
+                if self.state[p] == S_SENT:
+                    self.state[p] = S_ACKED
+
+    def forget_acks(self):
+        """The peer's state is unknown again (a reconnect): no page may be referenced until re-acked."""
+        cdef Py_ssize_t p
+        with nogil:
+            for p in range(self.n_pages):
+                if self.state[p] == S_ACKED:
+                    self.state[p] = S_SENT
+
+    def page_state(self, Py_ssize_t page):
+        """0 unsent, 1 sent, 2 acknowledged (for tests)."""
+        return self.state[page] if 0 <= page < self.n_pages else 0
