@@ -218,8 +218,12 @@ PbftMessage = PrePrepare | Prepare | Commit | Checkpoint | ViewChange | NewView 
 
 
 class PbftWire(msgspec.Struct, array_like=True, tag="pw"):
-    """A PBFT message with the HMAC authenticator for the pair (sender, receiver)."""
+    """A PBFT message with the HMAC authenticator for the pair (sender, receiver) over nonce + body.
 
+    `nonce` grows per sender (incarnation in the high bits), so a replayed frame is recognised.
+    """
+
+    nonce: int
     body: bytes
     mac: bytes
 
@@ -252,7 +256,7 @@ class Envelope(msgspec.Struct, array_like=True):
 
 _ENCODER = msgspec.msgpack.Encoder()
 _ENV_DECODER = msgspec.msgpack.Decoder(Envelope)
-_PBFT_DECODER: msgspec.msgpack.Decoder[PbftMessage] = msgspec.msgpack.Decoder(PbftMessage)  # type: ignore[arg-type]
+_PBFT_DECODER: msgspec.msgpack.Decoder[PbftMessage] = msgspec.msgpack.Decoder(PbftMessage)
 
 
 def encode(obj: object) -> bytes:

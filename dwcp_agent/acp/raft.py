@@ -370,7 +370,9 @@ class Raft:
         self.votes[m.frm] = not m.reject
         if self._tally() >= self.quorum():
             self._won(self.role is Role.PRE_CANDIDATE)
-        elif sum(1 for v, g in self.votes.items() if not g and v in self.voters) >= len(self.voters) - self.quorum() + 1:
+            return
+        rejected = sum(1 for v, g in self.votes.items() if not g and v in self.voters)
+        if rejected >= len(self.voters) - self.quorum() + 1:
             self._become_follower(self.term, "")
 
     def _step_leader(self, m: RaftMsg) -> None:

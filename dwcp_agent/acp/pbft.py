@@ -1,0 +1,515 @@
+"""PBFT (Castro & Liskov) as a pure state machine: n = 3f+1 replicas tolerate f Byzantine ones.
+
+Same contract as `raft.Raft`: the caller drives `tick()`, `receive(sender, wire)` and
+`submit(request)`, takes `ready()` (messages to send, batches committed in sequence order, a state
+image to restore after a state transfer), applies the batches, calls `record_checkpoint(seq, image)`
+at every multiple of `checkpoint_interval`, and calls `advance()`.
+
+Normal case: the primary batches requests into a signed pre-prepare; backups answer with signed
+prepares (carrying the primary's header signature, so a second digest for the same slot is a
+transferable proof of equivocation); q-1 prepares make a slot prepared, q commits make it
+committed; slots execute in order. Every `checkpoint_interval` sequences replicas exchange signed
+checkpoints; q matching ones make a stable checkpoint that moves the low watermark and garbage-
+collects the log. A request not executed within `request_timeout` ticks, or proof of equivocation,
+starts a view change; the new primary proves its new view with q signed view-change messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import msgspec
+
+from dwcp_agent.acp.auth import KeyRing
+from dwcp_agent.acp.byzantine import ByzantineDetector
+from dwcp_agent.acp.messages import (
+    Checkpoint,
+    Commit,
+    NewView,
+    PbftMessage,
+    PbftWire,
+    Prepare,
+    PreparedProof,
+    PrePrepare,
+    Request,
+    RequestFwd,
+    StateFetch,
+    StateReply,
+    ViewChange,
+    decode_pbft,
+    encode,
+)
+from dwcp_agent.acp.pbft_certs import (
+    Quorums,
+    batch_digest,
+    checkpoint_bytes,
+    compute_new_view,
+    new_view_bytes,
+    pp_header,
+    prepare_bytes,
+    valid_checkpoint_proof,
+    valid_request,
+    valid_view_change,
+    view_change_bytes,
+)
+
+__all__ = ["Pbft", "PbftOptions", "PbftReady"]
+
+
+@dataclass
+class PbftOptions:
+    """Batching, watermarks and timeouts (ticks); `unsafe_quorum` is a test hook only."""
+
+    checkpoint_interval: int = 32
+    window: int = 128
+    max_batch: int = 256
+    max_inflight: int = 8
+    request_timeout: int = 40
+    view_change_timeout: int = 40
+    unsafe_quorum: int = 0
+
+
+@dataclass
+class _Slot:
+    view: int
+    pp: PrePrepare | None = None
+    prepares: dict[str, Prepare] = field(default_factory=dict)
+    commits: dict[str, bytes] = field(default_factory=dict)
+    prepared: bool = False
+    committed: bool = False
+
+
+@dataclass
+class PbftReady:
+    """Messages to send (already authenticated), committed batches, and a state image to restore."""
+
+    messages: list[tuple[str, PbftWire]]
+    committed: list[tuple[int, list[Request]]]
+    restore: tuple[int, bytes] | None
+    view: int
+    primary: str
+    view_changes: int
+
+
+class Pbft:
+    """One PBFT replica. `stable` is the (seq, state image) it starts from (0 and the base image)."""
+
+    def __init__(self, node_id: str, replicas: list[str], *, keys: KeyRing, detector: ByzantineDetector,
+                 options: PbftOptions | None = None, view: int = 0, stable: tuple[int, bytes] = (0, b""),
+                 stable_proof: list[Checkpoint] | None = None, incarnation: int = 0) -> None:
+        self.id = node_id
+        self.opts = options or PbftOptions()
+        self.qs = Quorums(tuple(sorted(replicas)), self.opts.unsafe_quorum)
+        self.keys = keys
+        self.det = detector
+        self.view = view
+        self.active = True
+        self.low, self.stable_data = stable
+        self.stable_proof = list(stable_proof or [])
+        self.last_exec = self.low
+        self.next_seq = self.low + 1
+        self.slots: dict[int, _Slot] = {}
+        self.requests: dict[tuple[str, int], Request] = {}  # known, not executed yet
+        self.waiting: dict[tuple[str, int], int] = {}  # key -> tick first seen (request timer)
+        self.queue: dict[tuple[str, int], Request] = {}  # known, not assigned a sequence number
+        self.last_ts: dict[str, int] = {}
+        self.checkpoints: dict[int, dict[str, Checkpoint]] = {}
+        self.snapshots: dict[int, bytes] = {self.low: self.stable_data}
+        self.vcs: dict[int, dict[str, ViewChange]] = {}
+        self.nv_sent: set[int] = set()
+        self.now = 0
+        self.vc_started = 0
+        self.vc_attempt = 0
+        self.fetching = 0
+        self.view_changes = 0
+        self._nonce = incarnation << 32
+        self._out: list[tuple[str, PbftWire]] = []
+        self._committed: list[tuple[int, list[Request]]] = []
+        self._restore: tuple[int, bytes] | None = None
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def primary(self) -> str:
+        return self.qs.primary(self.view)
+
+    @property
+    def high(self) -> int:
+        return self.low + self.opts.window
+
+    def _send(self, to: str, msg: PbftMessage) -> None:
+        self._send_body(to, encode(msg))
+
+    def _send_body(self, to: str, body: bytes) -> None:
+        self._nonce += 1
+        nonce_b = self._nonce.to_bytes(8, "big")
+        self._out.append((to, PbftWire(self._nonce, body, self.keys.mac(to, nonce_b + body))))
+
+    def _bcast(self, msg: PbftMessage) -> None:
+        body = encode(msg)
+        for peer in self.qs.replicas:
+            if peer != self.id:
+                self._send_body(peer, body)
+
+    def _slot(self, seq: int) -> _Slot:
+        slot = self.slots.get(seq)
+        if slot is None or slot.view < self.view:
+            slot = self.slots[seq] = _Slot(self.view)
+        return slot
+
+    # ------------------------------------------------------------ input
+    def submit(self, req: Request) -> None:
+        """A local client's signed request: broadcast it so every replica can watch the primary."""
+        self._accept_request(req)
+        self._bcast(RequestFwd(req))
+
+    def receive(self, sender: str, wire: PbftWire) -> None:
+        """Authenticate, decode and dispatch one frame from `sender` (the authenticated link peer)."""
+        if sender not in self.qs.replicas or sender == self.id or self.det.is_quarantined(sender):
+            return
+        if not self.det.admit(sender):
+            return
+        if not self.keys.check_mac(sender, wire.nonce.to_bytes(8, "big") + wire.body, wire.mac):
+            self.det.report(sender, "invalid_mac")
+            return
+        if not self.det.fresh(sender, wire.nonce):
+            return
+        try:
+            msg = decode_pbft(wire.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.det.report(sender, "malformed", str(exc)[:80])
+            return
+        self.step(sender, msg)
+
+    def step(self, sender: str, msg: PbftMessage) -> None:
+        """Dispatch an authenticated message."""
+        if isinstance(msg, RequestFwd):
+            if valid_request(self.keys, msg.request):
+                self._accept_request(msg.request)
+            else:
+                self.det.report(sender, "invalid_signature", "request")
+        elif isinstance(msg, PrePrepare):
+            self._on_pre_prepare(sender, msg)
+        elif isinstance(msg, Prepare):
+            self._on_prepare(sender, msg)
+        elif isinstance(msg, Commit):
+            self._on_commit(sender, msg)
+        elif isinstance(msg, Checkpoint):
+            self._on_checkpoint(sender, msg)
+        elif isinstance(msg, ViewChange):
+            self._on_view_change(sender, msg)
+        elif isinstance(msg, NewView):
+            self._on_new_view(sender, msg)
+        elif isinstance(msg, StateFetch):
+            data = self.snapshots.get(msg.seq)
+            if data is not None:
+                self._send(sender, StateReply(msg.seq, data, self.id))
+        elif isinstance(msg, StateReply):
+            self._on_state_reply(msg)
+
+    def _accept_request(self, req: Request) -> None:
+        key = (req.client, req.ts)
+        if req.ts <= self.last_ts.get(req.client, 0) or key in self.waiting:
+            return
+        self.waiting[key] = self.now
+        self.requests[key] = req
+        self.queue[key] = req
+
+    # ------------------------------------------------------------ normal case
+    def _flush(self) -> None:
+        """Primary: cut batches from the queue while the window and the pipeline allow."""
+        if not self.active or self.primary != self.id:
+            return
+        while self.queue and self.next_seq <= self.high and self.next_seq - self.last_exec <= self.opts.max_inflight:
+            batch: list[Request] = []
+            for key in list(self.queue):
+                req = self.queue.pop(key)
+                if req.ts > self.last_ts.get(req.client, 0):
+                    batch.append(req)
+                if len(batch) >= self.opts.max_batch:
+                    break
+            if not batch:
+                return
+            self._issue(self.next_seq, batch)
+            self.next_seq += 1
+
+    def _issue(self, seq: int, batch: list[Request]) -> None:
+        digest = batch_digest(batch)
+        pp = PrePrepare(self.view, seq, digest, batch, self.keys.sign(pp_header(self.view, seq, digest)))
+        slot = self._slot(seq)
+        slot.pp = pp
+        self._bcast(pp)
+        self._check_prepared(seq, slot)
+
+    def _on_pre_prepare(self, sender: str, m: PrePrepare) -> None:
+        if not self.active or m.view != self.view or sender != self.primary or not self.low < m.seq <= self.high:
+            return
+        if not self.keys.verify(sender, pp_header(m.view, m.seq, m.digest), m.sig):
+            self.det.report(sender, "invalid_signature", "pre-prepare")
+            return
+        if batch_digest(m.batch) != m.digest or not all(valid_request(self.keys, r) for r in m.batch):
+            self.det.report(sender, "malformed", "pre-prepare batch")
+            return
+        slot = self._slot(m.seq)
+        if slot.pp is not None:
+            if slot.pp.digest != m.digest:
+                self._equivocation(sender, m.seq)
+            return
+        self._adopt(slot, m)
+
+    def _adopt(self, slot: _Slot, m: PrePrepare) -> None:
+        slot.pp = m
+        for req in m.batch:
+            key = (req.client, req.ts)
+            self.queue.pop(key, None)
+            if req.ts > self.last_ts.get(req.client, 0):
+                self.waiting.setdefault(key, self.now)
+                self.requests.setdefault(key, req)
+        if self.id != self.qs.primary(m.view):
+            prep = Prepare(m.view, m.seq, m.digest, self.id, m.sig)
+            prep.sig = self.keys.sign(prepare_bytes(prep))
+            slot.prepares[self.id] = prep
+            self._bcast(prep)
+        self._check_prepared(m.seq, slot)
+
+    def _equivocation(self, primary: str, seq: int) -> None:
+        self.det.report(primary, "equivocation", f"view {self.view} seq {seq}")
+        self._start_view_change(self.view + 1)
+
+    def _on_prepare(self, sender: str, m: Prepare) -> None:
+        if m.replica != sender:
+            self.det.report(sender, "malformed", "prepare for another replica")
+            return
+        if not self.active or m.view != self.view or sender == self.primary or not self.low < m.seq <= self.high:
+            return
+        if not self.keys.verify(sender, prepare_bytes(m), m.sig):
+            self.det.report(sender, "invalid_signature", "prepare")
+            return
+        if not self.keys.verify(self.primary, pp_header(m.view, m.seq, m.digest), m.pp_sig):
+            self.det.report(sender, "invalid_signature", "prepare carries a forged pre-prepare")
+            return
+        slot = self._slot(m.seq)
+        if slot.pp is not None and slot.pp.digest != m.digest:
+            self._equivocation(self.primary, m.seq)
+            return
+        slot.prepares[sender] = m
+        self._check_prepared(m.seq, slot)
+
+    def _check_prepared(self, seq: int, slot: _Slot) -> None:
+        if slot.prepared or slot.pp is None:
+            return
+        matching = sum(1 for p in slot.prepares.values() if p.digest == slot.pp.digest)
+        if matching >= self.qs.q - 1:
+            slot.prepared = True
+            slot.commits[self.id] = slot.pp.digest
+            self._bcast(Commit(slot.view, seq, slot.pp.digest, self.id))
+            self._check_committed(seq, slot)
+
+    def _on_commit(self, sender: str, m: Commit) -> None:
+        if m.replica != sender:
+            self.det.report(sender, "malformed", "commit for another replica")
+            return
+        if not self.active or m.view != self.view or not self.low < m.seq <= self.high:
+            return
+        slot = self._slot(m.seq)
+        slot.commits[sender] = m.digest
+        self._check_committed(m.seq, slot)
+
+    def _check_committed(self, seq: int, slot: _Slot) -> None:
+        if slot.committed or not slot.prepared or slot.pp is None:
+            return
+        if sum(1 for d in slot.commits.values() if d == slot.pp.digest) >= self.qs.q:
+            slot.committed = True
+            self._execute()
+
+    def _execute(self) -> None:
+        while True:
+            slot = self.slots.get(self.last_exec + 1)
+            if slot is None or not slot.committed or slot.pp is None:
+                return
+            self.last_exec += 1
+            batch = [r for r in slot.pp.batch if r.ts > self.last_ts.get(r.client, 0)]
+            for req in slot.pp.batch:
+                self.last_ts[req.client] = max(self.last_ts.get(req.client, 0), req.ts)
+                key = (req.client, req.ts)
+                self.waiting.pop(key, None)
+                self.queue.pop(key, None)
+                self.requests.pop(key, None)
+            self._committed.append((self.last_exec, batch))
+
+    # ------------------------------------------------------------ checkpoints and state transfer
+    def record_checkpoint(self, seq: int, image: bytes) -> None:
+        """Caller applied everything up to `seq` (a checkpoint multiple): sign and share the image's
+        SHA-256, keep the image for state transfer."""
+        self.snapshots[seq] = image
+        ck = Checkpoint(seq, hashlib.sha256(image).digest(), self.id)
+        ck.sig = self.keys.sign(checkpoint_bytes(ck))
+        self.checkpoints.setdefault(seq, {})[self.id] = ck
+        self._bcast(ck)
+        self._check_stable(seq)
+
+    def _on_checkpoint(self, sender: str, m: Checkpoint) -> None:
+        if m.replica != sender or m.seq % self.opts.checkpoint_interval:
+            self.det.report(sender, "malformed", "checkpoint")
+            return
+        if m.seq <= self.low or m.seq > self.high + self.opts.window:
+            return
+        if not self.keys.verify(sender, checkpoint_bytes(m), m.sig):
+            self.det.report(sender, "invalid_signature", "checkpoint")
+            return
+        self.checkpoints.setdefault(m.seq, {})[sender] = m
+        self._check_stable(m.seq)
+
+    def _check_stable(self, seq: int) -> None:
+        proof = list(self.checkpoints.get(seq, {}).values())
+        digest = valid_checkpoint_proof(self.keys, self.qs, seq, proof)
+        if digest is None or seq <= self.low:
+            return
+        self._make_stable(seq, [c for c in proof if c.state == digest])
+
+    def _make_stable(self, seq: int, proof: list[Checkpoint]) -> None:
+        self.low = seq
+        self.stable_proof = proof
+        self.stable_data = self.snapshots.get(seq, b"")
+        for s in [s for s in self.slots if s <= seq]:
+            del self.slots[s]
+        for s in [s for s in self.checkpoints if s < seq]:
+            del self.checkpoints[s]
+        for s in [s for s in self.snapshots if s < seq]:
+            del self.snapshots[s]
+        self.next_seq = max(self.next_seq, seq + 1)
+        if self.last_exec < seq:
+            self._fetch_state()
+
+    def _fetch_state(self) -> None:
+        peers = [c.replica for c in self.stable_proof if c.replica != self.id]
+        if peers:
+            self._send(peers[self.fetching % len(peers)], StateFetch(self.low, self.id))
+            self.fetching += 1
+
+    def _on_state_reply(self, m: StateReply) -> None:
+        if m.seq != self.low or self.last_exec >= m.seq or not self.stable_proof:
+            return
+        if hashlib.sha256(m.data).digest() != self.stable_proof[0].state:
+            self.det.report(m.replica, "malformed", "state does not match the stable checkpoint")
+            return
+        self.last_exec = m.seq
+        self.snapshots[m.seq] = self.stable_data = m.data
+        self._restore = (m.seq, m.data)
+        self._committed = [(s, b) for s, b in self._committed if s > m.seq]
+        self._execute()
+
+    # ------------------------------------------------------------ view change
+    def _start_view_change(self, view: int) -> None:
+        if view <= self.view:
+            return
+        self.view = view
+        self.active = False
+        self.vc_started = self.now
+        self.view_changes += 1
+        prepared = [PreparedProof(s.pp, [p for p in s.prepares.values() if p.digest == s.pp.digest])
+                    for seq, s in sorted(self.slots.items())
+                    if s.prepared and s.pp is not None and seq > self.low]
+        vc = ViewChange(view, self.low, self.stable_proof, prepared, self.id)
+        vc.sig = self.keys.sign(view_change_bytes(vc))
+        self.vcs.setdefault(view, {})[self.id] = vc
+        self._bcast(vc)
+        self._maybe_new_view(view)
+
+    def _on_view_change(self, sender: str, m: ViewChange) -> None:
+        if m.replica != sender or m.view < self.view or (m.view == self.view and self.active):
+            return
+        if not valid_view_change(self.keys, self.qs, m, self.opts.window):
+            self.det.report(sender, "invalid_view_change", f"view {m.view}")
+            return
+        self.vcs.setdefault(m.view, {})[sender] = m
+        ahead = {r for v, d in self.vcs.items() if v > self.view for r in d}
+        if len(ahead) >= self.qs.f + 1:
+            self._start_view_change(min(v for v in self.vcs if v > self.view))
+        self._maybe_new_view(m.view)
+
+    def _maybe_new_view(self, view: int) -> None:
+        vcs = self.vcs.get(view, {})
+        if self.qs.primary(view) != self.id or view in self.nv_sent or len(vcs) < self.qs.q or view != self.view:
+            return
+        chosen = [vcs[r] for r in sorted(vcs)][: self.qs.q]
+        _min_s, plan = compute_new_view(view, chosen)
+        pps = [PrePrepare(view, seq, d, b, self.keys.sign(pp_header(view, seq, d))) for seq, d, b in plan]
+        nv = NewView(view, chosen, pps)
+        nv.sig = self.keys.sign(new_view_bytes(nv))
+        self.nv_sent.add(view)
+        self._bcast(nv)
+        self._enter_view(nv)
+
+    def _on_new_view(self, sender: str, m: NewView) -> None:
+        if m.view < self.view or (m.view == self.view and self.active) or sender != self.qs.primary(m.view):
+            return
+        if not self._valid_new_view(m):
+            self.det.report(sender, "invalid_view_change", f"new view {m.view}")
+            self._start_view_change(m.view + 1)
+            return
+        self.view = m.view
+        self._enter_view(m)
+
+    def _valid_new_view(self, m: NewView) -> bool:
+        if not self.keys.verify(self.qs.primary(m.view), new_view_bytes(m), m.sig):
+            return False
+        who = {vc.replica for vc in m.view_changes if vc.view == m.view
+               and valid_view_change(self.keys, self.qs, vc, self.opts.window)}
+        if len(who) < self.qs.q:
+            return False
+        _min_s, plan = compute_new_view(m.view, m.view_changes)
+        if [(s, d) for s, d, _ in plan] != [(p.seq, p.digest) for p in m.pre_prepares]:
+            return False
+        primary = self.qs.primary(m.view)
+        return all(batch_digest(p.batch) == p.digest and p.view == m.view
+                   and self.keys.verify(primary, pp_header(p.view, p.seq, p.digest), p.sig) for p in m.pre_prepares)
+
+    def _enter_view(self, nv: NewView) -> None:
+        self.active = True
+        self.vc_attempt = 0
+        self.waiting = dict.fromkeys(self.waiting, self.now)
+        best = max(nv.view_changes, key=lambda vc: vc.stable_seq)
+        if best.stable_seq > self.low:
+            self._make_stable(best.stable_seq, best.checkpoints)
+        self.slots = {s: slot for s, slot in self.slots.items() if s <= self.low}
+        self.vcs = {v: d for v, d in self.vcs.items() if v > nv.view}
+        self.next_seq = max([self.low, *(p.seq for p in nv.pre_prepares)]) + 1
+        reissued = {(r.client, r.ts) for pp in nv.pre_prepares for r in pp.batch}
+        self.queue = {k: r for k, r in self.requests.items() if k not in reissued}
+        for pp in nv.pre_prepares:
+            if pp.seq > self.low:
+                self._adopt(self._slot(pp.seq), pp)
+
+    # ------------------------------------------------------------ time and output
+    def tick(self) -> None:
+        """Advance time: request and view-change timers, state-transfer retries."""
+        self.now += 1
+        self.det.tick()
+        if self.active:
+            oldest = min(self.waiting.values(), default=self.now)
+            if self.now - oldest > self.opts.request_timeout:
+                self._start_view_change(self.view + 1)
+        elif self.now - self.vc_started > self.opts.view_change_timeout << min(self.vc_attempt, 5):
+            self.vc_attempt += 1
+            self._start_view_change(self.view + 1)
+        if self.last_exec < self.low and self.now % 5 == 0:
+            self._fetch_state()
+
+    def has_ready(self) -> bool:
+        """True when there is output (or the primary could cut a batch)."""
+        return bool(self._out or self._committed or self._restore
+                    or (self.queue and self.active and self.primary == self.id))
+
+    def ready(self) -> PbftReady:
+        """Collect messages, committed batches and a pending restore."""
+        self._flush()
+        rd = PbftReady(self._out, self._committed, self._restore, self.view, self.primary, self.view_changes)
+        self._out, self._committed, self._restore = [], [], None
+        return rd
+
+    def status(self) -> dict[str, object]:
+        """Small JSON-able summary for health and the cluster API."""
+        return {"id": self.id, "view": self.view, "primary": self.primary, "active": self.active,
+                "low": self.low, "executed": self.last_exec, "replicas": list(self.qs.replicas),
+                "f": self.qs.f, "quarantined": sorted(self.det.quarantined)}
