@@ -116,7 +116,8 @@ class LinkSample:
 
     `bandwidth_bps` is goodput (bytes acknowledged per second); `capacity_bps` is the larger of
     that and the streams' summed delivery rates, a better guess of what the path could carry when
-    the streams were not always busy. `loss` is retransmitted / sent data segments.
+    the streams were not always busy. `loss` is retransmitted / sent data segments;
+    `utilization` the share of the interval the streams had data queued (TCP busy time).
     """
 
     t: float
@@ -131,6 +132,7 @@ class LinkSample:
     retransmits: int
     acked_bytes: int
     app_limited: float
+    utilization: float = 0.0
 
 
 class LinkMeter:
@@ -185,6 +187,7 @@ class LinkMeter:
         delivery = 0.0
         rtts: list[tuple[float, float, float, float]] = []
         limited = 0
+        busy = 0.0
         for key, cur in self._pending.items():
             prev = self._last.get(key)
             self._last[key] = cur
@@ -193,6 +196,7 @@ class LinkMeter:
             acked += max(0, cur.bytes_acked - prev.bytes_acked)
             retrans += max(0, cur.total_retrans - prev.total_retrans)
             segs += max(0, cur.data_segs_out - prev.data_segs_out)
+            busy += max(0.0, cur.busy_s - prev.busy_s)
             if cur.bytes_acked > prev.bytes_acked:
                 delivery += cur.delivery_rate
                 weight = float(cur.bytes_acked - prev.bytes_acked)
@@ -214,9 +218,11 @@ class LinkMeter:
             capacity_bps=max(bandwidth, delivery), rtt_s=rtt, rttvar_s=rttvar, min_rtt_s=min_rtt,
             loss=retrans / segs if segs else 0.0, retransmits=retrans, acked_bytes=acked,
             app_limited=limited / len(rtts) if rtts else 0.0,
+            utilization=min(1.0, busy / (interval * streams)) if streams else 0.0,
         )
         if self.metrics is not None:
             self.metrics.amst_throughput.set(bandwidth)
+            self.metrics.amst_stream_utilization.set(link.utilization)
             if rtt:
                 self.metrics.amst_rtt.set(rtt)
             if retrans:
