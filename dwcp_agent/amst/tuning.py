@@ -19,7 +19,6 @@ from pathlib import Path
 
 from dwcp_agent.config import PAGE_SIZE, Config, KiB, MiB
 from dwcp_agent.pba.probe import LinkSample
-from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = [
     "SO_MAX_PACING_RATE", "StreamPlan", "StreamTuner", "TuningLimits", "apply_socket_options",
@@ -92,10 +91,9 @@ class StreamTuner:
     """Online stream count, buffers, congestion control and chunk size for one migration."""
 
     def __init__(self, config: Config, available_cc: Sequence[str] | None = None,
-                 limits: TuningLimits = TuningLimits(), metrics: Metrics | None = None) -> None:
+                 limits: TuningLimits = TuningLimits()) -> None:
         self.config = config
         self.limits = limits
-        self.metrics = metrics
         cc = available_congestion_controls() if available_cc is None else list(available_cc)
         self.congestion = choose_congestion(config.tcp_congestion, cc)
         self.pinned = config.stream_count > 0
@@ -212,7 +210,14 @@ class StreamTuner:
         lim = self.limits
         if not self.pinned:
             n = max(lim.min_streams, min(lim.max_streams, n))
-        return StreamPlan(n, self.buffer_for(n), self.congestion, self.pacing_for(n), self.chunk_for(n), reason)
+        return StreamPlan(n, self.buffer_for(n), self.congestion, self.pacing_for(n),
+                          self.chunk_for(n if self.pinned else max(n, self.stream_ceiling)), reason)
+
+    @property
+    def stream_ceiling(self) -> int:
+        """Streams the climb may reach: chunks are fixed per attempt, so they are sized for this many."""
+        loss_based = self.congestion in LOSS_BASED or not self.congestion
+        return self.limits.max_streams if loss_based else min(self.limits.max_streams, 16)
 
     def buffer_for(self, n: int) -> int:
         """Per-stream send buffer: configured, else twice this stream's share of the BDP.
@@ -245,9 +250,6 @@ class StreamTuner:
         if self.config.chunk_size and plan.chunk_size == 0:
             plan = replace(plan, chunk_size=self.config.chunk_size)
         self.plan = plan
-        if self.metrics is not None:
-            self.metrics.active_streams.set(plan.streams)
-            self.metrics.amst_active_streams.set(plan.streams)
         return plan
 
 

@@ -1,0 +1,102 @@
+"""One migration's view of its path: meter, predictor, mode detector and stream tuner wired together.
+
+The data path owns sockets and threads; it calls `tick(sockets, now)` every `interval_s` and
+applies the returned StreamPlan (open or retire streams, resize buffers). Everything PBA learns
+is kept here so the agent can report it (`snapshot`) and HDE can ask for `mode` and `prediction`.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+from dwcp_agent.amst.tuning import StreamPlan, StreamTuner, apply_socket_options
+from dwcp_agent.config import Config
+from dwcp_agent.pba.mode import ModeDetector
+from dwcp_agent.pba.predictor import Prediction, Predictor
+from dwcp_agent.pba.probe import LinkMeter, LinkSample
+from dwcp_agent.telemetry.metrics import Metrics
+
+__all__ = ["LinkController", "LinkSnapshot"]
+
+
+@dataclass(frozen=True)
+class LinkSnapshot:
+    """What PBA believes now, for logs, the admin API and the benchmarks."""
+
+    sample: LinkSample | None
+    prediction: Prediction | None
+    mode: str | None
+    plan: StreamPlan
+    accuracy: float
+
+
+class LinkController:
+    """Meter -> predictor + mode detector -> tuner, fed once per interval from the data path."""
+
+    interval_s = 0.5
+
+    def __init__(self, config: Config, metrics: Metrics | None = None,
+                 available_cc: list[str] | None = None) -> None:
+        self.config = config
+        self.meter = LinkMeter(metrics)
+        self.predictor = Predictor(metrics=metrics)
+        forced = None if config.network_mode == "auto" else config.network_mode
+        self.detector = ModeDetector(initial=forced, metrics=metrics)
+        self.forced_mode = forced is not None
+        self.tuner = StreamTuner(config, available_cc)
+        self.last: LinkSample | None = None
+        self._lock = threading.Lock()
+        self._applied: dict[Hashable, int] = {}
+
+    @property
+    def plan(self) -> StreamPlan:
+        return self.tuner.plan
+
+    @property
+    def mode(self) -> str | None:
+        return self.detector.mode
+
+    def start(self, rtt_s: float, bandwidth_bps: float) -> StreamPlan:
+        """Initial plan from an active probe (or from nothing: rtt 0, bandwidth 0)."""
+        return self.tuner.initial(rtt_s, bandwidth_bps)
+
+    def tick(self, sockets: Iterable[tuple[Hashable, socket.socket]], now: float) -> StreamPlan:
+        """Measure every live data socket, learn, and return the plan to run from now on."""
+        with self._lock:
+            socks = list(sockets)
+            sample = self.meter.sample_sockets(socks, now)
+            if sample is None:
+                return self.tuner.plan
+            self.last = sample
+            if sample.acked_bytes:
+                self.predictor.observe(sample.bandwidth_bps)
+            if not self.forced_mode:
+                self.detector.update(sample)
+            plan = self.tuner.step(sample)
+            self._resize(socks, plan)
+            return plan
+
+    def configure(self, sock: socket.socket) -> None:
+        """Options for a newly opened data socket under the current plan (call before connect)."""
+        plan = self.tuner.plan
+        apply_socket_options(sock, plan.buffer_bytes, plan.congestion, plan.pacing_rate)
+
+    def _resize(self, socks: list[tuple[Hashable, socket.socket]], plan: StreamPlan) -> None:
+        """Grow send buffers of live sockets when the plan's per-stream buffer grew."""
+        if not plan.buffer_bytes:
+            return
+        for key, sock in socks:
+            if self._applied.get(key, 0) < plan.buffer_bytes:
+                try:
+                    apply_socket_options(sock, plan.buffer_bytes)
+                except OSError:
+                    continue
+                self._applied[key] = plan.buffer_bytes
+
+    def snapshot(self) -> LinkSnapshot:
+        with self._lock:
+            return LinkSnapshot(self.last, self.predictor.predict(), self.detector.mode, self.tuner.plan,
+                                self.predictor.accuracy)
