@@ -143,7 +143,7 @@ class Result(msgspec.Struct, frozen=True):
 
 
 class Lease(msgspec.Struct, frozen=True):
-    """A migration lease; `token` grows with every grant cluster-wide (fencing)."""
+    """A migration lease; `token` grows with every new grant on the same VM (fencing)."""
 
     vm_id: str
     holder: str
@@ -176,7 +176,7 @@ class RegistryState(msgspec.Struct):
 
     owners: dict[str, str] = {}
     leases: dict[str, Lease] = {}
-    next_token: int = 1
+    tokens: dict[str, int] = {}  # vm_id -> last fencing token granted
     members: dict[str, Member] = {}
     rollout: RolloutSetting = RolloutSetting()
     protocol: str = "raft"
@@ -242,6 +242,8 @@ class Registry:
         """Apply one command exactly once per (client, seq)."""
         st = self.state
         st.applied += 1
+        if cmd.seq == 0:  # replica-generated (membership mirrored from Raft): no session
+            return self._execute(cmd)
         session = st.sessions.get(cmd.client)
         if session is None:
             session = st.sessions[cmd.client] = _Session(0, {})
@@ -275,7 +277,8 @@ class Registry:
             if lease is not None and lease.expires_ms > now:
                 token = lease.token
             else:
-                token, st.next_token = st.next_token, st.next_token + 1
+                token = st.tokens.get(op.vm_id, 0) + 1
+                st.tokens[op.vm_id] = token
             lease = Lease(op.vm_id, op.holder, token, now + op.ttl_ms)
             st.leases[op.vm_id] = lease
             return Result(True, _lease_dict(lease))
