@@ -31,6 +31,7 @@ from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum
 from dwcp_agent.hde.codecs import codec_by_name
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest
 from dwcp_agent.migration.journal import unpack_have
+from dwcp_agent.pba.link import LinkController
 from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.migration")
@@ -123,6 +124,11 @@ class _Attempt:
         self.next_index = 0
         self.workers_left = session.workers
         self.live_streams = 0
+        # Online stream tuning (PBA): ids below target_streams run; the tuner moves the target.
+        self.target_streams = session.streams
+        self.running: set[int] = set()
+        self.socks: dict[int, socket.socket] = {}
+        self.extra_threads: list[threading.Thread] = []
         self.error: MigrationError | None = None
         self.done = threading.Event()
         self.committed: wire.Committed | None = None
@@ -208,7 +214,9 @@ class _Attempt:
     def stream(self, stream_id: int) -> None:
         s = self.s
         failures = 0
-        while not self.done.is_set():
+        with self.cond:
+            self.running.add(stream_id)
+        while not self.done.is_set() and stream_id < self.target_streams:
             try:
                 sock = s.open_connection("data", self.session_id, stream_id)
             except MigrationError as exc:
@@ -228,6 +236,7 @@ class _Attempt:
                 if failures > s.config.retry_limit:
                     break
         with self.cond:
+            self.running.discard(stream_id)
             self.live_streams -= 1
             if self.live_streams == 0 and not self.done.is_set():
                 self.error = self.error or MigrationError("every data stream failed", "streams", retryable=True)
@@ -243,13 +252,16 @@ class _Attempt:
         acker = threading.Thread(target=self._read_acks, args=(sock, inflight, lock, broken),
                                  name=f"acks-{stream_id}", daemon=True)
         acker.start()
+        if s.link is not None:
+            s.link.configure(sock)
+            self.socks[stream_id] = sock
         s.progress.add("streams", 1)
         s.metrics.active_streams.inc()
         s.metrics.amst_active_streams.inc()
         sent_counter = s.metrics.bytes_transferred.labels("sent", s.request.mode, "tcp")
         seq = 0
         try:
-            while not self.done.is_set() and not broken.is_set():
+            while not self.done.is_set() and not broken.is_set() and stream_id < self.target_streams:
                 try:
                     item = self.queue.get(timeout=POLL_S)
                 except queue.Empty:
@@ -270,7 +282,11 @@ class _Attempt:
                 wire_len = wire.HEADER_SIZE + len(payload)
                 s.progress.add("wire_bytes", wire_len)
                 sent_counter.inc(wire_len)
+            # Retired by the tuner: let the chunks on the wire be acked instead of resending them.
+            while inflight and stream_id >= self.target_streams and not broken.is_set() and not self.done.is_set():
+                time.sleep(POLL_S)
         finally:
+            self.socks.pop(stream_id, None)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             acker.join()
@@ -305,6 +321,25 @@ class _Attempt:
             if not self.done.is_set():
                 broken.set()
 
+    def tune(self) -> None:
+        """PBA tick: measure the live streams, then open or retire streams as the tuner plans."""
+        link = self.s.link
+        assert link is not None
+        while not self.done.wait(link.interval_s):
+            plan = link.tick(list(self.socks.items()), time.monotonic())
+            with self.cond:
+                if plan.streams != self.target_streams:
+                    log.info("streams %d -> %d: %s", self.target_streams, plan.streams, plan.reason,
+                             extra={"migration_id": self.s.request.migration_id, "component": "amst"})
+                self.target_streams = plan.streams
+                new = [i for i in range(plan.streams) if i not in self.running]
+                self.running.update(new)
+                self.live_streams += len(new)
+            for i in new:
+                t = threading.Thread(target=self.stream, args=(i,), name=f"stream-{i}", daemon=True)
+                self.extra_threads.append(t)
+                t.start()
+
     # -- control ----------------------------------------------------------------------------
 
     def watch_control(self) -> None:
@@ -335,6 +370,11 @@ class SendSession:
         self.progress = progress or Progress()
         self.chunk_size = config.chunk_size
         self.streams = config.stream_count or 4
+        # stream_count 0 (v3): PBA measures the path and the tuner sets streams and chunk size.
+        self.link = LinkController(config, metrics) if config.stream_count == 0 and request.protocol == "v3" else None
+        if self.link is not None:
+            self.streams = self.link.plan.streams
+            self.chunk_size = self.link.plan.chunk_size
         self.workers = config.encode_threads or (os.cpu_count() or 1)
         codec_name = "lz4" if config.compression_algo == "auto" else config.compression_algo
         if request.protocol == "v1":
@@ -436,6 +476,8 @@ class SendSession:
         attempt.live_streams = self.streams
         threads += [threading.Thread(target=attempt.stream, args=(i,), name=f"stream-{i}", daemon=True)
                     for i in range(self.streams)]
+        if self.link is not None:
+            threads.append(threading.Thread(target=attempt.tune, name="tune", daemon=True))
         for t in threads:
             t.start()
         try:
@@ -465,7 +507,7 @@ class SendSession:
             with contextlib.suppress(OSError):
                 control.shutdown(socket.SHUT_RDWR)
             control.close()
-            for t in threads:
+            for t in threads + attempt.extra_threads:
                 t.join(timeout=self.config.io_timeout_s)
             self._reclaim(attempt)
 
