@@ -104,6 +104,13 @@ def test_promtool_accepts_every_rule_file():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_promtool_accepts_the_example_server_config():
+    promtool = need_tool("promtool")
+    result = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=DEPLOY / "prometheus",
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_promtool_unit_tests_pass():
     promtool = need_tool("promtool")
     files = sorted(p.name for p in TESTS.glob("*_test.yml"))
