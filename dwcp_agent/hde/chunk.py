@@ -1,30 +1,60 @@
-"""Chunk encoding, first cut: zero pages are not sent, the rest goes through one codec.
+"""Chunk encoding: zero pages, duplicates, baseline and acknowledged pages, XOR deltas, codec.
 
-Payload layout (the frame's flags say which parts are present):
-  FLAG_ALL_ZERO  no payload at all: every page of the chunk is zero.
-  FLAG_ZERO_MAP  payload starts with a bitmap, one bit per page (1 = zero page, LSB first),
-                 followed by the codec's encoding of the non-zero pages back to back.
-  neither        the codec's encoding of the whole chunk.
-A codec that would inflate the data is replaced by `none`, so the wire never carries more than
-the raw bytes plus the bitmap.
+The sender's `ChunkEncoder` turns a chunk into (codec, flags, payload); the receiver's
+`ChunkDecoder` rebuilds the raw bytes, or raises CodecError. docs/hde.md specifies the payload
+and the rule that keeps cross-chunk references safe with out-of-order streams: a chunk only
+references pages the receiver is known to hold (its immutable baseline, or pages it has
+acknowledged), and the receiver resolves them by reading its files before writing the chunk.
+
+Encoding one chunk (all page work in native kernels, without the GIL):
+  1. zero scan and 128-bit hash of every page (pages.page_hashes)
+  2. duplicates inside the chunk, confirmed byte for byte (pages.dedupe_in_chunk)
+  3. with an offset: baseline / acknowledged-page / delta candidates (index.PeerIndex.classify),
+     delta encoding (delta.encode_deltas) and recording what was sent (PeerIndex.commit)
+  4. the codec, chosen per chunk by the selector, over the page map and the literal bytes.
+A chunk with no zero page and no reference goes as the codec's encoding of the raw bytes, and
+a codec that would not shrink the data is replaced by `none`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import xxhash
 
-from dwcp_agent._native import pages
-from dwcp_agent.hde.codecs import Codec, CodecError, CodecId, codec_by_id
+from dwcp_agent._native import delta, index, pages
+from dwcp_agent.hde.baseline import HaveList
+from dwcp_agent.hde.codecs import Codec, CodecError, CodecId, codec_by_id, codec_by_name
+from dwcp_agent.hde.layout import (
+    DELTA_LIMIT,
+    FLAG_ALL_ZERO,
+    FLAG_PAGE_MAP,
+    FLAG_ZERO_MAP,
+    KNOWN_FLAGS,
+    MAX_PAGE_INDEX,
+    METRIC_KIND,
+    PAGE_MAP_HEADER,
+    PAGE_SIZE,
+    PageKind,
+    max_body_len,
+    pages_in,
+)
+from dwcp_agent.hde.selector import CodecSelector, LinkSource
 from dwcp_agent.telemetry.metrics import Metrics
 
-PAGE_SIZE = pages.PAGE_SIZE
-FLAG_ALL_ZERO = 0x01
-FLAG_ZERO_MAP = 0x02
+__all__ = [
+    "FLAG_ALL_ZERO", "FLAG_PAGE_MAP", "FLAG_ZERO_MAP", "PAGE_SIZE", "ChunkDecoder", "ChunkEncoder",
+    "EncodedChunk", "EncoderStats", "PageReader", "checksum", "make_encoder",
+]
+
+_K = np.uint8
+_REF_KINDS = np.array([k in (PageKind.DUP_IN, PageKind.DUP_X, PageKind.BASELINE) for k in range(256)])
+_N_KINDS = len(PageKind)
 
 
 def checksum(data: memoryview | bytes) -> int:
@@ -43,98 +73,372 @@ class EncodedChunk:
     checksum: int
 
 
+@dataclass
+class EncoderStats:
+    """Running totals of one encoder (benchmarks and the migration summary read them)."""
+
+    chunks: int = 0
+    logical_bytes: int = 0
+    payload_bytes: int = 0
+    pages: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("zero", "dup", "baseline", "delta", "literal"), 0))
+    codec_chunks: dict[str, int] = field(default_factory=dict)
+
+
+class PageReader(Protocol):
+    """Reads `length` bytes at `offset` of a destination-side file (see baseline.FilePages)."""
+
+    def __call__(self, offset: int, length: int) -> bytes | memoryview: ...
+
+
+class _Scratch:
+    """Per-thread buffers, grown to the largest chunk seen, reused for every chunk."""
+
+    def __init__(self, n_pages: int, raw_len: int) -> None:
+        self.n_pages = n_pages
+        self.raw_len = raw_len
+        self.zero = np.empty(n_pages, dtype=np.uint8)
+        self.hashes = np.empty((n_pages, 2), dtype=np.uint64)
+        self.kinds = np.empty(n_pages, dtype=np.uint8)
+        self.refs = np.empty(n_pages, dtype=np.uint64)
+        self.slots = np.empty(n_pages, dtype=np.int64)
+        self.delta_lens = np.empty(n_pages, dtype=np.uint16)
+        self.deltas = np.empty(max(raw_len // 2, PAGE_SIZE), dtype=np.uint8)
+        self.body = np.empty(max_body_len(raw_len), dtype=np.uint8)
+
+
 class ChunkEncoder:
-    """Encodes chunks for one migration; safe to call from several threads at once."""
+    """Encodes the chunks of one migration; safe to call from several threads at once.
 
-    def __init__(self, codec: Codec, metrics: Metrics | None = None) -> None:
+    `codec` forces one codec (the first-cut behaviour); without it `selector` chooses per chunk.
+    Cross-chunk features need the chunk's `offset` in `encode` and the peer's acknowledgements
+    through `acked`; without them the encoder still removes zero and duplicate pages per chunk.
+    """
+
+    def __init__(self, codec: Codec | None = None, metrics: Metrics | None = None, *,
+                 selector: CodecSelector | None = None, delta_cache_bytes: int = 0,
+                 dedupe_entries: int = 1 << 18) -> None:
+        if codec is None and selector is None:
+            selector = CodecSelector()
         self.codec = codec
+        self.selector = selector
         self.metrics = metrics
+        self.stats = EncoderStats()
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._index = index.PeerIndex(dedupe_entries, delta_cache_bytes)
+        self._sent: dict[int, int] = {}   # chunk offset -> checksum of the version last encoded
+        self._stats_lock = threading.Lock()
 
-    def _mask(self, n_pages: int) -> np.ndarray:
-        mask: np.ndarray | None = getattr(self._local, "mask", None)
-        if mask is None or mask.shape[0] < n_pages:
-            mask = np.empty(max(n_pages, 1024), dtype=np.uint8)
-            self._local.mask = mask
-        return mask[:n_pages]
+    # -- peer state -------------------------------------------------------------------------
 
-    def encode(self, data: memoryview) -> EncodedChunk:
+    def set_peer_have_list(self, have: HaveList | None) -> None:
+        """Use the receiver's baseline: pages it already holds go as references."""
+        hashes = have.hashes if have is not None else np.zeros((0, 2), dtype=np.uint64)
+        with self._lock:
+            self._index.set_baseline(np.ascontiguousarray(hashes, dtype=np.uint64))
+
+    def acked(self, offset: int, length: int, checksum: int | None = None) -> None:
+        """The receiver has durably written the chunk at `offset`; its pages may now be referenced.
+
+        With `checksum`, an acknowledgement of an older version of the chunk (a page re-sent since)
+        is ignored, so a reference never points at content the receiver may be overwriting.
+        """
+        if offset % PAGE_SIZE or length < 0:
+            return
+        with self._lock:
+            if checksum is not None and self._sent.get(offset, checksum) != checksum:
+                return
+            self._sent.pop(offset, None)
+            self._index.ack(offset // PAGE_SIZE, length // PAGE_SIZE)
+
+    def forget_peer_acks(self) -> None:
+        """After a reconnect whose outcome is unknown: reference no acknowledged page until the
+        resume (or new acks) confirms it again. Baseline references stay valid."""
+        with self._lock:
+            self._index.forget_acks()
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _scratch(self, n_pages: int, raw_len: int) -> _Scratch:
+        scratch: _Scratch | None = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.n_pages < n_pages or scratch.raw_len < raw_len:
+            scratch = _Scratch(max(n_pages, 256), max(raw_len, 256 * PAGE_SIZE))
+            self._local.scratch = scratch
+        return scratch
+
+    def encode(self, data: memoryview | bytes, offset: int | None = None) -> EncodedChunk:
+        """Encode one chunk. `offset` (its byte offset in the object, page aligned) enables
+        baseline, cross-chunk dedupe and delta; a chunk may be encoded again (re-send)."""
         start = time.perf_counter()
-        raw_len = len(data)
-        digest = checksum(data)
-        n_pages = (raw_len + PAGE_SIZE - 1) // PAGE_SIZE
-        mask = self._mask(n_pages)
-        zeros = pages.zero_page_mask(data, mask) if raw_len else 0
+        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+        raw_len = len(view)
+        digest = checksum(view)
+        n_pages = pages_in(raw_len)
+        s = self._scratch(n_pages, raw_len)
+        zero, hashes, kinds = s.zero[:n_pages], s.hashes[:n_pages], s.kinds[:n_pages]
+        refs, slots = s.refs[:n_pages], s.slots[:n_pages]
+        zeros = pages.page_hashes(view, zero, hashes) if raw_len else 0
+        pages.dedupe_in_chunk(view, zero, hashes, kinds, refs)
+        delta_bytes = n_delta = 0
+        page0 = -1
+        if offset is not None and offset % PAGE_SIZE == 0 and raw_len:
+            page0 = offset // PAGE_SIZE
+            with self._lock:
+                if zeros < n_pages:
+                    self._index.classify(page0, raw_len, hashes, kinds, refs, slots,
+                                         self._index.cache_pages > 0)
+                    if self._index.cache_pages:
+                        delta_bytes, n_delta = delta.encode_deltas(
+                            view, self._index.cache_array(), kinds, slots, s.deltas, s.delta_lens, DELTA_LIMIT)
+                self._index.commit(page0, view, hashes, kinds)
+                self._sent[offset] = digest
+        counts = np.bincount(kinds, minlength=_N_KINDS) if n_pages else np.zeros(_N_KINDS, np.int64)
         if zeros == n_pages:
             encoded = EncodedChunk(CodecId.NONE, FLAG_ALL_ZERO, b"", raw_len, digest)
-        elif zeros:
-            body = _gather_nonzero(data, mask)
-            codec_id, payload = self._compress(body)
-            bitmap = np.packbits(mask, bitorder="little").tobytes()
-            encoded = EncodedChunk(codec_id, FLAG_ZERO_MAP, bitmap + payload, raw_len, digest)
-        else:
-            codec_id, payload = self._compress(data)
+            codec_name = "none"
+        elif counts[PageKind.LITERAL] == n_pages:
+            codec = self._choose(view, 0)
+            codec_id, payload = self._compress(codec, view)
             encoded = EncodedChunk(codec_id, 0, payload, raw_len, digest)
-        if self.metrics is not None:
-            self.metrics.hde_compression_latency.observe(time.perf_counter() - start)
-            self.metrics.hde_pages.labels("zero").inc(zeros)
-            self.metrics.hde_pages.labels("literal").inc(n_pages - zeros)
-            self.metrics.hde_codec_chunks.labels(CodecId(encoded.codec).name.lower()).inc()
+            codec_name = CodecId(codec_id).name.lower()
+        else:
+            body_len, literal_start = _build_body(view, s, n_pages, int(n_delta), int(delta_bytes))
+            body = memoryview(s.body)[:body_len]
+            codec = self._choose(body[literal_start:], literal_start)
+            codec_id, packed = self._compress(codec, body)
+            payload = PAGE_MAP_HEADER.pack(body_len, max(page0, 0)) + packed
+            encoded = EncodedChunk(codec_id, FLAG_PAGE_MAP, payload, raw_len, digest)
+            codec_name = CodecId(codec_id).name.lower()
+        self._account(counts, encoded, codec_name, time.perf_counter() - start)
         return encoded
 
-    def _compress(self, body: memoryview | bytes) -> tuple[int, bytes]:
-        if self.codec.id is not CodecId.NONE:
-            payload = self.codec.compress(body)
+    def _choose(self, body: memoryview, meta_len: int) -> Codec:
+        if self.codec is not None:
+            return self.codec
+        assert self.selector is not None
+        return self.selector.choose(body, meta_len).codec
+
+    def _compress(self, codec: Codec, body: memoryview) -> tuple[int, bytes]:
+        if codec.id is not CodecId.NONE:
+            start = time.perf_counter()
+            payload = codec.compress(body)
+            if self.selector is not None:
+                self.selector.observe(codec, len(body), time.perf_counter() - start)
             if len(payload) < len(body):
-                return self.codec.id, payload
+                return codec.id, payload
         return CodecId.NONE, bytes(body)
 
+    def _account(self, counts: np.ndarray, encoded: EncodedChunk, codec_name: str, seconds: float) -> None:
+        by_label: dict[str, int] = {}
+        for kind in PageKind:
+            label = METRIC_KIND[kind]
+            by_label[label] = by_label.get(label, 0) + int(counts[kind])
+        with self._stats_lock:
+            st = self.stats
+            st.chunks += 1
+            st.logical_bytes += encoded.raw_len
+            st.payload_bytes += len(encoded.payload)
+            st.codec_chunks[codec_name] = st.codec_chunks.get(codec_name, 0) + 1
+            for label, n in by_label.items():
+                st.pages[label] += n
+        if self.metrics is not None:
+            self.metrics.hde_compression_latency.observe(seconds)
+            for label, n in by_label.items():
+                if n:
+                    self.metrics.hde_pages.labels(label).inc(n)
+            self.metrics.hde_codec_chunks.labels(codec_name).inc()
 
-def _gather_nonzero(data: memoryview, mask: np.ndarray) -> bytes:
-    """The non-zero pages of `data` back to back (the last page may be short)."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    full = len(arr) // PAGE_SIZE
-    body = arr[: full * PAGE_SIZE].reshape(full, PAGE_SIZE)[mask[:full] == 0].tobytes()
-    if full < len(mask) and not mask[full]:
-        body += arr[full * PAGE_SIZE:].tobytes()
-    return body
+
+def _build_body(view: memoryview, s: _Scratch, n_pages: int, n_delta: int, delta_bytes: int) -> tuple[int, int]:
+    """Lay out kinds | refs | delta lengths | literal pages | deltas in s.body; return
+    (body length, where the literal section starts)."""
+    kinds = s.kinds[:n_pages]
+    raw_len = len(view)
+    full = raw_len // PAGE_SIZE
+    body = s.body
+    pos = 0
+    body[:n_pages] = kinds
+    pos += n_pages
+    ref_vals = s.refs[:n_pages][_REF_KINDS[kinds]]
+    body[pos: pos + 8 * len(ref_vals)] = ref_vals.astype("<u8").view(np.uint8)
+    pos += 8 * len(ref_vals)
+    body[pos: pos + 2 * n_delta] = s.delta_lens[:n_delta].astype("<u2").view(np.uint8)
+    pos += 2 * n_delta
+    literal_start = pos
+    arr = np.frombuffer(view, dtype=np.uint8)
+    lit = kinds[:full] == PageKind.LITERAL
+    n_lit = int(np.count_nonzero(lit))
+    if n_lit == full:
+        body[pos: pos + full * PAGE_SIZE] = arr[: full * PAGE_SIZE]
+    elif n_lit:
+        np.compress(lit, arr[: full * PAGE_SIZE].reshape(full, PAGE_SIZE), axis=0,
+                    out=body[pos: pos + n_lit * PAGE_SIZE].reshape(n_lit, PAGE_SIZE))
+    pos += n_lit * PAGE_SIZE
+    if full < n_pages and kinds[full] == PageKind.LITERAL:
+        tail = raw_len - full * PAGE_SIZE
+        body[pos: pos + tail] = arr[full * PAGE_SIZE:]
+        pos += tail
+    body[pos: pos + delta_bytes] = s.deltas[:delta_bytes]
+    pos += delta_bytes
+    return pos, literal_start
+
+
+def make_encoder(config: Any, metrics: Metrics | None = None, link: LinkSource = None,
+                 threads: int | None = None) -> ChunkEncoder:
+    """The encoder a migration uses, from config: `compression_algo` auto -> codec chosen per
+    chunk against `link` (bytes/s, or a callable returning the current estimate; the bandwidth
+    predictor plugs in here), otherwise that codec for every chunk; `delta_cache_bytes` sizes the
+    XOR-delta cache."""
+    algo = getattr(config, "compression_algo", "auto")
+    level = getattr(config, "zstd_level", 1)
+    workers = threads or getattr(config, "encode_threads", 0) or None
+    selector = CodecSelector(level, link=link, threads=workers, forced=None if algo == "auto" else algo)
+    codec = None if algo == "auto" else codec_by_name(algo, level)
+    return ChunkEncoder(codec, metrics, selector=selector,
+                        delta_cache_bytes=getattr(config, "delta_cache_bytes", 0))
 
 
 class ChunkDecoder:
-    """Rebuilds a chunk's raw bytes from its frame; malformed payloads raise CodecError."""
+    """Rebuilds a chunk's raw bytes from its frame; a malformed payload raises CodecError.
 
-    def __init__(self, zstd_level: int = 1) -> None:
+    `read_page` reads the receiver's partial image (pages it acknowledged), `read_baseline` its
+    baseline; both are only called for chunks that reference them. Arguments given to `decode`
+    override the ones given here.
+    """
+
+    def __init__(self, zstd_level: int = 1, read_page: PageReader | None = None,
+                 read_baseline: PageReader | None = None) -> None:
         self.zstd_level = zstd_level
+        self.read_page = read_page
+        self.read_baseline = read_baseline
 
-    def decode(self, codec_id: int, flags: int, payload: memoryview, raw_len: int, out: memoryview) -> None:
+    def decode(self, codec_id: int, flags: int, payload: memoryview | bytes, raw_len: int, out: memoryview,
+               read_page: PageReader | None = None, read_baseline: PageReader | None = None) -> None:
         """Write exactly `raw_len` decoded bytes into `out[:raw_len]`."""
-        if len(out) < raw_len:
+        payload = memoryview(payload)
+        if raw_len < 0 or len(out) < raw_len:
             raise CodecError(f"output buffer of {len(out)} bytes cannot hold {raw_len}")
         dest = np.frombuffer(out, dtype=np.uint8, count=raw_len)
-        if flags & ~(FLAG_ALL_ZERO | FLAG_ZERO_MAP):
+        if flags & ~KNOWN_FLAGS or bin(flags).count("1") > 1:
             raise CodecError(f"unknown chunk flags 0x{flags:02x}")
         if flags & FLAG_ALL_ZERO:
-            if len(payload):
-                raise CodecError("all-zero chunk carries a payload")
+            if len(payload) or codec_id != CodecId.NONE:
+                raise CodecError("all-zero chunk carries a payload or a codec")
             dest[:] = 0
             return
         codec = codec_by_id(codec_id, self.zstd_level)
-        if not flags & FLAG_ZERO_MAP:
-            dest[:] = np.frombuffer(codec.decompress(payload, raw_len), dtype=np.uint8)
-            return
-        n_pages = (raw_len + PAGE_SIZE - 1) // PAGE_SIZE
-        map_len = (n_pages + 7) // 8
-        if len(payload) < map_len:
-            raise CodecError("zero-page bitmap is truncated")
-        zero = np.unpackbits(np.frombuffer(payload[:map_len], dtype=np.uint8), bitorder="little")[:n_pages]
-        full = raw_len // PAGE_SIZE
-        tail = raw_len - full * PAGE_SIZE
-        nonzero_full = int(full - zero[:full].sum())
-        body_len = nonzero_full * PAGE_SIZE + (tail if full < n_pages and not zero[full] else 0)
-        body = np.frombuffer(codec.decompress(payload[map_len:], body_len), dtype=np.uint8)
-        grid = dest[: full * PAGE_SIZE].reshape(full, PAGE_SIZE)
-        keep = zero[:full] == 0
-        grid[~keep] = 0
-        grid[keep] = body[: nonzero_full * PAGE_SIZE].reshape(nonzero_full, PAGE_SIZE)
-        if tail:
-            dest[full * PAGE_SIZE:] = 0 if zero[full] else body[nonzero_full * PAGE_SIZE:]
+        if flags & FLAG_ZERO_MAP:
+            _decode_zero_map(codec, payload, raw_len, dest)
+        elif flags & FLAG_PAGE_MAP:
+            _decode_page_map(codec, payload, raw_len, out, read_page or self.read_page,
+                             read_baseline or self.read_baseline)
+        else:
+            body = payload if codec.id is CodecId.NONE else codec.decompress(payload, raw_len)
+            if len(body) != raw_len:
+                raise CodecError(f"payload of {len(body)} bytes, frame announced {raw_len}")
+            dest[:] = np.frombuffer(body, dtype=np.uint8)
+
+
+def _decode_zero_map(codec: Codec, payload: memoryview, raw_len: int, dest: np.ndarray) -> None:
+    """The first-cut layout: a zero bitmap, then the codec's encoding of the non-zero pages."""
+    n_pages = pages_in(raw_len)
+    map_len = (n_pages + 7) // 8
+    if len(payload) < map_len:
+        raise CodecError("zero-page bitmap is truncated")
+    zero = np.unpackbits(np.frombuffer(payload[:map_len], dtype=np.uint8), bitorder="little")[:n_pages]
+    full = raw_len // PAGE_SIZE
+    tail = raw_len - full * PAGE_SIZE
+    nonzero_full = int(full - zero[:full].sum())
+    body_len = nonzero_full * PAGE_SIZE + (tail if full < n_pages and not zero[full] else 0)
+    body = np.frombuffer(codec.decompress(payload[map_len:], body_len), dtype=np.uint8)
+    grid = dest[: full * PAGE_SIZE].reshape(full, PAGE_SIZE)
+    keep = zero[:full] == 0
+    grid[~keep] = 0
+    grid[keep] = body[: nonzero_full * PAGE_SIZE].reshape(nonzero_full, PAGE_SIZE)
+    if tail:
+        dest[full * PAGE_SIZE:] = 0 if zero[full] else body[nonzero_full * PAGE_SIZE:]
+
+
+def _decode_page_map(codec: Codec, payload: memoryview, raw_len: int, out: memoryview,
+                     read_page: PageReader | None, read_baseline: PageReader | None) -> None:
+    n_pages = pages_in(raw_len)
+    if len(payload) < PAGE_MAP_HEADER.size:
+        raise CodecError("page-map header is truncated")
+    body_len, page0 = PAGE_MAP_HEADER.unpack(payload[: PAGE_MAP_HEADER.size])
+    if body_len > max_body_len(raw_len) or body_len < n_pages:
+        raise CodecError(f"page-map body of {body_len} bytes is impossible for {raw_len} raw bytes")
+    if page0 + n_pages > MAX_PAGE_INDEX:
+        raise CodecError(f"chunk page index {page0} is out of range")
+    packed = payload[PAGE_MAP_HEADER.size:]
+    body = packed if codec.id is CodecId.NONE else memoryview(codec.decompress(packed, body_len))
+    if len(body) != body_len:
+        raise CodecError(f"page-map body of {len(body)} bytes, header says {body_len}")
+    kinds = np.frombuffer(body, dtype=np.uint8, count=n_pages)
+    if n_pages and int(kinds.max()) >= _N_KINDS:
+        raise CodecError("unknown page kind in the page map")
+    full = raw_len // PAGE_SIZE
+    if full < n_pages and kinds[full] not in (PageKind.LITERAL, PageKind.ZERO):
+        raise CodecError("a short last page can only be literal or zero")
+    counts = np.bincount(kinds, minlength=_N_KINDS)
+    n_ref = int(counts[PageKind.DUP_IN] + counts[PageKind.DUP_X] + counts[PageKind.BASELINE])
+    n_delta = int(counts[PageKind.DELTA])
+    pos = n_pages
+    if pos + 8 * n_ref + 2 * n_delta > body_len:
+        raise CodecError("page map announces more references than the body holds")
+    refs = np.frombuffer(body, dtype="<u8", count=n_ref, offset=pos).astype(np.uint64)
+    pos += 8 * n_ref
+    delta_lens = np.frombuffer(body, dtype="<u2", count=n_delta, offset=pos).astype(np.uint16)
+    pos += 2 * n_delta
+    literal_len = int(counts[PageKind.LITERAL]) * PAGE_SIZE
+    if full < n_pages and kinds[full] == PageKind.LITERAL:
+        literal_len -= PAGE_SIZE - (raw_len - full * PAGE_SIZE)
+    if pos + literal_len + int(delta_lens.sum()) != body_len:
+        raise CodecError("page-map sections do not add up to the body length")
+    if n_ref and int(refs.max()) >= MAX_PAGE_INDEX:
+        raise CodecError("page reference out of range")
+    _fill_external(kinds, refs, page0, out, read_page, read_baseline)
+    body_arr = np.frombuffer(body, dtype=np.uint8)
+    try:
+        delta.assemble(out, raw_len, kinds, refs, delta_lens, body_arr[pos: pos + literal_len],
+                       body_arr[pos + literal_len:])
+    except ValueError as exc:
+        raise CodecError(f"page map: {exc}") from None
+
+
+def _fill_external(kinds: np.ndarray, refs: np.ndarray, page0: int, out: memoryview,
+                   read_page: PageReader | None, read_baseline: PageReader | None) -> None:
+    """Copy every page that comes from the receiver's files into place, one read per run of
+    consecutive pages (an unchanged stretch of a baseline is one read, not one per page)."""
+    ref_pos = np.cumsum(_REF_KINDS[kinds]) - 1
+    positions = np.arange(len(kinds), dtype=np.int64)
+    sources: list[tuple[PageReader | None, np.ndarray, np.ndarray, str]] = []
+    for kind, from_ref, reader, what in (
+        (PageKind.DUP_X, True, read_page, "acknowledged page"),
+        (PageKind.DELTA, False, read_page, "acknowledged page"),
+        (PageKind.BASELINE, True, read_baseline, "baseline page"),
+        (PageKind.SAME, False, read_baseline, "baseline page"),
+    ):
+        where = positions[kinds == kind]
+        if not len(where):
+            continue
+        src = refs[ref_pos[where]].astype(np.int64) if from_ref else where + page0
+        sources.append((reader, where, src, what))
+    for reader, where, src, what in sources:
+        if reader is None:
+            raise CodecError(f"chunk references a {what} but this receiver has no reader for it")
+        breaks = np.flatnonzero((np.diff(where) != 1) | (np.diff(src) != 1)) + 1
+        for run in np.split(np.arange(len(where)), breaks):
+            first, count = int(where[run[0]]), len(run)
+            _read_run(reader, int(src[run[0]]) * PAGE_SIZE, out[first * PAGE_SIZE: (first + count) * PAGE_SIZE])
+
+
+def _read_run(reader: PageReader | Callable[..., Any], offset: int, target: memoryview) -> None:
+    read_into = getattr(reader, "read_into", None)
+    if read_into is not None:
+        read_into(offset, target)
+        return
+    data = reader(offset, len(target))
+    if len(data) != len(target):
+        raise CodecError(f"reader returned {len(data)} bytes for a {len(target)}-byte reference")
+    target[:] = data

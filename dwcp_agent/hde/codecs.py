@@ -46,15 +46,25 @@ class Codec:
         return snappy.compress(bytes(data) if isinstance(data, memoryview) else data)
 
     def decompress(self, payload: memoryview | bytes, raw_len: int) -> bytes:
+        """Exactly raw_len bytes, or CodecError. Sizes a payload claims are checked before any
+        allocation, so a hostile payload cannot make the receiver allocate more than raw_len."""
         try:
             if self.id is CodecId.NONE:
                 out = bytes(payload)
             elif self.id is CodecId.LZ4:
                 out = lz4.block.decompress(payload, uncompressed_size=raw_len)
             elif self.id is CodecId.ZSTD:
+                claimed = zstandard.frame_content_size(payload)
+                if claimed not in (-1, raw_len):
+                    raise CodecError(f"zstd: frame claims {claimed} bytes, frame announced {raw_len}")
                 out = _zstd_decompressor().decompress(payload, max_output_size=raw_len)
             else:
+                claimed = _snappy_length(payload)
+                if claimed != raw_len:
+                    raise CodecError(f"snappy: payload claims {claimed} bytes, frame announced {raw_len}")
                 out = snappy.uncompress(bytes(payload))
+        except CodecError:
+            raise
         except (lz4.block.LZ4BlockError, zstandard.ZstdError, snappy.UncompressError, ValueError) as exc:
             raise CodecError(f"{self.name}: payload does not decode: {exc}") from exc
         if len(out) != raw_len:
@@ -63,6 +73,16 @@ class Codec:
 
 
 _local = threading.local()
+
+
+def _snappy_length(payload: memoryview | bytes) -> int:
+    """The uncompressed length a raw snappy block starts with (a uvarint), or -1 if malformed."""
+    value = 0
+    for i, byte in enumerate(bytes(payload[:5])):
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return value
+    return -1
 
 
 def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
