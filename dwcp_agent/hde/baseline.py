@@ -88,7 +88,7 @@ def have_list(path: str | os.PathLike[str]) -> HaveList:
         done = 0
         while done < count:
             want = min(READ_BLOCK // PAGE_SIZE, count - done) * PAGE_SIZE
-            got = os.preadv(f.fileno(), [memoryview(buf)[:want]], done * PAGE_SIZE)
+            got = os.preadv(f.fileno(), [buf.data[:want]], done * PAGE_SIZE)
             if got != want:
                 raise OSError(f"{path} shrank while its have-list was computed")
             n = want // PAGE_SIZE

@@ -204,7 +204,7 @@ class ChunkEncoder:
             codec_name = CodecId(codec_id).name.lower()
         else:
             body_len, literal_start = _build_body(view, s, n_pages, int(n_delta), int(delta_bytes))
-            body = memoryview(s.body)[:body_len]
+            body = s.body.data[:body_len]
             codec = self._choose(body[literal_start:], literal_start)
             codec_id, packed = self._compress(codec, body)
             payload = PAGE_MAP_HEADER.pack(body_len, max(page0, 0)) + packed

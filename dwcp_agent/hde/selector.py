@@ -68,17 +68,17 @@ class HostProfile:
         for cid in (CodecId.LZ4, CodecId.SNAPPY, CodecId.ZSTD):
             codec = codec_by_id(cid, zstd_level)
             packed = codec.compress(data)
-            t_c = _best_time(lambda c=codec: c.compress(data))
-            t_d = _best_time(lambda c=codec, p=packed: c.decompress(p, len(data)))
+            t_c = _best_time(codec.compress, data)
+            t_d = _best_time(codec.decompress, packed, len(data))
             profile.speeds[cid] = CodecSpeed(len(data) / t_c, len(data) / t_d)
         return profile
 
 
-def _best_time(fn: Callable[[], object], repeat: int = 3) -> float:
+def _best_time(fn: Callable[..., object], *args: object, repeat: int = 3) -> float:
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        fn()
+        fn(*args)
         best = min(best, time.perf_counter() - start)
     return max(best, 1e-9)
 
