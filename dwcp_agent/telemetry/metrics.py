@@ -18,8 +18,9 @@ from dwcp_agent import __version__
 MODES = ("datacenter", "internet", "hybrid")
 COMPONENTS = ("amst", "hde", "pba", "acp", "migration", "agent")
 PROTOCOLS = ("v1", "v3")
-# `cancelled` is an operator's choice and does not count against availability; see docs/operations.md.
-MIGRATION_STATUSES = ("completed", "failed", "cancelled")
+# `cancelled` is an operator's choice and does not count against availability; `interrupted` (agent
+# shut down mid-transfer, destination resumable) does. See docs/operations.md.
+MIGRATION_STATUSES = ("completed", "failed", "cancelled", "interrupted")
 SLA_NAMES = ("availability", "latency", "error_rate", "throughput")
 ROLLBACK_REASONS = ("sla_nogo", "manual")
 
@@ -179,7 +180,7 @@ class Metrics:
         )
         self.migrated_bytes = Counter(
             "dwcp_v3_migrated_bytes",
-            "Logical bytes of finished migrations, counted when each ends; over "
+            "Logical bytes of completed migrations, counted when each ends; over "
             "dwcp_v3_migration_latency_seconds_sum it gives the throughput SLI.",
             ["protocol"], registry=r,
         )

@@ -14,11 +14,14 @@ The SLIs are defined exactly as the Prometheus recording rules in deploy/prometh
 docs/operations.md), so the agent's own verdict and the dashboards agree:
 
 * availability = completed / (completed + failed) migrations (cancelled ones do not count);
-* latency p99 = 99th percentile of migration wall time, from the same histogram buckets
-  Prometheus uses, interpolated the way `histogram_quantile` does;
+* latency p99 = 99th percentile of the wall time of completed migrations, from the same
+  histogram buckets Prometheus uses, interpolated the way `histogram_quantile` does;
 * error rate = (failed migrations + component errors) / (component operations + ended
   migrations, cancelled excluded), clamped to 0..1;
-* throughput = logical bytes of ended migrations / their summed wall time.
+* throughput = logical bytes of completed migrations / their summed wall time.
+
+Statuses other than `completed` and `cancelled` (`failed`, `interrupted` by a shutdown) count as
+failures.
 
 GO needs availability, p99 and error rate within the configured thresholds over the 5 min
 window (the ops guide's GO/NO-GO query), and profile v3 not regressing against v1: v3 failure
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -205,36 +209,40 @@ class SlaGuard:
         self.violations: list[str] = []
         self.nogo_since: float | None = None
         self._counter_totals: dict[str, float] | None = None
+        self._lock = threading.RLock()
         self.tick()
 
     # -- inputs ---------------------------------------------------------------------------
 
     def record_migration(self, status: str, duration_s: float, logical_bytes: int,
                          protocol: str = "v3") -> None:
-        """Account one ended migration (`completed`, `failed` or `cancelled`).
+        """Account one ended migration (`completed`, `cancelled`; anything else is a failure).
 
-        Also counts `dwcp_v3_migrated_bytes_total` and sets `dwcp_v3_throughput_bytes_per_second`
-        for the profile; `dwcp_v3_migrations_total` and the latency histogram are the caller's.
+        For a completed one also counts `dwcp_v3_migrated_bytes_total` (the throughput SLI's
+        numerator). `dwcp_v3_migrations_total` and the latency histogram are the caller's: the
+        migration manager observes latency for completed migrations only, and so does the guard.
+        Thread-safe: the manager calls it from migration threads.
         """
-        now = self._clock()
-        self._sample_counters(now)
-        duration_s = max(0.0, duration_s)
-        index = next((i for i, b in enumerate(MIGRATION_BUCKETS) if duration_s <= b), len(MIGRATION_BUCKETS))
-        for window in self.windows.values():
-            tally = window.current(now).profiles.setdefault(protocol, ProfileTally())
-            if status == "completed":
-                tally.completed += 1
-            elif status == "cancelled":
-                tally.cancelled += 1
-            else:
-                tally.failed += 1
-            tally.logical_bytes += logical_bytes
-            tally.seconds += duration_s
-            tally.latency[index] += 1
-        self.metrics.migrated_bytes.labels(protocol).inc(logical_bytes)
-        if duration_s > 0 and logical_bytes > 0:
-            self.metrics.throughput.labels(protocol).set(logical_bytes / duration_s)
-        self._evaluate(now)
+        with self._lock:
+            now = self._clock()
+            self._sample_counters(now)
+            completed = status == "completed"
+            duration_s = max(0.0, duration_s)
+            index = next((i for i, b in enumerate(MIGRATION_BUCKETS) if duration_s <= b), len(MIGRATION_BUCKETS))
+            for window in self.windows.values():
+                tally = window.current(now).profiles.setdefault(protocol, ProfileTally())
+                if completed:
+                    tally.completed += 1
+                    tally.logical_bytes += logical_bytes
+                    tally.seconds += duration_s
+                    tally.latency[index] += 1
+                elif status == "cancelled":
+                    tally.cancelled += 1
+                else:
+                    tally.failed += 1
+            if completed:
+                self.metrics.migrated_bytes.labels(protocol).inc(logical_bytes)
+            self._evaluate(now)
 
     def record_error(self, component: str, error_type: str) -> None:
         """Count an error in the metrics; the guard picks it up from the registry."""
@@ -243,15 +251,17 @@ class SlaGuard:
 
     def tick(self) -> None:
         """Advance time: read the counters, re-evaluate, roll back on a held NO-GO."""
-        now = self._clock()
-        self._sample_counters(now)
-        self._evaluate(now)
+        with self._lock:
+            now = self._clock()
+            self._sample_counters(now)
+            self._evaluate(now)
 
     # -- outputs --------------------------------------------------------------------------
 
     def window_slis(self, name: str = DECISION_WINDOW) -> dict[str, float | None]:
         """SLIs of one window (`5m`, `1h`, `24h`, `7d`, `30d`)."""
-        return self.windows[name].total(self._clock()).slis()
+        with self._lock:
+            return self.windows[name].total(self._clock()).slis()
 
     def compliance(self, slis: dict[str, float | None]) -> dict[str, str]:
         """`met`, `violated` or `no_data` per SLA for the given SLIs."""
@@ -271,7 +281,8 @@ class SlaGuard:
 
     def error_budget(self) -> dict[str, Any]:
         """Availability budget over 30 days: failures allowed by the target vs. failures seen."""
-        every = self.windows[BUDGET_WINDOW].total(self._clock()).all
+        with self._lock:
+            every = self.windows[BUDGET_WINDOW].total(self._clock()).all
         allowed = (1.0 - self.config.sla_availability) * every.ended
         if every.ended == 0:
             remaining = 1.0
@@ -284,6 +295,10 @@ class SlaGuard:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything `/api/v3/sla` shows: windows, decision, budget, rollout, events."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
         now = self._clock()
         windows: dict[str, Any] = {}
         for name, window in self.windows.items():
