@@ -25,14 +25,18 @@ def object_digest(checksums: np.ndarray) -> bytes:
 
 def file_digest(fd: int, size: int, chunk_size: int) -> bytes:
     """Re-read a file chunk by chunk (one reused buffer) and compute its object digest."""
-    n = chunk_count(size, chunk_size)
-    sums = np.empty(n, dtype=np.uint64)
-    buf = bytearray(chunk_size)
-    view = memoryview(buf)
-    for i in range(n):
+    return object_digest(reread_checksums(fd, size, chunk_size, range(chunk_count(size, chunk_size))))
+
+
+def reread_checksums(fd: int, size: int, chunk_size: int, indices: range | list[int],
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """Checksums of the given chunks as they are in the file now (one reused buffer)."""
+    sums = out if out is not None else np.zeros(chunk_count(size, chunk_size), dtype=np.uint64)
+    view = memoryview(bytearray(chunk_size))
+    for i in indices:
         length = chunk_length(i, size, chunk_size)
         got = os.preadv(fd, [view[:length]], i * chunk_size)
         if got != length:
             raise OSError(f"short read at chunk {i}: {got} of {length} bytes")
         sums[i] = checksum(view[:length])
-    return object_digest(sums)
+    return sums

@@ -18,10 +18,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from dwcp_agent import wire
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, checksum
 from dwcp_agent.hde.codecs import CodecError, CodecId
-from dwcp_agent.migration.digest import chunk_count, chunk_length, file_digest
+from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest, reread_checksums
 from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -86,6 +88,7 @@ class ReceiveSession:
         except BaseException:
             self.journal.close()
             raise
+        self.resumed_chunks = set(self.journal.have)
         self._flusher = threading.Thread(target=self._flush_loop, name=f"journal-{self.session_id:x}",
                                          daemon=True)
         self._flusher.start()
@@ -152,7 +155,7 @@ class ReceiveSession:
         if missing:
             self._send_control(wire.Failed(f"{missing} chunks are missing at commit", "incomplete"))
             return
-        actual = file_digest(self._fd, self.start.size, self.start.chunk_size)
+        actual = self._digest()
         if actual != digest:
             self.metrics.error("migration", "digest_mismatch")
             self.journal.reset()
@@ -170,6 +173,18 @@ class ReceiveSession:
         log.info("image committed", extra={"migration_id": self.start.migration_id,
                                            "migration_status": "committed", "path": str(self.dest)})
         self._send_control(wire.Committed(actual, str(self.dest)))
+
+    def _digest(self) -> bytes:
+        """Object digest from the verified chunk checksums. Chunks written by this session were
+        hashed from the very buffer written; chunks resumed from an earlier session are re-read,
+        so bytes that changed on disk since (or never made it) cannot pass."""
+        sums = np.fromiter((self.journal.have[i] for i in range(self.chunks)), dtype=np.uint64, count=self.chunks)
+        on_disk = reread_checksums(self._fd, self.start.size, self.start.chunk_size, sorted(self.resumed_chunks))
+        for i in self.resumed_chunks:
+            if on_disk[i] != sums[i]:
+                self.metrics.error("migration", "resumed_chunk_mismatch")
+                sums[i] = on_disk[i]
+        return object_digest(sums)
 
     def _discard(self) -> None:
         self._stop_streams()
@@ -267,6 +282,7 @@ class ReceiveSession:
             if not skip_write:
                 _pwrite_all(self._fd, data, h.offset)
             self.journal.add(index, h.checksum)
+            self.resumed_chunks.discard(index)
             sock.sendall(wire.pack_header(wire.FrameType.ACK, 0, 0, self.session_id, stream_id, h.sequence,
                                           h.offset, 0, 0, 0, version))
             expected_seq += 1
