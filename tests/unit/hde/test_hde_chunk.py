@@ -1,0 +1,259 @@
+"""Chunk encoder/decoder: every codec and page kind round-trips; references obey the ack rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import PAGE, MemoryPages, page_mix
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dwcp_agent._native import pages
+from dwcp_agent.config import Config
+from dwcp_agent.hde.baseline import FilePages, HaveList, have_list
+from dwcp_agent.hde.chunk import (
+    FLAG_ALL_ZERO,
+    FLAG_PAGE_MAP,
+    ChunkDecoder,
+    ChunkEncoder,
+    EncodedChunk,
+    checksum,
+    make_encoder,
+)
+from dwcp_agent.hde.codecs import NAMES, CodecError, codec_by_name
+from dwcp_agent.telemetry.metrics import Metrics
+
+CODECS = list(NAMES)
+
+
+def _decode(enc: EncodedChunk, read_page: MemoryPages | None = None,
+            read_baseline: MemoryPages | FilePages | None = None) -> bytes:
+    out = bytearray(enc.raw_len)
+    ChunkDecoder(read_page=read_page, read_baseline=read_baseline).decode(
+        enc.codec, enc.flags, enc.payload, enc.raw_len, memoryview(out))
+    assert checksum(out) == enc.checksum
+    return bytes(out)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, (1 << 20) + 1])
+def test_page_mix_roundtrips_for_every_codec_and_size(codec: str, size: int) -> None:
+    data = page_mix(size // PAGE + 1, seed=size)[:size]
+    enc = ChunkEncoder(codec_by_name(codec)).encode(memoryview(data))
+    assert _decode(enc) == data.tobytes()
+
+
+def _edge_page(kind: int, rng_seed: int) -> np.ndarray:
+    page = np.zeros(PAGE, np.uint8)
+    if kind == 1:
+        page[:] = 0xFF
+    elif kind == 2:
+        page[0] = 1
+    elif kind == 3:
+        page[-1] = 1
+    elif kind == 4:
+        page[:] = np.tile(np.repeat(np.array([0, 0x33], np.uint8), 32), PAGE // 64)
+    elif kind == 5:
+        page[:] = np.random.default_rng(rng_seed).integers(0, 256, PAGE, dtype=np.uint8)
+    return page
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), min_size=1, max_size=12),
+       st.integers(0, PAGE - 1), st.sampled_from([*CODECS, "auto"]))
+def test_any_mix_of_edge_pages_roundtrips(spec: list[tuple[int, int]], tail: int, codec: str) -> None:
+    data = np.concatenate([_edge_page(k, s) for k, s in spec] + [_edge_page(5, 99)[:tail]])
+    encoder = ChunkEncoder(None if codec == "auto" else codec_by_name(codec))
+    assert _decode(encoder.encode(memoryview(data), 0)) == data.tobytes()
+
+
+def test_all_zero_chunk_has_no_payload() -> None:
+    enc = ChunkEncoder(codec_by_name("lz4")).encode(memoryview(bytes(3 * PAGE)))
+    assert enc.flags == FLAG_ALL_ZERO and enc.payload == b""
+    assert _decode(enc) == bytes(3 * PAGE)
+
+
+def test_incompressible_chunk_never_grows() -> None:
+    data = np.random.default_rng(5).integers(0, 256, 64 * PAGE, dtype=np.uint8)
+    for codec in CODECS:
+        enc = ChunkEncoder(codec_by_name(codec)).encode(memoryview(data))
+        assert enc.flags == 0 and len(enc.payload) == len(data)
+
+
+class Link:
+    """Sender and receiver of one migration, with acks applied only when the test says so."""
+
+    def __init__(self, size: int, cache: int = 1 << 20, codec: str = "lz4") -> None:
+        self.encoder = ChunkEncoder(codec_by_name(codec), delta_cache_bytes=cache)
+        self.dest = MemoryPages(bytes(size))
+        self.baseline: MemoryPages | None = None
+
+    def send(self, data: np.ndarray, offset: int, ack: bool = True) -> EncodedChunk:
+        enc = self.encoder.encode(memoryview(data), offset)
+        out = _decode(enc, self.dest, self.baseline)
+        assert out == data.tobytes()
+        self.dest.write(offset, out)
+        if ack:
+            self.encoder.acked(offset, len(data), enc.checksum)
+        return enc
+
+
+def _kinds(enc: EncodedChunk) -> list[int]:
+    n = (enc.raw_len + PAGE - 1) // PAGE
+    assert enc.flags == FLAG_PAGE_MAP
+    return list(enc.payload[12: 12 + n]) if enc.codec == 0 else []
+
+
+def test_duplicate_of_an_acknowledged_chunk_goes_as_a_reference() -> None:
+    rng = np.random.default_rng(6)
+    a = rng.integers(0, 256, 4 * PAGE, dtype=np.uint8)
+    link = Link(16 * PAGE, codec="none")
+    link.send(a, 0)
+    enc = link.send(a.copy(), 8 * PAGE)
+    assert _kinds(enc) == [3, 3, 3, 3]
+    assert len(enc.payload) < 100
+
+
+def test_no_reference_to_a_chunk_the_receiver_has_not_acknowledged() -> None:
+    """Out-of-order streams: the first copy may still be in flight when the second is encoded."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 256, 4 * PAGE, dtype=np.uint8)
+    link = Link(16 * PAGE, codec="none")
+    first = link.encoder.encode(memoryview(a), 0)
+    second = link.encoder.encode(memoryview(a.copy()), 8 * PAGE)
+    assert second.flags == 0 and len(second.payload) == len(a)
+    # The receiver gets them in the opposite order, and both decode without the other.
+    for enc in (second, first):
+        assert _decode(enc, link.dest) == a.tobytes()
+
+
+def test_pages_resent_after_ack_go_as_xor_deltas() -> None:
+    rng = np.random.default_rng(8)
+    v1 = rng.integers(0, 256, 8 * PAGE, dtype=np.uint8)
+    link = Link(8 * PAGE, codec="none")
+    link.send(v1, 0)
+    v2 = v1.copy()
+    v2[[5, PAGE + 100, 3 * PAGE - 1, 7 * PAGE]] ^= 0x55
+    enc = link.send(v2, 0)
+    # Changed pages are deltas; unchanged ones reference the acknowledged page itself.
+    assert _kinds(enc) == [6, 6, 6, 3, 3, 3, 3, 6]
+    assert len(enc.payload) < 200
+    assert bytes(link.dest.data) == v2.tobytes()
+
+
+def test_resend_before_ack_is_literal_and_a_stale_ack_is_ignored() -> None:
+    rng = np.random.default_rng(9)
+    v1 = rng.integers(0, 256, 2 * PAGE, dtype=np.uint8)
+    v2 = v1.copy()
+    v2[10] ^= 1
+    link = Link(2 * PAGE, codec="none")
+    e1 = link.send(v1, 0, ack=False)
+    e2 = link.send(v2, 0, ack=False)
+    assert e2.flags == 0                       # v1 not acknowledged: no delta
+    link.encoder.acked(0, 2 * PAGE, e1.checksum)   # ack of v1 arrives after v2 was sent
+    v3 = v2.copy()
+    v3[20] ^= 1
+    assert link.send(v3, 0).flags == 0         # still literal: the receiver may hold v1 or v2
+    v4 = v3.copy()
+    v4[30] ^= 1
+    assert _kinds(link.send(v4, 0))[0] == 6       # v3 was acked: delta
+
+
+def test_forget_peer_acks_stops_references_until_reacked() -> None:
+    a = np.random.default_rng(10).integers(0, 256, 2 * PAGE, dtype=np.uint8)
+    link = Link(8 * PAGE, codec="none")
+    e = link.send(a, 0)
+    link.encoder.forget_peer_acks()
+    assert link.send(a.copy(), 4 * PAGE).flags == 0
+    link.encoder.acked(0, 2 * PAGE, e.checksum)
+    assert _kinds(link.send(a.copy(), 6 * PAGE)) == [3, 3]
+
+
+def test_reference_without_a_reader_is_a_codec_error() -> None:
+    a = np.random.default_rng(11).integers(0, 256, PAGE, dtype=np.uint8)
+    link = Link(4 * PAGE)
+    link.send(a, 0)
+    enc = link.encoder.encode(memoryview(a.copy()), 2 * PAGE)
+    out = bytearray(PAGE)
+    with pytest.raises(CodecError):
+        ChunkDecoder().decode(enc.codec, enc.flags, enc.payload, enc.raw_len, memoryview(out))
+
+
+def _repeat_migration(tmp_path: object, changed: float, codec: str) -> tuple[int, int, dict[str, int]]:
+    from pathlib import Path
+    base = Path(str(tmp_path)) / "baseline.img"
+    image = page_mix(512, seed=21)
+    base.write_bytes(image.tobytes())
+    chunk = 32 * PAGE
+    first = sum(len(ChunkEncoder(codec_by_name(codec)).encode(memoryview(image[o:o + chunk]), o).payload)
+                for o in range(0, len(image), chunk))
+    new = image.copy().reshape(-1, PAGE)
+    rng = np.random.default_rng(22)
+    for p in rng.choice(len(new), int(changed * len(new)), replace=False):
+        new[p, rng.integers(0, PAGE, 64)] = rng.integers(0, 256, 64)
+    new = new.reshape(-1)
+    have = HaveList.from_bytes(have_list(base).to_bytes())
+    encoder = ChunkEncoder(codec_by_name(codec))
+    encoder.set_peer_have_list(have)
+    wire = 0
+    with FilePages(base) as reader:
+        for o in range(0, len(new), chunk):
+            enc = encoder.encode(memoryview(new[o:o + chunk]), o)
+            wire += len(enc.payload)
+            assert _decode(enc, None, reader) == new[o:o + chunk].tobytes()
+    return first, wire, encoder.stats.pages
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_repeat_migration_sends_only_changed_pages(tmp_path: object, codec: str) -> None:
+    first, wire, kinds = _repeat_migration(tmp_path, 0.05, codec)
+    assert kinds["baseline"] > 0.5 * 512
+    assert wire < 0.15 * first
+
+
+def test_forced_fingerprint_collision_is_sent_literally(tmp_path: object) -> None:
+    """Every fingerprint collides, so only the confirmation half can tell pages apart."""
+    rng = np.random.default_rng(12)
+    baseline = rng.integers(0, 256, 4 * PAGE, dtype=np.uint8)
+    other = rng.integers(0, 256, 4 * PAGE, dtype=np.uint8)
+    old = pages.set_fingerprint_mask(0)
+    try:
+        encoder = ChunkEncoder(codec_by_name("none"), delta_cache_bytes=0)
+        have = np.zeros((4, 2), np.uint64)
+        zero = np.empty(4, np.uint8)
+        pages.page_hashes(baseline, zero, have)
+        encoder.set_peer_have_list(HaveList(have))
+        dest = MemoryPages(bytes(16 * PAGE))
+        enc = encoder.encode(memoryview(other), 0)
+        assert enc.flags == 0                     # nothing trusted: all four pages literal
+        dest.write(0, _decode(enc, dest, MemoryPages(baseline)))
+        encoder.acked(0, 4 * PAGE, enc.checksum)
+        enc2 = encoder.encode(memoryview(rng.integers(0, 256, 4 * PAGE, dtype=np.uint8)), 8 * PAGE)
+        assert enc2.flags == 0                    # colliding acked pages are not trusted either
+        same = encoder.encode(memoryview(baseline), 0)
+        assert _kinds(same) == [5, 5, 5, 5]       # true matches still are references
+    finally:
+        pages.set_fingerprint_mask(old)
+
+
+def test_metrics_count_pages_by_kind_and_chunks_by_codec() -> None:
+    metrics = Metrics()
+    encoder = ChunkEncoder(codec_by_name("lz4"), metrics)
+    data = page_mix(64, seed=3)
+    encoder.encode(memoryview(data), 0)
+    text = metrics.exposition().decode()
+    zero = encoder.stats.pages["zero"]
+    assert f'dwcp_v3_hde_pages_total{{kind="zero"}} {float(zero)}' in text
+    assert 'dwcp_v3_hde_codec_chunks_total{codec="lz4"} 1.0' in text
+    assert "dwcp_v3_hde_compression_latency_seconds_count 1.0" in text
+
+
+def test_make_encoder_forces_the_configured_codec_or_selects() -> None:
+    forced = make_encoder(Config(compression_algo="zstd", zstd_level=3))
+    assert forced.codec is not None and forced.codec.name == "zstd" and forced.codec.level == 3
+    auto = make_encoder(Config(compression_algo="auto", delta_cache_bytes=1 << 20), link=lambda: 1e8)
+    assert auto.codec is None and auto.selector is not None
+    text = page_mix(64, seed=4)
+    enc = auto.encode(memoryview(text), 0)
+    assert enc.codec == 2                          # slow link, compressible data: zstd
+    assert _decode(enc) == text.tobytes()
