@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,13 @@ from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.migration.manager import Migration, MigrationManager
 from dwcp_agent.migration.sender import MigrationRequest
 from dwcp_agent.migration.server import DataServer
+from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.health import Health
 from dwcp_agent.telemetry.metrics import Metrics
+from dwcp_agent.telemetry.rollout import FileRolloutStore, RolloutController, RolloutError
+from dwcp_agent.telemetry.sdnotify import Notifier
+from dwcp_agent.telemetry.sla import SlaGuard
+from dwcp_agent.telemetry.sla_http import sla_routes
 
 log = logging.getLogger("dwcp_agent.agent")
 
@@ -35,8 +41,10 @@ log = logging.getLogger("dwcp_agent.agent")
 class Agent:
     """One dwcp-agent process worth of state; `run()` serves until SIGTERM/SIGINT."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None,
+                 config_loader: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._config_loader = config_loader
         self.metrics = metrics or Metrics()
         self.health = Health()
         self.key = config.psk_bytes
@@ -44,7 +52,14 @@ class Agent:
             raise ConfigError("psk", "a pre-shared key of at least 16 bytes is required "
                                      "(set psk_file, DWCP_PSK_FILE, psk or DWCP_PSK)")
         self.state_dir = Path(config.state_dir)
-        self.manager = MigrationManager(config, self.metrics, self.key)
+        # SLA guard + rollout: the rollout state file keeps an automatic rollback across restarts.
+        rollout = RolloutController(config, self.metrics, time.time,
+                                    FileRolloutStore(self.state_dir / "rollout.json"))
+        self.guard = SlaGuard(config, self.metrics, time.time, rollout)
+        self.notifier = Notifier()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
+                                        on_finished=self._migration_finished)
         self.data_server: DataServer | None = None
         self.admin_port = 0
         self._runner: web.AppRunner | None = None
@@ -76,16 +91,56 @@ class Agent:
     def start_migration(self, request: MigrationRequest) -> Migration:
         return self.manager.start(request)
 
+    def _migration_finished(self, migration: Migration) -> None:
+        self.guard.record_migration(migration.state, migration.duration_s, migration.progress.total_bytes,
+                                    migration.request.protocol)
+
+    async def _tick_guard(self) -> None:
+        """The SLA guard's clock: re-evaluate once a second so a held NO-GO rolls back on time."""
+        while True:
+            self.guard.tick()
+            await asyncio.sleep(1.0)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration and apply what can change live (log level, rollout
+        percentage and ENABLE_V3, SLA thresholds); other keys need a restart."""
+        self.notifier.reloading()
+        try:
+            if self._config_loader is None:
+                log.info("reload: no configuration source to re-read", extra={"component": "agent"})
+                return
+            try:
+                new = self._config_loader()
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc,
+                          extra={"component": "agent"})
+                return
+            old, self.config = self.config, new
+            logging.getLogger("dwcp_agent").setLevel(new.log_level.upper())
+            self.guard.config = new
+            try:
+                if new.enable_v3 != old.enable_v3:
+                    self.guard.rollout.set_enable_v3(new.enable_v3, by="config")
+                if new.feature_flag_rollout != old.feature_flag_rollout:
+                    self.guard.rollout.set_percentage(new.feature_flag_rollout, by="config")
+            except RolloutError as exc:
+                log.warning("reload: rollout change not applied: %s", exc, extra={"component": "agent"})
+            log.info("configuration reloaded", extra={"component": "agent"})
+        finally:
+            self.notifier.ready()
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         for d in (self.state_dir, *self.config.allowed_dest_dirs):
             d.mkdir(parents=True, exist_ok=True)
+        tracing.setup_tracing(self.config, service_name="dwcp-agent")
         self.data_server = DataServer(self.config, self.metrics, self.key)
         self.data_server.start()
         self._register_health()
         app = web.Application(client_max_size=1 << 20)
         app.add_routes(api.routes(self))
+        app.add_routes(sla_routes(self.guard))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.admin_host, self.config.admin_port)
@@ -94,6 +149,9 @@ class Agent:
         self._write_runtime_file()
         self.health.started = True
         self.metrics.transport_info.labels("tcp").set(1)
+        self._tasks = [asyncio.create_task(self._tick_guard()),
+                       asyncio.create_task(self.notifier.run_watchdog(lambda: not self.health.stopping))]
+        self.notifier.ready(f"serving: data :{self.data_server.port}, admin :{self.admin_port}")
         log.info("agent ready", extra={"component": "agent", "version": __version__,
                                        "data_port": self.data_server.port, "admin_port": self.admin_port,
                                        "node_id": self.config.node_id})
@@ -112,6 +170,9 @@ class Agent:
         timeout = self.config.shutdown_timeout_s
         started = time.monotonic()
         self.health.stopping = True
+        self.notifier.stopping()
+        for task in self._tasks:
+            task.cancel()
         log.info("agent stopping", extra={"component": "agent"})
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.manager.stop_all, timeout * 0.6)
@@ -121,6 +182,7 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
         (self.state_dir / "agent.json").unlink(missing_ok=True)
+        tracing.shutdown_tracing()
         log.info("agent stopped", extra={"component": "agent",
                                          "duration_ms": round((time.monotonic() - started) * 1000)})
 
@@ -132,6 +194,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await self._stop.wait()
         await self.stop()

@@ -77,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, overrides=_overrides(args))
     setup_logging(config.log_level, config.node_id)
-    agent = Agent(config)
+    agent = Agent(config, config_loader=lambda: load_config(args.config, overrides=_overrides(args)))
     asyncio.run(agent.run())
     return 0
 
