@@ -135,10 +135,11 @@ class Replica:
             seq, image, proof, view = (ck.seq, ck.image, ck.proof, ck.view) if ck else (0, start.image, [], 0)
             self.registry = Registry.restore(image)
             self.pbft = Pbft(self.id, sorted(start.members), keys=self.keys, detector=self.detector,
-                             options=self.opts.pbft, view=view, stable=(seq, image), stable_proof=proof,
-                             incarnation=self.incarnation)
+                             options=self.opts.pbft, view=max(view, rec.view), stable=(seq, image),
+                             stable_proof=proof, prepared=rec.prepared, incarnation=self.incarnation)
             self._pbft_low = seq
             self._pbft_view = view
+        self._view_changes = 0
         self._apply_quarantine_state()
 
     def _apply_quarantine_state(self) -> None:
@@ -319,10 +320,13 @@ class Replica:
                     return
             if seq % interval == 0:
                 pbft.record_checkpoint(seq, self.registry.snapshot())
-        moved = pbft.low != self._pbft_low or pbft.view != self._pbft_view
-        if moved and pbft.last_exec >= pbft.low:
-            self._pbft_low, self._pbft_view = pbft.low, pbft.view
-            self._pending_ops.checkpoint = PbftCheckpoint(pbft.low, pbft.stable_data, pbft.stable_proof, pbft.view)
+        ops = self._pending_ops
+        ops.prepared, pbft.new_prepared = pbft.new_prepared, []
+        if pbft.view != self._pbft_view:
+            ops.view = self._pbft_view = pbft.view
+        if pbft.low != self._pbft_low and pbft.last_exec >= pbft.low:
+            self._pbft_low = pbft.low
+            ops.checkpoint = PbftCheckpoint(pbft.low, pbft.stable_data, pbft.stable_proof, pbft.view)
 
     def has_ready(self) -> bool:
         """True when `ready()` would carry work."""
@@ -330,20 +334,20 @@ class Replica:
             return True
         if self.raft is not None:
             return self.raft.has_ready()
-        return self.pbft is not None and self.pbft.has_ready()
+        return self.pbft is not None and (self.pbft.has_ready() or bool(self.pbft.new_prepared)
+                                          or self.pbft.view != self._pbft_view)
 
     def ready(self) -> ReplicaReady:
         """Run the engine's Ready through the registry; see the module docstring for the contract."""
         prev_leader = self._leader
-        view_changes_before = self.pbft.view_changes if self.pbft else 0
-        epoch_before = self.epoch
         if self.raft is not None:
             self._ready_raft(self.raft)
         elif self.pbft is not None:
             self._ready_pbft(self.pbft)
         view_changes = 0
-        if self.pbft is not None and self.epoch == epoch_before:
-            view_changes = self.pbft.view_changes - view_changes_before
+        if self.pbft is not None:
+            view_changes = max(0, self.pbft.view_changes - self._view_changes)
+            self._view_changes = self.pbft.view_changes
         rd = ReplicaReady(
             persist=self._pending_ops, messages=self._out, applied=self._applied, reads=self._ready_reads,
             detections=self.detector.drain(), leader=self._leader,

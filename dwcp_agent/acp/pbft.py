@@ -97,7 +97,8 @@ class Pbft:
 
     def __init__(self, node_id: str, replicas: list[str], *, keys: KeyRing, detector: ByzantineDetector,
                  options: PbftOptions | None = None, view: int = 0, stable: tuple[int, bytes] = (0, b""),
-                 stable_proof: list[Checkpoint] | None = None, incarnation: int = 0) -> None:
+                 stable_proof: list[Checkpoint] | None = None, prepared: list[PreparedProof] | None = None,
+                 incarnation: int = 0) -> None:
         self.id = node_id
         self.opts = options or PbftOptions()
         self.qs = Quorums(tuple(sorted(replicas)), self.opts.unsafe_quorum)
@@ -124,6 +125,16 @@ class Pbft:
         self.fetching = 0
         self.view_changes = 0
         self._nonce = incarnation << 32
+        # A restarted replica may have forgotten messages it sent in this view (everything but its
+        # prepared certificates, which are persisted): it stays passive until the next view, so it
+        # can never contradict itself. The others time out and change view if they need it.
+        self.mute_view = view if incarnation > 1 else -1
+        self.new_prepared: list[PreparedProof] = []
+        # P set: per sequence, the prepared certificate of the highest view. It outlives views (the
+        # view-change message must carry it) and is only dropped below a stable checkpoint.
+        self.pset: dict[int, PreparedProof] = {}
+        for proof in prepared or []:
+            self._remember_prepared(proof)
         self._out: list[tuple[str, PbftWire]] = []
         self._committed: list[tuple[int, list[Request]]] = []
         self._restore: tuple[int, bytes] | None = None
@@ -146,6 +157,8 @@ class Pbft:
         self._out.append((to, PbftWire(self._nonce, body, self.keys.mac(to, nonce_b + body))))
 
     def _bcast(self, msg: PbftMessage) -> None:
+        if self.view == self.mute_view and isinstance(msg, PrePrepare | Prepare | Commit):
+            return
         body = encode(msg)
         for peer in self.qs.replicas:
             if peer != self.id:
@@ -218,7 +231,7 @@ class Pbft:
     # ------------------------------------------------------------ normal case
     def _flush(self) -> None:
         """Primary: cut batches from the queue while the window and the pipeline allow."""
-        if not self.active or self.primary != self.id:
+        if not self.active or self.primary != self.id or self.view == self.mute_view:
             return
         while self.queue and self.next_seq <= self.high and self.next_seq - self.last_exec <= self.opts.max_inflight:
             batch: list[Request] = []
@@ -301,9 +314,18 @@ class Pbft:
         matching = sum(1 for p in slot.prepares.values() if p.digest == slot.pp.digest)
         if matching >= self.qs.q - 1:
             slot.prepared = True
+            proof = PreparedProof(slot.pp, [p for p in slot.prepares.values() if p.digest == slot.pp.digest])
+            self._remember_prepared(proof)
+            self.new_prepared.append(proof)
             slot.commits[self.id] = slot.pp.digest
             self._bcast(Commit(slot.view, seq, slot.pp.digest, self.id))
             self._check_committed(seq, slot)
+
+    def _remember_prepared(self, proof: PreparedProof) -> None:
+        pp = proof.pre_prepare
+        known = self.pset.get(pp.seq)
+        if pp.seq > self.low and (known is None or known.pre_prepare.view < pp.view):
+            self.pset[pp.seq] = proof
 
     def _on_commit(self, sender: str, m: Commit) -> None:
         if m.replica != sender:
@@ -328,7 +350,9 @@ class Pbft:
             if slot is None or not slot.committed or slot.pp is None:
                 return
             self.last_exec += 1
-            batch = [r for r in slot.pp.batch if r.ts > self.last_ts.get(r.client, 0)]
+            # The whole batch goes out: replicas' dedup memories differ after restarts and state
+            # transfers, so filtering here would make them diverge. The registry's sessions dedup.
+            batch = list(slot.pp.batch)
             for req in slot.pp.batch:
                 self.last_ts[req.client] = max(self.last_ts.get(req.client, 0), req.ts)
                 key = (req.client, req.ts)
@@ -373,6 +397,8 @@ class Pbft:
         self.stable_data = self.snapshots.get(seq, b"")
         for s in [s for s in self.slots if s <= seq]:
             del self.slots[s]
+        for s in [s for s in self.pset if s <= seq]:
+            del self.pset[s]
         for s in [s for s in self.checkpoints if s < seq]:
             del self.checkpoints[s]
         for s in [s for s in self.snapshots if s < seq]:
@@ -407,9 +433,7 @@ class Pbft:
         self.active = False
         self.vc_started = self.now
         self.view_changes += 1
-        prepared = [PreparedProof(s.pp, [p for p in s.prepares.values() if p.digest == s.pp.digest])
-                    for seq, s in sorted(self.slots.items())
-                    if s.prepared and s.pp is not None and seq > self.low]
+        prepared = [proof for seq, proof in sorted(self.pset.items()) if self.low < seq <= self.high]
         vc = ViewChange(view, self.low, self.stable_proof, prepared, self.id)
         vc.sig = self.keys.sign(view_change_bytes(vc))
         self.vcs.setdefault(view, {})[self.id] = vc

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dwcp_agent.acp.messages import Checkpoint, Entry, HardState, Snapshot
+from dwcp_agent.acp.messages import Checkpoint, Entry, HardState, PreparedProof, Snapshot
 
 __all__ = ["EpochStart", "MemoryStorage", "PbftCheckpoint", "PersistOps", "Recovered", "Storage"]
 
@@ -44,12 +44,15 @@ class PersistOps:
     snapshot: Snapshot | None = None
     snapshot_replaces_log: bool = False
     checkpoint: PbftCheckpoint | None = None
+    prepared: list[PreparedProof] = field(default_factory=list)
+    view: int | None = None
     epoch_start: EpochStart | None = None
 
     def empty(self) -> bool:
         """True when nothing needs to reach the disk."""
         return (self.hard_state is None and not self.entries and self.snapshot is None
-                and self.checkpoint is None and self.epoch_start is None)
+                and self.checkpoint is None and not self.prepared and self.view is None
+                and self.epoch_start is None)
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Recovered:
     snapshot: Snapshot | None = None
     entries: list[Entry] = field(default_factory=list)
     checkpoint: PbftCheckpoint | None = None
+    prepared: list[PreparedProof] = field(default_factory=list)
+    view: int = 0
 
 
 class Storage(Protocol):
@@ -86,14 +91,21 @@ def merge(rec: Recovered, ops: PersistOps) -> None:
             rec.entries = []
         else:
             rec.entries = [e for e in rec.entries if e.index > ops.snapshot.index]
+    if ops.prepared:
+        rec.prepared = rec.prepared + list(ops.prepared)
     if ops.checkpoint is not None:
         rec.checkpoint = ops.checkpoint
+        rec.prepared = [p for p in rec.prepared if p.pre_prepare.seq > ops.checkpoint.seq]
+    if ops.view is not None:
+        rec.view = ops.view
     if ops.epoch_start is not None:
         rec.epoch = ops.epoch_start
         rec.hard_state = HardState()
         rec.snapshot = None
         rec.entries = []
         rec.checkpoint = None
+        rec.prepared = []
+        rec.view = 0
 
 
 class MemoryStorage:
@@ -117,4 +129,4 @@ class MemoryStorage:
         if self.rec is None:
             return None
         r = self.rec
-        return Recovered(r.epoch, r.hard_state, r.snapshot, list(r.entries), r.checkpoint)
+        return Recovered(r.epoch, r.hard_state, r.snapshot, list(r.entries), r.checkpoint, list(r.prepared), r.view)
