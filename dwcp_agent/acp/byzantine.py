@@ -58,7 +58,7 @@ class ByzantineDetector:
     def report(self, peer: str, reason: str, detail: str = "") -> Detection:
         """Record evidence; returns the detection (also queued for `drain`)."""
         if peer == self.node_id:
-            raise ValueError("a replica does not accuse itself")
+            return Detection(peer, reason, 0.0, False, detail)  # own messages echoed back: not evidence
         score = self.scores.get(peer, 0.0) + WEIGHTS[reason]
         self.scores[peer] = score
         tipped = score >= self.threshold and peer not in self.quarantined

@@ -67,6 +67,7 @@ class PbftOptions:
     max_inflight: int = 8
     request_timeout: int = 40
     view_change_timeout: int = 40
+    retransmit_ticks: int = 8
     unsafe_quorum: int = 0
 
 
@@ -124,6 +125,8 @@ class Pbft:
         self.vc_attempt = 0
         self.fetching = 0
         self.view_changes = 0
+        self._last_vc: ViewChange | None = None
+        self._last_nv: NewView | None = None
         self._nonce = incarnation << 32
         # A restarted replica may have forgotten messages it sent in this view (everything but its
         # prepared certificates, which are persisted): it stays passive until the next view, so it
@@ -189,7 +192,7 @@ class Pbft:
             return
         try:
             msg = decode_pbft(wire.body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError) as exc:
             self.det.report(sender, "malformed", str(exc)[:80])
             return
         self.step(sender, msg)
@@ -286,6 +289,8 @@ class Pbft:
         self._check_prepared(m.seq, slot)
 
     def _equivocation(self, primary: str, seq: int) -> None:
+        if primary == self.id:
+            return
         self.det.report(primary, "equivocation", f"view {self.view} seq {seq}")
         self._start_view_change(self.view + 1)
 
@@ -436,12 +441,17 @@ class Pbft:
         prepared = [proof for seq, proof in sorted(self.pset.items()) if self.low < seq <= self.high]
         vc = ViewChange(view, self.low, self.stable_proof, prepared, self.id)
         vc.sig = self.keys.sign(view_change_bytes(vc))
+        self._last_vc = vc
         self.vcs.setdefault(view, {})[self.id] = vc
         self._bcast(vc)
         self._maybe_new_view(view)
 
     def _on_view_change(self, sender: str, m: ViewChange) -> None:
-        if m.replica != sender or m.view < self.view or (m.view == self.view and self.active):
+        if m.replica != sender or m.view < self.view:
+            return
+        if m.view == self.view and self.active:
+            if m.view in self.nv_sent and self._last_nv is not None:
+                self._send(sender, self._last_nv)  # it missed the new view: send it again
             return
         if not valid_view_change(self.keys, self.qs, m, self.opts.window):
             self.det.report(sender, "invalid_view_change", f"view {m.view}")
@@ -462,6 +472,7 @@ class Pbft:
         nv = NewView(view, chosen, pps)
         nv.sig = self.keys.sign(new_view_bytes(nv))
         self.nv_sent.add(view)
+        self._last_nv = nv
         self._bcast(nv)
         self._enter_view(nv)
 
@@ -492,6 +503,7 @@ class Pbft:
     def _enter_view(self, nv: NewView) -> None:
         self.active = True
         self.vc_attempt = 0
+        self._last_vc = None
         self.waiting = dict.fromkeys(self.waiting, self.now)
         best = max(nv.view_changes, key=lambda vc: vc.stable_seq)
         if best.stable_seq > self.low:
@@ -514,11 +526,32 @@ class Pbft:
             oldest = min(self.waiting.values(), default=self.now)
             if self.now - oldest > self.opts.request_timeout:
                 self._start_view_change(self.view + 1)
-        elif self.now - self.vc_started > self.opts.view_change_timeout << min(self.vc_attempt, 5):
+        elif self.now - self.vc_started > self.opts.view_change_timeout << min(self.vc_attempt, 2):
             self.vc_attempt += 1
             self._start_view_change(self.view + 1)
+        elif (self.now - self.vc_started) % 10 == 0 and self._last_vc is not None:
+            self._bcast(self._last_vc)  # view changes are rare and vital: resend until the new view
         if self.last_exec < self.low and self.now % 5 == 0:
             self._fetch_state()
+        if self.active and self.now % self.opts.retransmit_ticks == 0:
+            self._retransmit()
+
+    def _retransmit(self) -> None:
+        """Links may lose messages: resend our part of every slot that has not executed yet."""
+        for seq in range(self.last_exec + 1, self.last_exec + 1 + self.opts.max_inflight):
+            slot = self.slots.get(seq)
+            if slot is None or slot.pp is None or slot.view != self.view:
+                continue
+            if self.primary == self.id:
+                self._bcast(slot.pp)
+            mine = slot.prepares.get(self.id)
+            if mine is not None:
+                self._bcast(mine)
+            if slot.prepared:
+                self._bcast(Commit(slot.view, seq, slot.pp.digest, self.id))
+        own = self.checkpoints.get(max(self.checkpoints, default=-1), {}).get(self.id)
+        if own is not None and own.seq > self.low:
+            self._bcast(own)
 
     def has_ready(self) -> bool:
         """True when there is output (or the primary could cut a batch)."""

@@ -172,7 +172,8 @@ class _Sim:
     def _send(self, env: Envelope) -> None:
         c = self.cfg
         for out in self._byzantine_out(env):
-            if self.groups[out.frm] != self.groups[out.to] or self.rng.random() < c.drop:
+            drop = c.drop if self.tick_no < c.ticks else 0.0  # the network heals for the quiet phase
+            if self.groups[out.frm] != self.groups[out.to] or self.rng.random() < drop:
                 continue
             copies = 2 if c.protocol == "raft" and self.rng.random() < c.duplicate else 1
             for _ in range(copies):
