@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,13 @@ class Receiver:
             "dwcp_v3_errors_total", {"component": component, "error_type": error_type})
         return value or 0.0
 
+    def wait_errors(self, component: str, error_type: str, at_least: float = 1, timeout: float = 5.0) -> float:
+        """The error count once it reaches `at_least` (the server counts after it has answered)."""
+        deadline = time.monotonic() + timeout
+        while (value := self.errors(component, error_type)) < at_least and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return value
+
     def stop(self) -> None:
         self.server.stop(2.0)
 
@@ -54,3 +65,69 @@ def run_migration(tmp_path: Path, receiver: Receiver, source: Path, dest_name: s
     request = MigrationRequest("m-" + os.urandom(4).hex(), "vm-test", source, "127.0.0.1",
                                port or receiver.port, str(receiver.dir / dest_name))
     return SendSession(config, Metrics(), PSK, request).run()
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that can cut one connection after it has carried `cut_after` bytes.
+
+    Connection 0 is the migration's control connection; 1..N are its data streams, in the
+    order the source opened them.
+    """
+
+    def __init__(self, target_port: int, cut_connection: int, cut_after: int) -> None:
+        self.target_port = target_port
+        self.cut_connection = cut_connection
+        self.cut_after = cut_after
+        self.cut_done = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port: int = self._listener.getsockname()[1]
+        self._count = 0
+        self._stopping = False
+        self.connections: list[tuple[socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopping:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.connections.append((client, upstream))
+            number = self._count
+            self._count += 1
+            limit = self.cut_after if number == self.cut_connection else None
+            threading.Thread(target=self._pump, args=(client, upstream, limit), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        carried = 0
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+                carried += len(data)
+                if limit is not None and carried >= limit:
+                    self.cut_done.set()
+                    break
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def cut(self, number: int) -> None:
+        """Break connection `number` now, both directions (as a failing link would)."""
+        for s in self.connections[number]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.cut_done.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._listener.close()

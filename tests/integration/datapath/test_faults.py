@@ -1,0 +1,271 @@
+"""Faults on the wire and on the destination: what is refused is counted, nothing bad is written,
+and a migration that can finish does finish with its digest verified."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
+
+from dwcp_agent import wire
+from dwcp_agent.hde.chunk import checksum
+from dwcp_agent.migration.sender import MigrationError, SendResult
+
+MiB = 1 << 20
+
+
+def _random_image(src_dir: Path, size: int) -> Path:
+    path = src_dir / "random.img"
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def test_data_stream_cut_mid_transfer_still_completes_verified(receiver: Receiver, migrate: Migrate,
+                                                               src_dir: Path) -> None:
+    source = _random_image(src_dir, 24 * MiB)
+    proxy = CuttingProxy(receiver.port, cut_connection=2, cut_after=3 * MiB)
+    try:
+        result = migrate(receiver, source, port=proxy.port, compression_algo="none", stream_count=4)
+    finally:
+        proxy.stop()
+    assert proxy.cut_done.is_set()
+    assert (receiver.dir / "out.img").read_bytes() == source.read_bytes()
+    assert result.attempts == 1  # the other streams and a reconnected one carried the rest
+
+
+def test_control_connection_cut_resumes_from_journal(receiver: Receiver, src_dir: Path, tmp_path: Path) -> None:
+    size = 32 * MiB
+    source = _random_image(src_dir, size)
+    proxy = CuttingProxy(receiver.port, cut_connection=-1, cut_after=0)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = run_migration(tmp_path, receiver, source, port=proxy.port, compression_algo="none",
+                                              stream_count=2, pacing_rate_bytes="4MiB")
+        except MigrationError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(s.bytes_received > size // 3 for s in receiver.server.sessions.values()):
+        time.sleep(0.02)
+    time.sleep(0.2)  # let the journal group-commit what arrived
+    proxy.cut(0)
+    worker.join(60)
+    proxy.stop()
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert isinstance(result, SendResult)
+    assert result.attempts == 2
+    assert result.skipped_bytes > size // 4  # the second attempt skipped what the journal held
+    assert (receiver.dir / "out.img").read_bytes() == source.read_bytes()
+
+
+# -- hostile or broken peers, driven frame by frame -------------------------------------------
+
+def _connect(port: int, role: str, key: bytes = PSK, session: int = 0, stream: int = 0,
+             versions: tuple[int, ...] = wire.SUPPORTED_VERSIONS) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    wire.client_handshake(sock, key, "test-peer", role, session, stream, versions=versions)
+    return sock
+
+
+def _open_session(receiver: Receiver, size: int = 2 * MiB) -> tuple[socket.socket, wire.Ready]:
+    control = _connect(receiver.port, "control")
+    wire.send_message(control, wire.Start("m-hostile", "vm-x", str(receiver.dir / "out.img"), size, MiB, 1))
+    return control, wire.recv_message(control, wire.Ready)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+            # ACKs may arrive before the close; anything else is not expected
+            assert len(data) % wire.HEADER_SIZE == 0
+    except ConnectionResetError:
+        return True
+
+
+def _data_frame(ready: wire.Ready, payload: bytes, **changes: int) -> bytes:
+    fields = dict(ftype=wire.FrameType.DATA, flags=0, codec=0, session=ready.session, stream=0, sequence=0,
+                  offset=0, raw_len=len(payload), encoded_len=len(payload), checksum=checksum(payload))
+    fields.update(changes)
+    return wire.pack_header(**fields) + payload
+
+
+@pytest.mark.parametrize(("mutate", "error_type"), [
+    ("flip_payload_bit", "checksum"),
+    ("bad_header_crc", "bad_header"),
+    ("wrong_raw_length", "bad_length"),
+    ("oversized_encoded_length", "bad_length"),
+    ("bad_magic", "bad_header"),
+    ("wrong_frame_version", "version"),
+    ("offset_outside_image", "bad_offset"),
+    ("sequence_gap", "sequence"),
+])
+def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: Receiver, mutate: str,
+                                                                     error_type: str) -> None:
+    control, ready = _open_session(receiver)
+    stream = _connect(receiver.port, "data", session=ready.session)
+    payload = os.urandom(MiB)
+    if mutate == "flip_payload_bit":
+        frame = bytearray(_data_frame(ready, payload))
+        frame[wire.HEADER_SIZE + 12345] ^= 0x10
+    elif mutate == "bad_header_crc":
+        frame = bytearray(_data_frame(ready, payload))
+        frame[wire.HEADER_SIZE - 1] ^= 0xFF
+    elif mutate == "wrong_raw_length":
+        frame = bytearray(_data_frame(ready, payload[:1000]))
+    elif mutate == "oversized_encoded_length":
+        frame = bytearray(_data_frame(ready, payload, encoded_len=64 * MiB))
+    elif mutate == "bad_magic":
+        frame = bytearray(_data_frame(ready, payload))
+        frame[0] ^= 0xFF
+    elif mutate == "wrong_frame_version":
+        header = wire.pack_header(wire.FrameType.DATA, 0, 0, ready.session, 0, 0, 0, MiB, MiB, checksum(payload),
+                                  version=9)
+        frame = bytearray(header + payload)
+    elif mutate == "offset_outside_image":
+        frame = bytearray(_data_frame(ready, payload, offset=8 * MiB))
+    else:
+        frame = bytearray(_data_frame(ready, payload, sequence=5))
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the receiver may close before we finish
+        stream.sendall(frame)
+    assert _closed_by_peer(stream)
+    assert receiver.wait_errors("amst", error_type) == 1
+    control.close()
+    stream.close()
+    assert not (receiver.dir / "out.img").exists()
+
+
+def test_good_frame_is_acked_then_commit_with_missing_chunks_fails(receiver: Receiver) -> None:
+    control, ready = _open_session(receiver, size=2 * MiB)
+    stream = _connect(receiver.port, "data", session=ready.session)
+    payload = os.urandom(MiB)
+    stream.sendall(_data_frame(ready, payload))
+    ack = wire.recv_header(stream)
+    assert ack.type == wire.FrameType.ACK and ack.sequence == 0
+    wire.send_message(control, wire.Commit(b"\0" * 16))
+    with pytest.raises(wire.WireError, match="1 chunks are missing"):
+        wire.recv_message(control)
+    assert not (receiver.dir / "out.img").exists()
+
+
+def test_unknown_version_is_refused_with_reason_on_both_sides(receiver: Receiver) -> None:
+    with pytest.raises(wire.HandshakeError, match=r"unsupported protocol version.*\[7\].*speaks 3"):
+        _connect(receiver.port, "control", versions=(7,))
+    assert receiver.wait_errors("amst", "version") == 1
+
+
+def test_wrong_key_is_refused_on_both_sides(receiver: Receiver) -> None:
+    with pytest.raises(wire.HandshakeError, match="pre-shared keys differ"):
+        _connect(receiver.port, "control", key=b"not-the-right-key-at-all-000000")
+    assert receiver.wait_errors("amst", "auth") == 1
+
+
+def test_sender_with_wrong_key_fails_without_retrying(receiver: Receiver, migrate: Migrate, src_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import datapath_support
+
+    monkeypatch.setattr(datapath_support, "PSK", b"another-key-entirely-0000000000000")
+    source = _random_image(src_dir, MiB)
+    with pytest.raises(MigrationError, match="pre-shared keys differ") as err:
+        migrate(receiver, source)
+    assert err.value.error_type == "auth"
+    assert not (receiver.dir / "out.img").exists()
+
+
+# -- destination problems ------------------------------------------------------------------
+
+def test_unwritable_destination_is_a_clear_error_and_source_untouched(receiver: Receiver, migrate: Migrate,
+                                                                      src_dir: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("running as root: directory permissions do not stop root from writing "
+                    "(the read-only mount test below covers this case as root)")
+    source = _random_image(src_dir, MiB)
+    receiver.dir.chmod(0o500)
+    try:
+        with pytest.raises(MigrationError, match="not writable"):
+            migrate(receiver, source)
+    finally:
+        receiver.dir.chmod(0o700)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root")
+    mnt = tmp_path / "dst"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_destination_without_space_refuses_before_sending(small_tmpfs: Path, migrate: Migrate,
+                                                          src_dir: Path, tmp_path: Path) -> None:
+    receiver = Receiver(tmp_path)
+    try:
+        source = _random_image(src_dir, 16 * MiB)
+        before = source.read_bytes()
+        with pytest.raises(MigrationError, match="not enough space") as err:
+            migrate(receiver, source)
+        assert err.value.error_type == "no_space"
+        assert source.read_bytes() == before
+        assert not (small_tmpfs / "out.img").exists()
+    finally:
+        receiver.stop()
+
+
+def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, migrate: Migrate,
+                                                           src_dir: Path, tmp_path: Path) -> None:
+    receiver = Receiver(tmp_path)
+    filler = small_tmpfs / "filler"
+    try:
+        source = _random_image(src_dir, 3 * MiB)
+        before = source.read_bytes()
+        # Preflight sees 4 MiB free; a writer grabbing space meanwhile makes the writes fail.
+        def fill() -> None:
+            with open(filler, "wb") as f, contextlib.suppress(OSError):
+                f.write(os.urandom(3 * MiB + MiB // 2))
+
+        threading.Timer(0.0, fill).start()
+        with pytest.raises(MigrationError) as err:
+            migrate(receiver, source, compression_algo="none", stream_count=1, pacing_rate_bytes="2MiB")
+        assert err.value.error_type in ("no_space", "io")
+        assert source.read_bytes() == before
+        assert not (small_tmpfs / "out.img").exists()
+        assert receiver.wait_errors("migration", err.value.error_type) >= 1
+    finally:
+        receiver.stop()
+
+
+def test_readonly_destination_is_a_clear_error(tmp_path: Path, migrate: Migrate, src_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    mnt = tmp_path / "dst"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,ro", "tmpfs", str(mnt)], check=True)
+    receiver = Receiver(tmp_path)
+    try:
+        source = _random_image(src_dir, MiB)
+        with pytest.raises(MigrationError, match="not writable|cannot create|Read-only") as err:
+            migrate(receiver, source)
+        assert err.value.error_type == "unwritable"
+    finally:
+        receiver.stop()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
