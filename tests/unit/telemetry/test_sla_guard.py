@@ -33,15 +33,24 @@ def test_quantile_interpolates_like_prometheus():
     assert histogram_quantile(0.99, MIGRATION_BUCKETS, [0] * len(counts)) is None
 
 
+def operations(metrics, n, seconds, component="hde"):
+    """Component operations of a known latency, as instrumented code records them."""
+    for _ in range(n):
+        metrics.component_operations.labels(component).inc()
+        metrics.component_latency.labels(component).observe(seconds)
+
+
 def test_healthy_traffic_is_go_and_exports_compliance(config, metrics, clock):
     guard = SlaGuard(config, metrics, clock)
+    operations(metrics, 100, 0.004)
     migrate(guard, clock, 20)
     assert guard.decision == "GO"
     summary = guard.summary()
     assert summary["sla_status"] == "violated"  # 64 MiB in 40 ms is below 2.4 GB/s
     assert summary["compliance"] == {"availability": "met", "latency": "met", "error_rate": "met",
                                      "throughput": "violated"}
-    assert summary["latency_ms"]["p99"] == pytest.approx(49.75)
+    assert summary["latency_ms"]["p99"] == pytest.approx(4.975)  # operations in (2.5, 5] ms
+    assert summary["migration_latency_ms"]["p99"] == pytest.approx(49.75)  # migrations in (25, 50] ms
     assert summary["throughput_bytes_per_second"] == pytest.approx(64 * MiB / 0.04)
     assert sample(metrics, "dwcp_v3_sla_go") == 1
     assert sample(metrics, "dwcp_v3_sla_compliance", sla="availability") == 1
@@ -138,11 +147,21 @@ def test_error_rate_counts_component_errors_from_the_registry(config, metrics, c
     assert sample(metrics, "dwcp_v3_errors_total", component="amst", error_type="stream_reset") == 2
 
 
-def test_slow_migrations_violate_latency(config, metrics, clock):
+def test_slow_operations_violate_latency_but_long_migrations_do_not(config, metrics, clock):
     guard = SlaGuard(config, metrics, clock)
-    migrate(guard, clock, 50, seconds=0.3)
+    migrate(guard, clock, 50, seconds=120.0)  # big VMs take minutes: not a latency violation
+    assert guard.decision == "GO"
+    operations(metrics, 50, 0.3)
+    guard.tick()
     assert guard.violations == ["latency"]
     assert guard.summary()["latency_ms"]["p99"] == pytest.approx(497.5)
+
+
+def test_v3_migrations_much_slower_than_v1_are_nogo(config, metrics, clock):
+    guard = SlaGuard(config, metrics, clock)
+    migrate(guard, clock, 20, protocol="v1", seconds=4.0, every=0.1)
+    migrate(guard, clock, 20, protocol="v3", seconds=8.0, every=0.1)
+    assert guard.violations == ["v3_latency_regression"]
 
 
 def test_v3_failing_more_than_v1_is_nogo_even_when_the_mix_looks_fine(config, metrics, clock):
