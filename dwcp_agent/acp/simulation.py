@@ -18,7 +18,7 @@ import msgspec
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, ReplicaReady, bootstrap
 from dwcp_agent.acp.auth import KeyRing
 from dwcp_agent.acp.linearizability import UNKNOWN, CheckResult, Model, Operation, check_per_key
-from dwcp_agent.acp.messages import Envelope, PbftWire, PrePrepare, decode_pbft, encode
+from dwcp_agent.acp.messages import Envelope, PbftWire, PrePrepare, RaftMsg, decode_pbft, encode
 from dwcp_agent.acp.pbft import PbftOptions
 from dwcp_agent.acp.pbft_certs import batch_digest, pp_header
 from dwcp_agent.acp.raft import NotLeader, ProposalDropped, RaftOptions, Role
@@ -175,7 +175,8 @@ class _Sim:
             drop = c.drop if self.tick_no < c.ticks else 0.0  # the network heals for the quiet phase
             if self.groups[out.frm] != self.groups[out.to] or self.rng.random() < drop:
                 continue
-            copies = 2 if c.protocol == "raft" and self.rng.random() < c.duplicate else 1
+            # Raft tolerates duplicated datagrams; PBFT links are TCP-like (an exact repeat is a replay).
+            copies = 2 if isinstance(out.body, RaftMsg) and self.rng.random() < c.duplicate else 1
             for _ in range(copies):
                 self.counter += 1
                 heapq.heappush(self.queue, (self.step_no + self.rng.randint(1, c.max_delay), self.counter, out))
@@ -472,8 +473,8 @@ class _Sim:
             return
         for node in self.honest:
             replica = self.replicas.get(node)
-            if replica is None or client.op is None:
-                continue
+            if replica is None or client.op is None or (replica.protocol == "pbft" and node != client.home):
+                continue  # PBFT requests are signed by the client's own node
             try:
                 replica.submit(Command(client.cid, client.seq, client.op, self.tick_no * MS_PER_TICK))
             except (NotLeader, ProposalDropped):
