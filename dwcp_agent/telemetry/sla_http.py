@@ -45,9 +45,11 @@ async def _body(request: web.Request) -> dict[str, Any]:
     try:
         data = await request.json()
     except (ValueError, UnicodeDecodeError) as exc:
-        raise web.HTTPBadRequest(text=f"body is not JSON: {exc}") from None
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"body is not JSON: {exc}"}),
+                                 content_type="application/json") from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(text="body must be a JSON object")
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
+                                 content_type="application/json")
     return data
 
 
@@ -67,7 +69,8 @@ def sla_routes(guard: SlaGuard) -> list[web.RouteDef]:
 
     def local_only(request: web.Request) -> None:
         if not _from_loopback(request):
-            raise web.HTTPForbidden(text="rollout changes are accepted from loopback only")
+            raise web.HTTPForbidden(text=json.dumps({"error": "rollout changes are accepted from loopback only"}),
+                                    content_type="application/json")
 
     async def rollout_set(request: web.Request) -> web.Response:
         local_only(request)
