@@ -6,7 +6,8 @@ One `PeerIndex` per migration. It keeps, in preallocated arrays (no per-page Pyt
     acknowledged it (state UNSENT / SENT / ACKED);
   * a content table, fingerprint -> page, for dedupe across chunks;
   * the peer's baseline (its have-list): per-page hashes plus a fingerprint -> page table;
-  * the XOR-delta cache: page versions as sent, two-way set associative, LRU within a set.
+  * the XOR-delta cache: versions of pages sent more than once, two-way set associative, LRU
+    within a set.
 A reference is only emitted to a page whose content the peer is known to hold: a baseline page
 (immutable for the whole migration) or a page whose latest sent version is ACKED and whose hash
 matches in all 128 bits. Callers serialise calls (the encoder holds a lock); every method checks
@@ -240,9 +241,13 @@ cdef class PeerIndex:
         if raw_len == 0:
             return
         cdef const uint8_t* base = &chunk[0]
+        cdef bint resent
         with nogil:
             for p in range(pages):
                 P = page0 + p
+                # Like QEMU's xbzrle, the cache only takes pages sent a second time: the bulk
+                # first pass costs no copies, and pages that do change again are the ones kept.
+                resent = self.state[P] != S_UNSENT
                 self.state[P] = S_SENT
                 self.hashes[P, 0] = hashes[p, 0]
                 self.hashes[P, 1] = hashes[p, 1]
@@ -252,7 +257,10 @@ cdef class PeerIndex:
                     continue
                 self._table_put(hashes[p, 0], hashes[p, 1], P)
                 if self.n_sets:
-                    self._cache_put(P, base + p * _PAGE)
+                    if resent:
+                        self._cache_put(P, base + p * _PAGE)
+                    else:
+                        self._cache_drop(P)
 
     def ack(self, Py_ssize_t page0, Py_ssize_t pages):
         """The peer holds the versions last sent for pages [page0, page0 + pages) durably."""

@@ -104,7 +104,7 @@ class _Scratch:
         self.slots = np.empty(n_pages, dtype=np.int64)
         self.delta_lens = np.empty(n_pages, dtype=np.uint16)
         self.deltas = np.empty(max(raw_len // 2, PAGE_SIZE), dtype=np.uint8)
-        self.body = np.empty(max_body_len(raw_len), dtype=np.uint8)
+        self.body = np.empty(PAGE_MAP_HEADER.size + max_body_len(raw_len), dtype=np.uint8)
 
 
 class ChunkEncoder:
@@ -204,10 +204,15 @@ class ChunkEncoder:
             codec_name = CodecId(codec_id).name.lower()
         else:
             body_len, literal_start = _build_body(view, s, n_pages, int(n_delta), int(delta_bytes))
-            body = s.body.data[:body_len]
+            header = PAGE_MAP_HEADER.size
+            PAGE_MAP_HEADER.pack_into(s.body, 0, body_len, max(page0, 0))
+            body = s.body.data[header: header + body_len]
             codec = self._choose(body[literal_start:], literal_start)
-            codec_id, packed = self._compress(codec, body)
-            payload = PAGE_MAP_HEADER.pack(body_len, max(page0, 0)) + packed
+            if codec.id is CodecId.NONE:
+                codec_id, payload = CodecId.NONE, bytes(s.body.data[: header + body_len])
+            else:
+                codec_id, packed = self._compress(codec, body)
+                payload = bytes(s.body.data[:header]) + packed
             encoded = EncodedChunk(codec_id, FLAG_PAGE_MAP, payload, raw_len, digest)
             codec_name = CodecId(codec_id).name.lower()
         self._account(counts, encoded, codec_name, time.perf_counter() - start)
@@ -251,12 +256,12 @@ class ChunkEncoder:
 
 
 def _build_body(view: memoryview, s: _Scratch, n_pages: int, n_delta: int, delta_bytes: int) -> tuple[int, int]:
-    """Lay out kinds | refs | delta lengths | literal pages | deltas in s.body; return
-    (body length, where the literal section starts)."""
+    """Lay out kinds | refs | delta lengths | literal pages | deltas in s.body after room for the
+    page-map header; return (body length, where the literal section starts in the body)."""
     kinds = s.kinds[:n_pages]
     raw_len = len(view)
     full = raw_len // PAGE_SIZE
-    body = s.body
+    body = s.body[PAGE_MAP_HEADER.size:]
     pos = 0
     body[:n_pages] = kinds
     pos += n_pages
