@@ -15,6 +15,7 @@ newer epoch and fetches that epoch's starting image (trusting it once f+1 replic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from dataclasses import dataclass, field
@@ -31,13 +32,14 @@ from dwcp_agent.acp.messages import (
     EpochFetch,
     EpochState,
     PbftWire,
+    Proposal,
     RaftMsg,
     Request,
     Snapshot,
 )
 from dwcp_agent.acp.pbft import Pbft, PbftOptions
 from dwcp_agent.acp.pbft_certs import request_bytes
-from dwcp_agent.acp.raft import Raft, RaftOptions, Role, decode_conf
+from dwcp_agent.acp.raft import NotLeader, ProposalDropped, Raft, RaftOptions, Role, decode_conf
 from dwcp_agent.acp.registry import (
     AddMember,
     Command,
@@ -179,6 +181,11 @@ class Replica:
         if isinstance(body, EpochState):
             self._on_epoch_state(env.frm, body)
             return
+        if isinstance(body, Proposal):
+            if env.epoch == self.epoch and self.raft is not None and self.raft.role is Role.LEADER:
+                with contextlib.suppress(NotLeader, ProposalDropped):
+                    self.raft.propose(body.data, body.kind)
+            return
         if env.epoch > self.epoch:
             last = self._fetched.get(env.epoch, -100)
             if self._ticks - last >= 5:
@@ -216,10 +223,14 @@ class Replica:
         self._epoch_states = {e: v for e, v in self._epoch_states.items() if e > m.epoch}
         self._begin_epoch(EpochStart(m.epoch, m.protocol, members, m.data))
 
-    def submit(self, cmd: Command) -> None:
-        """Order a client command. Raft: raises NotLeader off the leader. PBFT: any replica."""
+    def submit(self, cmd: Command, forward: bool = False) -> None:
+        """Order a client command. Raft: raises NotLeader off the leader, unless `forward` is set and
+        a leader is known (the command then travels to it). PBFT: any replica."""
         data = encode_command(cmd)
         if self.raft is not None:
+            if forward and self.raft.role is not Role.LEADER and self.raft.lead:
+                self._send(self.raft.lead, Proposal(data))
+                return
             self.raft.propose(data, ENTRY_NORMAL)
         elif self.pbft is not None:
             req = Request(cmd.client, cmd.seq, data)
@@ -229,7 +240,11 @@ class Replica:
         """Single-server membership change (Raft only; PBFT membership is fixed per epoch)."""
         if self.raft is None:
             raise ValueError("membership changes need Raft; switch protocol first")
-        self.raft.propose(msgspec.msgpack.encode(cc), ENTRY_CONF)
+        data = msgspec.msgpack.encode(cc)
+        if self.raft.role is not Role.LEADER and self.raft.lead:
+            self._send(self.raft.lead, Proposal(data, ENTRY_CONF))
+        else:
+            self.raft.propose(data, ENTRY_CONF)
         if cc.op == "add":
             self._addrs[cc.node_id] = cc.addr
 
@@ -241,7 +256,7 @@ class Replica:
         return True
 
     # ------------------------------------------------------------ output
-    def _send(self, to: str, body: RaftMsg | PbftWire | EpochFetch | EpochState) -> None:
+    def _send(self, to: str, body: RaftMsg | PbftWire | EpochFetch | EpochState | Proposal) -> None:
         self._out.append(Envelope(self.epoch, self.id, to, body))
 
     def _apply(self, cmd: Command) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "PrePrepare",
     "Prepare",
     "PreparedProof",
+    "Proposal",
     "RaftMsg",
     "RaftType",
     "Request",
@@ -245,13 +246,20 @@ class EpochState(msgspec.Struct, array_like=True, tag="es"):
     data: bytes
 
 
+class Proposal(msgspec.Struct, array_like=True, tag="pr"):
+    """A command (or membership change, kind=1) forwarded by a Raft follower to its leader."""
+
+    data: bytes
+    kind: int = ENTRY_NORMAL
+
+
 class Envelope(msgspec.Struct, array_like=True):
     """Unit of the ACP transport: which epoch (protocol instance) the body belongs to."""
 
     epoch: int
     frm: str
     to: str
-    body: RaftMsg | PbftWire | EpochFetch | EpochState
+    body: RaftMsg | PbftWire | EpochFetch | EpochState | Proposal
 
 
 _ENCODER = msgspec.msgpack.Encoder()

@@ -1,0 +1,246 @@
+"""Authenticated ACP links between agents (default port 9877): PSK handshake, then MAC'd frames.
+
+Handshake (the dialer speaks first), all msgspec structs over msgpack, length-prefixed:
+  dialer -> Hello(node, nonce_a, public_key); listener -> Hello(node, nonce_b, public_key, proof_b);
+  dialer -> Proof(proof_a); proofs are HMAC(PSK, role | nonces | ids | keys).
+Neither side changes any state before the other has proven the key. Afterwards every frame is
+`length | body | HMAC(session_key, counter | body)[:16]` with a per-direction counter, so frames
+cannot be altered, reordered or replayed on the link. Each agent dials every peer once to send and
+accepts connections to receive; a lost link is redialled with backoff and queued frames are kept
+up to a bound (consensus tolerates the loss of anything beyond it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import struct
+from collections.abc import Callable
+
+import msgspec
+
+from dwcp_agent.acp.auth import KeyRing
+from dwcp_agent.acp.messages import Envelope, decode_envelope, encode
+
+__all__ = ["Transport", "parse_addr"]
+
+log = logging.getLogger("dwcp_agent.acp.transport")
+_LEN = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+QUEUE_LIMIT = 10000
+VERSION = 1
+
+
+class _Hello(msgspec.Struct, array_like=True):
+    version: int
+    node: str
+    nonce: bytes
+    public_key: bytes
+    proof: bytes = b""
+
+
+class _Proof(msgspec.Struct, array_like=True):
+    proof: bytes
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """'host:port' -> (host, port)."""
+    host, _, port = addr.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    (length,) = _LEN.unpack(await reader.readexactly(4))
+    if length > MAX_FRAME:
+        raise ConnectionError(f"frame of {length} bytes exceeds the limit")
+    return await reader.readexactly(length)
+
+
+def _proof(psk: bytes, role: bytes, a: _Hello, b: _Hello) -> bytes:
+    return hmac.digest(psk, role + a.nonce + b.nonce + a.node.encode() + b"\0" + b.node.encode()
+                       + a.public_key + b.public_key, "sha256")
+
+
+class _Session:
+    """Per-connection MAC state for one direction."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.counter = 0
+
+    def seal(self, body: bytes) -> bytes:
+        self.counter += 1
+        tag = hmac.digest(self.key, self.counter.to_bytes(8, "big") + body, "sha256")[:16]
+        return _LEN.pack(len(body) + 16) + body + tag
+
+    def open(self, frame: bytes) -> bytes:
+        body, tag = frame[:-16], frame[-16:]
+        self.counter += 1
+        if not hmac.compare_digest(hmac.digest(self.key, self.counter.to_bytes(8, "big") + body, "sha256")[:16], tag):
+            raise ConnectionError("frame authenticator mismatch")
+        return body
+
+
+class Transport:
+    """Sends envelopes to peers by id and hands received ones to `on_envelope(peer, env)`."""
+
+    def __init__(self, node_id: str, psk: bytes, keys: KeyRing, on_envelope: Callable[[str, Envelope], None],
+                 on_bad_peer: Callable[[str, str], None] | None = None, connect_timeout: float = 2.0) -> None:
+        if not psk:
+            raise ValueError("ACP needs a pre-shared key (config psk or psk_file) for a multi-node cluster")
+        self.id = node_id
+        self.psk = psk
+        self.keys = keys
+        self.on_envelope = on_envelope
+        self.on_bad_peer = on_bad_peer or (lambda peer, reason: None)
+        self.connect_timeout = connect_timeout
+        self.addrs: dict[str, str] = {}
+        self._queues: dict[str, asyncio.Queue[bytes]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._server: asyncio.Server | None = None
+        self._inbound: set[asyncio.Task[None]] = set()
+        self.port = 0
+        self.frames_sent = 0
+        self.frames_dropped = 0
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen for peers."""
+        self._server = await asyncio.start_server(self._accept, host, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def set_peers(self, addrs: dict[str, str]) -> None:
+        """Peer id -> 'host:port'; new peers get a sender task."""
+        for peer, addr in addrs.items():
+            if peer != self.id:
+                self.addrs[peer] = addr
+
+    def send(self, env: Envelope) -> None:
+        """Queue an envelope; never blocks (drops beyond the queue bound)."""
+        peer = env.to
+        if peer not in self.addrs:
+            return
+        queue = self._queues.get(peer)
+        if queue is None:
+            queue = self._queues[peer] = asyncio.Queue()
+            self._tasks[peer] = asyncio.get_running_loop().create_task(self._sender(peer, queue))
+        if queue.qsize() >= QUEUE_LIMIT:
+            self.frames_dropped += 1
+            return
+        queue.put_nowait(encode(env))
+
+    async def stop(self) -> None:
+        """Close the listener, the senders and inbound connections."""
+        if self._server is not None:
+            self._server.close()
+        for task in [*self._tasks.values(), *self._inbound]:
+            task.cancel()
+        for task in [*self._tasks.values(), *self._inbound]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    # ------------------------------------------------------------ handshake
+    def _hello(self, nonce: bytes) -> _Hello:
+        return _Hello(VERSION, self.id, nonce, self.keys.public_key)
+
+    def _pin(self, hello: _Hello) -> None:
+        self.keys.add_peer(hello.node, hello.public_key)
+
+    async def _dial(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, _Session]:
+        host, port = parse_addr(self.addrs[peer])
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
+        try:
+            mine = self._hello(os.urandom(16))
+            writer.write(_LEN.pack(len(body := encode(mine))) + body)
+            theirs = msgspec.msgpack.decode(await asyncio.wait_for(_read_frame(reader), self.connect_timeout),
+                                            type=_Hello)
+            bare = _Hello(theirs.version, theirs.node, theirs.nonce, theirs.public_key)
+            if theirs.version != VERSION or theirs.node != peer:
+                raise ConnectionError(f"peer at {self.addrs[peer]} is {theirs.node!r} v{theirs.version}")
+            if not hmac.compare_digest(theirs.proof, _proof(self.psk, b"listener", mine, bare)):
+                self.on_bad_peer(peer, "invalid_mac")
+                raise ConnectionError("peer failed the pre-shared key proof")
+            body = encode(_Proof(_proof(self.psk, b"dialer", mine, bare)))
+            writer.write(_LEN.pack(len(body)) + body)
+            await writer.drain()
+            self._pin(bare)
+            key = hmac.digest(self.psk, b"session" + mine.nonce + bare.nonce, "sha256")
+            return reader, writer, _Session(key)
+        except BaseException:
+            writer.close()
+            raise
+
+    async def _sender(self, peer: str, queue: asyncio.Queue[bytes]) -> None:
+        backoff = 0.05
+        pending: bytes | None = None
+        while True:
+            try:
+                _reader, writer, session = await self._dial(peer)
+            except (TimeoutError, OSError, ConnectionError, msgspec.DecodeError, msgspec.ValidationError,
+                    asyncio.IncompleteReadError):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
+            try:
+                while True:
+                    if pending is None:
+                        pending = await queue.get()
+                    chunks = [session.seal(pending)]
+                    pending = None
+                    while not queue.empty() and len(chunks) < 256:
+                        chunks.append(session.seal(queue.get_nowait()))
+                    writer.writelines(chunks)
+                    self.frames_sent += len(chunks)
+                    await writer.drain()
+            except (OSError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inbound.add(task)
+        peer = "?"
+        try:
+            theirs = msgspec.msgpack.decode(await asyncio.wait_for(_read_frame(reader), self.connect_timeout),
+                                            type=_Hello)
+            peer = theirs.node
+            if theirs.version != VERSION:
+                raise ConnectionError(f"unsupported ACP version {theirs.version}")
+            mine = self._hello(os.urandom(16))
+            mine.proof = _proof(self.psk, b"listener", theirs, self._hello(mine.nonce))
+            body = encode(mine)
+            writer.write(_LEN.pack(len(body)) + body)
+            await writer.drain()
+            proof = msgspec.msgpack.decode(await asyncio.wait_for(_read_frame(reader), self.connect_timeout),
+                                           type=_Proof)
+            if not hmac.compare_digest(proof.proof, _proof(self.psk, b"dialer", theirs, self._hello(mine.nonce))):
+                self.on_bad_peer(peer, "invalid_mac")
+                return
+            self._pin(theirs)
+            session = _Session(hmac.digest(self.psk, b"session" + theirs.nonce + mine.nonce, "sha256"))
+            while True:
+                body = session.open(await _read_frame(reader))
+                try:
+                    env = decode_envelope(body)
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError):
+                    self.on_bad_peer(peer, "malformed")
+                    continue
+                if env.frm != peer:
+                    self.on_bad_peer(peer, "malformed")
+                    continue
+                self.on_envelope(peer, env)
+        except (TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError, msgspec.DecodeError,
+                msgspec.ValidationError):
+            pass
+        finally:
+            writer.close()
+            if task is not None:
+                self._inbound.discard(task)
