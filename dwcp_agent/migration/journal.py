@@ -41,6 +41,7 @@ class Journal:
         self.path = path
         self.identity = identity
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one group commit at a time; readers see none half-done
         self._pending: list[tuple[int, int]] = []
         self.have: dict[int, int] = {}
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -84,24 +85,30 @@ class Journal:
 
     def flush(self, data_fd: int) -> int:
         """Make pending records durable (data first, then journal); returns how many were written."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if not pending:
-            return 0
-        os.fdatasync(data_fd)
-        blob = b"".join(
-            head + struct.pack("<I", zlib.crc32(head))
-            for head in (struct.pack("<QQ", i, c) for i, c in pending)
-        )
-        os.write(self._fd, blob)
-        os.fsync(self._fd)
-        with self._lock:
-            self.have.update(pending)
-        return len(pending)
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            if not pending:
+                return 0
+            try:
+                os.fdatasync(data_fd)
+                blob = b"".join(
+                    head + struct.pack("<I", zlib.crc32(head))
+                    for head in (struct.pack("<QQ", i, c) for i, c in pending)
+                )
+                os.write(self._fd, blob)
+                os.fsync(self._fd)
+            except OSError:
+                with self._lock:
+                    self._pending[:0] = pending
+                raise
+            with self._lock:
+                self.have.update(pending)
+            return len(pending)
 
     def known(self) -> dict[int, int]:
         """Chunks durable or pending (pending ones will be durable before commit)."""
-        with self._lock:
+        with self._flush_lock, self._lock:
             merged = dict(self.have)
             merged.update(self._pending)
         return merged

@@ -30,7 +30,7 @@ def _random_image(src_dir: Path, size: int) -> Path:
 def test_data_stream_cut_mid_transfer_still_completes_verified(receiver: Receiver, migrate: Migrate,
                                                                src_dir: Path) -> None:
     source = _random_image(src_dir, 24 * MiB)
-    proxy = CuttingProxy(receiver.port, cut_connection=2, cut_after=3 * MiB)
+    proxy = CuttingProxy(receiver.port, cut_connection=2, cut_after=256 * 1024)
     try:
         result = migrate(receiver, source, port=proxy.port, compression_algo="none", stream_count=4)
     finally:
@@ -56,7 +56,8 @@ def test_control_connection_cut_resumes_from_journal(receiver: Receiver, src_dir
     worker = threading.Thread(target=run)
     worker.start()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not any(s.bytes_received > size // 3 for s in receiver.server.sessions.values()):
+    sessions = receiver.server.sessions
+    while time.monotonic() < deadline and not any(s.bytes_received > size // 3 for s in sessions.values()):
         time.sleep(0.02)
     time.sleep(0.2)  # let the journal group-commit what arrived
     proxy.cut(0)
@@ -263,7 +264,7 @@ def test_readonly_destination_is_a_clear_error(tmp_path: Path, migrate: Migrate,
     receiver = Receiver(tmp_path)
     try:
         source = _random_image(src_dir, MiB)
-        with pytest.raises(MigrationError, match="not writable|cannot create|Read-only") as err:
+        with pytest.raises(MigrationError, match=r"not writable|cannot create|Read-only") as err:
             migrate(receiver, source)
         assert err.value.error_type == "unwritable"
     finally:
