@@ -32,7 +32,8 @@ def test_data_stream_cut_mid_transfer_still_completes_verified(receiver: Receive
     source = _random_image(src_dir, 24 * MiB)
     proxy = CuttingProxy(receiver.port, cut_connection=2, cut_after=256 * 1024)
     try:
-        result = migrate(receiver, source, port=proxy.port, compression_algo="none", stream_count=4)
+        result = migrate(receiver, source, port=proxy.port, compression_algo="none", stream_count=4,
+                         pacing_rate_bytes="8MiB")
     finally:
         proxy.stop()
     assert proxy.cut_done.is_set()
