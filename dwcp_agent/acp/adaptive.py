@@ -345,7 +345,7 @@ class Replica:
 
     def has_ready(self) -> bool:
         """True when `ready()` would carry work."""
-        if self._out or self._applied or self._ready_reads or not self._pending_ops.empty():
+        if self._out or self._applied or self._ready_reads or self.detector.events or not self._pending_ops.empty():
             return True
         if self.raft is not None:
             return self.raft.has_ready()
