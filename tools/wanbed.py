@@ -239,6 +239,75 @@ class NetnsScope:
             os.close(self._home)
 
 
+class BedAgent:
+    """A `dwcp-agent serve` process inside one namespace of a bed (data 9876, admin 127.0.0.1:8080)."""
+
+    DATA_PORT = 9876
+    ADMIN_PORT = 8080
+
+    def __init__(self, bed: WanBed, side: str, state_dir: Path, psk_file: Path,
+                 env: dict[str, str] | None = None, python: str | None = None) -> None:
+        import sys
+
+        self.bed, self.side = bed, side
+        self.state_dir = state_dir
+        self.images = state_dir / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.log_path = state_dir / "agent.log"
+        self.python = python or sys.executable
+        cmd = [self.python, "-m", "dwcp_agent", "serve", "--node-id", f"{side}-{bed.suffix}",
+               "--state-dir", str(state_dir), "--data-port", str(self.DATA_PORT), "--listen-host",
+               bed.addr[side], "--admin-port", str(self.ADMIN_PORT), "--admin-host", "127.0.0.1",
+               "--psk-file", str(psk_file), "--set", f"dest_dirs={self.images}", "--set",
+               f"source_dirs={self.images}"]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = bed.popen(side, cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(env or {})}, cwd=str(TOOLS.parent))
+
+    @property
+    def address(self) -> str:
+        return f"{self.bed.addr[self.side]}:{self.DATA_PORT}"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Poll /health from inside the namespace until the agent reports ready."""
+        import json
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BedError(f"agent in {self.bed.ns[self.side]} exited {self.proc.returncode}; "
+                               f"see {self.log_path}")
+            try:
+                with self.bed.enter(self.side), urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.ADMIN_PORT}/health", timeout=1.0) as resp:
+                    if json.loads(resp.read()).get("ready"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise BedError(f"agent in {self.bed.ns[self.side]} not ready after {timeout:.0f} s")
+
+    def migrate(self, source: Path, dest: BedAgent, dest_path: Path, timeout: float = 600) -> dict[str, Any]:
+        """Run `dwcp-agent migrate --json` in this agent's namespace; returns the final record."""
+        import json
+
+        done = self.bed.run(self.side, [self.python, "-m", "dwcp_agent", "migrate", "--agent",
+                                        f"http://127.0.0.1:{self.ADMIN_PORT}", "--source", str(source),
+                                        "--to", dest.address, "--dest-path", str(dest_path), "--json"],
+                            check=False, timeout=timeout, cwd=str(TOOLS.parent))
+        if done.returncode != 0:
+            raise BedError(f"migrate failed ({done.returncode}): {done.stderr.strip()[-500:]} "
+                           f"{done.stdout.strip()[-500:]}")
+        record: dict[str, Any] = json.loads(done.stdout)
+        return record
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self._log.close()
+
+
 def _setns(fd: int) -> None:
     """setns(2) for the calling thread (os.setns arrives only in Python 3.12)."""
     if _libc.setns(fd, CLONE_NEWNET) != 0:

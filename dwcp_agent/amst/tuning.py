@@ -43,12 +43,14 @@ class TuningLimits:
     max_chunk: int = 4 * MiB
     window_per_stream: int = 1 * MiB      # initial count: one stream per this much BDP
     chunks_in_flight: int = 4             # per stream, within max_inflight_bytes
-    settle_s: float = 1.0                 # after a change, ignore this long (new flows ramp up)
-    measure_s: float = 1.5                # then average goodput over this long
-    hold_s: float = 10.0                  # after a failed climb, wait before trying again
-    gain_pays: float = 0.5                # added streams must bring this share of their fair share
-    rtt_climb: float = 1.5                # RTT above min RTT times this (plus 5 ms) means queueing
-    loss_climb: float = 0.02              # loss above this with no gain means too many flows
+    settle_s: float = 0.5                 # after a change, ignore this long (new flows connect, ramp)
+    measure_s: float = 1.0                # then measure over this long
+    settle_rtts: float = 10.0             # ... and at least this many RTTs each (slow paths ramp slowly)
+    hold_s: float = 10.0                  # after a climb stopped, wait before probing again
+    min_gain: float = 0.05                # more streams must raise goodput by this fraction
+    rtt_climb: float = 1.25               # median RTT above min RTT x this (+ rtt_slack_s) = a queue
+    rtt_slack_s: float = 0.002
+    loss_climb: float = 0.02              # loss above this and 3x the loss at fewer streams = overflow
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,12 @@ class StreamTuner:
         self.min_rtt_s = math.inf
         self.capacity_bps = 0.0
         self.plan = self._make(config.stream_count or limits.min_streams, "default")
-        # Climb state: goodput at the previous count, the phase and when it began.
+        # Climb state: the phase and when it began, samples of the measuring window, and
+        # (streams, goodput, loss) measured before the last increase.
         self._phase = "settle"
         self._phase_t: float | None = None
-        self._acc: list[tuple[float, float]] = []   # (interval_s, bytes) in the measuring window
-        self._base: tuple[int, float] | None = None  # (streams, goodput) before the last change
-        self._losses: list[float] = []
-        self._base_loss = 0.0
+        self._window: list[LinkSample] = []
+        self._base: tuple[int, float, float] | None = None
 
     # --- decisions -------------------------------------------------------------------------
     def initial(self, rtt_s: float, bandwidth_bps: float, loss: float = 0.0) -> StreamPlan:
@@ -132,70 +133,84 @@ class StreamTuner:
             if sample.min_rtt_s > 0:
                 self.min_rtt_s = min(self.min_rtt_s, sample.min_rtt_s)
         self.capacity_bps = max(self.capacity_bps * 0.9, sample.capacity_bps)
-        if self._phase_t is None:
-            self._phase_t = now
         if self.buffer_for(self.plan.streams) > self.plan.buffer_bytes * 1.25:
             self._commit(replace(self.plan, buffer_bytes=self.buffer_for(self.plan.streams)))
+        if self._phase_t is None:
+            self._phase_t = now
         if self.pinned:
             return self.plan
         lim = self.limits
         elapsed = now - self._phase_t
+        per_rtt = lim.settle_rtts * self.rtt_s
         if self._phase == "settle":
-            if elapsed >= lim.settle_s:
-                self._phase, self._phase_t, self._acc, self._losses = "measure", now, [], []
+            if elapsed >= max(lim.settle_s, per_rtt):
+                self._start_measure(now)
             return self.plan
         if self._phase == "hold":
             if elapsed >= lim.hold_s:
-                self._phase, self._phase_t, self._acc, self._losses = "measure", now, [], []
                 self._base = None
+                self._start_measure(now)
             return self.plan
-        self._acc.append((sample.interval_s, float(sample.acked_bytes)))
-        self._losses.append(sample.loss)
-        if elapsed < lim.measure_s:
+        self._window.append(sample)
+        if elapsed < max(lim.measure_s, per_rtt):
             return self.plan
-        span = sum(i for i, _ in self._acc)
-        goodput = sum(b for _, b in self._acc) / span if span > 0 else 0.0
-        loss = sum(self._losses) / len(self._losses)
-        return self._decide(now, goodput, loss)
+        return self._decide(now)
 
-    def _decide(self, now: float, goodput: float, loss: float) -> StreamPlan:
+    def _start_measure(self, now: float) -> None:
+        self._phase, self._phase_t, self._window = "measure", now, []
+
+    def _decide(self, now: float) -> StreamPlan:
+        """One measuring window is complete: grow, step back, or hold.
+
+        New flows start in slow start and overshoot, so goodput right after a change is inflated;
+        the decision therefore leans on what a full path does to every flow (a standing queue
+        raises the median RTT, overflow raises loss) and uses goodput only to see a gain at all.
+        """
         lim = self.limits
         n = self.plan.streams
-        queueing = self.rtt_s > self.min_rtt_s * lim.rtt_climb + 0.005
-        if self._base is None:
-            # First measurement at this count: try more streams unless the path is already full.
-            self._base_loss = loss
-            if queueing or n >= lim.max_streams:
-                return self._hold(now, f"holding {n}: goodput {goodput * 8 / 1e6:.0f} Mbit/s")
-            return self._grow(now, n, goodput, "probing for more streams")
-        base_n, base_goodput = self._base
-        gained = goodput - base_goodput
-        fair_share = base_goodput / base_n * (n - base_n) if base_n else 0.0
+        span = sum(w.interval_s for w in self._window)
+        goodput = sum(w.acked_bytes for w in self._window) / span if span > 0 else 0.0
+        segs_loss = [w.loss for w in self._window]
+        loss = sum(segs_loss) / len(segs_loss)
+        rtts = sorted(w.rtt_s for w in self._window if w.rtt_s > 0)
+        median_rtt = rtts[len(rtts) // 2] if rtts else 0.0
+        queueing = bool(rtts) and median_rtt > self.min_rtt_s * lim.rtt_climb + lim.rtt_slack_s
         mbit = goodput * 8 / 1e6
-        loss_climbed = loss > max(lim.loss_climb, 2 * self._base_loss)
-        if n > base_n:
-            if gained >= lim.gain_pays * fair_share and not loss_climbed and not (
-                    queueing and gained < 0.05 * base_goodput):
-                if n >= lim.max_streams:
-                    return self._hold(now, f"at max {n} streams: {mbit:.0f} Mbit/s")
-                self._base_loss = max(self._base_loss, loss)
-                return self._grow(now, n, goodput, f"+{n - base_n} streams paid ({mbit:.0f} Mbit/s)")
-            back = max(lim.min_streams, base_n if gained <= 0.05 * base_goodput else (n + base_n) // 2)
-            return self._change(now, back, "hold", f"+{n - base_n} streams did not pay ({mbit:.0f} Mbit/s)")
-        return self._hold(now, f"holding {n}: {mbit:.0f} Mbit/s")
+        if self._base is None:
+            if queueing or n >= lim.max_streams:
+                return self._hold(now, f"holding {n}: {mbit:.0f} Mbit/s, rtt {median_rtt * 1e3:.1f} ms")
+            return self._grow(now, n, goodput, loss, "probing for more streams")
+        base_n, base_goodput, base_loss = self._base
+        if queueing:
+            return self._change(now, base_n, "hold", f"rtt climbed to {median_rtt * 1e3:.1f} ms at {n} streams")
+        if loss > max(lim.loss_climb, 3 * base_loss):
+            return self._change(now, base_n, "hold", f"loss climbed to {loss:.4f} at {n} streams")
+        if goodput < base_goodput * (1 + lim.min_gain):
+            return self._change(now, base_n, "hold", f"+{n - base_n} streams did not pay ({mbit:.0f} Mbit/s)")
+        if n >= lim.max_streams:
+            return self._hold(now, f"at max {n} streams: {mbit:.0f} Mbit/s")
+        return self._grow(now, n, goodput, loss, f"+{n - base_n} streams paid ({mbit:.0f} Mbit/s)")
 
-    def _grow(self, now: float, n: int, goodput: float, reason: str) -> StreamPlan:
-        """Double below 16 streams, then grow by half: flows ramp fast, the path fills slowly."""
-        nxt = min(self.limits.max_streams, n * 2 if n < 16 else n + max(1, n // 2))
-        self._base = (n, goodput)
-        return self._change(now, nxt, "settle", reason)
+    def _grow(self, now: float, n: int, goodput: float, loss: float, reason: str) -> StreamPlan:
+        """Double the streams; quadruple while every stream is loss-limited.
+
+        A loss-based flow carrying no more than ~3x what Mathis' formula allows at the measured
+        loss and RTT is held back by random loss, not by the path: more of them add linearly.
+        """
+        per_flow = loss_limited_rate(self.rtt_s, loss, congestion=self.congestion or "cubic")
+        if math.isfinite(per_flow) and goodput / max(1, n) <= 3 * per_flow:
+            nxt = n * 4
+            reason += f", loss-limited ({goodput / max(1, n) * 8 / 1e6:.1f} Mbit/s per stream)"
+        else:
+            nxt = n * 2
+        self._base = (n, goodput, loss)
+        return self._change(now, min(self.limits.max_streams, nxt), "settle", reason)
 
     def _hold(self, now: float, reason: str) -> StreamPlan:
-        self._base = None
         return self._change(now, self.plan.streams, "hold", reason)
 
     def _change(self, now: float, n: int, phase: str, reason: str) -> StreamPlan:
-        self._phase, self._phase_t, self._acc, self._losses = phase, now, [], []
+        self._phase, self._phase_t, self._window = phase, now, []
         if phase == "hold":
             self._base = None
         return self._commit(self._make(n, reason))

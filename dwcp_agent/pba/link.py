@@ -7,6 +7,7 @@ is kept here so the agent can report it (`snapshot`) and HDE can ask for `mode` 
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Hashable, Iterable
@@ -20,6 +21,8 @@ from dwcp_agent.pba.probe import LinkMeter, LinkSample
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["LinkController", "LinkSnapshot"]
+
+log = logging.getLogger("dwcp_agent.pba")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,12 @@ class LinkController:
                 self.detector.update(sample)
             plan = self.tuner.step(sample)
             self._resize(socks, plan)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("pba tick", extra={
+                    "streams": sample.streams, "mbit": round(sample.bandwidth_bps * 8e-6, 1),
+                    "rtt_ms": round(sample.rtt_s * 1e3, 2), "loss": round(sample.loss, 5),
+                    "utilization": round(sample.utilization, 3), "mode": self.detector.mode,
+                    "plan_streams": plan.streams, "buffer": plan.buffer_bytes})
             return plan
 
     def configure(self, sock: socket.socket) -> None:
