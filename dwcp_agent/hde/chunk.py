@@ -205,7 +205,7 @@ class ChunkEncoder:
         else:
             body_len, literal_start = _build_body(view, s, n_pages, int(n_delta), int(delta_bytes))
             header = PAGE_MAP_HEADER.size
-            PAGE_MAP_HEADER.pack_into(s.body, 0, body_len, max(page0, 0))
+            PAGE_MAP_HEADER.pack_into(s.body.data, 0, body_len, max(page0, 0))
             body = s.body.data[header: header + body_len]
             codec = self._choose(body[literal_start:], literal_start)
             if codec.id is CodecId.NONE:
