@@ -32,9 +32,10 @@ def free_port() -> int:
 
 
 class LocalAgent:
-    """An agent subprocess on loopback with its own state directory."""
+    """An agent subprocess on loopback with its own state directory; restartable on the same ports."""
 
-    def __init__(self, name: str, root: Path, psk_file: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, root: Path, psk_file: Path, env: dict[str, str] | None = None,
+                 settings: dict[str, str] | None = None) -> None:
         self.name = name
         self.state_dir = root / name
         self.images = self.state_dir / "images"
@@ -42,19 +43,26 @@ class LocalAgent:
         self.data_port = free_port()
         self.admin_port = free_port()
         self.log_path = self.state_dir / "agent.log"
-        cmd = [sys.executable, "-m", "dwcp_agent", "serve", "--node-id", name, "--state-dir", str(self.state_dir),
-               "--data-port", str(self.data_port), "--admin-port", str(self.admin_port), "--listen-host", "127.0.0.1",
-               "--admin-host", "127.0.0.1", "--psk-file", str(psk_file), "--set", f"dest_dirs={self.images}",
-               "--set", f"source_dirs={self.images}"]
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.env = {**os.environ, **(env or {})}
+        self.cmd = [sys.executable, "-m", "dwcp_agent", "serve", "--node-id", name, "--state-dir", str(self.state_dir),
+                    "--data-port", str(self.data_port), "--admin-port", str(self.admin_port),
+                    "--listen-host", "127.0.0.1", "--admin-host", "127.0.0.1", "--psk-file", str(psk_file),
+                    "--set", f"dest_dirs={self.images}", "--set", f"source_dirs={self.images}"]
+        for key, value in (settings or {}).items():
+            self.cmd += ["--set", f"{key}={value}"]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(self.cmd, stdout=log_file, stderr=subprocess.STDOUT, env=self.env)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -64,10 +72,18 @@ class LocalAgent:
                     return
             except ApiError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise RuntimeError(f"agent {self.name} not ready after {timeout:.0f} s; see {self.log_path}")
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
     def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit status (SIGKILL after `timeout`)."""
+        assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -75,7 +91,6 @@ class LocalAgent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
         return self.proc.returncode
 
 

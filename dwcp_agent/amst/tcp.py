@@ -10,6 +10,11 @@ log = logging.getLogger("dwcp_agent.amst")
 
 # SO_MAX_PACING_RATE from <asm-generic/socket.h>; Python's socket module does not export it.
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+# Unsent bytes a data socket may queue. Without a cap the kernel buffers megabytes per stream that
+# have not left the host: memory outside our in-flight bound, and data lost (to send again) when a
+# connection breaks. Data already on the wire is not limited by this, only the unsent backlog.
+NOTSENT_LOWAT_BYTES = 256 * 1024
 
 
 def available_congestion_controls() -> list[str]:
@@ -23,6 +28,7 @@ def available_congestion_controls() -> list[str]:
 def tune_socket(sock: socket.socket, buffer_bytes: int = 0, congestion: str = "", pacing_rate: int = 0) -> None:
     """Apply stream options; an unavailable congestion control is an error naming the choices."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
     if buffer_bytes:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)

@@ -144,45 +144,45 @@ class MigrationManager:
 
     def _run(self, migration: Migration) -> None:
         assert migration.session is not None
+        state = "failed"
         try:
             migration.result = migration.session.run()
-            migration.state = "completed"
+            state = "completed"
         except Interrupted as exc:
-            migration.state = "cancelled" if migration.session.abort_destination else "interrupted"
+            state = "cancelled" if migration.session.abort_destination else "interrupted"
             migration.error, migration.error_type = str(exc), exc.error_type
         except MigrationError as exc:
-            migration.state = "failed"
             migration.error, migration.error_type = str(exc), exc.error_type
             self.metrics.error("migration", exc.error_type)
         except Exception as exc:  # a bug must still end the migration visibly, never hang it
             log.exception("migration crashed")
-            migration.state = "failed"
             migration.error, migration.error_type = f"internal error: {exc}", "internal"
             self.metrics.error("migration", "internal")
         finally:
             migration.finished = time.time()
-            self._record(migration)
+            self._record(migration, state)
+            migration.state = state  # published last: a reader seeing it also sees the metrics
             migration.done.set()
+            if self.on_finished is not None:
+                self.on_finished(migration)
 
-    def _record(self, migration: Migration) -> None:
+    def _record(self, migration: Migration, state: str) -> None:
         r = migration.request
         m = self.metrics
         m.active_migrations.dec()
-        m.migrations.labels(migration.state, r.mode, r.protocol).inc()
+        m.migrations.labels(state, r.mode, r.protocol).inc()
         duration = migration.duration_s
-        if migration.state == "completed":
+        if state == "completed":
             m.migration_latency.labels(r.mode, r.protocol).observe(duration)
             m.throughput.labels(r.protocol).set(migration.progress.total_bytes / max(duration, 1e-9))
             if migration.result is not None:
                 m.hde_compression_ratio.set(migration.progress.total_bytes / max(migration.result.wire_bytes, 1))
-        log.log(logging.INFO if migration.state == "completed" else logging.WARNING,
-                "migration %s", migration.state, extra={
-                    "migration_id": r.migration_id, "migration_status": migration.state,
+        log.log(logging.INFO if state == "completed" else logging.WARNING,
+                "migration %s", state, extra={
+                    "migration_id": r.migration_id, "migration_status": state,
                     "duration_ms": round(duration * 1000), "bytes": migration.progress.total_bytes,
                     "wire_bytes": migration.progress.wire_bytes, "error": migration.error or None,
                     "error_type": migration.error_type or None})
-        if self.on_finished is not None:
-            self.on_finished(migration)
 
     def get(self, migration_id: str) -> Migration | None:
         with self._lock:

@@ -1,0 +1,174 @@
+"""Real agent processes: health and metrics endpoints, the migrations API, cancel, graceful stop,
+and a destination killed with SIGKILL mid-transfer that resumes from its journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import StartAgent
+
+from dwcp_agent.cli import ApiError, api_call, follow
+from dwcp_agent.demo import LocalAgent
+
+MiB = 1 << 20
+
+
+def _image(agent: LocalAgent, size: int, name: str = "vm.img") -> Path:
+    path = agent.images / name
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def _migration(source: LocalAgent, dest: LocalAgent, image: Path, name: str = "vm.img") -> dict:
+    return api_call(source.url, "POST", "/api/v3/migrations", {
+        "source": str(image), "to": f"127.0.0.1:{dest.data_port}", "dest_path": str(dest.images / name),
+        "vm_id": "vm-1"})
+
+
+def _wait_progress(agent: LocalAgent, migration_id: str, fraction: float, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = api_call(agent.url, "GET", f"/api/v3/migrations/{migration_id}")
+        if m["total_bytes"] and m["done_bytes"] >= fraction * m["total_bytes"]:
+            return m
+        assert m["state"] == "running", m
+        time.sleep(0.02)
+    raise AssertionError(f"migration did not reach {fraction:.0%}")
+
+
+def _scrape(agent: LocalAgent) -> str:
+    with urllib.request.urlopen(agent.url + "/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of every sample of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        series = line.split(" ", 1)[0]
+        if series.split("{", 1)[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_health_reports_components_and_migration_is_visible_in_metrics(start_agent: StartAgent) -> None:
+    source, dest = start_agent("src"), start_agent("dst")
+    health = api_call(source.url, "GET", "/health")
+    assert health["ready"] and health["status"] in ("ok", "degraded")
+    assert health["components"]["amst"]["status"] == "ok"
+    assert health["components"]["itp"]["status"] == "absent"
+    assert api_call(source.url, "GET", "/health/ass")["status"] == "absent"
+    image = _image(source, 5 * MiB + 17)
+    final = follow(source.url, _migration(source, dest, image)["id"], show_progress=False)
+    assert final["state"] == "completed" and final["digest_verified"]
+    assert (dest.images / "vm.img").read_bytes() == image.read_bytes()
+    src_metrics, dst_metrics = _scrape(source), _scrape(dest)
+    assert _metric(src_metrics, "dwcp_v3_migrations_total", status="completed") == 1
+    assert _metric(src_metrics, "dwcp_v3_migration_latency_seconds_count") == 1
+    assert _metric(src_metrics, "dwcp_v3_bytes_transferred_total", direction="sent") >= final["wire_bytes"]
+    assert _metric(dst_metrics, "dwcp_v3_bytes_transferred_total", direction="received") == final["wire_bytes"]
+    assert _metric(src_metrics, "dwcp_v3_active_migrations") == 0
+    listed = api_call(source.url, "GET", "/api/v3/migrations")["migrations"]
+    assert [m["id"] for m in listed] == [final["id"]]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"to": "127.0.0.1:1", "dest_path": "/x"}, "field 'source' is required"),
+    ({"source": "/etc/passwd", "to": "127.0.0.1:1", "dest_path": "/x"}, "outside the allowed directories"),
+    ({"source": "IMAGE", "to": "nowhere", "dest_path": "/x"}, "is not HOST:PORT"),
+    ({"source": "IMAGE", "to": "127.0.0.1:1", "dest_path": "/x", "colour": "red"}, "unknown field"),
+])
+def test_bad_migration_requests_get_400_naming_the_field(start_agent: StartAgent, body: dict, message: str) -> None:
+    source = start_agent("src")
+    image = _image(source, 4096)
+    body = {k: (str(image) if v == "IMAGE" else v) for k, v in body.items()}
+    with pytest.raises(ApiError, match=message) as err:
+        api_call(source.url, "POST", "/api/v3/migrations", body)
+    assert err.value.status == 400
+
+
+def test_cancel_discards_the_partial_destination_and_keeps_the_source(start_agent: StartAgent) -> None:
+    source = start_agent("src", pacing_rate_bytes="4MiB", stream_count=2, compression_algo="none")
+    dest = start_agent("dst")
+    image = _image(source, 48 * MiB)
+    before = image.read_bytes()
+    started = _migration(source, dest, image)
+    _wait_progress(source, started["id"], 0.1)
+    cancelled = api_call(source.url, "DELETE", f"/api/v3/migrations/{started['id']}")
+    assert cancelled["state"] == "cancelled"
+    deadline = time.monotonic() + 5
+    while (dest.images / "vm.img.dwcp-part").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (dest.images / "vm.img.dwcp-part").exists()
+    assert not (dest.images / "vm.img").exists()
+    assert image.read_bytes() == before
+
+
+def test_destination_sigkill_mid_transfer_resumes_from_journal(start_agent: StartAgent) -> None:
+    size = 96 * MiB
+    source = start_agent("src", pacing_rate_bytes="8MiB", stream_count=4, compression_algo="none", retry_limit=10)
+    dest = start_agent("dst")
+    image = _image(source, size)
+    started = _migration(source, dest, image)
+    _wait_progress(source, started["id"], 0.5)
+    dest.kill()
+    assert (dest.images / "vm.img.dwcp-journal").exists()
+    assert not (dest.images / "vm.img").exists()
+    dest.start()
+    final = follow(source.url, started["id"], show_progress=False)
+    assert final["state"] == "completed", final
+    assert final["attempts"] >= 2
+    assert (dest.images / "vm.img").read_bytes() == image.read_bytes()
+    resent = final["wire_bytes"] - size
+    assert resent < 0.10 * size, f"re-sent {resent / size:.1%} of the image"
+
+
+def test_sigterm_stops_within_bound_and_leaves_destination_resumable(start_agent: StartAgent) -> None:
+    source = start_agent("src", pacing_rate_bytes="4MiB", stream_count=2, compression_algo="none",
+                         shutdown_timeout_s=3)
+    dest = start_agent("dst")
+    image = _image(source, 64 * MiB)
+    started = _migration(source, dest, image)
+    _wait_progress(source, started["id"], 0.1)
+    t0 = time.monotonic()
+    assert source.stop(timeout=10) == 0
+    assert time.monotonic() - t0 < 3.5
+    logs = [json.loads(line) for line in source.log_path.read_text().splitlines() if line.startswith("{")]
+    ended = [rec for rec in logs if rec.get("migration_id") == started["id"] and rec.get("migration_status")]
+    assert ended[-1]["migration_status"] == "interrupted"
+    assert (dest.images / "vm.img.dwcp-part").exists()  # kept for resume, final path untouched
+    assert not (dest.images / "vm.img").exists()
+    # a new migration of the same image resumes from the destination's journal
+    source.start()
+    source.wait_ready()
+    api_call(source.url, "GET", "/health")
+    again = api_call(source.url, "POST", "/api/v3/migrations", {
+        "source": str(image), "to": f"127.0.0.1:{dest.data_port}", "dest_path": str(dest.images / "vm.img"),
+        "vm_id": "vm-1"})
+    final = follow(source.url, again["id"], show_progress=False)
+    assert final["state"] == "completed"
+    assert final["skipped_bytes"] > 0
+    assert (dest.images / "vm.img").read_bytes() == image.read_bytes()
+
+
+def test_destination_sigterm_makes_journal_durable(start_agent: StartAgent) -> None:
+    source = start_agent("src", pacing_rate_bytes="4MiB", stream_count=2, compression_algo="none", retry_limit=0)
+    dest = start_agent("dst", shutdown_timeout_s=3)
+    image = _image(source, 32 * MiB)
+    started = _migration(source, dest, image)
+    _wait_progress(source, started["id"], 0.3)
+    assert dest.proc is not None
+    dest.proc.send_signal(signal.SIGTERM)
+    assert dest.proc.wait(5) == 0
+    journal = (dest.images / "vm.img.dwcp-journal").read_bytes()
+    records = (len(journal) - journal.index(b"\n") - 1) // 20
+    assert records * MiB >= 0.25 * 32 * MiB
+    final = follow(source.url, started["id"], show_progress=False)
+    assert final["state"] == "failed"
+    assert not (dest.images / "vm.img").exists()
