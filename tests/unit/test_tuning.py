@@ -1,0 +1,129 @@
+"""StreamTuner on a closed-loop path model and on real sockets (no root needed)."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+
+from dwcp_agent.amst.tuning import (
+    StreamTuner,
+    TuningLimits,
+    apply_socket_options,
+    available_congestion_controls,
+    choose_congestion,
+    loss_limited_rate,
+)
+from dwcp_agent.config import MiB, PAGE_SIZE, load_config
+from dwcp_agent.pba.probe import LinkSample
+
+CC = ["reno", "cubic", "bbr"]
+
+
+def cfg(**kw: object) -> object:
+    return load_config(environ={}, overrides={"stream_count": 0, **kw})
+
+
+class PathModel:
+    """A bottleneck of `capacity` bytes/s with base RTT and random loss.
+
+    Loss-limited flows each carry Mathis' rate; BBR flows share the capacity. Past capacity a
+    queue builds (RTT up by `queue_s`) and overflow adds loss, as tbf does on the test bed.
+    """
+
+    def __init__(self, capacity: float, rtt: float, loss: float, cc: str) -> None:
+        self.capacity, self.rtt, self.loss, self.cc = capacity, rtt, loss, cc
+
+    def sample(self, t: float, n: int, dt: float = 0.5) -> LinkSample:
+        per_flow = loss_limited_rate(self.rtt, self.loss, congestion=self.cc)
+        demand = n * per_flow if math.isfinite(per_flow) else self.capacity
+        full = demand >= self.capacity
+        rate = min(demand, self.capacity)
+        rtt = self.rtt * (1.5 if full else 1.02) + 0.0001
+        loss = self.loss + (0.03 if full and self.cc != "bbr" else 0.0)
+        acked = int(rate * dt)
+        return LinkSample(t=t, interval_s=dt, streams=n, bandwidth_bps=rate, capacity_bps=rate, rtt_s=rtt,
+                          rttvar_s=rtt / 10, min_rtt_s=self.rtt, loss=loss, retransmits=int(loss * acked / 1448),
+                          acked_bytes=acked, app_limited=0.0, utilization=1.0)
+
+
+def run_model(tuner: StreamTuner, model: PathModel, seconds: float) -> list[int]:
+    counts, t = [], 0.0
+    while t < seconds:
+        t += 0.5
+        counts.append(tuner.step(model.sample(t, tuner.plan.streams)).streams)
+    return counts
+
+
+def test_cubic_on_a_lossy_long_path_climbs_to_fill_it() -> None:
+    # internet-like: 50 ms, 0.1 % loss, 1 Gbit/s; one CUBIC flow ~1.1 MB/s, so ~110 would fill it.
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    counts = run_model(tuner, PathModel(125e6, 0.050, 0.001, "cubic"), 30)
+    assert max(counts) == 64                     # climbs to the ceiling: every stream still pays
+    assert counts.index(64) <= 20                # within 10 s (0.5 s steps)
+
+
+def test_climb_stops_and_steps_back_when_the_path_is_full() -> None:
+    # 40 Mbit/s path, per-flow ~1.1 MB/s: ~4-5 flows fill it; more only build a queue.
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    counts = run_model(tuner, PathModel(5e6, 0.050, 0.001, "cubic"), 60)
+    assert counts[-1] <= 8
+    assert max(counts) <= 32
+
+
+def test_bbr_stays_at_few_streams() -> None:
+    tuner = StreamTuner(cfg(), CC)
+    assert tuner.congestion == "bbr"
+    counts = run_model(tuner, PathModel(125e6, 0.050, 0.001, "bbr"), 60)
+    assert counts[-1] == TuningLimits().min_streams
+
+
+def test_stream_count_pins_the_count_but_buffers_still_follow_the_bdp() -> None:
+    tuner = StreamTuner(cfg(stream_count=8, tcp_congestion="bbr"), CC)
+    counts = run_model(tuner, PathModel(125e6, 0.050, 0.001, "bbr"), 20)
+    assert set(counts) == {8}
+    assert tuner.plan.buffer_bytes >= 2 * 125e6 * 0.05 / 8 * 0.9  # twice each stream's BDP share
+
+
+def test_initial_plan_from_bdp_and_loss() -> None:
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    plan = tuner.initial(rtt_s=0.05, bandwidth_bps=125e6)         # 6.25 MB BDP, 1 MiB per stream
+    assert plan.streams == 6
+    lossy = StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, 12.5e6, loss=0.001)
+    assert lossy.streams == math.ceil(12.5e6 / loss_limited_rate(0.05, 0.001))
+
+
+def test_buffers_chunks_and_pacing() -> None:
+    tuner = StreamTuner(cfg(tcp_congestion="cubic", pacing_rate_bytes=100 * MiB), CC)
+    tuner.initial(0.05, 125e6)
+    n = tuner.plan.streams
+    assert tuner.plan.buffer_bytes == pytest.approx(max(MiB, 2 * 125e6 * 0.05 / n), rel=0.01)
+    assert tuner.plan.pacing_rate == 100 * MiB // n
+    for streams in (1, 4, 16, 64, 256):
+        chunk = tuner.chunk_for(streams)
+        assert chunk % PAGE_SIZE == 0 and chunk & (chunk - 1) == 0
+        assert 256 * 1024 <= chunk <= 4 * MiB
+    assert tuner.chunk_for(64) < tuner.chunk_for(4)             # more streams, smaller chunks
+    assert tuner.plan.chunk_size == tuner.chunk_for(64)         # sized for the CUBIC ceiling
+
+
+def test_choose_congestion() -> None:
+    assert choose_congestion("", CC) == "bbr"
+    assert choose_congestion("", ["reno", "cubic"]) == ""
+    assert choose_congestion("cubic", CC) == "cubic"
+    with pytest.raises(ValueError, match="kernel offers: reno cubic bbr"):
+        choose_congestion("vegas", CC)
+
+
+def test_apply_socket_options_on_a_real_socket() -> None:
+    offered = available_congestion_controls()
+    cc = "cubic" if "cubic" in offered else (offered[0] if offered else "")
+    with socket.socket() as sock:
+        apply_socket_options(sock, buffer_bytes=2 * MiB, congestion=cc, pacing_rate=10 * MiB)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * MiB  # kernel doubles it
+        if cc:
+            got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+            assert got.rstrip(b"\0").decode() == cc
+        with pytest.raises(ValueError, match="not available"):
+            apply_socket_options(sock, congestion="no-such-cc")
