@@ -15,7 +15,7 @@ from dwcp_agent.amst.tuning import (
     choose_congestion,
     loss_limited_rate,
 )
-from dwcp_agent.config import MiB, PAGE_SIZE, load_config
+from dwcp_agent.config import PAGE_SIZE, MiB, load_config
 from dwcp_agent.pba.probe import LinkSample
 
 CC = ["reno", "cubic", "bbr"]
