@@ -164,6 +164,7 @@ class Start(msgspec.Struct, tag="start"):
 class Ready(msgspec.Struct, tag="ready"):
     session: int
     have: bytes = b""  # packed little-endian (chunk index u64, checksum u64) pairs already durable
+    baseline_have: bytes = b""  # HDE have-list of the destination's earlier image (hde.baseline)
 
 
 class Reconcile(msgspec.Struct, tag="reconcile"):

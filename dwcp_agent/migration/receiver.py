@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dwcp_agent import wire
+from dwcp_agent.hde.baseline import FilePages, have_list
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, checksum
 from dwcp_agent.hde.codecs import CodecError, CodecId
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest, reread_checksums
@@ -89,6 +90,8 @@ class ReceiveSession:
             self.journal.close()
             raise
         self.resumed_chunks = set(self.journal.have)
+        self.partial_pages = FilePages(self._fd)
+        self.baseline, self.baseline_have = self._open_baseline()
         self._flusher = threading.Thread(target=self._flush_loop, name=f"journal-{self.session_id:x}",
                                          daemon=True)
         self._flusher.start()
@@ -112,10 +115,29 @@ class ReceiveSession:
             raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
         return fd, not resumed
 
+    def _open_baseline(self) -> tuple[FilePages | None, bytes]:
+        """The destination's current file (an earlier image of this VM) as HDE baseline, v3 only.
+
+        It stays unchanged until commit (we write beside it and rename), so pages the source
+        references in it are stable for the whole migration."""
+        if self.start.protocol != "v3" or not self.dest.is_file():
+            return None, b""
+        try:
+            blob = have_list(self.dest).to_bytes()
+        except OSError as exc:
+            log.warning("no baseline: cannot read %s: %s", self.dest, exc.strerror,
+                        extra={"migration_id": self.start.migration_id})
+            return None, b""
+        if len(blob) > wire.MAX_CONTROL_PAYLOAD // 2:
+            log.warning("no baseline: have-list of %d bytes is too large for one control message", len(blob),
+                        extra={"migration_id": self.start.migration_id})
+            return None, b""
+        return FilePages(self.dest), blob
+
     # -- control connection ---------------------------------------------------------------
 
     def ready(self) -> wire.Ready:
-        return wire.Ready(self.session_id, pack_have(self.journal.known()))
+        return wire.Ready(self.session_id, pack_have(self.journal.known()), self.baseline_have)
 
     def run_control(self, sock: socket.socket) -> None:
         """Serve Commit/Abort until the source is done or goes away; keep the journal for resume."""
@@ -245,7 +267,7 @@ class ReceiveSession:
         header_view = memoryview(header_buf)
         payload = memoryview(bytearray(max_encoded_len(chunk_size)))
         raw = memoryview(bytearray(chunk_size))
-        decoder = ChunkDecoder()
+        decoder = ChunkDecoder(read_page=self.partial_pages, read_baseline=self.baseline)
         zero_sums: dict[int, int] = {}
         expected_seq = 0
         bytes_counter = self.metrics.bytes_transferred.labels("received", self.mode, "tcp")
@@ -335,6 +357,8 @@ class ReceiveSession:
                 self._control.shutdown(socket.SHUT_RDWR)
         deadline = time.monotonic() + timeout
         self._flusher.join(max(0.0, deadline - time.monotonic()))
+        if self.baseline is not None:
+            self.baseline.close()
         os.close(self._fd)
         self._fd = -1
         self.journal.close()

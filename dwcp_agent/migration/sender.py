@@ -19,6 +19,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,9 @@ import numpy as np
 from dwcp_agent import wire
 from dwcp_agent.amst import tcp
 from dwcp_agent.config import Config
-from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum
-from dwcp_agent.hde.codecs import codec_by_name
+from dwcp_agent.hde.baseline import HaveList
+from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum, make_encoder
+from dwcp_agent.hde.codecs import CodecError, codec_by_name
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest
 from dwcp_agent.migration.journal import unpack_have
 from dwcp_agent.pba.link import LinkController
@@ -118,11 +120,11 @@ class _Attempt:
         self.version = version
         self.have = unpack_have(ready.have)
         self.queue: queue.Queue[_Item] = queue.Queue()
+        self.redo: collections.deque[_Item] = collections.deque()  # orphaned by a broken stream
         self.free: queue.Queue[bytearray] = session.buffers
         self.cond = threading.Condition()
         self.outstanding = 0
         self.next_index = 0
-        self.workers_left = session.workers
         self.live_streams = 0
         # Online stream tuning (PBA): ids below target_streams run; the tuner moves the target.
         self.target_streams = session.streams
@@ -133,6 +135,19 @@ class _Attempt:
         self.done = threading.Event()
         self.committed: wire.Committed | None = None
         self.committed_event = threading.Event()
+        session.encoder.forget_peer_acks()
+        for index, known in self.have.items():
+            if index < session.chunks:
+                session.encoder.acked(index * session.chunk_size,
+                                      chunk_length(index, session.size, session.chunk_size), known)
+        if ready.baseline_have and session.cross_chunk:
+            try:
+                baseline = HaveList.from_bytes(ready.baseline_have, max_pages=session.size // 4096 + 1)
+            except CodecError as exc:
+                raise MigrationError(f"destination sent a malformed have-list: {exc}", "malformed") from exc
+            session.encoder.set_peer_have_list(baseline)
+        if session.chunks == 0:
+            self.done.set()
 
     # -- outcome ----------------------------------------------------------------------------
 
@@ -145,23 +160,36 @@ class _Attempt:
         self.committed_event.set()
 
     def _finished(self) -> bool:
-        return self.workers_left == 0 and self.outstanding == 0
+        return self.next_index >= self.s.chunks and self.outstanding == 0
 
     # -- encoder workers --------------------------------------------------------------------
 
-    def _take_index(self) -> int | None:
+    def _next_job(self) -> _Item | int | None:
+        """An orphaned chunk to encode again, else the next new chunk index; None when done."""
         with self.cond:
-            if self.next_index >= self.s.chunks or self.done.is_set():
-                return None
-            index = self.next_index
-            self.next_index += 1
-            self.outstanding += 1
-            return index
+            while not self.done.is_set():
+                if self.redo:
+                    return self.redo.popleft()
+                if self.next_index < self.s.chunks:
+                    index = self.next_index
+                    self.next_index += 1
+                    self.outstanding += 1
+                    return index
+                self.cond.wait(POLL_S)
+            return None
 
     def worker(self) -> None:
         s = self.s
         try:
-            while (index := self._take_index()) is not None:
+            while (job := self._next_job()) is not None:
+                if isinstance(job, _Item):
+                    # Never resend a stored payload: it may be a delta against a page the receiver
+                    # has since overwritten. Encoding again follows the encoder's current view.
+                    view = memoryview(job.buffer)[: job.encoded.raw_len]
+                    job.encoded = s.encode(view, job.index)
+                    self.queue.put(job)
+                    continue
+                index = job
                 buf = self._get_buffer()
                 if buf is None:
                     self._settle(None)
@@ -177,19 +205,13 @@ class _Attempt:
                     self.free.put(buf)
                     self._settle(None)
                     continue
-                encoded = s.encoder.encode(view)
+                encoded = s.encode(view, index)
                 s.checksums[index] = encoded.checksum
                 self.queue.put(_Item(index, buf, encoded))
         except MigrationError as exc:
             self.abort(exc)
         except OSError as exc:
             self.abort(MigrationError(f"cannot read source {s.request.source}: {exc.strerror}", "source"))
-        finally:
-            with self.cond:
-                self.workers_left -= 1
-                if self._finished():
-                    self.done.set()
-                self.cond.notify_all()
 
     def _get_buffer(self) -> bytearray | None:
         while not self.done.is_set():
@@ -297,8 +319,9 @@ class _Attempt:
             with lock:
                 orphans = [item for _, item in inflight]
                 inflight.clear()
-            for item in orphans:
-                self.queue.put(item)
+            with self.cond:
+                self.redo.extend(orphans)
+                self.cond.notify_all()
         return not broken.is_set() or self.done.is_set()
 
     def _read_acks(self, sock: socket.socket, inflight: collections.deque[tuple[int, _Item]],
@@ -315,6 +338,7 @@ class _Attempt:
                     while inflight and inflight[0][0] <= h.sequence:
                         acked.append(inflight.popleft()[1])
                 for item in acked:
+                    s.encoder.acked(item.index * s.chunk_size, item.encoded.raw_len, item.encoded.checksum)
                     s.progress.add("acked_bytes", item.encoded.raw_len)
                     self._settle(item)
         except (wire.WireError, OSError):
@@ -359,7 +383,8 @@ class SendSession:
     """Runs one migration from the source side, with resume across attempts."""
 
     def __init__(self, config: Config, metrics: Metrics, key: bytes, request: MigrationRequest,
-                 trace: dict[str, str] | None = None, progress: Progress | None = None) -> None:
+                 trace: dict[str, str] | None = None, progress: Progress | None = None,
+                 link: Callable[[], float | None] | float | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
@@ -376,10 +401,13 @@ class SendSession:
             self.streams = self.link.plan.streams
             self.chunk_size = self.link.plan.chunk_size
         self.workers = config.encode_threads or (os.cpu_count() or 1)
-        codec_name = "lz4" if config.compression_algo == "auto" else config.compression_algo
-        if request.protocol == "v1":
-            codec_name = "lz4" if codec_name == "auto" else codec_name
-        self.encoder = ChunkEncoder(codec_by_name(codec_name, config.zstd_level), metrics)
+        # v1 is the static profile rollouts compare against: one codec, no cross-chunk state.
+        self.cross_chunk = request.protocol == "v3"
+        if self.cross_chunk:
+            self.encoder = make_encoder(config, metrics, link=link, threads=self.workers)
+        else:
+            codec = "lz4" if config.compression_algo == "auto" else config.compression_algo
+            self.encoder = ChunkEncoder(codec_by_name(codec, config.zstd_level), metrics)
         try:
             self.fd = os.open(request.source, os.O_RDONLY)
         except OSError as exc:
@@ -392,6 +420,10 @@ class SendSession:
         self.buffers: queue.Queue[bytearray] = queue.Queue()
         for _ in range(min(slots, max(self.chunks, 1))):
             self.buffers.put(bytearray(self.chunk_size))
+
+    def encode(self, view: memoryview, index: int) -> EncodedChunk:
+        """Encode one chunk; v3 passes its offset so baseline, dedupe and delta apply."""
+        return self.encoder.encode(view, index * self.chunk_size if self.cross_chunk else None)
 
     def stop(self, abort_destination: bool) -> None:
         """Stop the migration. Cancelling discards the destination's partial image; a shutdown
@@ -519,6 +551,8 @@ class SendSession:
             except queue.Empty:
                 break
             self.buffers.put(item.buffer)
+        while attempt.redo:
+            self.buffers.put(attempt.redo.popleft().buffer)
 
 
 def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:

@@ -89,3 +89,33 @@ def test_destination_outside_allowed_dirs_is_refused(receiver: Receiver, migrate
     assert err.value.error_type == "forbidden"
     assert not (tmp_path / "escape.img").exists()
     assert receiver.errors("migration", "forbidden") == 1
+
+
+def test_repeat_migration_sends_only_changed_pages_against_destination_baseline(
+        receiver: Receiver, migrate: Migrate, src_dir: Path) -> None:
+    source = _image(src_dir, 32 * MiB, "random")
+    first = migrate(receiver, source, compression_algo="none")
+    data = bytearray(source.read_bytes())
+    pages = len(data) // 4096
+    for page in range(0, pages, 20):  # 5% of pages change
+        data[page * 4096 + 100: page * 4096 + 164] = os.urandom(64)
+    source.write_bytes(data)
+    second = migrate(receiver, source, compression_algo="none")
+    _assert_identical(source, receiver.dir / "out.img", second.digest)
+    assert second.wire_bytes < 0.12 * first.wire_bytes, (second.wire_bytes, first.wire_bytes)
+
+
+def test_v1_profile_ignores_the_baseline_and_still_verifies(receiver: Receiver, src_dir: Path,
+                                                           tmp_path: Path) -> None:
+    from datapath_support import PSK, make_config
+
+    from dwcp_agent.migration.sender import MigrationRequest, SendSession
+    from dwcp_agent.telemetry.metrics import Metrics
+
+    source = _image(src_dir, 8 * MiB, "random")
+    (receiver.dir / "out.img").write_bytes(source.read_bytes())
+    request = MigrationRequest("m-v1", "vm", source, "127.0.0.1", receiver.port, str(receiver.dir / "out.img"),
+                               protocol="v1")
+    result = SendSession(make_config(tmp_path, compression_algo="none"), Metrics(), PSK, request).run()
+    assert result.wire_bytes >= 8 * MiB  # v1: no have-list, every byte travels
+    _assert_identical(source, receiver.dir / "out.img", result.digest)
