@@ -22,6 +22,7 @@ from aiohttp import web
 
 from dwcp_agent import __version__, api
 from dwcp_agent._native import pages
+from dwcp_agent.acp.service import ConsensusService
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.migration.manager import Migration, MigrationManager
@@ -61,6 +62,7 @@ class Agent:
         self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
                                         on_finished=self._migration_finished)
         self.data_server: DataServer | None = None
+        self.consensus = ConsensusService(config, self.metrics, self.state_dir)
         self.admin_port = 0
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
@@ -138,9 +140,12 @@ class Agent:
         self.data_server = DataServer(self.config, self.metrics, self.key)
         self.data_server.start()
         self._register_health()
+        await self.consensus.start()
+        self.health.register("acp", self.consensus.health)
         app = web.Application(client_max_size=1 << 20)
         app.add_routes(api.routes(self))
         app.add_routes(sla_routes(self.guard))
+        app.add_routes(self.consensus.routes())
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.admin_host, self.config.admin_port)
@@ -179,6 +184,7 @@ class Agent:
         if self.data_server is not None:
             remaining = max(0.1, timeout - (time.monotonic() - started))
             await loop.run_in_executor(None, self.data_server.stop, remaining * 0.8)
+        await self.consensus.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         (self.state_dir / "agent.json").unlink(missing_ok=True)

@@ -117,6 +117,6 @@ def build_routes(svc: ConsensusService) -> list[web.RouteDef]:
         web.post("/api/v3/vms/{vm_id}/claim", _guard(claim)),
         web.post("/api/v3/vms/{vm_id}/lease", _guard(lease)),
         web.post("/api/v3/vms/{vm_id}/transfer", _guard(transfer)),
-        web.get("/api/v3/rollout", _guard(get_rollout)),
-        web.put("/api/v3/rollout", _guard(put_rollout)),
+        web.get("/api/v3/cluster/rollout", _guard(get_rollout)),
+        web.put("/api/v3/cluster/rollout", _guard(put_rollout)),
     ]

@@ -67,12 +67,12 @@ def test_admin_routes_answer_owner_rollout_and_refusals(tmp_path: Path) -> None:
             async with http.post(f"{base}/vms/vm-9/transfer",
                                  json={"from_host": "h1", "to_host": "h2", "fencing_token": 7}) as r:
                 assert r.status == 409 and (await r.json())["error"] == "stale token"
-            async with http.put(f"{base}/rollout", json={"percentage": 10, "frozen": True}) as r:
+            async with http.put(f"{base}/cluster/rollout", json={"percentage": 10, "frozen": True}) as r:
                 assert (await r.json()) == {"percentage": 10, "frozen": True, "enable_v3": True}
             async with http.get(f"{base}/cluster") as r:
                 body = await r.json()
                 assert body["status"] == "ok" and body["protocol"] == "raft" and body["leader"] == "solo"
-            async with http.put(f"{base}/rollout", json={"percentage": 170}) as r:
+            async with http.put(f"{base}/cluster/rollout", json={"percentage": 170}) as r:
                 assert r.status == 409
         await runner.cleanup()
         await svc.stop()
