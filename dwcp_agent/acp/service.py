@@ -111,7 +111,7 @@ class ConsensusService:
             raft=RaftOptions(election_ticks=max(4, int(0.5 * ticks_per_s)), heartbeat_ticks=1),
             pbft=PbftOptions(checkpoint_interval=64, window=256, request_timeout=int(2 * ticks_per_s),
                              view_change_timeout=int(2 * ticks_per_s), retransmit_ticks=max(2, int(0.5 * ticks_per_s))),
-            snapshot_every=2000,
+            snapshot_every=self.config.acp_snapshot_entries,
         )
         incarnation = int(time.time())
         replica = Replica(self.node_id, rec, keys=keys, rng=random.Random(), options=options,
