@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dwcp_agent import wire
+from dwcp_agent.amst.channel import FrameSource
 from dwcp_agent.hde.baseline import FilePages, have_list
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, checksum
 from dwcp_agent.hde.codecs import CodecError, CodecId
@@ -76,7 +77,7 @@ class ReceiveSession:
         self.partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
         self.chunks = chunk_count(start.size, start.chunk_size)
         self.bytes_received = 0
-        self._streams: set[socket.socket] = set()
+        self._streams: set[FrameSource] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._control: socket.socket | None = None
@@ -226,18 +227,17 @@ class ReceiveSession:
 
     # -- data streams -----------------------------------------------------------------------
 
-    def run_stream(self, sock: socket.socket, stream_id: int, version: int) -> None:
+    def run_stream(self, source: FrameSource, stream_id: int, version: int) -> None:
         """Receive DATA frames until the stream ends; a bad frame closes this stream only."""
         with self._lock:
             if self._closed.is_set():
-                sock.close()
+                source.close()
                 return
-            self._streams.add(sock)
-        sock.settimeout(None)
+            self._streams.add(source)
         self.metrics.active_streams.inc()
         self.metrics.amst_active_streams.inc()
         try:
-            self._receive_frames(sock, stream_id, version)
+            self._receive_frames(source, stream_id, version)
         except wire.PeerClosed:
             pass
         except wire.WireError as exc:
@@ -258,23 +258,21 @@ class ReceiveSession:
             self.metrics.active_streams.dec()
             self.metrics.amst_active_streams.dec()
             with self._lock:
-                self._streams.discard(sock)
-            sock.close()
+                self._streams.discard(source)
+            source.close()
 
-    def _receive_frames(self, sock: socket.socket, stream_id: int, version: int) -> None:
+    def _receive_frames(self, source: FrameSource, stream_id: int, version: int) -> None:
         size, chunk_size = self.start.size, self.start.chunk_size
         header_buf = bytearray(wire.HEADER_SIZE)
-        header_view = memoryview(header_buf)
         payload = memoryview(bytearray(max_encoded_len(chunk_size)))
         raw = memoryview(bytearray(chunk_size))
         decoder = ChunkDecoder(read_page=self.partial_pages, read_baseline=self.baseline)
         zero_sums: dict[int, int] = {}
         expected_seq = 0
-        bytes_counter = self.metrics.bytes_transferred.labels("received", self.mode, "tcp")
+        bytes_counter = self.metrics.bytes_transferred.labels("received", self.mode, source.transport)
         logical_counter = self.metrics.logical_bytes.labels("received")
         while True:
-            wire.recv_exact_into(sock, header_view)
-            h = wire.unpack_header(header_buf)
+            h = source.recv_header(header_buf)
             index = self._check_header(h, stream_id, version, expected_seq)
             expected_len = chunk_length(index, size, chunk_size)
             if h.raw_len != expected_len:
@@ -283,8 +281,7 @@ class ReceiveSession:
             if h.encoded_len > max_encoded_len(h.raw_len):
                 raise wire.FrameError(f"chunk {index} payload of {h.encoded_len} bytes exceeds the bound",
                                       "bad_length")
-            body = payload[: h.encoded_len]
-            wire.recv_exact_into(sock, body)
+            body = source.recv_payload(payload[: h.encoded_len])
             if h.codec == CodecId.NONE and h.flags == 0:
                 if h.encoded_len != h.raw_len:
                     raise wire.FrameError("uncompressed chunk length mismatch", "bad_length")
@@ -305,7 +302,7 @@ class ReceiveSession:
                 _pwrite_all(self._fd, data, h.offset)
             self.journal.add(index, h.checksum)
             self.resumed_chunks.discard(index)
-            sock.sendall(wire.pack_header(wire.FrameType.ACK, 0, 0, self.session_id, stream_id, h.sequence,
+            source.send_ack(wire.pack_header(wire.FrameType.ACK, 0, 0, self.session_id, stream_id, h.sequence,
                                           h.offset, 0, 0, 0, version))
             expected_seq += 1
             self.bytes_received += h.raw_len
@@ -342,9 +339,8 @@ class ReceiveSession:
     def _stop_streams(self) -> None:
         with self._lock:
             streams = list(self._streams)
-        for s in streams:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+        for stream in streams:
+            stream.abort()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop streams, make the journal durable, release the destination lock."""

@@ -27,6 +27,7 @@ import numpy as np
 
 from dwcp_agent import wire
 from dwcp_agent.amst import tcp
+from dwcp_agent.amst.channel import DataChannel, TcpChannel
 from dwcp_agent.config import Config
 from dwcp_agent.hde.baseline import HaveList
 from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum, make_encoder
@@ -240,7 +241,7 @@ class _Attempt:
             self.running.add(stream_id)
         while not self.done.is_set() and stream_id < self.target_streams:
             try:
-                sock = s.open_connection("data", self.session_id, stream_id)
+                channel = s.open_channel(self.session_id, stream_id)
             except MigrationError as exc:
                 failures += 1
                 if exc.error_type in FATAL_ERRORS:
@@ -250,7 +251,7 @@ class _Attempt:
                     break
                 time.sleep(min(0.1 * 2 ** failures, 2.0))
                 continue
-            if self._run_stream(sock, stream_id):
+            if self._run_stream(channel, stream_id):
                 failures = 0
             else:
                 failures += 1
@@ -265,22 +266,22 @@ class _Attempt:
                 self.done.set()
             self.cond.notify_all()
 
-    def _run_stream(self, sock: socket.socket, stream_id: int) -> bool:
+    def _run_stream(self, channel: DataChannel, stream_id: int) -> bool:
         """Send until done; False when the stream broke (its unacked chunks are requeued)."""
         s = self.s
         inflight: collections.deque[tuple[int, _Item]] = collections.deque()
         lock = threading.Lock()
         broken = threading.Event()
-        acker = threading.Thread(target=self._read_acks, args=(sock, inflight, lock, broken),
+        acker = threading.Thread(target=self._read_acks, args=(channel, inflight, lock, broken),
                                  name=f"acks-{stream_id}", daemon=True)
         acker.start()
-        if s.link is not None:
-            s.link.configure(sock)
-            self.socks[stream_id] = sock
+        if s.link is not None and isinstance(channel, TcpChannel):
+            s.link.configure(channel.sock)
+            self.socks[stream_id] = channel.sock
         s.progress.add("streams", 1)
         s.metrics.active_streams.inc()
         s.metrics.amst_active_streams.inc()
-        sent_counter = s.metrics.bytes_transferred.labels("sent", s.request.mode, "tcp")
+        sent_counter = s.metrics.bytes_transferred.labels("sent", s.request.mode, channel.transport)
         seq = 0
         try:
             while not self.done.is_set() and not broken.is_set() and stream_id < self.target_streams:
@@ -296,7 +297,7 @@ class _Attempt:
                 with lock:
                     inflight.append((seq, item))
                 try:
-                    _sendmsg_all(sock, [header, payload])
+                    channel.send_frame(header, payload)
                 except OSError:
                     broken.set()
                     break
@@ -309,10 +310,9 @@ class _Attempt:
                 time.sleep(POLL_S)
         finally:
             self.socks.pop(stream_id, None)
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            channel.abort()
             acker.join()
-            sock.close()
+            channel.close()
             s.progress.add("streams", -1)
             s.metrics.active_streams.dec()
             s.metrics.amst_active_streams.dec()
@@ -324,13 +324,13 @@ class _Attempt:
                 self.cond.notify_all()
         return not broken.is_set() or self.done.is_set()
 
-    def _read_acks(self, sock: socket.socket, inflight: collections.deque[tuple[int, _Item]],
+    def _read_acks(self, channel: DataChannel, inflight: collections.deque[tuple[int, _Item]],
                    lock: threading.Lock, broken: threading.Event) -> None:
         header_buf = bytearray(wire.HEADER_SIZE)
         s = self.s
         try:
             while True:
-                h = wire.recv_header(sock, header_buf)
+                h = channel.recv_ack(header_buf)
                 if h.type != wire.FrameType.ACK:
                     raise wire.FrameError(f"unexpected frame type {h.type} from receiver", "unexpected_frame")
                 acked: list[_Item] = []
@@ -430,6 +430,10 @@ class SendSession:
         (abort_destination=False) leaves it and its journal for a later resume."""
         self.abort_destination = abort_destination
         self.cancel.set()
+
+    def open_channel(self, session: int, stream: int) -> DataChannel:
+        """One authenticated data stream of this migration."""
+        return TcpChannel(self.open_connection("data", session, stream))
 
     def open_connection(self, role: str, session: int = 0, stream: int = 0) -> socket.socket:
         """Connect and authenticate one connection; failures become MigrationErrors."""
@@ -554,16 +558,3 @@ class SendSession:
         while attempt.redo:
             self.buffers.put(attempt.redo.popleft().buffer)
 
-
-def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """sendmsg until every byte of header + payload is out (short sends resume mid-buffer)."""
-    views = [memoryview(p) for p in parts if len(p)]
-    while views:
-        sent = sock.sendmsg(views)
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0

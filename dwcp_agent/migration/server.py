@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from dwcp_agent import wire
 from dwcp_agent.amst import tcp
+from dwcp_agent.amst.channel import TcpChannel
 from dwcp_agent.config import Config
 from dwcp_agent.migration.receiver import ReceiveError, ReceiveSession, open_session
 from dwcp_agent.telemetry.metrics import Metrics
@@ -108,7 +109,8 @@ class DataServer:
             self.metrics.error("amst", "unknown_session")
             conn.close()
             return
-        session.run_stream(conn, peer.stream, peer.version)
+        conn.settimeout(None)
+        session.run_stream(TcpChannel(conn), peer.stream, peer.version)
 
     def stop(self, timeout: float) -> None:
         """Stop accepting; every session makes its journal durable and lets go of its files."""

@@ -1,0 +1,109 @@
+"""The transport interface: what striping, journal, integrity and HDE see of a data stream.
+
+A migration's data streams carry DATA frames source -> destination and ACK frames back. Whether
+the bytes go over a TCP socket or RDMA writes into registered slots, the session code only calls
+these methods, so TCP and RDMA are interchangeable per stream and per attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Protocol
+
+from dwcp_agent import wire
+
+
+class DataChannel(Protocol):
+    """Source side of one data stream."""
+
+    transport: str
+
+    def send_frame(self, header: bytes, payload: bytes | memoryview) -> None:
+        """Send one frame; blocks while the stream has no room (socket buffer, RDMA credits)."""
+        ...
+
+    def recv_ack(self, header_buf: bytearray) -> wire.FrameHeader:
+        """Next ACK from the destination; raises WireError/OSError when the stream breaks."""
+        ...
+
+    def abort(self) -> None:
+        """Break the stream from any thread: a blocked send_frame or recv_ack returns with an error."""
+        ...
+
+    def close(self) -> None:
+        """Release the stream; only once no thread is using it any more."""
+        ...
+
+
+class FrameSource(Protocol):
+    """Destination side of one data stream."""
+
+    transport: str
+
+    def recv_header(self, header_buf: bytearray) -> wire.FrameHeader:
+        """Next frame header (checked by wire.unpack_header)."""
+        ...
+
+    def recv_payload(self, out: memoryview) -> memoryview:
+        """The payload of the frame whose header was just read, `len(out)` bytes. TCP fills `out`;
+        RDMA may return a view of the slot the bytes already landed in."""
+        ...
+
+    def send_ack(self, header: bytes) -> None:
+        """Acknowledge frames up to the header's sequence (RDMA also returns the slot credit)."""
+        ...
+
+    def abort(self) -> None:
+        """Break the stream from any thread (a blocked receive returns with an error)."""
+        ...
+
+    def close(self) -> None:
+        """Release the stream; only once no thread is using it any more."""
+        ...
+
+
+class TcpChannel:
+    """A data stream over one TCP connection (both directions of it: frames out, acks in)."""
+
+    transport = "tcp"
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send_frame(self, header: bytes, payload: bytes | memoryview) -> None:
+        views = [memoryview(header)]
+        if len(payload):
+            views.append(memoryview(payload))
+        while views:  # sendmsg may send part of header + payload; resume mid-buffer
+            sent = self.sock.sendmsg(views)
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def recv_ack(self, header_buf: bytearray) -> wire.FrameHeader:
+        return wire.recv_header(self.sock, header_buf)
+
+    def recv_header(self, header_buf: bytearray) -> wire.FrameHeader:
+        return wire.recv_header(self.sock, header_buf)
+
+    def recv_payload(self, out: memoryview) -> memoryview:
+        wire.recv_exact_into(self.sock, out)
+        return out
+
+    def send_ack(self, header: bytes) -> None:
+        self.sock.sendall(header)
+
+    def abort(self) -> None:
+        # shutdown, not close: closing would free the descriptor number while another thread may
+        # still be inside recv on it, and a new socket could be handed that number.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.abort()
+        self.sock.close()
