@@ -11,6 +11,7 @@ everything it creates is removed on exit, also when setup fails half-way.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -306,6 +307,85 @@ class BedAgent:
     def stop(self) -> None:
         _stop(self.proc)
         self._log.close()
+
+
+class BulkFlows:
+    """`streams` TCP connections pushing zeros from namespace a to a sink in b, for measuring.
+
+    The sockets (`socks`) are the senders' own, so PBA can read TCP_INFO from them.
+    """
+
+    def __init__(self, bed: WanBed, streams: int = 4, congestion: str = "", port: int = 5301,
+                 send_buffer: int = 0) -> None:
+        import socket
+        import threading
+
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        with bed.enter("b"):
+            self._listener = socket.create_server((bed.addr["b"], port), backlog=streams)
+        self.socks: list[socket.socket] = []
+        try:
+            with bed.enter("a"):
+                for _ in range(streams):
+                    sock = socket.socket()
+                    if congestion:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+                    if send_buffer:
+                        sock.setsockopt(socket.SOL_SOCKET, 32, send_buffer)  # SO_SNDBUFFORCE
+                    sock.connect((bed.addr["b"], port))
+                    self.socks.append(sock)
+            for _ in range(streams):
+                conn, _ = self._listener.accept()
+                self._spawn(self._sink, conn)
+        except BaseException:
+            self.close()
+            raise
+        for sock in self.socks:
+            self._spawn(self._push, sock)
+
+    def _spawn(self, target: Any, sock: Any) -> None:
+        import threading
+
+        thread = threading.Thread(target=target, args=(sock,), daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _push(self, sock: Any) -> None:
+        payload = bytes(1 << 20)
+        try:
+            while not self._stop.is_set():
+                sock.sendall(payload)
+        except OSError:
+            pass
+
+    def _sink(self, conn: Any) -> None:
+        buf = bytearray(1 << 20)
+        try:
+            with conn:
+                while not self._stop.is_set() and conn.recv_into(buf):
+                    pass
+        except OSError:
+            pass
+
+    def __enter__(self) -> BulkFlows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop pushing and close every socket (the sinks see EOF)."""
+        import socket
+
+        self._stop.set()
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(5)
 
 
 def _setns(fd: int) -> None:

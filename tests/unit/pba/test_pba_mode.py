@@ -12,7 +12,8 @@ from dwcp_agent.telemetry.metrics import Metrics
 @pytest.mark.parametrize(("rtt", "bw", "loss", "mode"), [
     (0.0002, 5 * GBIT, 0.0, DATACENTER),
     (0.005, 10 * GBIT, 0.0, DATACENTER),      # metro: 5 ms, 10 Gbit meets the datacenter rule
-    (0.055, 0.93 * GBIT, 0.001, INTERNET),    # internet profile as measured: > 50 ms
+    (0.050, 0.95 * GBIT, 0.001, INTERNET),    # internet profile as measured: min RTT 50.00 ms
+    (0.045, 2 * GBIT, 0.0, HYBRID),
     (0.152, 0.09 * GBIT, 0.01, INTERNET),     # bad-internet
     (0.020, 2 * GBIT, 0.0, HYBRID),
     (0.005, 0.5 * GBIT, 0.0, INTERNET),       # < 1 Gbit/s is internet even at low RTT

@@ -1,0 +1,71 @@
+"""Mode detection on real shaped namespaces: right name within 5 s, no flapping on a stable path.
+
+Traffic is bulk TCP from a to b; PBA's LinkMeter reads TCP_INFO from the senders every 0.5 s
+(as the agent does during a migration) and feeds the ModeDetector. Expected names follow the
+ops-guide rule on each profile's nominal numbers: metro (5 ms, 10 Gbit) meets the datacenter
+rule; `regional` (20 ms, 10 Gbit, no loss) is the hybrid case.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import wanbed
+
+from dwcp_agent.pba.mode import DATACENTER, HYBRID, INTERNET, ModeDetector
+from dwcp_agent.pba.probe import LinkMeter
+from dwcp_agent.telemetry.metrics import Metrics
+
+pytestmark = pytest.mark.system
+
+Bed = Callable[[wanbed.Profile | str], wanbed.WanBed]
+REGIONAL = wanbed.Profile("regional", 0.020, 0.0, 10_000_000_000)
+INTERVAL_S = 0.5
+
+
+def watch(bed: wanbed.WanBed, seconds: float, detector: ModeDetector,
+          streams: int = 4) -> list[tuple[float, str | None]]:
+    """Run bulk flows for `seconds`; (elapsed, mode) after every interval."""
+    seen: list[tuple[float, str | None]] = []
+    with wanbed.BulkFlows(bed, streams=streams, congestion="bbr", send_buffer=64 << 20) as flows:
+        meter = LinkMeter()
+        keyed = list(enumerate(flows.socks))
+        t0 = time.monotonic()
+        meter.sample_sockets(keyed, t0)
+        while (now := time.monotonic()) - t0 < seconds:
+            time.sleep(max(0.0, INTERVAL_S - (time.monotonic() - now)))
+            sample = meter.sample_sockets(keyed, time.monotonic())
+            if sample is not None:
+                detector.update(sample)
+                seen.append((sample.t - t0, detector.mode))
+    return seen
+
+
+@pytest.mark.parametrize(("profile", "expected"), [
+    ("datacenter", DATACENTER),
+    ("metro", DATACENTER),
+    (REGIONAL, HYBRID),
+    ("internet", INTERNET),
+    ("bad-internet", INTERNET),
+])
+def test_detector_names_the_profile_within_5_seconds(wan_bed: Bed, profile: wanbed.Profile | str,
+                                                      expected: str) -> None:
+    bed = wan_bed(profile)
+    metrics = Metrics()
+    seen = watch(bed, 6.0, ModeDetector(metrics=metrics))
+    first = next(((t, m) for t, m in seen if m is not None), None)
+    assert first is not None, f"no mode after 6 s: {seen}"
+    assert first[1] == expected and first[0] <= 5.0, (bed.profile.name, first, seen)
+    assert seen[-1][1] == expected
+    assert metrics.current_mode.labels(expected)._value.get() == 1
+
+
+def test_no_switch_in_a_minute_on_a_stable_lossy_path(wan_bed: Bed) -> None:
+    bed = wan_bed("internet")
+    detector = ModeDetector()
+    seen = watch(bed, 62.0, detector, streams=2)
+    modes = [m for _, m in seen if m is not None]
+    assert modes and set(modes) == {INTERNET}
+    assert detector.switches == 0
