@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEPLOY, need_tool
+from deploy_support import DEPLOY, need_tool
 
 CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 ALERTS = DEPLOY / "prometheus" / "rules" / "dwcp-alerts.yml"

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from conftest import DEPLOY, need_tool
+from deploy_support import DEPLOY, need_tool
 from promql import grafana_to_promql, metric_names
 from test_prometheus_rules import exported_series, recorded
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEPLOY
+from deploy_support import DEPLOY
 
 K8S = DEPLOY / "kubernetes"
 CRDS = {"Kustomization", "ServiceMonitor"}  # no schema in kubernetes-validate

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEPLOY, ROOT, need_tool
+from deploy_support import DEPLOY, ROOT, need_tool
 from promql import metric_names
 
 from dwcp_agent.telemetry.metrics import Metrics

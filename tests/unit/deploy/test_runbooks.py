@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
+from deploy_support import ROOT
 
 from dwcp_agent.cli import build_parser
 

@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import ROOT, need_tool
+from deploy_support import ROOT, need_tool
 
 from dwcp_agent.config import load_config
 

@@ -1,4 +1,5 @@
-"""Paths and tool lookups shared by the deploy-file tests."""
+"""Paths and tool lookups shared by the deploy-file tests (imported, not a conftest: several
+conftest modules exist and would shadow each other)."""
 
 from __future__ import annotations
 
