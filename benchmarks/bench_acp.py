@@ -1,0 +1,309 @@
+"""ACP commit latency and throughput on loopback, beside PySyncObj and etcd 3.4 measured in the same run.
+
+Systems (each node its own process, durable logs):
+  ACP Raft, 3 nodes, WAL fsync on          load: C concurrent clients inside node 1 (ConsensusService.claim)
+  ACP PBFT, 4 nodes (Ed25519 + HMAC)       same load
+  PySyncObj 0.3, 3 nodes, journal file     load: C outstanding replicated calls inside node 1
+  etcd 3.4 (etcd-server), 3 members        load: C concurrent PUTs to member 1's JSON gateway (/v3/kv/put)
+Every operation is one write committed by the cluster; latency is submit -> result at node 1.
+
+    .venv/bin/python benchmarks/bench_acp.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+PSK = "bench-" + "k" * 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _summary(latencies: list[float], seconds: float) -> dict[str, Any]:
+    lat = sorted(latencies)
+    if not lat:
+        return {"ops": 0}
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2)
+    return {"ops": len(lat), "throughput_ops_s": round(len(lat) / seconds, 1), "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99), "max_ms": round(lat[-1] * 1000, 2)}
+
+
+# ------------------------------------------------------------------ node processes
+
+
+async def _acp_node(args: argparse.Namespace) -> None:
+    from dwcp_agent.acp.service import ConsensusService
+    from dwcp_agent.config import load_config
+    from dwcp_agent.telemetry.metrics import Metrics
+
+    config = load_config(environ={}, overrides={
+        "node_id": args.name, "acp_port": args.port, "acp_peers": args.peers, "acp_protocol": args.protocol,
+        "psk": PSK, "listen_host": "127.0.0.1", "log_level": "warning"})
+    svc = ConsensusService(config, Metrics(), Path(args.state), fsync=True)
+    await svc.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if args.out:
+        while svc.health()["status"] != "ok":
+            await asyncio.sleep(0.05)
+        await svc.claim("warm-up", "h")
+        latencies: list[float] = []
+        end = time.perf_counter() + args.seconds
+
+        async def client(c: int) -> None:
+            i = 0
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                await svc.claim(f"vm-{c}-{i}", "h")
+                latencies.append(time.perf_counter() - t0)
+                i += 1
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(args.clients)))
+        Path(args.out).write_text(json.dumps({"latencies": latencies, "seconds": time.perf_counter() - start}))
+    else:
+        await stop.wait()
+    await svc.stop()
+
+
+def _syncobj_node(args: argparse.Namespace) -> None:
+    from pysyncobj import SyncObj, SyncObjConf, replicated
+
+    class KV(SyncObj):  # type: ignore[misc]
+        def __init__(self, me: str, others: list[str], conf: SyncObjConf) -> None:
+            super().__init__(me, others, conf)
+            self.data: dict[str, str] = {}
+
+        @replicated  # type: ignore[misc]
+        def set(self, key: str, value: str) -> None:
+            self.data[key] = value
+
+    addrs = args.peers.split(",")
+    me = addrs[int(args.name) - 1]
+    conf = SyncObjConf(journalFile=os.path.join(args.state, "journal"), fullDumpFile=None)
+    kv = KV(me, [a for a in addrs if a != me], conf)
+    if not args.out:
+        signal.sigwait([signal.SIGTERM])
+        return
+    while kv._getLeader() is None or not kv.isReady():
+        time.sleep(0.05)
+    kv.set("warm-up", "v", sync=True, timeout=10)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    done = threading.Event()
+    end = time.perf_counter() + args.seconds
+    counter = [0]
+
+    def issue() -> None:
+        with lock:
+            counter[0] += 1
+            n = counter[0]
+        t0 = time.perf_counter()
+
+        def callback(_result: Any, error: Any) -> None:
+            if error == 0:
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+            if time.perf_counter() < end:
+                issue()
+            else:
+                done.set()
+        kv.set(f"k{n}", "v", callback=callback)
+    start = time.perf_counter()
+    for _ in range(args.clients):
+        issue()
+    done.wait(args.seconds + 10)
+    time.sleep(0.2)
+    Path(args.out).write_text(json.dumps({"latencies": latencies, "seconds": time.perf_counter() - start}))
+    os._exit(0)
+
+
+# ------------------------------------------------------------------ drivers
+
+
+def _spawn(role: str, name: str, port: int, peers: str, state: Path, protocol: str = "",
+           out: str = "", clients: int = 0, seconds: float = 0) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, __file__, "--role", role, "--name", name, "--port", str(port), "--peers", peers,
+           "--state", str(state), "--protocol", protocol, "--out", out, "--clients", str(clients),
+           "--seconds", str(seconds)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _cluster_run(role: str, nodes: int, protocol: str, clients: int, seconds: float) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-acp-{role}-"))
+    ports = [_free_port() for _ in range(nodes)]
+    if role == "acp":
+        peers = ",".join(f"n{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
+        names = [f"n{i + 1}" for i in range(nodes)]
+    else:
+        peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+        names = [str(i + 1) for i in range(nodes)]
+    out = tmp / "result.json"
+    procs = []
+    try:
+        for i, name in enumerate(names):
+            state = tmp / name
+            state.mkdir()
+            procs.append(_spawn(role, name, ports[i], peers, state, protocol, str(out) if i == 0 else "",
+                                clients, seconds))
+        procs[0].wait(timeout=seconds + 120)
+        data = json.loads(out.read_text())
+        return _summary(data["latencies"], data["seconds"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _etcd_run(clients: int, seconds: float) -> dict[str, Any]:
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        return {"skipped": "etcd not installed (Debian package etcd-server)"}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-etcd-"))
+    peer_ports = [_free_port() for _ in range(3)]
+    client_ports = [_free_port() for _ in range(3)]
+    initial = ",".join(f"e{i}=http://127.0.0.1:{p}" for i, p in enumerate(peer_ports))
+    procs = []
+    try:
+        for i in range(3):
+            cmd = [etcd, "--name", f"e{i}", "--data-dir", str(tmp / f"e{i}"),
+                   "--listen-peer-urls", f"http://127.0.0.1:{peer_ports[i]}",
+                   "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_ports[i]}",
+                   "--listen-client-urls", f"http://127.0.0.1:{client_ports[i]}",
+                   "--advertise-client-urls", f"http://127.0.0.1:{client_ports[i]}",
+                   "--initial-cluster", initial, "--initial-cluster-state", "new", "--log-level", "error"]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return asyncio.run(_etcd_load(client_ports[0], clients, seconds))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _etcd_load(port: int, clients: int, seconds: float) -> dict[str, Any]:
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v3/kv/put"
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                async with http.post(url, json={"key": b64("warm-up"), "value": b64("v")}) as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                return {"skipped": "etcd cluster did not start"}
+            await asyncio.sleep(0.1)
+        latencies: list[float] = []
+        end = time.perf_counter() + seconds
+
+        async def client(c: int) -> None:
+            i = 0
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                async with http.post(url, json={"key": b64(f"vm-{c}-{i}"), "value": b64("h")}) as r:
+                    await r.read()
+                    if r.status == 200:
+                        latencies.append(time.perf_counter() - t0)
+                i += 1
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return _summary(latencies, time.perf_counter() - start)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Measure every system with the same load; ratios compare ACP Raft with each reference."""
+    seconds = 3.0 if quick else 10.0
+    clients = 32
+    out: dict[str, Any] = {"clients": clients, "seconds": seconds, "cpus": os.cpu_count()}
+    out["acp_raft_3"] = _cluster_run("acp", 3, "raft", clients, seconds)
+    out["acp_pbft_4"] = _cluster_run("acp", 4, "pbft", clients, seconds)
+    out["pysyncobj_3"] = _cluster_run("syncobj", 3, "", clients, seconds)
+    out["etcd_3"] = _etcd_run(clients, seconds)
+    raft = out["acp_raft_3"].get("throughput_ops_s", 0)
+    for ref in ("pysyncobj_3", "etcd_3"):
+        tput = out[ref].get("throughput_ops_s")
+        if tput:
+            out[f"raft_throughput_vs_{ref}"] = round(raft / tput, 2)
+    out["targets"] = {
+        "raft_throughput_ge_pysyncobj": raft >= out["pysyncobj_3"].get("throughput_ops_s", float("inf")),
+        "raft_p99_le_10ms": out["acp_raft_3"].get("p99_ms", 1e9) <= 10,
+        "pbft_p99_le_20ms": out["acp_pbft_4"].get("p99_ms", 1e9) <= 20,
+    }
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Table of the run."""
+    rows = ["| system | ops/s | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|"]
+    for key, label in (("acp_raft_3", "ACP Raft, 3 nodes, fsync"), ("acp_pbft_4", "ACP PBFT, 4 nodes"),
+                       ("pysyncobj_3", "PySyncObj, 3 nodes, journal"), ("etcd_3", "etcd 3.4, 3 members")):
+        r = result.get(key, {})
+        if r.get("ops"):
+            rows.append(f"| {label} | {r['throughput_ops_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |")
+        else:
+            rows.append(f"| {label} | {r.get('skipped', 'no result')} | | | |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--role", default="", help=argparse.SUPPRESS)
+    for name in ("name", "peers", "state", "protocol", "out"):
+        parser.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "acp":
+        asyncio.run(_acp_node(args))
+        return
+    if args.role == "syncobj":
+        _syncobj_node(args)
+        return
+    result = run(args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_acp.json").write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("raft_") or k == "targets"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
