@@ -86,9 +86,13 @@ def unsupported_reason() -> str | None:
 
 
 def _tbf_args(rate_bps: int, rtt_s: float) -> list[str]:
-    """tbf rate/burst/limit: a 1 ms burst and a bottleneck queue of half a BDP (at least 10 ms)."""
+    """tbf rate/burst/limit: a 1 ms burst and a bottleneck queue of half a BDP (at least 10 ms).
+
+    The burst is never below 64 KiB + a frame: the stack can still hand tbf a GSO-sized packet,
+    and one larger than the burst would sit at the head of the queue forever.
+    """
     rate_bytes = rate_bps // 8
-    burst = max(32 * 1024, rate_bytes // 1000)
+    burst = max(66 * 1024, rate_bytes // 1000)
     limit = max(256 * 1024, int(rate_bytes * max(rtt_s, 0.010) / 2))
     return ["rate", f"{rate_bps}bit", "burst", str(burst), "limit", str(limit)]
 
@@ -156,7 +160,10 @@ class WanBed:
     def set_rate(self, rate_bps: int) -> None:
         """Change only the tbf rate, in both directions (the prediction benchmark's rate trace)."""
         for side in ("a", "b"):
-            self.run(side, ["tc", "qdisc", "replace", "dev", self.dev[side], "root", "tbf",
+            # A new qdisc, not `replace`: changing a live tbf keeps its backlog, and a queued packet
+            # larger than the new burst would never leave.
+            self.run(side, ["tc", "qdisc", "del", "dev", self.dev[side], "root"], check=False)
+            self.run(side, ["tc", "qdisc", "add", "dev", self.dev[side], "root", "tbf",
                             *_tbf_args(rate_bps, self.profile.rtt_s)])
         self.profile = Profile(self.profile.name, self.profile.rtt_s, self.profile.loss, rate_bps)
 
