@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 
 import wanbed  # noqa: E402
 
-from dwcp_agent.amst.tuning import apply_socket_options  # noqa: E402
 from dwcp_agent.pba.predictor import LastValue, Predictor, mape  # noqa: E402
 from dwcp_agent.pba.probe import LinkMeter  # noqa: E402
 
@@ -42,65 +39,22 @@ RESULTS = ROOT / "benchmarks" / "results"
 def record_trace(segment_s: float, cc: str, streams: int = 4) -> list[tuple[float, float, int]]:
     """(t, bandwidth bytes/s, tbf rate bit/s) every INTERVAL_S while the rate steps through RATES_BPS."""
     profile = wanbed.Profile("rate-trace", 0.010, 0.0, RATES_BPS[0])
-    stop = threading.Event()
     trace: list[tuple[float, float, int]] = []
-    with wanbed.WanBed(profile) as bed:
-        with bed.enter("b"):
-            listener = socket.create_server((wanbed.ADDR_B, PORT), backlog=streams)
-
-        def sink(conn: socket.socket) -> None:
-            buf = bytearray(1 << 20)
-            with conn:
-                while conn.recv_into(buf):
-                    pass
-
-        def accept() -> None:
-            for _ in range(streams):
-                conn, _ = listener.accept()
-                threading.Thread(target=sink, args=(conn,), daemon=True).start()
-
-        acceptor = threading.Thread(target=accept, daemon=True)
-        acceptor.start()
-        socks = []
-        with bed.enter("a"):
-            for _ in range(streams):
-                sock = socket.socket()
-                apply_socket_options(sock, 0, cc)
-                sock.connect((wanbed.ADDR_B, PORT))
-                socks.append(sock)
-        acceptor.join(5)
-        payload = bytes(1 << 20)
-
-        def push(sock: socket.socket) -> None:
-            try:
-                while not stop.is_set():
-                    sock.sendall(payload)
-            except OSError:
-                pass
-
-        senders = [threading.Thread(target=push, args=(s,), daemon=True) for s in socks]
-        for t in senders:
-            t.start()
+    with wanbed.WanBed(profile) as bed, wanbed.BulkFlows(bed, streams, cc, port=PORT) as flows:
         meter = LinkMeter()
-        keyed = list(enumerate(socks))
+        keyed = list(enumerate(flows.socks))
         t0 = time.monotonic()
         meter.sample_sockets(keyed, t0)
-        try:
-            for rate in RATES_BPS:
-                bed.set_rate(rate)
-                end = time.monotonic() + segment_s
-                while time.monotonic() < end:
-                    time.sleep(INTERVAL_S)
-                    sample = meter.sample_sockets(keyed, time.monotonic())
-                    if sample is not None:
-                        trace.append((sample.t - t0, sample.bandwidth_bps, rate))
-        finally:
-            stop.set()
-            for s in socks:
-                s.close()
-            listener.close()
-            for t in senders:
-                t.join(5)
+        next_t = t0
+        for rate in RATES_BPS:
+            bed.set_rate(rate)
+            end = time.monotonic() + segment_s
+            while time.monotonic() < end:
+                next_t += INTERVAL_S
+                time.sleep(max(0.0, next_t - time.monotonic()))
+                sample = meter.sample_sockets(keyed, time.monotonic())
+                if sample is not None:
+                    trace.append((sample.t - t0, sample.bandwidth_bps, rate))
     return trace
 
 
