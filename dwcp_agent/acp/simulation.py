@@ -13,8 +13,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, ReplicaReady, bootstrap
 from dwcp_agent.acp.auth import KeyRing
 from dwcp_agent.acp.linearizability import UNKNOWN, CheckResult, Model, Operation, check_per_key
@@ -35,7 +33,7 @@ from dwcp_agent.acp.registry import (
     TransferOwnership,
     encode_command,
 )
-from dwcp_agent.acp.storage import MemoryStorage
+from dwcp_agent.acp.storage import MemoryStorage, PersistOps
 
 __all__ = ["BEHAVIOURS", "SimConfig", "SimReport", "registry_model", "run_schedule"]
 
@@ -140,7 +138,6 @@ class _Sim:
         self.read_ctx = 0
         start = bootstrap(cfg.protocol, self.members)
         for i in self.ids:
-            from dwcp_agent.acp.storage import PersistOps
             self.storage[i].save(PersistOps(epoch_start=start))
             self._boot(i)
 
@@ -509,6 +506,3 @@ def run_schedule(cfg: SimConfig) -> SimReport:
     """Run one schedule; `report.violations` is empty when every check held."""
     return _Sim(cfg).run()
 
-
-def _describe(report: SimReport) -> str:
-    return msgspec.json.encode({k: v for k, v in report.__dict__.items() if k != "history"}).decode()
