@@ -4,8 +4,10 @@ In the spirit of the Network Weather Service: no single forecaster wins on every
 reacts at once to a rate change, means smooth noise, Holt follows ramps, AR(p) catches
 oscillation. Each member predicts every next interval; the ensemble reports the member with the
 lowest mean relative error over the last few intervals, with an interval of confidence drawn
-from that member's recent errors. `dwcp_v3_prediction_accuracy` is 1 - MAPE of the ensemble.
-Values are plain floats (bytes/s in the agent); nothing here reads a clock.
+from that member's recent errors. When every member misses by a lot the path has changed, and
+the error record restarts: lagging members (means, AR) cannot win on their pre-change record.
+`dwcp_v3_prediction_accuracy` is 1 - MAPE of the ensemble. Values are plain floats (bytes/s in
+the agent); nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -190,8 +192,10 @@ class Predictor:
     """Online ensemble over `members`; `observe` each interval's measured value, then `predict`."""
 
     def __init__(self, members: Sequence[Member] | None = None, error_window: int = 8,
-                 mape_window: int = 30, confidence: float = 0.9, metrics: Metrics | None = None) -> None:
+                 mape_window: int = 30, confidence: float = 0.9, shift: float = 0.25, min_history: int = 3,
+                 metrics: Metrics | None = None) -> None:
         self.members = list(members) if members is not None else default_members()
+        self.shift, self.min_history = shift, min_history
         self.confidence = confidence
         self.metrics = metrics
         self._errors: dict[str, deque[float]] = {m.name: deque(maxlen=error_window) for m in self.members}
@@ -203,8 +207,16 @@ class Predictor:
     def observe(self, value: float) -> None:
         """Score every member's forecast of this interval against `value`, then learn from it."""
         if value > 0:
-            for name, forecast in self._pending.items():
-                self._errors[name].append(abs(forecast - value) / value)
+            errs = {name: abs(forecast - value) / value for name, forecast in self._pending.items()}
+            if errs and min(errs.values()) > self.shift:
+                # Every member missed by a lot: the path changed. Errors from before the change say
+                # nothing about who will be right after it, so selection starts over (last value
+                # first, until others have a few intervals of record).
+                for hist in self._errors.values():
+                    hist.clear()
+            else:
+                for name, err in errs.items():
+                    self._errors[name].append(err)
             if self._last_prediction is not None:
                 self._scored.append(abs(self._last_prediction.value - value) / value)
                 if self.metrics is not None:
@@ -227,7 +239,7 @@ class Predictor:
             if member.name not in self._pending:
                 continue
             recent = self._errors[member.name]
-            err = sum(recent) / len(recent) if recent else math.inf
+            err = sum(recent) / len(recent) if len(recent) >= self.min_history else math.inf
             if err < best_err or not best_name:
                 best_name, best_err = member.name, err
         value = self._pending[best_name]
