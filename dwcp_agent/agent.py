@@ -25,6 +25,7 @@ from dwcp_agent._native import pages
 from dwcp_agent.acp.service import ConsensusService
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
+from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.manager import Migration, MigrationManager
 from dwcp_agent.migration.sender import MigrationRequest
 from dwcp_agent.migration.server import DataServer
@@ -59,7 +60,8 @@ class Agent:
         self.guard = SlaGuard(config, self.metrics, time.time, rollout)
         self.notifier = Notifier()
         self._tasks: list[asyncio.Task[None]] = []
-        self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
+        self.buffers = BufferPool()  # chunk buffers shared by outgoing and incoming migrations
+        self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for, pool=self.buffers,
                                         on_finished=self._migration_finished)
         self.data_server: DataServer | None = None
         self.consensus = ConsensusService(config, self.metrics, self.state_dir)
@@ -137,7 +139,7 @@ class Agent:
         for d in (self.state_dir, *self.config.allowed_dest_dirs):
             d.mkdir(parents=True, exist_ok=True)
         tracing.setup_tracing(self.config, service_name="dwcp-agent")
-        self.data_server = DataServer(self.config, self.metrics, self.key)
+        self.data_server = DataServer(self.config, self.metrics, self.key, pool=self.buffers)
         self.data_server.start()
         self._register_health()
         await self.consensus.start()

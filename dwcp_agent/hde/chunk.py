@@ -68,7 +68,7 @@ class EncodedChunk:
 
     codec: int
     flags: int
-    payload: bytes
+    payload: bytes | memoryview  # a memoryview aliases the caller's chunk buffer (stored chunks)
     raw_len: int
     checksum: int
 
@@ -224,7 +224,7 @@ class ChunkEncoder:
         assert self.selector is not None
         return self.selector.choose(body, meta_len).codec
 
-    def _compress(self, codec: Codec, body: memoryview) -> tuple[int, bytes]:
+    def _compress(self, codec: Codec, body: memoryview) -> tuple[int, bytes | memoryview]:
         if codec.id is not CodecId.NONE:
             start = time.perf_counter()
             payload = codec.compress(body)
@@ -232,7 +232,9 @@ class ChunkEncoder:
                 self.selector.observe(codec, len(body), time.perf_counter() - start)
             if len(payload) < len(body):
                 return codec.id, payload
-        return CodecId.NONE, bytes(body)
+        # Stored as is: the caller's buffer outlives the frame (the sender holds it until acked),
+        # so no copy is needed for the payload.
+        return CodecId.NONE, body
 
     def _account(self, counts: np.ndarray, encoded: EncodedChunk, codec_name: str, seconds: float) -> None:
         by_label: dict[str, int] = {}

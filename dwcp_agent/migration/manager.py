@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dwcp_agent.config import Config
+from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.sender import (
     Interrupted,
     MigrationError,
@@ -90,12 +91,13 @@ class MigrationManager:
 
     def __init__(self, config: Config, metrics: Metrics, key: bytes,
                  profile_for: Callable[[str], str] = lambda _id: "v3",
-                 on_finished: Callable[[Migration], None] | None = None) -> None:
+                 on_finished: Callable[[Migration], None] | None = None, pool: BufferPool | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
         self.profile_for = profile_for
         self.on_finished = on_finished
+        self.pool = pool or BufferPool()
         self.migrations: dict[str, Migration] = {}
         self._lock = threading.Lock()
 
@@ -131,7 +133,8 @@ class MigrationManager:
 
     def start(self, request: MigrationRequest, trace: dict[str, str] | None = None) -> Migration:
         migration = Migration(request, Progress())
-        migration.session = SendSession(self.config, self.metrics, self.key, request, trace, migration.progress)
+        migration.session = SendSession(self.config, self.metrics, self.key, request, trace, migration.progress,
+                                        pool=self.pool)
         with self._lock:
             self.migrations[request.migration_id] = migration
         self.metrics.active_migrations.inc()

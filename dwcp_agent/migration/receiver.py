@@ -25,6 +25,7 @@ from dwcp_agent.amst.channel import FrameSource
 from dwcp_agent.hde.baseline import FilePages, have_list
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, checksum
 from dwcp_agent.hde.codecs import CodecError, CodecId
+from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest, reread_checksums
 from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
 from dwcp_agent.telemetry.metrics import Metrics
@@ -68,8 +69,10 @@ def resolve_destination(dest_path: str, allowed: list[Path]) -> Path:
 class ReceiveSession:
     """One incoming migration: partial file, journal, data streams, commit."""
 
-    def __init__(self, start: wire.Start, dest: Path, metrics: Metrics, mode: str = "datacenter") -> None:
+    def __init__(self, start: wire.Start, dest: Path, metrics: Metrics, mode: str = "datacenter",
+                 pool: BufferPool | None = None) -> None:
         self.start = start
+        self.pool = pool or BufferPool()
         self.dest = dest
         self.metrics = metrics
         self.mode = mode
@@ -262,10 +265,17 @@ class ReceiveSession:
             source.close()
 
     def _receive_frames(self, source: FrameSource, stream_id: int, version: int) -> None:
+        chunk_size = self.start.chunk_size
+        payload_buf, raw_buf = self.pool.take(max_encoded_len(chunk_size))[0], self.pool.take(chunk_size)[0]
+        try:
+            self._receive_loop(source, stream_id, version, memoryview(payload_buf), memoryview(raw_buf))
+        finally:
+            self.pool.give([payload_buf, raw_buf])
+
+    def _receive_loop(self, source: FrameSource, stream_id: int, version: int, payload: memoryview,
+                      raw: memoryview) -> None:
         size, chunk_size = self.start.size, self.start.chunk_size
         header_buf = bytearray(wire.HEADER_SIZE)
-        payload = memoryview(bytearray(max_encoded_len(chunk_size)))
-        raw = memoryview(bytearray(chunk_size))
         decoder = ChunkDecoder(read_page=self.partial_pages, read_baseline=self.baseline)
         zero_sums: dict[int, int] = {}
         expected_seq = 0
@@ -366,13 +376,14 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def open_session(start: wire.Start, allowed: list[Path], metrics: Metrics) -> ReceiveSession:
+def open_session(start: wire.Start, allowed: list[Path], metrics: Metrics,
+                 pool: BufferPool | None = None) -> ReceiveSession:
     """Validate a Start and open its session, mapping every refusal to a ReceiveError."""
     if start.size < 0 or start.chunk_size <= 0 or start.chunk_size % 4096 or start.chunk_size > 64 << 20:
         raise ReceiveError(f"invalid geometry: size {start.size}, chunk size {start.chunk_size}", "bad_request")
     dest = resolve_destination(start.dest_path, allowed)
     try:
-        return ReceiveSession(start, dest, metrics)
+        return ReceiveSession(start, dest, metrics, pool=pool)
     except JournalBusy as exc:
         raise ReceiveError(str(exc), "busy") from exc
     except PermissionError as exc:

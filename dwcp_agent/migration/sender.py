@@ -32,6 +32,7 @@ from dwcp_agent.config import Config
 from dwcp_agent.hde.baseline import HaveList
 from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum, make_encoder
 from dwcp_agent.hde.codecs import CodecError, codec_by_name
+from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest
 from dwcp_agent.migration.journal import unpack_have
 from dwcp_agent.pba.link import LinkController
@@ -384,7 +385,7 @@ class SendSession:
 
     def __init__(self, config: Config, metrics: Metrics, key: bytes, request: MigrationRequest,
                  trace: dict[str, str] | None = None, progress: Progress | None = None,
-                 link: Callable[[], float | None] | float | None = None) -> None:
+                 link: Callable[[], float | None] | float | None = None, pool: BufferPool | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
@@ -417,9 +418,11 @@ class SendSession:
         self.checksums = np.zeros(self.chunks, dtype=np.uint64)
         self.progress.total_bytes = self.size
         slots = max(2 * self.streams + self.workers, config.max_inflight_bytes // self.chunk_size)
+        self.pool = pool or BufferPool()
+        self._lent = self.pool.take(self.chunk_size, min(slots, max(self.chunks, 1)))
         self.buffers: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(min(slots, max(self.chunks, 1))):
-            self.buffers.put(bytearray(self.chunk_size))
+        for buf in self._lent:
+            self.buffers.put(buf)
 
     def encode(self, view: memoryview, index: int) -> EncodedChunk:
         """Encode one chunk; v3 passes its offset so baseline, dedupe and delta apply."""
@@ -479,6 +482,7 @@ class SendSession:
                     self._sleep(min(0.2 * 2 ** failures, 5.0))
         finally:
             os.close(self.fd)
+            self.pool.give(self._lent)
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():

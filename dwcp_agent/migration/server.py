@@ -16,6 +16,7 @@ from dwcp_agent import wire
 from dwcp_agent.amst import tcp
 from dwcp_agent.amst.channel import TcpChannel
 from dwcp_agent.config import Config
+from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.receiver import ReceiveError, ReceiveSession, open_session
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -28,11 +29,12 @@ class DataServer:
     """Accepts DWCP connections on the data port and runs incoming migrations."""
 
     def __init__(self, config: Config, metrics: Metrics, key: bytes,
-                 capabilities: Callable[[], tuple[str, ...]] = tuple) -> None:
+                 capabilities: Callable[[], tuple[str, ...]] = tuple, pool: BufferPool | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
         self.capabilities = capabilities
+        self.pool = pool or BufferPool()
         self.sessions: dict[int, ReceiveSession] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -78,7 +80,7 @@ class DataServer:
             conn.close()
             return
         try:
-            session = open_session(start, self.config.allowed_dest_dirs, self.metrics)
+            session = open_session(start, self.config.allowed_dest_dirs, self.metrics, self.pool)
         except ReceiveError as exc:
             self.metrics.error("migration", exc.error_type)
             log.warning("refused migration %s from %s: %s", start.migration_id, peer.node_id, exc, extra={

@@ -8,13 +8,15 @@ import os
 import signal
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import StartAgent
 
 from dwcp_agent.cli import ApiError, api_call, follow
 from dwcp_agent.demo import LocalAgent
+
+StartAgent = Callable[..., LocalAgent]
 
 MiB = 1 << 20
 

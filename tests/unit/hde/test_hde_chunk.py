@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import PAGE, MemoryPages, page_mix
+from hde_support import PAGE, MemoryPages, page_mix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

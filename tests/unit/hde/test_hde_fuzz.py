@@ -13,7 +13,7 @@ import random
 import struct
 
 import numpy as np
-from conftest import PAGE, MemoryPages, page_mix
+from hde_support import PAGE, MemoryPages, page_mix
 
 from dwcp_agent._native import delta
 from dwcp_agent.hde.baseline import HaveList
