@@ -261,6 +261,50 @@ def _measure(system: str, clients: int, seconds: float) -> dict[str, Any]:
     return _etcd_run(clients, seconds)
 
 
+def _raft_failover(repeats: int) -> dict[str, Any]:
+    """kill -9 the leader of 3 real agents; time until a survivor commits a write (seconds)."""
+    from dwcp_agent.cli import ApiError, api_call
+    from dwcp_agent.demo import LocalAgent
+
+    times: list[float] = []
+    for _ in range(repeats):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-failover-"))
+        psk = tmp / "psk"
+        psk.write_text(PSK)
+        ports = [_free_port() for _ in range(3)]
+        peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
+        agents = [LocalAgent(f"a{i + 1}", tmp, psk, None, {"acp_port": p, "acp_peers": peers, "acp_protocol": "raft",
+                                                           "log_level": "warning"})
+                  for i, p in enumerate(ports)]
+        try:
+            for agent in agents:
+                agent.wait_ready()
+            leader = ""
+            while not leader:
+                leader = api_call(agents[0].url, "GET", "/api/v3/cluster").get("leader", "")
+                time.sleep(0.05)
+            victim = next(a for a in agents if a.name == leader)
+            survivor = next(a for a in agents if a is not victim)
+            api_call(survivor.url, "POST", "/api/v3/vms/before/claim", {"host": "h"})
+            victim.kill()
+            start = time.perf_counter()
+            while True:
+                try:
+                    api_call(survivor.url, "POST", "/api/v3/vms/after/claim", {"host": "h"}, timeout=0.2)
+                    break
+                except ApiError:
+                    pass
+            times.append(time.perf_counter() - start)
+        finally:
+            for agent in agents:
+                if agent.proc is not None and agent.proc.poll() is None:
+                    agent.stop(timeout=5)
+            shutil.rmtree(tmp, ignore_errors=True)
+    times.sort()
+    return {"runs": len(times), "median_s": round(times[len(times) // 2], 3), "max_s": round(times[-1], 3),
+            "election_timeout_s": "0.5 to 1.0 (10-20 ticks of 50 ms)"}
+
+
 def run(quick: bool) -> dict[str, Any]:
     """Two loads per system, same run: latency (4 clients) and throughput (32 clients)."""
     seconds = 2.5 if quick else 10.0
@@ -276,10 +320,12 @@ def run(quick: bool) -> dict[str, Any]:
         p99 = out[ref]["latency"].get("p99_ms")
         if p99:
             out[f"raft_p99_vs_{ref}"] = round(out["acp_raft_3"]["latency"].get("p99_ms", 0) / p99, 2)
+    out["raft_failover"] = _raft_failover(3 if quick else 10)
     out["targets"] = {
         "raft_throughput_ge_pysyncobj": raft >= out["pysyncobj_3"]["throughput"].get("throughput_ops_s", 1e9),
         "raft_p99_le_10ms": out["acp_raft_3"]["latency"].get("p99_ms", 1e9) <= 10,
         "pbft_p99_le_20ms": out["acp_pbft_4"]["latency"].get("p99_ms", 1e9) <= 20,
+        "raft_failover_within_two_election_timeouts": out["raft_failover"]["max_s"] <= 2.0,
     }
     return out
 
