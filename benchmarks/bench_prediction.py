@@ -7,8 +7,8 @@ trace is then replayed through the ensemble and the last-value predictor (both c
 prediction per interval). Reported: MAPE of each, and on stable segments (from 1 s after a
 change) the share of ensemble predictions within 10 % of the measured value.
 
-    .venv/bin/python benchmarks/bench_prediction.py [--quick] [--cc cubic|bbr]
-JSON to benchmarks/results/bench_prediction.json, the trace to benchmarks/results/rate_change_trace.csv.
+    .venv/bin/python benchmarks/bench_prediction.py [--quick] [--cc cubic] [--cc bbr]
+JSON to benchmarks/results/bench_prediction.json, traces to benchmarks/results/rate_change_trace_<cc>.csv.
 """
 
 from __future__ import annotations
@@ -98,18 +98,25 @@ def write_trace(path: Path, trace: list[tuple[float, float, int]]) -> None:
             out.writerow([f"{t:.3f}", f"{bw:.0f}", rate])
 
 
-def run(quick: bool, cc: str = "cubic") -> dict[str, Any]:
-    """Entry point for benchmarks/run_all.py (quick: 5 s segments instead of 10 s)."""
+def run(quick: bool, ccs: tuple[str, ...] = ("cubic", "bbr")) -> dict[str, Any]:
+    """Entry point for benchmarks/run_all.py (quick: 5 s segments instead of 10 s).
+
+    The acceptance line is judged on the CUBIC trace; BBR's is reported beside it (its ProbeRTT
+    dips every 10 s are one-interval excursions no forecaster can see coming).
+    """
     reason = wanbed.unsupported_reason()
     if reason:
         return {"skipped": reason}
-    trace = record_trace(5.0 if quick else 10.0, cc)
-    result = {"quick": quick, "congestion": cc, "interval_s": INTERVAL_S, "rates_bps": RATES_BPS,
-              **evaluate(trace)}
-    result["pass"] = (result["ensemble_mape"] < result["last_value_mape"]
-                      and result["stable_within_10pct"] >= 0.85)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_trace(RESULTS / f"rate_change_trace_{cc}.csv", trace)
+    result: dict[str, Any] = {"quick": quick, "interval_s": INTERVAL_S, "rates_bps": RATES_BPS}
+    for cc in ccs:
+        trace = record_trace(5.0 if quick else 10.0, cc)
+        row = evaluate(trace)
+        row["pass"] = row["ensemble_mape"] < row["last_value_mape"] and row["stable_within_10pct"] >= 0.85
+        result[cc] = row
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        write_trace(RESULTS / f"rate_change_trace_{cc}.csv", trace)
+    if "cubic" in result:
+        result["pass"] = result["cubic"]["pass"]
     (RESULTS / "bench_prediction.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -117,9 +124,9 @@ def run(quick: bool, cc: str = "cubic") -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--cc", default="cubic", choices=["cubic", "bbr"])
+    parser.add_argument("--cc", action="append", choices=["cubic", "bbr"])
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, args.cc), indent=1))
+    print(json.dumps(run(args.quick, tuple(args.cc or ("cubic", "bbr"))), indent=1))
 
 
 if __name__ == "__main__":
