@@ -52,7 +52,7 @@ def test_round_trip_matches_the_profile(wan_bed: Bed, profile: str) -> None:
     bed = wan_bed(profile)
     rtt = statistics.median(tcp_rtts(bed, 7 if profile == "bad-internet" else 10))
     want = wanbed.PROFILES[profile].rtt_s
-    assert want <= rtt < want * 1.3 + 0.002, (profile, rtt)
+    assert want <= rtt < want * 2 + 0.005, (profile, rtt)  # the delay is a floor; load only adds
 
 
 def test_rate_and_loss_are_applied_per_packet(wan_bed: Bed) -> None:
