@@ -193,8 +193,47 @@ class Failed(msgspec.Struct, tag="failed"):
     error_type: str
 
 
+class RdmaConnect(msgspec.Struct, tag="rdma_connect"):
+    """Source -> destination on a data connection both sides marked "rdma": our RC QP, the ring we ask for."""
+
+    qp_num: int
+    gid: bytes
+    lid: int
+    psn: int
+    mtu: int
+    slot_size: int
+    slots: int
+
+
+class RdmaAccept(msgspec.Struct, tag="rdma_accept"):
+    """Destination -> source: its QP (already RTR) and the registered slot ring to write into."""
+
+    qp_num: int
+    gid: bytes
+    lid: int
+    psn: int
+    mtu: int
+    addr: int
+    rkey: int
+    slot_size: int
+    slots: int
+
+
+class RdmaDecline(msgspec.Struct, tag="rdma_decline"):
+    """Either side, instead of Connect/Accept: this stream stays on TCP, and why."""
+
+    reason: str
+
+
+class RdmaFailed(msgspec.Struct, tag="rdma_failed"):
+    """Destination -> source on an RDMA stream's connection: the RDMA path broke (slot overrun, QP error)."""
+
+    reason: str
+    error_type: str
+
+
 Message = (Hello | Challenge | Auth | Welcome | Refuse | Start | Ready | Reconcile | Missing | Commit
-           | Committed | Abort | Failed)
+           | Committed | Abort | Failed | RdmaConnect | RdmaAccept | RdmaDecline | RdmaFailed)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
