@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace as otel_trace
+
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.sender import (
@@ -24,6 +26,7 @@ from dwcp_agent.migration.sender import (
     SendResult,
     SendSession,
 )
+from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.migration")
@@ -49,6 +52,7 @@ class Migration:
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
+    span: otel_trace.Span | None = None
 
     @property
     def duration_s(self) -> float:
@@ -131,10 +135,15 @@ class MigrationManager:
         return MigrationRequest(migration_id, str(body.get("vm_id") or source.stem), source, host.strip("[]"),
                                 int(port), body["dest_path"], protocol)
 
-    def start(self, request: MigrationRequest, trace: dict[str, str] | None = None) -> Migration:
+    def start(self, request: MigrationRequest) -> Migration:
         migration = Migration(request, Progress())
-        migration.session = SendSession(self.config, self.metrics, self.key, request, trace, migration.progress,
-                                        pool=self.pool)
+        # One trace per migration: its context travels in every handshake to the destination.
+        migration.span = tracing.get_tracer().start_span("migration", attributes={
+            "dwcp.migration_id": request.migration_id, "dwcp.vm_id": request.vm_id,
+            "dwcp.protocol": request.protocol, "dwcp.destination": f"{request.host}:{request.port}"})
+        trace_context = tracing.inject_context(otel_trace.set_span_in_context(migration.span))
+        migration.session = SendSession(self.config, self.metrics, self.key, request, trace_context,
+                                        migration.progress, pool=self.pool)
         with self._lock:
             self.migrations[request.migration_id] = migration
         self.metrics.active_migrations.inc()
@@ -146,10 +155,12 @@ class MigrationManager:
         return migration
 
     def _run(self, migration: Migration) -> None:
-        assert migration.session is not None
+        assert migration.session is not None and migration.span is not None
         state = "failed"
+        span = migration.span
         try:
-            migration.result = migration.session.run()
+            with otel_trace.use_span(span, end_on_exit=False):
+                self._attempt_all(migration)
             state = "completed"
         except Interrupted as exc:
             state = "cancelled" if migration.session.abort_destination else "interrupted"
@@ -163,11 +174,19 @@ class MigrationManager:
             self.metrics.error("migration", "internal")
         finally:
             migration.finished = time.time()
-            self._record(migration, state)
+            span.set_attribute("dwcp.status", state)
+            if state != "completed":
+                span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, migration.error))
+            with otel_trace.use_span(span, end_on_exit=True):
+                self._record(migration, state)
             migration.state = state  # published last: a reader seeing it also sees the metrics
             migration.done.set()
             if self.on_finished is not None:
                 self.on_finished(migration)
+
+    def _attempt_all(self, migration: Migration) -> None:
+        assert migration.session is not None
+        migration.result = migration.session.run()
 
     def _record(self, migration: Migration, state: str) -> None:
         r = migration.request

@@ -298,7 +298,8 @@ class ReceiveSession:
                 data = body
             else:
                 data = raw[: h.raw_len]
-                decoder.decode(h.codec, h.flags, body, h.raw_len, data)
+                with self.metrics.operation("hde"):
+                    decoder.decode(h.codec, h.flags, body, h.raw_len, data)
             skip_write = bool(h.flags & FLAG_ALL_ZERO) and self.fresh
             if skip_write:
                 actual = zero_sums.get(h.raw_len)

@@ -36,6 +36,7 @@ from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest
 from dwcp_agent.migration.journal import unpack_have
 from dwcp_agent.pba.link import LinkController
+from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.migration")
@@ -188,7 +189,8 @@ class _Attempt:
                     # Never resend a stored payload: it may be a delta against a page the receiver
                     # has since overwritten. Encoding again follows the encoder's current view.
                     view = memoryview(job.buffer)[: job.encoded.raw_len]
-                    job.encoded = s.encode(view, job.index)
+                    with s.metrics.operation("hde"):
+                        job.encoded = s.encode(view, job.index)
                     self.queue.put(job)
                     continue
                 index = job
@@ -207,7 +209,8 @@ class _Attempt:
                     self.free.put(buf)
                     self._settle(None)
                     continue
-                encoded = s.encode(view, index)
+                with s.metrics.operation("hde"):
+                    encoded = s.encode(view, index)
                 s.checksums[index] = encoded.checksum
                 self.queue.put(_Item(index, buf, encoded))
         except MigrationError as exc:
@@ -298,7 +301,8 @@ class _Attempt:
                 with lock:
                     inflight.append((seq, item))
                 try:
-                    channel.send_frame(header, payload)
+                    with s.metrics.operation("amst"):
+                        channel.send_frame(header, payload)
                 except OSError:
                     broken.set()
                     break
@@ -493,6 +497,11 @@ class SendSession:
             self._check_cancel()
 
     def _attempt(self) -> SendResult:
+        with tracing.get_tracer().start_as_current_span("attempt", attributes={
+                "dwcp.attempt": self.progress.attempts, "dwcp.streams": self.streams}):
+            return self._run_attempt()
+
+    def _run_attempt(self) -> SendResult:
         r = self.request
         control = self.open_connection("control")
         try:
@@ -526,10 +535,11 @@ class SendSession:
                     attempt.abort(Interrupted("migration was stopped", "cancelled"))
             if attempt.error is None:
                 digest = object_digest(self.checksums)
-                wire.send_message(control, wire.Commit(digest))
-                while not attempt.committed_event.wait(POLL_S):
-                    if self.cancel.is_set():
-                        attempt.abort(Interrupted("migration was stopped", "cancelled"))
+                with tracing.get_tracer().start_as_current_span("commit"):
+                    wire.send_message(control, wire.Commit(digest))
+                    while not attempt.committed_event.wait(POLL_S):
+                        if self.cancel.is_set():
+                            attempt.abort(Interrupted("migration was stopped", "cancelled"))
                 if attempt.committed is not None:
                     if attempt.committed.digest != digest:
                         raise MigrationError("destination reports a different digest", "digest_mismatch")

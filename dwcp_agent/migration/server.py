@@ -12,12 +12,16 @@ import socket
 import threading
 from collections.abc import Callable
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+
 from dwcp_agent import wire
 from dwcp_agent.amst import tcp
 from dwcp_agent.amst.channel import TcpChannel
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.receiver import ReceiveError, ReceiveSession, open_session
+from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.amst")
@@ -91,6 +95,10 @@ class DataServer:
             return
         with self._lock:
             self.sessions[session.session_id] = session
+        span = tracing.get_tracer().start_span("receive", context=tracing.extract_context(peer.trace), attributes={
+            "dwcp.migration_id": start.migration_id, "dwcp.vm_id": start.vm_id, "dwcp.source": peer.node_id,
+            "dwcp.resumed_chunks": len(session.journal.have)})
+        token = otel_context.attach(otel_trace.set_span_in_context(span))
         log.info("receiving migration", extra={
             "migration_id": start.migration_id, "migration_status": "receiving", "peer_id": peer.node_id,
             "size": start.size, "resumed_chunks": len(session.journal.have)})
@@ -103,6 +111,8 @@ class DataServer:
             with self._lock:
                 self.sessions.pop(session.session_id, None)
             conn.close()
+            otel_context.detach(token)
+            span.end()
 
     def _serve_data(self, conn: socket.socket, peer: wire.PeerInfo) -> None:
         with self._lock:

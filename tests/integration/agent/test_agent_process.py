@@ -174,3 +174,28 @@ def test_destination_sigterm_makes_journal_durable(start_agent: StartAgent) -> N
     final = follow(source.url, started["id"], show_progress=False)
     assert final["state"] == "failed"
     assert not (dest.images / "vm.img").exists()
+
+
+def test_one_migration_is_one_trace_on_both_agents(start_agent: StartAgent) -> None:
+    from otlp_support import OtlpReceiver
+
+    otlp = OtlpReceiver()
+    try:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "TRACE_SAMPLING": "100", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        source = start_agent("src", env={**env, "OTEL_SERVICE_NAME": "dwcp-src"})
+        dest = start_agent("dst", env={**env, "OTEL_SERVICE_NAME": "dwcp-dst"})
+        image = _image(source, 3 * MiB)
+        final = follow(source.url, _migration(source, dest, image)["id"], show_progress=False)
+        assert final["state"] == "completed"
+        source.stop()
+        dest.stop()  # shutdown flushes the span exporters
+        spans = otlp.spans()
+    finally:
+        otlp.close()
+    migration = [s for s in spans if s[:2] == ("dwcp-src", "migration")]
+    assert len(migration) == 1, spans
+    trace_id = migration[0][2]
+    src_names = {name for service, name, tid in spans if service == "dwcp-src" and tid == trace_id}
+    dst_names = {name for service, name, tid in spans if service == "dwcp-dst" and tid == trace_id}
+    assert {"migration", "attempt", "commit"} <= src_names
+    assert "receive" in dst_names
