@@ -61,8 +61,8 @@ class Agent:
         self.notifier = Notifier()
         self._tasks: list[asyncio.Task[None]] = []
         self.buffers = BufferPool()  # chunk buffers shared by outgoing and incoming migrations
-        self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for, pool=self.buffers,
-                                        on_finished=self._migration_finished)
+        self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
+                                        on_finished=self._migration_finished, pool=self.buffers)
         self.data_server: DataServer | None = None
         self.consensus = ConsensusService(config, self.metrics, self.state_dir)
         self.admin_port = 0

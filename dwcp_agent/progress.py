@@ -24,7 +24,7 @@ def human_rate(bytes_per_s: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
@@ -38,6 +38,7 @@ class ProgressBar:
         self.width = width
         self.tty = self.stream.isatty()
         self._last_print = 0.0
+        self._pending = ""  # a line not yet printed (non-terminal output is rate-limited)
 
     def update(self, m: dict[str, Any]) -> None:
         total = m.get("total_bytes") or 0
@@ -57,11 +58,17 @@ class ProgressBar:
         elif time.monotonic() - self._last_print >= 1.0:
             self.stream.write(line + "\n")
             self._last_print = time.monotonic()
+            self._pending = ""
+        else:
+            self._pending = line
 
     def finish(self) -> None:
+        """End the bar; the final state is always shown."""
         if self.tty:
             self.stream.write("\n")
-            self.stream.flush()
+        elif self._pending:
+            self.stream.write(self._pending + "\n")
+        self.stream.flush()
 
 
 def summary(m: dict[str, Any]) -> str:
