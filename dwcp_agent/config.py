@@ -71,6 +71,8 @@ class Config:
     )
     zstd_level: int = _spec(1, lo=-5, hi=22, doc="zstd level when zstd is used.")
     transport_mode: str = _spec("auto", choices=("auto", "tcp", "rdma_only"), doc="Data transport.")
+    rdma_device: str = _spec("", doc="RDMA device to use, e.g. mlx5_0 ('' = first with an active port).")
+    rdma_slots: int = _spec(8, lo=1, hi=256, doc="Registered chunk slots per RDMA stream (credits in flight).")
     network_mode: str = _spec(
         "auto", choices=("auto", "datacenter", "internet", "hybrid"), doc="Force a mode, or detect it."
     )
