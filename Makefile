@@ -34,7 +34,8 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(APT_STAMP)
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q 'Cython>=3.0' 'setuptools>=68' wheel 'numpy>=1.26'
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,bench]'
 	$(BIN)/python tools/link_pyverbs.py
 	@touch $@
 
