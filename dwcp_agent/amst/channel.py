@@ -70,6 +70,10 @@ class TcpChannel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # ACKs are 56-byte frames, one per chunk: read them in batches, not one syscall each.
+        self._acks = bytearray(64 * wire.HEADER_SIZE)
+        self._ack_view = memoryview(self._acks)
+        self._ack_start = self._ack_end = 0
 
     def send_frame(self, header: bytes, payload: bytes | memoryview) -> None:
         views = [memoryview(header)]
@@ -86,7 +90,18 @@ class TcpChannel:
                     sent = 0
 
     def recv_ack(self, header_buf: bytearray) -> wire.FrameHeader:
-        return wire.recv_header(self.sock, header_buf)
+        while self._ack_end - self._ack_start < wire.HEADER_SIZE:
+            if self._ack_start:
+                pending = self._ack_end - self._ack_start
+                self._acks[:pending] = self._acks[self._ack_start:self._ack_end]
+                self._ack_start, self._ack_end = 0, pending
+            got = self.sock.recv_into(self._ack_view[self._ack_end:])
+            if got == 0:
+                raise wire.PeerClosed("peer closed the connection")
+            self._ack_end += got
+        header_buf[:] = self._acks[self._ack_start:self._ack_start + wire.HEADER_SIZE]
+        self._ack_start += wire.HEADER_SIZE
+        return wire.unpack_header(header_buf)
 
     def recv_header(self, header_buf: bytearray) -> wire.FrameHeader:
         return wire.recv_header(self.sock, header_buf)
