@@ -398,7 +398,7 @@ class Raft:
                 pr.next = max(pr.next, m.index + 1)
                 pr.probing = False
                 if self._maybe_commit():
-                    self._bcast_append()
+                    self._bcast_append(carry_commit=True)
                     return
             if pr.next <= self.log.last_index():
                 self._send_append(m.frm)
@@ -477,10 +477,10 @@ class Raft:
             pr.next = entries[-1].index + 1
             pr.inflight += 1
 
-    def _bcast_append(self) -> None:
+    def _bcast_append(self, carry_commit: bool = False) -> None:
         for peer in sorted(self.progress):
             if peer != self.id:
-                self._send_append(peer)
+                self._send_append(peer, allow_empty=carry_commit)
 
     def _bcast_heartbeat(self) -> None:
         for peer in sorted(self.progress):
@@ -544,7 +544,7 @@ class Raft:
             if self.role is Role.LEADER and self.id in self.progress:
                 self.progress[self.id].match = self.log.stable
                 if self._maybe_commit():
-                    self._bcast_append()
+                    self._bcast_append(carry_commit=True)
         if rd.committed:
             self.log.applied = max(self.log.applied, rd.committed[-1].index)
 
