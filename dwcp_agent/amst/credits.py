@@ -39,7 +39,7 @@ class CreditWindow:
         self.slots = slots
         self._free: collections.deque[int] = collections.deque(range(slots))
         self._unacked: collections.deque[tuple[int, int]] = collections.deque()  # (sequence, slot)
-        self._writing: set[int] = set()  # write posted, completion not polled yet
+        self._writing: collections.deque[int] = collections.deque()  # posted, completion not polled, in order
         self._acked_writing: set[int] = set()  # credit back, completion still missing
         self._last_seq = -1
 
@@ -52,7 +52,7 @@ class CreditWindow:
         slot = self._free.popleft()
         self._last_seq = sequence
         self._unacked.append((sequence, slot))
-        self._writing.add(slot)
+        self._writing.append(slot)
         return slot
 
     def credit(self, acked_sequence: int) -> int:
@@ -71,12 +71,22 @@ class CreditWindow:
 
     def completed(self, slot: int) -> None:
         """Our RDMA write into `slot` completed successfully."""
-        if slot not in self._writing:
+        if not self._writing:
             raise CreditError(f"write completion for slot {slot}, which has no write outstanding", "completion")
-        self._writing.discard(slot)
+        if self._writing[0] != slot:
+            # One QP completes its work requests in posting order: a different slot first means
+            # the completion of slot self._writing[0] was lost.
+            raise CreditError(f"write completion for slot {slot} while slot {self._writing[0]}, posted "
+                              "earlier, never completed", "completion_order")
+        self._writing.popleft()
         if slot in self._acked_writing:
             self._acked_writing.discard(slot)
             self._free.append(slot)
+
+    @property
+    def available(self) -> int:
+        """Slots writable right now (credit back and completion polled)."""
+        return len(self._free)
 
     @property
     def waiting_for_completion(self) -> bool:

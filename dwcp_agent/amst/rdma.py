@@ -18,6 +18,7 @@ Waiting never holds the GIL: threads block in `QueuePair.wait` or on a Condition
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import secrets
@@ -123,6 +124,13 @@ class RdmaDataChannel:
                 raise self._fail(RdmaError(f"posting an RDMA write failed: {exc}", "post_send")) from exc
         self.metrics.rdma_posted.inc()
 
+    def credits_available(self) -> int:
+        """Frames that can be sent now without waiting (completions ready are reaped first)."""
+        with self._cond:
+            self._check()
+            self._reap()
+            return self.window.available
+
     def _acquire(self, sequence: int) -> int:
         """A writable slot; waits for credits (ACKs) or completions. Called with the lock held."""
         deadline = time.monotonic() + self.timeout
@@ -187,7 +195,11 @@ class RdmaDataChannel:
     # -- acknowledgements ---------------------------------------------------------------------
 
     def recv_ack(self, header_buf: bytearray) -> wire.FrameHeader:
-        h = wire.recv_header(self.sock, header_buf)
+        try:
+            h = wire.recv_header(self.sock, header_buf)
+        except (wire.WireError, OSError):
+            self.abort()  # the destination is gone: a sender waiting for credits must not wait it out
+            raise
         if h.type == wire.FrameType.CONTROL:
             payload = bytearray(min(h.encoded_len, 1 << 16))
             wire.recv_exact_into(self.sock, memoryview(payload))
@@ -238,6 +250,7 @@ class RdmaFrameSource:
         self.metrics = metrics
         self.wait_timeout = wait_timeout
         self.ring = SlotRing(slots)
+        self._posted: collections.deque[int] = collections.deque(range(slots))  # receives, posting order
         self._aborted = False
         self._closed = False
         self._error: RdmaError | None = None
@@ -263,6 +276,7 @@ class RdmaFrameSource:
         try:
             slot = self.ring.release()
             self.qp.post_recv(slot)
+            self._posted.append(slot)
         except (CreditError, VerbsError) as exc:
             error_type = getattr(exc, "error_type", "post_recv")
             raise self._fail(RdmaError(f"cannot return slot credit: {exc}", error_type)) from exc
@@ -286,6 +300,10 @@ class RdmaFrameSource:
                 raise self._fail(RdmaError(f"receive completed with {wc.status_name()}", "wc_" + wc.status_name()))
             if wc.opcode != WcOpcode.RECV_RDMA_WITH_IMM:
                 raise self._fail(RdmaError(f"unexpected completion opcode {wc.opcode}", "opcode"))
+            expected = self._posted.popleft() if self._posted else None
+            if wc.wr_id != expected:
+                raise self._fail(RdmaError(f"receive completion {wc.wr_id} while receive {expected}, posted "
+                                           "earlier, never completed", "completion_order"))
             self._land(wc.imm, wc.byte_len)
         return True
 
