@@ -28,6 +28,8 @@ import numpy as np
 from dwcp_agent import wire
 from dwcp_agent.amst import tcp
 from dwcp_agent.amst.channel import DataChannel, TcpChannel
+from dwcp_agent.amst.rdma import RdmaError
+from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config
 from dwcp_agent.hde.baseline import HaveList
 from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum, make_encoder
@@ -43,6 +45,7 @@ log = logging.getLogger("dwcp_agent.migration")
 
 # Refusals that another attempt cannot fix.
 FATAL_ERRORS = frozenset({"version", "auth", "forbidden", "bad_request", "unwritable", "no_space", "busy",
+                          "rdma_unavailable",
                           "io", "malformed"})
 POLL_S = 0.1
 
@@ -389,8 +392,13 @@ class SendSession:
 
     def __init__(self, config: Config, metrics: Metrics, key: bytes, request: MigrationRequest,
                  trace: dict[str, str] | None = None, progress: Progress | None = None,
-                 link: Callable[[], float | None] | float | None = None, pool: BufferPool | None = None) -> None:
+                 link: Callable[[], float | None] | float | None = None, pool: BufferPool | None = None,
+                 transports: Transports | None = None) -> None:
         self.config = config
+        # Which transport carries the data streams (amst/select.py); tests inject a verbs provider here.
+        self.transports = transports or Transports(config, metrics)
+        self.rdma_disabled = ""  # why RDMA is off for the rest of this migration ('' = not off)
+        self._current: _Attempt | None = None
         self.metrics = metrics
         self.key = key
         self.request = request
@@ -439,11 +447,43 @@ class SendSession:
         self.cancel.set()
 
     def open_channel(self, session: int, stream: int) -> DataChannel:
-        """One authenticated data stream of this migration."""
-        return TcpChannel(self.open_connection("data", session, stream))
+        """One authenticated data stream of this migration: RDMA when both sides offered it."""
+        offer = self._rdma_offer()
+        sock, peer = self._connect("data", session, stream, offer)
+        if not offer:
+            return TcpChannel(sock)
+        try:
+            return self.transports.source_channel(sock, peer.capabilities, self.chunk_size, self._rdma_failed)
+        except TransportUnavailable as exc:
+            raise MigrationError(str(exc), exc.error_type) from exc
+        except RdmaError as exc:
+            sock.close()
+            self._rdma_failed(exc)
+            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "rdma", retryable=True) from exc
+        except (wire.WireError, OSError) as exc:
+            sock.close()
+            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "disconnected",
+                                 retryable=True) from exc
+
+    def _rdma_offer(self) -> tuple[str, ...]:
+        return () if self.rdma_disabled else self.transports.capabilities()
+
+    def _rdma_failed(self, error: RdmaError) -> None:
+        """An RDMA stream broke (QP error, completion error, credit violation): end this attempt.
+        The next attempt resumes from the destination's journal, over TCP unless rdma_only."""
+        if self.config.transport_mode != "rdma_only":
+            self.rdma_disabled = str(error)
+        attempt = self._current
+        if attempt is not None:
+            attempt.abort(MigrationError(f"RDMA failed ({error}); resuming from the destination journal"
+                                         + (" over TCP" if self.rdma_disabled else ""), "rdma", retryable=True))
 
     def open_connection(self, role: str, session: int = 0, stream: int = 0) -> socket.socket:
         """Connect and authenticate one connection; failures become MigrationErrors."""
+        return self._connect(role, session, stream)[0]
+
+    def _connect(self, role: str, session: int = 0, stream: int = 0,
+                 capabilities: tuple[str, ...] = ()) -> tuple[socket.socket, wire.PeerInfo]:
         c = self.config
         try:
             sock = tcp.connect(self.request.host, self.request.port, c.connect_timeout_s, c.socket_buffer_bytes,
@@ -453,7 +493,8 @@ class SendSession:
         except ValueError as exc:
             raise MigrationError(str(exc), "config") from exc
         try:
-            wire.client_handshake(sock, self.key, c.node_id, role, session, stream, self.trace)
+            peer = wire.client_handshake(sock, self.key, c.node_id, role, session, stream, self.trace,
+                                         capabilities=capabilities)
         except wire.WireError as exc:
             sock.close()
             raise MigrationError(f"{self.request.host}:{self.request.port}: {exc}", exc.error_type,
@@ -463,7 +504,7 @@ class SendSession:
             raise MigrationError(f"handshake with {self.request.host}:{self.request.port} failed: {exc}",
                                  "disconnected", retryable=True) from exc
         sock.settimeout(c.io_timeout_s)
-        return sock
+        return sock, peer
 
     def run(self) -> SendResult:
         """Migrate, retrying broken attempts; raises MigrationError (or Interrupted)."""
@@ -503,7 +544,20 @@ class SendSession:
 
     def _run_attempt(self) -> SendResult:
         r = self.request
-        control = self.open_connection("control")
+        try:
+            self.transports.require()
+        except TransportUnavailable as exc:
+            raise MigrationError(str(exc), exc.error_type) from exc
+        control, peer = self._connect("control", capabilities=self._rdma_offer())
+        try:
+            chosen = self.transports.for_peer(peer.capabilities, peer.node_id) if self._rdma_offer() else None
+        except TransportUnavailable as exc:
+            control.close()
+            raise MigrationError(str(exc), exc.error_type) from exc
+        log.info("data streams over %s (%s)", chosen.transport if chosen else "tcp",
+                 chosen.reason if chosen else f"RDMA off for this migration: "
+                 f"{self.rdma_disabled or self.transports.selection.reason}",
+                 extra={"migration_id": r.migration_id, "component": "amst"})
         try:
             wire.send_message(control, wire.Start(r.migration_id, r.vm_id, r.dest_path, self.size,
                                                   self.chunk_size, self.streams, r.protocol))
@@ -516,6 +570,7 @@ class SendSession:
             control.close()
             raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
         attempt = _Attempt(self, control, ready, wire.PROTOCOL_VERSION)
+        self._current = attempt
         self.progress.acked_bytes = 0
         self.progress.skipped_bytes = 0
         control.settimeout(None)
@@ -550,6 +605,7 @@ class SendSession:
         except OSError as exc:
             raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
         finally:
+            self._current = None
             attempt.abort(attempt.error or Interrupted("attempt finished", "done"))
             if self.cancel.is_set() and self.abort_destination:
                 with contextlib.suppress(OSError):

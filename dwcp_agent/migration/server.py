@@ -10,14 +10,13 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from dwcp_agent import wire
 from dwcp_agent.amst import tcp
-from dwcp_agent.amst.channel import TcpChannel
+from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.receiver import ReceiveError, ReceiveSession, open_session
@@ -33,11 +32,13 @@ class DataServer:
     """Accepts DWCP connections on the data port and runs incoming migrations."""
 
     def __init__(self, config: Config, metrics: Metrics, key: bytes,
-                 capabilities: Callable[[], tuple[str, ...]] = tuple, pool: BufferPool | None = None) -> None:
+                 transports: Transports | None = None, pool: BufferPool | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
-        self.capabilities = capabilities
+        # TCP or RDMA per stream (amst/select.py): the handshake advertises what this host can do.
+        self._own_transports = transports is None
+        self.transports = transports or Transports(config, metrics)
         self.pool = pool or BufferPool()
         self.sessions: dict[int, ReceiveSession] = {}
         self._lock = threading.Lock()
@@ -64,7 +65,8 @@ class DataServer:
         with contextlib.suppress(OSError):
             tcp.tune_socket(conn, self.config.socket_buffer_bytes)
         try:
-            peer = wire.server_handshake(conn, self.key, self.config.node_id, capabilities=self.capabilities())
+            peer = wire.server_handshake(conn, self.key, self.config.node_id,
+                                         capabilities=self.transports.capabilities())
         except (wire.WireError, OSError) as exc:
             error_type = exc.error_type if isinstance(exc, wire.WireError) else "disconnected"
             self.metrics.error("amst", error_type)
@@ -121,8 +123,16 @@ class DataServer:
             self.metrics.error("amst", "unknown_session")
             conn.close()
             return
+        try:
+            source = self.transports.destination_source(conn, peer.capabilities, session.start.chunk_size)
+        except (TransportUnavailable, wire.WireError, OSError) as exc:
+            self.metrics.error("amst", "rdma_setup")
+            log.warning("stream %d: RDMA setup failed: %s", peer.stream, exc,
+                        extra={"migration_id": session.start.migration_id, "error_type": "rdma_setup"})
+            conn.close()
+            return
         conn.settimeout(None)
-        session.run_stream(TcpChannel(conn), peer.stream, peer.version)
+        session.run_stream(source, peer.stream, peer.version)
 
     def stop(self, timeout: float) -> None:
         """Stop accepting; every session makes its journal durable and lets go of its files."""
@@ -134,3 +144,5 @@ class DataServer:
             sessions = list(self.sessions.values())
         for session in sessions:
             session.close(timeout)
+        if self._own_transports:
+            self.transports.close()
