@@ -22,7 +22,10 @@ from aiohttp import web
 
 from dwcp_agent import __version__, api
 from dwcp_agent._native import pages
-from dwcp_agent.acp.service import ConsensusService
+from dwcp_agent.acp.node import ConsensusTimeout
+from dwcp_agent.acp.ownership import RegistryOwnership
+from dwcp_agent.acp.rollout_store import RegistryRolloutStore
+from dwcp_agent.acp.service import ConsensusError, ConsensusService
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.migration.buffers import BufferPool
@@ -54,9 +57,11 @@ class Agent:
             raise ConfigError("psk", "a pre-shared key of at least 16 bytes is required "
                                      "(set psk_file, DWCP_PSK_FILE, psk or DWCP_PSK)")
         self.state_dir = Path(config.state_dir)
-        # SLA guard + rollout: the rollout state file keeps an automatic rollback across restarts.
-        rollout = RolloutController(config, self.metrics, time.time,
-                                    FileRolloutStore(self.state_dir / "rollout.json"))
+        self.consensus = ConsensusService(config, self.metrics, self.state_dir)
+        # SLA guard + rollout: the setting lives in the consensus registry (every agent follows
+        # it); the local file keeps the last state, so an automatic rollback survives restarts.
+        self.rollout_store = RegistryRolloutStore(self.consensus, FileRolloutStore(self.state_dir / "rollout.json"))
+        rollout = RolloutController(config, self.metrics, time.time, self.rollout_store)
         self.guard = SlaGuard(config, self.metrics, time.time, rollout)
         self.notifier = Notifier()
         self._tasks: list[asyncio.Task[None]] = []
@@ -64,7 +69,6 @@ class Agent:
         self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
                                         on_finished=self._migration_finished, pool=self.buffers)
         self.data_server: DataServer | None = None
-        self.consensus = ConsensusService(config, self.metrics, self.state_dir)
         self.admin_port = 0
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
@@ -102,6 +106,10 @@ class Agent:
     async def _tick_guard(self) -> None:
         """The SLA guard's clock: re-evaluate once a second so a held NO-GO rolls back on time."""
         while True:
+            try:
+                await self.rollout_store.refresh()
+            except (ConsensusError, ConsensusTimeout) as exc:
+                log.warning("rollout not refreshed from the cluster: %s", exc, extra={"component": "acp"})
             self.guard.tick()
             await asyncio.sleep(1.0)
 
@@ -143,6 +151,8 @@ class Agent:
         self.data_server.start()
         self._register_health()
         await self.consensus.start()
+        await self.rollout_store.sync()
+        self.manager.ownership = RegistryOwnership(self.consensus, self.config.node_id, asyncio.get_running_loop())
         self.health.register("acp", self.consensus.health)
         app = web.Application(client_max_size=1 << 20)
         app.add_routes(api.routes(self))

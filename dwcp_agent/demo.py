@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,10 @@ def run_demo(size: int, state_dir: str, streams: int, codec: str, profile: str) 
     if not psk_file.exists():
         psk_file.write_text(secrets.token_hex(32))
         psk_file.chmod(0o600)
+    for name in ("source", "destination"):  # a fresh cluster each time; the generated image is kept
+        for entry in (root / name).glob("*"):
+            if entry.name != "images":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     env = {"STREAM_COUNT": str(streams), "COMPRESSION_ALGO": codec}
     source = LocalAgent("source", root, psk_file, env)
     dest = LocalAgent("destination", root, psk_file, env)

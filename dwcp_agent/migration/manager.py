@@ -5,6 +5,7 @@ Each migration runs its `SendSession` on a thread; the admin API reads `Migratio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace as otel_trace
 
@@ -32,6 +33,16 @@ from dwcp_agent.telemetry.metrics import Metrics
 log = logging.getLogger("dwcp_agent.migration")
 
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
+
+
+class Ownership(Protocol):
+    """The registry steps around a migration (acp.ownership.RegistryOwnership)."""
+
+    def begin(self, vm_id: str) -> int: ...
+
+    def finish(self, vm_id: str, destination: str, token: int) -> None: ...
+
+    def release(self, vm_id: str, token: int) -> None: ...
 
 
 class RequestError(ValueError):
@@ -95,13 +106,15 @@ class MigrationManager:
 
     def __init__(self, config: Config, metrics: Metrics, key: bytes,
                  profile_for: Callable[[str], str] = lambda _id: "v3",
-                 on_finished: Callable[[Migration], None] | None = None, pool: BufferPool | None = None) -> None:
+                 on_finished: Callable[[Migration], None] | None = None, pool: BufferPool | None = None,
+                 ownership: Ownership | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
         self.profile_for = profile_for
         self.on_finished = on_finished
         self.pool = pool or BufferPool()
+        self.ownership = ownership
         self.migrations: dict[str, Migration] = {}
         self._lock = threading.Lock()
 
@@ -185,8 +198,27 @@ class MigrationManager:
                 self.on_finished(migration)
 
     def _attempt_all(self, migration: Migration) -> None:
+        """Lease, transfer, commit ownership: the registry names the new host only after the
+        destination committed the verified image; on any failure the source stays the owner."""
         assert migration.session is not None
-        migration.result = migration.session.run()
+        vm_id = migration.request.vm_id
+        if self.ownership is None:
+            migration.result = migration.session.run()
+            return
+        try:
+            token = self.ownership.begin(vm_id)
+        except Exception as exc:
+            raise MigrationError(f"ownership: {exc}", "ownership") from exc
+        try:
+            migration.result = migration.session.run()
+            self.ownership.finish(vm_id, migration.session.peer_node, token)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self.ownership.release(vm_id, token)
+            if isinstance(exc, MigrationError):
+                raise
+            raise MigrationError(f"ownership not transferred, source stays authoritative: {exc}",
+                                 "ownership") from exc
 
     def _record(self, migration: Migration, state: str) -> None:
         r = migration.request

@@ -404,6 +404,7 @@ class SendSession:
         self.request = request
         self.cancel = threading.Event()
         self.abort_destination = False
+        self.peer_node = ""  # the destination agent's node id, learnt in the handshake
         self.trace = trace or {}
         self.progress = progress or Progress()
         self.chunk_size = config.chunk_size
@@ -504,6 +505,7 @@ class SendSession:
             raise MigrationError(f"handshake with {self.request.host}:{self.request.port} failed: {exc}",
                                  "disconnected", retryable=True) from exc
         sock.settimeout(c.io_timeout_s)
+        self.peer_node = peer.node_id
         return sock, peer
 
     def run(self) -> SendResult:

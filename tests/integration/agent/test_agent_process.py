@@ -199,3 +199,24 @@ def test_one_migration_is_one_trace_on_both_agents(start_agent: StartAgent) -> N
     dst_names = {name for service, name, tid in spans if service == "dwcp-dst" and tid == trace_id}
     assert {"migration", "attempt", "commit"} <= src_names
     assert "receive" in dst_names
+
+
+def test_ownership_moves_to_the_destination_only_when_the_migration_completes(start_agent: StartAgent) -> None:
+    source = start_agent("src", retry_limit=0, connect_timeout_s=0.5)
+    dest = start_agent("dst")
+    image = _image(source, 2 * MiB)
+    final = follow(source.url, _migration(source, dest, image)["id"], show_progress=False)
+    assert final["state"] == "completed"
+    assert api_call(source.url, "GET", "/api/v3/vms/vm-1/owner")["owner"] == "dst"
+    # the source no longer owns vm-1: a second migration from here is refused before any byte moves
+    again = follow(source.url, _migration(source, dest, image, name="again.img")["id"], show_progress=False)
+    assert again["state"] == "failed" and again["error_type"] == "ownership"
+    assert not (dest.images / "again.img").exists()
+    # a failed migration leaves the source authoritative
+    other = source.images / "vm2.img"
+    other.write_bytes(os.urandom(4096))
+    failed = follow(source.url, api_call(source.url, "POST", "/api/v3/migrations", {
+        "source": str(other), "to": "127.0.0.1:1", "dest_path": "/tmp/x.img", "vm_id": "vm-2"})["id"],
+        show_progress=False)
+    assert failed["state"] == "failed"
+    assert api_call(source.url, "GET", "/api/v3/vms/vm-2/owner")["owner"] == "src"
