@@ -26,6 +26,7 @@ from dwcp_agent.acp.node import ConsensusTimeout
 from dwcp_agent.acp.ownership import RegistryOwnership
 from dwcp_agent.acp.rollout_store import RegistryRolloutStore
 from dwcp_agent.acp.service import ConsensusError, ConsensusService
+from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.migration.buffers import BufferPool
@@ -41,6 +42,7 @@ from dwcp_agent.telemetry.sla import SlaGuard
 from dwcp_agent.telemetry.sla_http import sla_routes
 
 log = logging.getLogger("dwcp_agent.agent")
+CONSENSUS_READY_S = 5.0
 
 
 class Agent:
@@ -69,6 +71,7 @@ class Agent:
         self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
                                         on_finished=self._migration_finished, pool=self.buffers)
         self.data_server: DataServer | None = None
+        self.transports: Transports | None = None
         self.admin_port = 0
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
@@ -78,7 +81,9 @@ class Agent:
 
     def _register_health(self) -> None:
         def amst() -> dict[str, Any]:
-            return {"status": "ok" if self.data_server else "down", "transport": "tcp",
+            transport = self.transports.selection.as_health() if self.transports else {"transport": "tcp"}
+            return {"status": "ok" if self.data_server else "down", **transport,
+                    "transport_mode": self.config.transport_mode,
                     "data_port": self.data_server.port if self.data_server else None,
                     "incoming_sessions": len(self.data_server.sessions) if self.data_server else 0}
 
@@ -144,14 +149,25 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Transport first: with transport_mode=rdma_only and no usable RDMA the agent must not start.
+        self.transports = Transports(self.config, self.metrics)
+        try:
+            self.transports.require()
+        except TransportUnavailable as exc:
+            raise ConfigError("transport_mode", str(exc)) from exc
         for d in (self.state_dir, *self.config.allowed_dest_dirs):
             d.mkdir(parents=True, exist_ok=True)
         tracing.setup_tracing(self.config, service_name="dwcp-agent")
-        self.data_server = DataServer(self.config, self.metrics, self.key, pool=self.buffers)
+        self.data_server = DataServer(self.config, self.metrics, self.key, transports=self.transports,
+                                      pool=self.buffers)
         self.data_server.start()
         self._register_health()
         await self.consensus.start()
-        await self.rollout_store.sync()
+        await self._await_consensus(CONSENSUS_READY_S)
+        try:
+            await self.rollout_store.sync()
+        except (ConsensusError, ConsensusTimeout) as exc:  # a cluster without quorum yet: retried each tick
+            log.warning("rollout not synchronised with the cluster yet: %s", exc, extra={"component": "acp"})
         self.manager.ownership = RegistryOwnership(self.consensus, self.config.node_id, asyncio.get_running_loop())
         self.health.register("acp", self.consensus.health)
         app = web.Application(client_max_size=1 << 20)
@@ -165,13 +181,20 @@ class Agent:
         self.admin_port = self._runner.addresses[0][1]
         self._write_runtime_file()
         self.health.started = True
-        self.metrics.transport_info.labels("tcp").set(1)
+        self.transports.publish()
         self._tasks = [asyncio.create_task(self._tick_guard()),
                        asyncio.create_task(self.notifier.run_watchdog(lambda: not self.health.stopping))]
         self.notifier.ready(f"serving: data :{self.data_server.port}, admin :{self.admin_port}")
         log.info("agent ready", extra={"component": "agent", "version": __version__,
                                        "data_port": self.data_server.port, "admin_port": self.admin_port,
                                        "node_id": self.config.node_id})
+
+    async def _await_consensus(self, timeout: float) -> None:
+        """Give the cluster a moment to elect a leader, so the first registry operations do not
+        wait out an election (and count as slow operations in the latency SLI)."""
+        deadline = time.monotonic() + timeout
+        while self.consensus.health()["status"] != "ok" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def _write_runtime_file(self) -> None:
         """state_dir/agent.json tells scripts and tests which ports were bound (ports may be 0)."""
@@ -196,6 +219,8 @@ class Agent:
         if self.data_server is not None:
             remaining = max(0.1, timeout - (time.monotonic() - started))
             await loop.run_in_executor(None, self.data_server.stop, remaining * 0.8)
+        if self.transports is not None:
+            self.transports.close()
         await self.consensus.stop()
         if self._runner is not None:
             await self._runner.cleanup()
