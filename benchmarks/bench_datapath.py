@@ -58,7 +58,9 @@ def _workdir() -> Path:
 def _migrate(source: LocalAgent, dest: LocalAgent, image: Path, protocol: str | None = None) -> dict[str, Any]:
     target = dest.images / "out.img"
     target.unlink(missing_ok=True)
-    body: dict[str, Any] = {"source": str(image), "to": f"127.0.0.1:{dest.data_port}", "dest_path": str(target)}
+    # a new VM id per run: a completed migration hands the VM's ownership to the destination
+    body: dict[str, Any] = {"source": str(image), "to": f"127.0.0.1:{dest.data_port}", "dest_path": str(target),
+                            "vm_id": f"bench-{secrets.token_hex(4)}"}
     if protocol:
         body["protocol"] = protocol
     final = follow(source.url, api_call(source.url, "POST", "/api/v3/migrations", body)["id"], show_progress=False)

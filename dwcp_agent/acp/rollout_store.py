@@ -78,10 +78,12 @@ class RegistryRolloutStore:
             self.save(pending)
 
     async def refresh(self) -> None:
-        """Adopt the cluster's committed setting when it differs (and nothing of ours is in flight)."""
-        if self._pushing:
-            return
-        self._adopt(await self.consensus.rollout())
+        """Adopt the cluster's committed setting when it differs (and nothing of ours is in flight);
+        finish a start-up `sync` the cluster could not answer then."""
+        if self._pending is not None:
+            await self.sync()
+        elif not self._pushing:
+            self._adopt(await self.consensus.rollout())
 
     def _adopt(self, setting: RolloutSetting) -> None:
         current = self._cache or RolloutState()

@@ -304,8 +304,7 @@ class _Attempt:
                 with lock:
                     inflight.append((seq, item))
                 try:
-                    with s.metrics.operation("amst"):
-                        channel.send_frame(header, payload)
+                    channel.send_frame(header, payload)  # its time is the link's, not an operation's
                 except OSError:
                     broken.set()
                     break

@@ -142,8 +142,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalAgent
 
 
 def migrate(source: LocalAgent, dest: LocalAgent, image: Path, dest_path: str) -> dict[str, Any]:
+    # One VM per destination file: after a completed migration the registry names the
+    # destination as the VM's owner, so the same VM cannot leave the source twice.
     started = api_call(source.url, "POST", "/api/v3/migrations",
-                       {"source": str(image), "to": f"127.0.0.1:{dest.data_port}", "dest_path": dest_path})
+                       {"source": str(image), "to": f"127.0.0.1:{dest.data_port}", "dest_path": dest_path,
+                        "vm_id": Path(dest_path).stem})
     return follow(source.url, started["id"], show_progress=False)
 
 
@@ -207,7 +210,8 @@ def test_recording_rules_alerts_and_automatic_rollback(stack):
     assert rollout["frozen"] and rollout["reason"].startswith("sla_nogo")
     wait_until("rollback visible in Prometheus",
                lambda: prom.value(f'dwcp_v3_rollout_percentage{{instance="127.0.0.1:{source.admin_port}"}}') == 0
-               and prom.value('sum(dwcp_v3_rollbacks_total{reason="sla_nogo"})') == 1)
+               and prom.value(f'dwcp_v3_rollbacks_total{{reason="sla_nogo",instance="127.0.0.1:{source.admin_port}"}}')
+               == 1)
     after = migrate(source, dest, image, str(dest.images / "after-rollback.img"))
     assert after["state"] == "completed" and after["protocol"] == "v1"
 
