@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from deploy_support import DEPLOY, ROOT, need_tool
 from promql import metric_names
