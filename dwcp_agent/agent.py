@@ -163,6 +163,12 @@ class Agent:
         self.data_server.start()
         self._register_health()
         await self.consensus.start()
+        members = self.consensus.members()
+        if not self.config.acp_peers and self.config.node_id not in members:
+            await self.consensus.stop()
+            raise ConfigError("node_id", f"{self.config.node_id!r} is not a member of the consensus state in "
+                                         f"{self.state_dir / 'acp'} (members: {', '.join(sorted(members))}); "
+                                         "use the node_id this state belongs to, or a new state_dir")
         await self._await_consensus(CONSENSUS_READY_S)
         try:
             await self.rollout_store.sync()
