@@ -75,6 +75,7 @@ class Agent:
         self.admin_port = 0
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._started_at = time.time()
 
     # -- components ---------------------------------------------------------------------------
@@ -107,6 +108,10 @@ class Agent:
     def _migration_finished(self, migration: Migration) -> None:
         self.guard.record_migration(migration.state, migration.duration_s, migration.progress.total_bytes,
                                     migration.request.protocol)
+        # The consensus protocol follows the network mode PBA measured (datacenter -> Raft,
+        # internet -> PBFT; ACP rate-limits switches itself).
+        if self._loop is not None and migration.request.mode_measured:
+            asyncio.run_coroutine_threadsafe(self.consensus.on_network_mode(migration.request.mode), self._loop)
 
     async def _tick_guard(self) -> None:
         """The SLA guard's clock: re-evaluate once a second so a held NO-GO rolls back on time."""
@@ -162,6 +167,7 @@ class Agent:
                                       pool=self.buffers)
         self.data_server.start()
         self._register_health()
+        self._loop = asyncio.get_running_loop()
         await self.consensus.start()
         members = self.consensus.members()
         if not self.config.acp_peers and self.config.node_id not in members:

@@ -75,6 +75,7 @@ class MigrationRequest:
     dest_path: str
     protocol: str = "v3"
     mode: str = "datacenter"
+    mode_measured: bool = False  # True once PBA named the mode from measurements
 
 
 @dataclass
@@ -358,6 +359,9 @@ class _Attempt:
         assert link is not None
         while not self.done.wait(link.interval_s):
             plan = link.tick(list(self.socks.items()), time.monotonic())
+            if link.mode is not None and not link.forced_mode:
+                self.s.request.mode = link.mode  # metric label of this migration's bytes and outcome
+                self.s.request.mode_measured = True
             with self.cond:
                 if plan.streams != self.target_streams:
                     log.info("streams %d -> %d: %s", self.target_streams, plan.streams, plan.reason,
@@ -417,7 +421,9 @@ class SendSession:
         # v1 is the static profile rollouts compare against: one codec, no cross-chunk state.
         self.cross_chunk = request.protocol == "v3"
         if self.cross_chunk:
-            self.encoder = make_encoder(config, metrics, link=link, threads=self.workers)
+            # The codec choice follows PBA's predicted bandwidth when the link is being measured.
+            link_source = self._predicted_bandwidth if self.link is not None and link is None else link
+            self.encoder = make_encoder(config, metrics, link=link_source, threads=self.workers)
         else:
             codec = "lz4" if config.compression_algo == "auto" else config.compression_algo
             self.encoder = ChunkEncoder(codec_by_name(codec, config.zstd_level), metrics)
@@ -435,6 +441,12 @@ class SendSession:
         self.buffers: queue.Queue[bytearray] = queue.Queue()
         for buf in self._lent:
             self.buffers.put(buf)
+
+    def _predicted_bandwidth(self) -> float | None:
+        """Bytes/s PBA expects on the next interval (None until it has measured something)."""
+        assert self.link is not None
+        prediction = self.link.predictor.predict()
+        return prediction.value if prediction is not None else None
 
     def encode(self, view: memoryview, index: int) -> EncodedChunk:
         """Encode one chunk; v3 passes its offset so baseline, dedupe and delta apply."""
