@@ -8,8 +8,10 @@ from pathlib import Path
 
 log = logging.getLogger("dwcp_agent.amst")
 
-# SO_MAX_PACING_RATE from <asm-generic/socket.h>; Python's socket module does not export it.
+# Socket options Python's socket module does not export (values from <asm-generic/socket.h>, <linux/tcp.h>).
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # Unsent bytes a data socket may queue. Without a cap the kernel buffers megabytes per stream that
 # have not left the host: memory outside our in-flight bound, and data lost (to send again) when a
@@ -25,19 +27,30 @@ def available_congestion_controls() -> list[str]:
         return []
 
 
-def tune_socket(sock: socket.socket, buffer_bytes: int = 0, congestion: str = "", pacing_rate: int = 0) -> None:
-    """Apply stream options; an unavailable congestion control is an error naming the choices."""
+def tune_socket(sock: socket.socket, buffer_bytes: int = 0, congestion: str = "", pacing_rate: int = 0,
+                receive_buffer: int = 0) -> None:
+    """Set a stream's send buffer, congestion control, pacing and unsent cap; works on live sockets.
+
+    Only SO_SNDBUF follows `buffer_bytes`: the receive window scale is fixed at connect time, so a
+    receiver is better served by kernel autotuning (or `receive_buffer` before connect/listen).
+    Sizes above net.core.[rw]mem_max use the *BUFFORCE options where the process may (CAP_NET_ADMIN).
+    An unavailable congestion control is a ValueError naming what the kernel offers.
+    """
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
-    if buffer_bytes:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+    for size, force, plain in ((buffer_bytes, SO_SNDBUFFORCE, socket.SO_SNDBUF),
+                               (receive_buffer, SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        if size:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
     if congestion:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
         except OSError as exc:
-            choices = " ".join(available_congestion_controls()) or "unknown"
-            raise ValueError(f"tcp_congestion {congestion!r} is not available (kernel offers: {choices})") from exc
+            offered = " ".join(available_congestion_controls()) or "unknown"
+            raise ValueError(f"tcp_congestion {congestion!r} is not available (kernel offers: {offered})") from exc
     if pacing_rate:
         sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, pacing_rate)
 

@@ -6,28 +6,21 @@ bandwidth-delay product and then climbs: it multiplies the stream count while th
 bring their share of goodput, steps back when they did not, and sheds streams when loss or RTT
 climbs without a gain. It is a pure state machine in the style of etcd's raft: the data path feeds
 it `LinkSample`s (time inside) and applies the `StreamPlan` it returns; it never touches a socket.
-`apply_socket_options` is the one helper that does, for the data path to call per socket.
+`amst.tcp.tune_socket` is the one helper that does, for the data path to call per socket.
 """
 
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
+from dwcp_agent.amst.tcp import available_congestion_controls
 from dwcp_agent.config import PAGE_SIZE, Config, KiB, MiB
 from dwcp_agent.pba.probe import LinkSample
 
-__all__ = [
-    "SO_MAX_PACING_RATE", "StreamPlan", "StreamTuner", "TuningLimits", "apply_socket_options",
-    "available_congestion_controls", "choose_congestion", "loss_limited_rate",
-]
+__all__ = ["StreamPlan", "StreamTuner", "TuningLimits", "choose_congestion", "loss_limited_rate"]
 
-SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 LOSS_BASED = ("cubic", "reno", "htcp", "illinois", "westwood", "scalable", "highspeed")
 
 
@@ -63,14 +56,6 @@ class StreamPlan:
     pacing_rate: int
     chunk_size: int
     reason: str
-
-
-def available_congestion_controls() -> list[str]:
-    """Congestion control algorithms this kernel offers (empty if unknown)."""
-    try:
-        return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
-    except OSError:
-        return []
 
 
 def choose_congestion(requested: str, available: Sequence[str]) -> str:
@@ -266,29 +251,3 @@ class StreamTuner:
             plan = replace(plan, chunk_size=self.config.chunk_size)
         self.plan = plan
         return plan
-
-
-def apply_socket_options(sock: socket.socket, buffer_bytes: int = 0, congestion: str = "",
-                         pacing_rate: int = 0, receive_buffer: int = 0) -> None:
-    """Set one sending stream's buffer, congestion control and pacing; works on live sockets.
-
-    Only SO_SNDBUF is set by default: the receive window scale is fixed at connect time, so a
-    receiver is better served by kernel autotuning (or `receive_buffer` before connect/listen).
-    Sizes above net.core.[rw]mem_max use the *BUFFORCE options where the process may (CAP_NET_ADMIN).
-    """
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for size, force, plain in ((buffer_bytes, SO_SNDBUFFORCE, socket.SO_SNDBUF),
-                               (receive_buffer, SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-        if size:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, size)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)
-    if congestion:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
-        except OSError as exc:
-            offered = " ".join(available_congestion_controls()) or "unknown"
-            raise ValueError(f"tcp_congestion {congestion!r} is not available (kernel offers: {offered})") from exc
-    if pacing_rate:
-        sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, pacing_rate)

@@ -63,7 +63,7 @@ class DataServer:
     def _serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         with contextlib.suppress(OSError):
-            tcp.tune_socket(conn, self.config.socket_buffer_bytes)
+            tcp.tune_socket(conn, receive_buffer=self.config.socket_buffer_bytes)
         try:
             peer = wire.server_handshake(conn, self.key, self.config.node_id,
                                          capabilities=self.transports.capabilities())

@@ -13,7 +13,8 @@ import threading
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from dwcp_agent.amst.tuning import StreamPlan, StreamTuner, apply_socket_options
+from dwcp_agent.amst.tcp import tune_socket
+from dwcp_agent.amst.tuning import StreamPlan, StreamTuner
 from dwcp_agent.config import Config
 from dwcp_agent.pba.mode import ModeDetector
 from dwcp_agent.pba.predictor import Prediction, Predictor
@@ -91,7 +92,7 @@ class LinkController:
     def configure(self, sock: socket.socket) -> None:
         """Options for a newly opened data socket under the current plan (call before connect)."""
         plan = self.tuner.plan
-        apply_socket_options(sock, plan.buffer_bytes, plan.congestion, plan.pacing_rate)
+        tune_socket(sock, plan.buffer_bytes, plan.congestion, plan.pacing_rate)
 
     def _resize(self, socks: list[tuple[Hashable, socket.socket]], plan: StreamPlan) -> None:
         """Grow send buffers of live sockets when the plan's per-stream buffer grew."""
@@ -100,7 +101,7 @@ class LinkController:
         for key, sock in socks:
             if self._applied.get(key, 0) < plan.buffer_bytes:
                 try:
-                    apply_socket_options(sock, plan.buffer_bytes)
+                    tune_socket(sock, plan.buffer_bytes)
                 except OSError:
                     continue
                 self._applied[key] = plan.buffer_bytes

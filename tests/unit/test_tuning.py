@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
+from dwcp_agent.amst.tcp import tune_socket
 from dwcp_agent.amst.tuning import (
     StreamTuner,
     TuningLimits,
-    apply_socket_options,
     available_congestion_controls,
     choose_congestion,
     loss_limited_rate,
@@ -116,14 +116,14 @@ def test_choose_congestion() -> None:
         choose_congestion("vegas", CC)
 
 
-def test_apply_socket_options_on_a_real_socket() -> None:
+def test_tune_socket_on_a_real_socket() -> None:
     offered = available_congestion_controls()
     cc = "cubic" if "cubic" in offered else (offered[0] if offered else "")
     with socket.socket() as sock:
-        apply_socket_options(sock, buffer_bytes=2 * MiB, congestion=cc, pacing_rate=10 * MiB)
+        tune_socket(sock, buffer_bytes=2 * MiB, congestion=cc, pacing_rate=10 * MiB)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * MiB  # kernel doubles it
         if cc:
             got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
             assert got.rstrip(b"\0").decode() == cc
         with pytest.raises(ValueError, match="not available"):
-            apply_socket_options(sock, congestion="no-such-cc")
+            tune_socket(sock, congestion="no-such-cc")
