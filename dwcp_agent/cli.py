@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from dwcp_agent import __version__
+from dwcp_agent.acp import cli as acp_cli
 from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
 from dwcp_agent.progress import ProgressBar, human_bytes, human_rate, summary
+from dwcp_agent.telemetry import rollout_cli
 
 DEFAULT_AGENT = "http://127.0.0.1:8080"
 EXIT_FAILED = 1
@@ -263,23 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default="demo-state", help="where the demo keeps images and state")
     p.set_defaults(func=cmd_demo)
 
-    for register in _component_commands():
-        register(sub)
+    acp_cli.register(sub)
+    rollout_cli.register(sub)
     return parser
-
-
-def _component_commands() -> list[Any]:
-    """Subcommands contributed by components (cluster/vm, rollout/sla-report) when present."""
-    registers: list[Any] = []
-    for module_name in ("dwcp_agent.acp.cli", "dwcp_agent.telemetry.rollout_cli"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        registers.append(module.register)
-    return registers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
