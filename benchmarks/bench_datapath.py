@@ -115,7 +115,7 @@ def run(quick: bool) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     ref = results["iperf3_P4_bytes_per_second"]
     lines = [f"### Data path ({results['image_bytes'] >> 20} MiB images, loopback)", "",
-             "| case | logical GB/s | × iperf3 -P 4 | wire ratio |", "|---|---|---|---|",
+             "| case | logical GB/s | x iperf3 -P 4 | wire ratio |", "|---|---|---|---|",
              f"| iperf3 -P 4 (reference) | {ref / 1e9:.2f} | 1.00 | - |"]
     for name in ("random_none_4streams", "random_none_4streams_hde", "vmmix_auto_v3", "vmmix_first_cut_v1"):
         r = results[name]
