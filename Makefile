@@ -9,7 +9,7 @@ NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
 # System tools the tests and benchmarks use: iperf3/zstd/lz4 as references, iproute2/iptables/
 # ethtool/libnetfilter-queue for the WAN test bed, rdma-core/pyverbs for RDMA discovery,
 # prometheus/alertmanager/promtool/amtool for the operator surface, etcd for the consensus bench.
-APT_PKGS := iperf3 zstd lz4 iproute2 iptables ethtool gcc libnetfilter-queue-dev \
+APT_PKGS := iperf3 zstd lz4 iproute2 iptables ethtool gcc libnetfilter-queue-dev libxxhash-dev \
 	        python3-pyverbs rdma-core ibverbs-utils prometheus prometheus-alertmanager systemd \
 	        etcd-server etcd-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
