@@ -126,9 +126,10 @@ class _Attempt:
         self.session_id = ready.session
         self.version = version
         self.have = unpack_have(ready.have)
-        self.queue: queue.Queue[_Item] = queue.Queue()
+        # Encoded chunks for the stream threads; None is the wake-up that the attempt is over.
+        self.queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self.redo: collections.deque[_Item] = collections.deque()  # orphaned by a broken stream
-        self.free: queue.Queue[bytearray] = session.buffers
+        self.free: queue.SimpleQueue[bytearray] = session.buffers
         self.cond = threading.Condition()
         self.outstanding = 0
         self.next_index = 0
@@ -164,6 +165,7 @@ class _Attempt:
                 self.error = error
             self.cond.notify_all()
         self.done.set()
+        self.queue.put(None)
         self.committed_event.set()
 
     def _finished(self) -> bool:
@@ -238,6 +240,7 @@ class _Attempt:
             self.outstanding -= 1
             if self._finished():
                 self.done.set()
+                self.queue.put(None)
                 self.cond.notify_all()
 
     # -- streams ----------------------------------------------------------------------------
@@ -296,6 +299,9 @@ class _Attempt:
                 try:
                     item = self.queue.get(timeout=POLL_S)
                 except queue.Empty:
+                    continue
+                if item is None:  # done: pass the wake-up on to the next stream thread
+                    self.queue.put(None)
                     continue
                 enc = item.encoded
                 header = wire.pack_header(wire.FrameType.DATA, enc.flags, enc.codec, self.session_id, stream_id,
@@ -438,7 +444,7 @@ class SendSession:
         slots = max(2 * self.streams + self.workers, config.max_inflight_bytes // self.chunk_size)
         self.pool = pool or BufferPool()
         self._lent = self.pool.take(self.chunk_size, min(slots, max(self.chunks, 1)))
-        self.buffers: queue.Queue[bytearray] = queue.Queue()
+        self.buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for buf in self._lent:
             self.buffers.put(buf)
 
@@ -637,7 +643,8 @@ class SendSession:
                 item = attempt.queue.get_nowait()
             except queue.Empty:
                 break
-            self.buffers.put(item.buffer)
+            if item is not None:
+                self.buffers.put(item.buffer)
         while attempt.redo:
             self.buffers.put(attempt.redo.popleft().buffer)
 
