@@ -31,7 +31,7 @@ from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.manager import Migration, MigrationManager
-from dwcp_agent.migration.sender import MigrationRequest
+from dwcp_agent.migration.model import MigrationRequest
 from dwcp_agent.migration.server import DataServer
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.health import Health

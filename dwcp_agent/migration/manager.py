@@ -19,14 +19,8 @@ from opentelemetry import trace as otel_trace
 
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
-from dwcp_agent.migration.sender import (
-    Interrupted,
-    MigrationError,
-    MigrationRequest,
-    Progress,
-    SendResult,
-    SendSession,
-)
+from dwcp_agent.migration.model import Interrupted, MigrationError, MigrationRequest, Progress, SendResult
+from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 

@@ -24,7 +24,8 @@ from softverbs import SoftContext, SoftFabric, SoftProvider, SoftQP
 
 from dwcp_agent.amst.select import Transports
 from dwcp_agent.config import Config, load_config
-from dwcp_agent.migration.sender import MigrationError, MigrationRequest, SendSession
+from dwcp_agent.migration.model import MigrationError, MigrationRequest
+from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.migration.server import DataServer
 from dwcp_agent.telemetry.metrics import Metrics
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dwcp_agent.config import Config, load_config
-from dwcp_agent.migration.sender import MigrationRequest, SendResult, SendSession
+from dwcp_agent.migration.model import MigrationRequest, SendResult
+from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.migration.server import DataServer
 from dwcp_agent.telemetry.metrics import Metrics
 

@@ -16,7 +16,7 @@ from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
 
 from dwcp_agent import wire
 from dwcp_agent.hde.chunk import checksum
-from dwcp_agent.migration.sender import MigrationError, SendResult
+from dwcp_agent.migration.model import MigrationError, SendResult
 
 MiB = 1 << 20
 

@@ -11,7 +11,7 @@ from datapath_support import Migrate, Receiver
 
 from dwcp_agent.migration.digest import file_digest
 from dwcp_agent.migration.images import generate
-from dwcp_agent.migration.sender import MigrationError
+from dwcp_agent.migration.model import MigrationError
 
 MiB = 1 << 20
 CODECS = ("none", "lz4", "zstd", "snappy")
@@ -109,7 +109,8 @@ def test_v1_profile_ignores_the_baseline_and_still_verifies(receiver: Receiver, 
                                                            tmp_path: Path) -> None:
     from datapath_support import PSK, make_config
 
-    from dwcp_agent.migration.sender import MigrationRequest, SendSession
+    from dwcp_agent.migration.model import MigrationRequest
+    from dwcp_agent.migration.sender import SendSession
     from dwcp_agent.telemetry.metrics import Metrics
 
     source = _image(src_dir, 8 * MiB, "random")
