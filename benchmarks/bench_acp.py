@@ -7,7 +7,7 @@ Systems (each node its own process, durable logs):
   etcd 3.4 (etcd-server), 3 members        load: C concurrent PUTs to member 1's JSON gateway (/v3/kv/put)
 Every operation is one write committed by the cluster; latency is submit -> result at node 1.
 
-    .venv/bin/python benchmarks/bench_acp.py [--quick]
+    .venv/bin/python -m benchmarks.bench_acp [--quick]
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ for reused ones), which would measure the hypervisor rather than the agent.
 
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
 import shutil
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import standalone
 from dwcp_agent.cli import api_call, follow
 from dwcp_agent.demo import LocalAgent, free_port
 from dwcp_agent.migration.images import generate
@@ -125,13 +125,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="512 MiB images instead of 2 GiB")
-    args = parser.parse_args()
-    results = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "datapath.json").write_text(json.dumps(results, indent=1))
-    print(markdown(results))
+    standalone("datapath", run, __doc__, markdown)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ HDE encodes 1 MiB chunks on a pool of one thread per core (as the sender does), 
 acknowledged as soon as it is encoded (a receiver that keeps up), and decodes them on one thread
 in order; throughputs are logical bytes per second of wall time.
 
-    .venv/bin/python benchmarks/bench_hde.py [--quick]
+    .venv/bin/python -m benchmarks.bench_hde [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.harness import standalone
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -206,13 +206,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_hde.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    standalone("hde", run, __doc__)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ Each kernel runs over the same buffer as its reference, best of several repeats,
   XOR delta decode     vs numpy `page ^= xor` (in place)
 Delta pages have 1 % of their bytes changed in short runs, as a page re-sent in a pre-copy round.
 
-    .venv/bin/python benchmarks/bench_kernels.py [--quick]
+    .venv/bin/python -m benchmarks.bench_kernels [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import xxhash
+
+from benchmarks.harness import standalone
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -154,13 +154,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_kernels.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    standalone("kernels", run, __doc__)
 
 
 if __name__ == "__main__":

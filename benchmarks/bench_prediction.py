@@ -7,7 +7,7 @@ trace is then replayed through the ensemble and the last-value predictor (both c
 prediction per interval). Reported: MAPE of each, and on stable segments (from 1 s after a
 change) the share of ensemble predictions within 10 % of the measured value.
 
-    .venv/bin/python benchmarks/bench_prediction.py [--quick] [--cc cubic] [--cc bbr]
+    .venv/bin/python -m benchmarks.bench_prediction [--quick] [--cc cubic] [--cc bbr]
 JSON to benchmarks/results/bench_prediction.json, traces to benchmarks/results/rate_change_trace_<cc>.csv.
 """
 

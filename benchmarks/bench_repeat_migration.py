@@ -7,13 +7,11 @@ one is decoded against the baseline file through FilePages and checked byte for 
 wire bytes of each, their ratio, the have-list's size on the wire, and how long the receiver
 takes to compute it (GB/s of baseline hashed).
 
-    .venv/bin/python benchmarks/bench_repeat_migration.py [--quick]
+    .venv/bin/python -m benchmarks.bench_repeat_migration [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.harness import standalone
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -92,13 +92,7 @@ def run(quick: bool, changed: float = 0.05) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_repeat_migration.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    standalone("repeat_migration", run, __doc__)
 
 
 if __name__ == "__main__":

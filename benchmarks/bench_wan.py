@@ -5,7 +5,7 @@ one stream, -P 8 and -P 16, then `dwcp-agent migrate` of an incompressible image
 logical bytes = wire bytes) with STREAM_COUNT=0, i.e. streams chosen online by the tuner.
 Ratios are against iperf3 measured minutes apart on the same namespaces, never across runs.
 
-    .venv/bin/python benchmarks/bench_wan.py [--quick] [--profile internet] [--cc cubic]
+    .venv/bin/python -m benchmarks.bench_wan [--quick] [--profile internet] [--cc cubic]
 JSON goes to benchmarks/results/bench_wan.json.
 """
 
