@@ -117,10 +117,11 @@ class ChunkEncoder:
 
     def __init__(self, codec: Codec | None = None, metrics: Metrics | None = None, *,
                  selector: CodecSelector | None = None, delta_cache_bytes: int = 0,
-                 dedupe_entries: int = 1 << 18) -> None:
+                 dedupe_entries: int = 1 << 18, dedupe: bool = True) -> None:
         if codec is None and selector is None:
             selector = CodecSelector()
         self.codec = codec
+        self.dedupe = dedupe  # in-chunk duplicate pages; cross-chunk features need `offset` in encode
         self.selector = selector
         self.metrics = metrics
         self.stats = EncoderStats()
@@ -178,8 +179,12 @@ class ChunkEncoder:
         s = self._scratch(n_pages, raw_len)
         zero, hashes, kinds = s.zero[:n_pages], s.hashes[:n_pages], s.kinds[:n_pages]
         refs, slots = s.refs[:n_pages], s.slots[:n_pages]
-        zeros = pages.page_hashes(view, zero, hashes) if raw_len else 0
-        pages.dedupe_in_chunk(view, zero, hashes, kinds, refs)
+        if self.dedupe or offset is not None:
+            zeros = pages.page_hashes(view, zero, hashes) if raw_len else 0
+            pages.dedupe_in_chunk(view, zero, hashes, kinds, refs)
+        else:  # the first-cut profile: zero pages only, no fingerprints to compute
+            zeros = pages.zero_page_mask(view, zero) if raw_len else 0
+            np.copyto(kinds, zero)  # mask 1/0 is exactly PageKind.ZERO/LITERAL
         delta_bytes = n_delta = 0
         page0 = -1
         if offset is not None and offset % PAGE_SIZE == 0 and raw_len:

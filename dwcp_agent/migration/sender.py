@@ -80,7 +80,7 @@ class SendSession:
             self.encoder = make_encoder(config, metrics, link=link_source, threads=self.workers)
         else:
             codec = "lz4" if config.compression_algo == "auto" else config.compression_algo
-            self.encoder = ChunkEncoder(codec_by_name(codec, config.zstd_level), metrics)
+            self.encoder = ChunkEncoder(codec_by_name(codec, config.zstd_level), metrics, dedupe=False)
         try:
             self.fd = os.open(request.source, os.O_RDONLY)
         except OSError as exc:
