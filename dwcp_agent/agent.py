@@ -9,12 +9,13 @@ incoming sessions make their journals durable, then the servers close, all withi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,15 @@ from dwcp_agent.telemetry.sla_http import sla_routes
 
 log = logging.getLogger("dwcp_agent.agent")
 CONSENSUS_READY_S = 5.0
+
+
+@contextlib.contextmanager
+def _listening(key: str, host: str, port: int) -> Iterator[None]:
+    """A port we cannot bind is an operator-fixable setting: say which key and why."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(key, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 class Agent:
@@ -163,8 +173,9 @@ class Agent:
         for d in (self.state_dir, *self.config.allowed_dest_dirs):
             d.mkdir(parents=True, exist_ok=True)
         tracing.setup_tracing(self.config, service_name="dwcp-agent")
-        self.data_server = DataServer(self.config, self.metrics, self.key, transports=self.transports,
-                                      pool=self.buffers)
+        with _listening("data_port", self.config.listen_host, self.config.data_port):
+            self.data_server = DataServer(self.config, self.metrics, self.key, transports=self.transports,
+                                          pool=self.buffers)
         self.data_server.start()
         self._register_health()
         self._loop = asyncio.get_running_loop()
@@ -189,7 +200,8 @@ class Agent:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.admin_host, self.config.admin_port)
-        await site.start()
+        with _listening("admin_port", self.config.admin_host, self.config.admin_port):
+            await site.start()
         self.admin_port = self._runner.addresses[0][1]
         self._write_runtime_file()
         self.health.started = True

@@ -68,3 +68,20 @@ def test_serve_with_bad_configuration_exits_2_naming_the_key(tmp_path: Path, arg
                            *args], env={**base, **env}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert f"'{key}'" in proc.stderr
+
+
+def test_port_in_use_exits_2_naming_the_key(tmp_path: Path) -> None:
+    import socket
+
+    psk = tmp_path / "psk"
+    psk.write_text("k" * 32)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "dwcp_agent", "serve", "--state-dir", str(tmp_path),
+                               "--psk-file", str(psk), "--listen-host", "127.0.0.1", "--data-port", str(port),
+                               "--admin-port", "0", "--set", "acp_port=0"],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "'data_port'" in proc.stderr and "Address already in use" in proc.stderr
