@@ -151,6 +151,13 @@ class Refuse(msgspec.Struct, tag="refuse"):
     error_type: str = "refused"
 
 
+class ActiveProbe(msgspec.Struct, tag="probe"):
+    """Before Start: both ends hand the control connection to pba.active for one short probe."""
+
+    pings: int = 5
+    burst_bytes: int = 2 * 1024 * 1024
+
+
 class Start(msgspec.Struct, tag="start"):
     migration_id: str
     vm_id: str
@@ -165,14 +172,6 @@ class Ready(msgspec.Struct, tag="ready"):
     session: int
     have: bytes = b""  # packed little-endian (chunk index u64, checksum u64) pairs already durable
     baseline_have: bytes = b""  # HDE have-list of the destination's earlier image (hde.baseline)
-
-
-class Reconcile(msgspec.Struct, tag="reconcile"):
-    chunks: int
-
-
-class Missing(msgspec.Struct, tag="missing"):
-    indices: bytes  # packed little-endian u64 chunk indices
 
 
 class Commit(msgspec.Struct, tag="commit"):
@@ -232,8 +231,8 @@ class RdmaFailed(msgspec.Struct, tag="rdma_failed"):
     error_type: str
 
 
-Message = (Hello | Challenge | Auth | Welcome | Refuse | Start | Ready | Reconcile | Missing | Commit
-           | Committed | Abort | Failed | RdmaConnect | RdmaAccept | RdmaDecline | RdmaFailed)
+Message = (Hello | Challenge | Auth | Welcome | Refuse | ActiveProbe | Start | Ready | Commit | Committed
+           | Abort | Failed | RdmaConnect | RdmaAccept | RdmaDecline | RdmaFailed)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

@@ -37,6 +37,7 @@ from dwcp_agent.migration.model import (
     Progress,
     SendResult,
 )
+from dwcp_agent.pba.active import ProbeError, run_probe
 from dwcp_agent.pba.link import LinkController
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
@@ -61,6 +62,7 @@ class SendSession:
         self.request = request
         self.cancel = threading.Event()
         self.abort_destination = False
+        self.probed = False
         self.peer_node = ""  # the destination agent's node id, learnt in the handshake
         self.trace = trace or {}
         self.progress = progress or Progress()
@@ -95,6 +97,23 @@ class SendSession:
         self.buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for buf in self._lent:
             self.buffers.put(buf)
+
+    def _probe(self, control: socket.socket) -> None:
+        """One short active probe (RTT pings and a bounded burst) before the first Start, so the
+        tuner starts from the measured bandwidth-delay product instead of its defaults."""
+        assert self.link is not None
+        self.probed = True  # once per migration, even if it fails
+        try:
+            wire.send_message(control, wire.ActiveProbe())
+            result = run_probe(control)
+        except (ProbeError, OSError) as exc:
+            control.close()
+            raise MigrationError(f"active probe failed: {exc}", "probe", retryable=True) from exc
+        plan = self.link.start(result.rtt_min_s, result.bandwidth_bps)
+        self.streams = plan.streams
+        log.info("probe: rtt %.2f ms, %.0f Mbit/s -> %d streams", result.rtt_min_s * 1e3,
+                 result.bandwidth_bps * 8e-6, plan.streams,
+                 extra={"migration_id": self.request.migration_id, "component": "pba"})
 
     def _predicted_bandwidth(self) -> float | None:
         """Bytes/s PBA expects on the next interval (None until it has measured something)."""
@@ -225,6 +244,8 @@ class SendSession:
                  chosen.reason if chosen else f"RDMA off for this migration: "
                  f"{self.rdma_disabled or self.transports.selection.reason}",
                  extra={"migration_id": r.migration_id, "component": "amst"})
+        if self.link is not None and not self.probed:
+            self._probe(control)
         try:
             wire.send_message(control, wire.Start(r.migration_id, r.vm_id, r.dest_path, self.size,
                                                   self.chunk_size, self.streams, r.protocol))

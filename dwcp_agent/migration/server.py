@@ -20,6 +20,7 @@ from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.receiver import ReceiveError, ReceiveSession, open_session
+from dwcp_agent.pba.active import ProbeError, serve_probe
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -80,7 +81,16 @@ class DataServer:
 
     def _serve_control(self, conn: socket.socket, peer: wire.PeerInfo) -> None:
         try:
-            start = wire.recv_message(conn, wire.Start)
+            first = wire.recv_message(conn, (wire.Start, wire.ActiveProbe))
+            if isinstance(first, wire.ActiveProbe):  # the source measures the path first (PBA)
+                serve_probe(conn)
+                first = wire.recv_message(conn, wire.Start)
+            start: wire.Start = first
+        except ProbeError as exc:
+            self.metrics.error("pba", "probe")
+            log.warning("active probe from %s failed: %s", peer.node_id, exc, extra={"error_type": "probe"})
+            conn.close()
+            return
         except (wire.WireError, OSError) as exc:
             self.metrics.error("amst", getattr(exc, "error_type", "disconnected"))
             conn.close()

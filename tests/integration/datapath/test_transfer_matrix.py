@@ -120,3 +120,21 @@ def test_v1_profile_ignores_the_baseline_and_still_verifies(receiver: Receiver, 
     result = SendSession(make_config(tmp_path, compression_algo="none"), Metrics(), PSK, request).run()
     assert result.wire_bytes >= 8 * MiB  # v1: no have-list, every byte travels
     _assert_identical(source, receiver.dir / "out.img", result.digest)
+
+
+def test_tuned_streams_start_from_an_active_probe(receiver: Receiver, src_dir: Path, tmp_path: Path) -> None:
+    from datapath_support import PSK, make_config
+
+    from dwcp_agent.migration.model import MigrationRequest
+    from dwcp_agent.migration.sender import SendSession
+    from dwcp_agent.telemetry.metrics import Metrics
+
+    source = _image(src_dir, 24 * MiB, "random")
+    request = MigrationRequest("m-tuned", "vm", source, "127.0.0.1", receiver.port, str(receiver.dir / "out.img"))
+    session = SendSession(make_config(tmp_path, stream_count=0), Metrics(), PSK, request)
+    result = session.run()
+    _assert_identical(source, receiver.dir / "out.img", result.digest)
+    assert session.probed and session.link is not None
+    snapshot = session.link.snapshot()
+    assert snapshot.plan.streams >= 1
+    assert receiver.errors("pba", "probe") == 0
