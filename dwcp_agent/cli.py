@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dwcp_agent import __version__
@@ -172,6 +173,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.size, args.state_dir, args.streams, args.codec, args.profile)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run benchmarks/run_all.py from the source tree this package was installed from."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "run_all.py").is_file():
+        print("dwcp-agent: the benchmarks ship with the source tree; run this from a checkout "
+              "(pip install -e .) or use `make bench` there", file=sys.stderr)
+        return EXIT_USAGE
+    sys.path.insert(0, str(root))
+    from benchmarks.run_all import main as run_all
+
+    return run_all((["--quick"] if args.quick else []) + (["--only", *args.only] if args.only else []))
+
+
 # ---------------------------------------------------------------------------------------------
 # parser
 
@@ -264,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compression (default auto)")
     p.add_argument("--state-dir", default="demo-state", help="where the demo keeps images and state")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run the benchmarks (results in benchmarks/results/)",
+                       description="Run the benchmarks of the source tree (data path against iperf3, HDE "
+                                   "kernels against numpy/memcpy and the zstd/lz4 tools, WAN profiles, consensus "
+                                   "against PySyncObj/etcd) and write JSON plus summary.md to benchmarks/results/.")
+    p.add_argument("--quick", action="store_true", help="small inputs (minutes instead of tens of minutes)")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="kernels, datapath, hde, repeat_migration, acp, prediction, wan")
+    p.set_defaults(func=cmd_bench)
 
     acp_cli.register(sub)
     rollout_cli.register(sub)
