@@ -86,7 +86,6 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._started_at = time.time()
 
     # -- components ---------------------------------------------------------------------------
 

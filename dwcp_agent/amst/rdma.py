@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import secrets
 import select
 import socket
 import threading
@@ -450,6 +449,3 @@ def accept_destination(ctx: VerbsContext, sock: socket.socket, max_frame: int, m
     return RdmaFrameSource(ctx, qp, mr, slots, slot_size, sock, metrics)
 
 
-def new_psn() -> int:
-    """A random 24-bit packet sequence number for a new QP."""
-    return secrets.randbits(24)

@@ -200,11 +200,6 @@ class StreamTuner:
             self._base = None
         return self._commit(self._make(n, reason))
 
-    def observe_loss_spike(self, now: float) -> StreamPlan:
-        """Shed a quarter of the streams at once (the data path saw timeouts or mass retransmits)."""
-        n = max(self.limits.min_streams, self.plan.streams * 3 // 4)
-        return self._change(now, n, "hold", "loss spike") if not self.pinned else self.plan
-
     # --- plan details ----------------------------------------------------------------------
     def _make(self, n: int, reason: str) -> StreamPlan:
         lim = self.limits

@@ -13,11 +13,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-# Fields promoted to the top level of every line when a caller passes them in `extra`.
-KNOWN_FIELDS = (
-    "component", "migration_id", "migration_status", "duration_ms", "byzantine_detected", "peer_id",
-    "error_type", "node_id",
-)
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 

@@ -4,9 +4,8 @@ A pure state machine in the style of etcd's raft: it never reads the wall clock,
 thread and touches no socket. The agent feeds it
 
 * `record_migration(status, duration_s, logical_bytes, protocol)` for every ended migration,
-* `record_error(component, error_type)` for errors (or components call `Metrics.error` directly:
-  the guard reads the component operation and error counters from the registry on each call),
-* `tick()` about once a second,
+* `tick()` about once a second: it reads the component operation and error counters from the
+  metrics registry (components count errors with `Metrics.error`),
 
 and reads `decision`, `snapshot()` and `summary()`. Time comes from the injected `clock`.
 
@@ -256,11 +255,6 @@ class SlaGuard:
             if completed:
                 self.metrics.migrated_bytes.labels(protocol).inc(logical_bytes)
             self._evaluate(now)
-
-    def record_error(self, component: str, error_type: str) -> None:
-        """Count an error in the metrics; the guard picks it up from the registry."""
-        self.metrics.error(component, error_type)
-        self.tick()
 
     def tick(self) -> None:
         """Advance time: read the counters, re-evaluate, roll back on a held NO-GO."""

@@ -141,7 +141,8 @@ def test_error_rate_counts_component_errors_from_the_registry(config, metrics, c
     migrate(guard, clock, 2)  # 100 operations in all, 1 error
     assert guard.window_slis()["error_rate"] == pytest.approx(0.01)
     assert guard.decision == "GO"  # exactly at the 1 % threshold
-    guard.record_error("amst", "stream_reset")
+    metrics.error("amst", "stream_reset")
+    guard.tick()
     assert guard.window_slis()["error_rate"] == pytest.approx(2 / 100)
     assert guard.decision == "NO-GO" and guard.violations == ["error_rate"]
     assert sample(metrics, "dwcp_v3_errors_total", component="amst", error_type="stream_reset") == 2
