@@ -165,6 +165,7 @@ class Agent:
     async def start(self) -> None:
         # Transport first: with transport_mode=rdma_only and no usable RDMA the agent must not start.
         self.transports = Transports(self.config, self.metrics)
+        self.manager.transports = self.transports
         try:
             self.transports.require()
         except TransportUnavailable as exc:

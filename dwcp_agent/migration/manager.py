@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace as otel_trace
 
+from dwcp_agent.amst.select import Transports
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.model import Interrupted, MigrationError, MigrationRequest, Progress, SendResult
@@ -109,6 +110,7 @@ class MigrationManager:
         self.on_finished = on_finished
         self.pool = pool or BufferPool()
         self.ownership = ownership
+        self.transports: Transports | None = None  # the agent's selection, shared by every migration
         self.migrations: dict[str, Migration] = {}
         self._lock = threading.Lock()
 
@@ -150,7 +152,7 @@ class MigrationManager:
             "dwcp.protocol": request.protocol, "dwcp.destination": f"{request.host}:{request.port}"})
         trace_context = tracing.inject_context(otel_trace.set_span_in_context(migration.span))
         migration.session = SendSession(self.config, self.metrics, self.key, request, trace_context,
-                                        migration.progress, pool=self.pool)
+                                        migration.progress, pool=self.pool, transports=self.transports)
         with self._lock:
             self.migrations[request.migration_id] = migration
         self.metrics.active_migrations.inc()
