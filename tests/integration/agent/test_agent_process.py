@@ -220,3 +220,33 @@ def test_ownership_moves_to_the_destination_only_when_the_migration_completes(st
         show_progress=False)
     assert failed["state"] == "failed"
     assert api_call(source.url, "GET", "/api/v3/vms/vm-2/owner")["owner"] == "src"
+
+
+def _reloads(agent: LocalAgent) -> int:
+    """How many reloads the agent has finished (applied or refused), from its log."""
+    logs = agent.log_path.read_text()
+    return logs.count('"configuration reloaded"') + logs.count('"reload refused')
+
+
+def _hup(agent: LocalAgent, config: Path, text: str) -> int:
+    """Rewrite the config file, SIGHUP the agent, wait for the reload; return the rollout percentage."""
+    assert agent.proc is not None
+    before = _reloads(agent)
+    config.write_text(text)
+    agent.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while _reloads(agent) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return int(api_call(agent.url, "GET", "/api/v3/rollout")["percentage"])
+
+
+def test_sighup_rereads_the_configuration_and_keeps_it_when_the_new_one_is_bad(start_agent: StartAgent,
+                                                                                tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("feature_flag_rollout: 100\n")
+    agent = start_agent("src", env={"DWCP_CONFIG": str(config)})
+    assert api_call(agent.url, "GET", "/api/v3/rollout")["percentage"] == 100
+    assert _hup(agent, config, "feature_flag_rollout: 25\n") == 25
+    assert _hup(agent, config, "feature_flag_rollout: 250\n") == 25  # out of range: refused, old config kept
+    assert agent.proc is not None and agent.proc.poll() is None
+    assert "reload refused" in agent.log_path.read_text()
