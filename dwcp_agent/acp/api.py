@@ -10,10 +10,10 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from aiohttp import web
 
 from dwcp_agent.acp.node import ConsensusTimeout
+from dwcp_agent.http_json import json_response
 
 if TYPE_CHECKING:
     from dwcp_agent.acp.service import ConsensusService
@@ -23,22 +23,18 @@ __all__ = ["build_routes"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(msgspec.to_builtins(data), status=status)
-
-
 def _guard(fn: Callable[[web.Request], Awaitable[Any]]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         from dwcp_agent.acp.service import ConsensusError
 
         try:
-            return _json(await fn(request))
+            return json_response(await fn(request))
         except ConsensusError as exc:
-            return _json({"error": exc.result.error, "value": exc.result.value}, 409)
+            return json_response({"error": exc.result.error, "value": exc.result.value}, 409)
         except ConsensusTimeout as exc:
-            return _json({"error": str(exc)}, 503)
+            return json_response({"error": str(exc)}, 503)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            return _json({"error": f"bad request: {exc}"}, 400)
+            return json_response({"error": f"bad request: {exc}"}, 400)
     return handler
 
 

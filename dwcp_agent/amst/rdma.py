@@ -226,12 +226,7 @@ class RdmaDataChannel:
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.abort()
-        _teardown(self.ctx, self.qp, self.mr)
-        self.sock.close()
+        _close_stream(self)
 
 
 class RdmaFrameSource:
@@ -353,12 +348,17 @@ class RdmaFrameSource:
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.abort()
-        _teardown(self.ctx, self.qp, self.mr)
-        self.sock.close()
+        _close_stream(self)
+
+
+def _close_stream(stream: RdmaDataChannel | RdmaFrameSource) -> None:
+    """Once: abort (wakes blocked threads), tear the QP and memory down, close the TCP side."""
+    if stream._closed:
+        return
+    stream._closed = True
+    stream.abort()
+    _teardown(stream.ctx, stream.qp, stream.mr)
+    stream.sock.close()
 
 
 def _teardown(ctx: VerbsContext, qp: QueuePair | None, mr: MemoryRegion | None) -> None:

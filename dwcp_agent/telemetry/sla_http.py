@@ -22,14 +22,11 @@ from typing import Any
 
 from aiohttp import web
 
+from dwcp_agent.http_json import json_response
 from dwcp_agent.telemetry.rollout import RolloutError
 from dwcp_agent.telemetry.sla import SlaGuard
 
 __all__ = ["sla_routes"]
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
 
 
 def _from_loopback(request: web.Request) -> bool:
@@ -58,14 +55,14 @@ def sla_routes(guard: SlaGuard) -> list[web.RouteDef]:
 
     async def summary(_: web.Request) -> web.Response:
         guard.tick()
-        return _json(guard.summary())
+        return json_response(guard.summary())
 
     async def sla(_: web.Request) -> web.Response:
         guard.tick()
-        return _json(guard.snapshot())
+        return json_response(guard.snapshot())
 
     async def rollout_status(_: web.Request) -> web.Response:
-        return _json(guard.rollout.status())
+        return json_response(guard.rollout.status())
 
     def local_only(request: web.Request) -> None:
         if not _from_loopback(request):
@@ -87,20 +84,20 @@ def sla_routes(guard: SlaGuard) -> list[web.RouteDef]:
                     raise RolloutError("percentage must be an integer 0..100")
                 guard.rollout.set_percentage(value, by=by)
         except RolloutError as exc:
-            return _json({"error": str(exc), **guard.rollout.status()}, status=409)
-        return _json(guard.rollout.status())
+            return json_response({"error": str(exc), **guard.rollout.status()}, status=409)
+        return json_response(guard.rollout.status())
 
     async def rollout_rollback(request: web.Request) -> web.Response:
         local_only(request)
         body = await _body(request)
         guard.rollout.rollback("manual", by=str(body.get("by", "operator")), detail=str(body.get("reason", "")))
-        return _json(guard.rollout.status())
+        return json_response(guard.rollout.status())
 
     async def rollout_unfreeze(request: web.Request) -> web.Response:
         local_only(request)
         body = await _body(request)
         guard.rollout.unfreeze(by=str(body.get("by", "operator")))
-        return _json(guard.rollout.status())
+        return json_response(guard.rollout.status())
 
     return [
         web.get("/metrics/summary", summary),
