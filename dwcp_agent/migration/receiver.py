@@ -311,8 +311,10 @@ class ReceiveSession:
             expected_seq += 1
             if fast is not None:
                 fast.skip()
-            bytes_counter.inc(wire.HEADER_SIZE + h.encoded_len)
+            bytes_counter.inc(wire.HEADER_SIZE + h.encoded_len)  # counted once written, even if the ACK fails
             logical_counter.inc(h.raw_len)
+            source.send_ack(wire.pack_header(wire.FrameType.ACK, 0, 0, self.session_id, stream_id, h.sequence,
+                                             h.offset, 0, 0, 0, version))
 
     def _raw_receiver(self, source: FrameSource, stream_id: int, version: int, header_buf: bytearray,
                       payload: memoryview) -> native_stream.RawFrameReceiver | None:
@@ -325,7 +327,7 @@ class ReceiveSession:
     def _receive_frame(self, source: FrameSource, h: wire.FrameHeader, stream_id: int, version: int,
                        expected_seq: int, payload: memoryview, raw: memoryview, decoder: ChunkDecoder,
                        zero_sums: dict[int, int]) -> None:
-        """Check, receive, decode, verify, write, journal and acknowledge one frame."""
+        """Check, receive, decode, verify, write and journal one frame (the caller acknowledges it)."""
         size, chunk_size = self.start.size, self.start.chunk_size
         index = self._check_header(h, stream_id, version, expected_seq)
         expected_len = chunk_length(index, size, chunk_size)
@@ -357,8 +359,6 @@ class ReceiveSession:
             _pwrite_all(self._fd, data, h.offset)
         self.journal.add(index, h.checksum)
         self.resumed_chunks.discard(index)
-        source.send_ack(wire.pack_header(wire.FrameType.ACK, 0, 0, self.session_id, stream_id, h.sequence,
-                                         h.offset, 0, 0, 0, version))
         self.bytes_received += h.raw_len
 
     def _check_header(self, h: wire.FrameHeader, stream_id: int, version: int, expected_seq: int) -> int:

@@ -12,7 +12,8 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,16 @@ def test_migration_over_rdma_arrives_identical_with_bytes_labelled_rdma(tmp_path
 
 
 class FailingProvider(SoftProvider):
-    """The link fails at the source's `after`-th RDMA write: that queue pair goes to ERROR."""
+    """The link fails at the source's `after`-th RDMA write: that queue pair goes to ERROR.
 
-    def __init__(self, fabric: SoftFabric, after: int) -> None:
+    The failing write first waits (bounded) until `delivered()` holds, so that the destination has
+    processed some RDMA chunks before the link breaks however the threads happen to be scheduled.
+    """
+
+    def __init__(self, fabric: SoftFabric, after: int, delivered: Callable[[], bool] = lambda: True) -> None:
         super().__init__(fabric)
         self.after = after
+        self.delivered = delivered
         self.total = 0
         self.failed: list[SoftQP] = []
 
@@ -126,6 +132,9 @@ class FailingProvider(SoftProvider):
             def counted(*args: Any) -> int:
                 self.total += 1
                 if self.total == self.after:
+                    deadline = time.monotonic() + 10.0
+                    while not self.delivered() and time.monotonic() < deadline:
+                        time.sleep(0.005)
                     qp.fail_after_writes = qp.writes  # this very write is the one that fails
                     self.failed.append(qp)
                 return execute(*args)
@@ -140,7 +149,7 @@ class FailingProvider(SoftProvider):
 def test_qp_error_mid_migration_fails_the_attempt_and_the_next_resumes_over_tcp_verified(
         tmp_path: Path, destination: Destination, image: Path, fabric: SoftFabric,
         caplog: pytest.LogCaptureFixture) -> None:
-    provider = FailingProvider(fabric, after=6)
+    provider = FailingProvider(fabric, after=6, delivered=lambda: destination.received("rdma") > 0)
     with caplog.at_level(logging.INFO, logger="dwcp_agent"):
         session, result = migrate(tmp_path, destination, image, provider)
     assert digest(destination.dir / "out.img") == digest(image)  # the destination verified the object digest too
