@@ -269,3 +269,89 @@ def assemble(uint8_t[::1] out, Py_ssize_t raw_len, const uint8_t[::1] kinds, con
         raise ValueError(f"page {bad}: {reasons[err]}")
     if lit != n_lit or d != n_delta or dl != n_dl or r != n_ref:
         raise ValueError("page map does not consume the payload exactly")
+
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void* buf, size_t count, long offset)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINTR
+
+
+def fill_from_files(uint8_t[::1] out, Py_ssize_t raw_len, const uint8_t[::1] kinds, const uint64_t[::1] refs,
+                    uint64_t page0, int partial_fd, int baseline_fd):
+    """Read every page that comes from the receiver's files into `out`, before `assemble`.
+
+    DUP_X (a reference) and DELTA (its own page) read the partial file `partial_fd`; BASELINE (a
+    reference) and SAME (its own page) read the baseline file `baseline_fd`. Consecutive pages
+    from consecutive file pages are one pread. A fd of -1 means "no such file" and a reference to
+    it, like a read past the end of the file, raises ValueError; an I/O error raises OSError.
+    Runs without the GIL: a chunk full of references costs one call, not one per page.
+    """
+    cdef Py_ssize_t pages = (raw_len + _PAGE - 1) // _PAGE
+    cdef Py_ssize_t n_ref = refs.shape[0]
+    cdef Py_ssize_t p = 0, r = 0, run_start = 0, run_len = 0, done
+    cdef int run_fd = -1, fd
+    cdef uint64_t src = 0, run_src = 0
+    cdef uint8_t k
+    cdef ssize_t got
+    cdef int err = 0, os_err = 0
+    if raw_len < 0 or out.shape[0] < raw_len or kinds.shape[0] != pages:
+        raise ValueError("page map does not match the chunk length")
+    if raw_len == 0:
+        return
+    cdef uint8_t* dst = &out[0]
+    with nogil:
+        while p <= pages and not err:
+            fd = -2  # this page does not come from a file
+            if p < pages:
+                k = kinds[p]
+                if k == K_DUP_X or k == K_BASELINE or k == K_DUP_IN:
+                    if r >= n_ref:
+                        err = 2
+                        break
+                    src = refs[r]
+                    r += 1
+                    if k != K_DUP_IN:
+                        fd = partial_fd if k == K_DUP_X else baseline_fd
+                elif k == K_DELTA or k == K_SAME:
+                    src = page0 + <uint64_t>p
+                    fd = partial_fd if k == K_DELTA else baseline_fd
+                if fd == -1:
+                    err = 1
+                    break
+                if fd >= 0 and (raw_len - p * _PAGE < _PAGE or src > (<uint64_t>1 << 50)):
+                    err = 2
+                    break
+            # extend the current run, or read it and start another
+            if run_len and fd == run_fd and src == run_src + <uint64_t>run_len and p == run_start + run_len:
+                run_len += 1
+                p += 1
+                continue
+            if run_len:
+                done = 0
+                while done < run_len * _PAGE:
+                    got = pread(run_fd, dst + run_start * _PAGE + done, run_len * _PAGE - done,
+                                <long>(run_src * <uint64_t>_PAGE) + done)
+                    if got < 0 and errno == EINTR:
+                        continue
+                    if got < 0:
+                        err = 4
+                        os_err = errno
+                        break
+                    if got == 0:
+                        err = 3
+                        break
+                    done += got
+                run_len = 0
+            if fd >= 0:
+                run_fd, run_src, run_start, run_len = fd, src, p, 1
+            p += 1
+    if err == 4:
+        raise OSError(os_err, f"reading a referenced page: errno {os_err}")
+    if err:
+        reasons = {1: "chunk references a file this receiver does not have",
+                   2: "reference to a short, missing or out-of-range page",
+                   3: "reference beyond the end of the file"}
+        raise ValueError(reasons[err])

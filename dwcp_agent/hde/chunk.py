@@ -28,7 +28,7 @@ import numpy as np
 import xxhash
 
 from dwcp_agent._native import delta, index, pages
-from dwcp_agent.hde.baseline import HaveList
+from dwcp_agent.hde.baseline import FilePages, HaveList
 from dwcp_agent.hde.codecs import Codec, CodecError, CodecId, codec_by_id, codec_by_name
 from dwcp_agent.hde.layout import (
     DELTA_LIMIT,
@@ -409,13 +409,27 @@ def _decode_page_map(codec: Codec, payload: memoryview, raw_len: int, out: memor
         raise CodecError("page-map sections do not add up to the body length")
     if n_ref and int(refs.max()) >= MAX_PAGE_INDEX:
         raise CodecError("page reference out of range")
-    _fill_external(kinds, refs, page0, out, read_page, read_baseline)
+    if _is_file_or_none(read_page) and _is_file_or_none(read_baseline):
+        try:
+            delta.fill_from_files(out, raw_len, kinds, refs, page0, _fd_of(read_page), _fd_of(read_baseline))
+        except ValueError as exc:
+            raise CodecError(f"page map: {exc}") from None
+    else:
+        _fill_external(kinds, refs, page0, out, read_page, read_baseline)
     body_arr = np.frombuffer(body, dtype=np.uint8)
     try:
         delta.assemble(out, raw_len, kinds, refs, delta_lens, body_arr[pos: pos + literal_len],
                        body_arr[pos + literal_len:])
     except ValueError as exc:
         raise CodecError(f"page map: {exc}") from None
+
+
+def _is_file_or_none(reader: PageReader | None) -> bool:
+    return reader is None or isinstance(reader, FilePages)
+
+
+def _fd_of(reader: PageReader | None) -> int:
+    return reader.fd if isinstance(reader, FilePages) else -1
 
 
 def _fill_external(kinds: np.ndarray, refs: np.ndarray, page0: int, out: memoryview,
