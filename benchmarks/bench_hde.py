@@ -154,7 +154,7 @@ def measure_image(image_path: Path, tmp: Path, threads: int) -> dict[str, Any]:
         from dwcp_agent.hde.codecs import codec_by_name
         enc = first_cut.ChunkEncoder(codec_by_name("lz4"))
         seconds, chunks, _ = _pipeline(image, lambda v, o: enc.encode(v), threads)
-        wire = sum(len(c.payload) for c in chunks)
+        wire = sum(c.payload_len for c in chunks)
         res["first_cut_lz4"] = {"encode_gbps": round(size / seconds / 1e9, 3), "ratio": round(size / wire, 3)}
     for name, algo, link in (("hde_auto_10gbe", "auto", 1.25e9), ("hde_auto_1gbe", "auto", 1.25e8),
                              ("hde_zstd1", "zstd", 0.0), ("hde_lz4", "lz4", 0.0), ("hde_none", "none", 0.0)):
@@ -162,7 +162,7 @@ def measure_image(image_path: Path, tmp: Path, threads: int) -> dict[str, Any]:
         encoder.encode(memoryview(image[:CHUNK]), None)   # warm the selector's host profile
         encoder = make_encoder(Config(compression_algo=algo, zstd_level=1), link=link, threads=threads)
         seconds, chunks, order = _pipeline(image, encoder.encode, threads)
-        wire = sum(len(c.payload) for c in chunks)
+        wire = sum(c.payload_len for c in chunks)
         dec = _decode_all(image, chunks, order)
         res[name] = {"encode_gbps": round(size / seconds / 1e9, 3), "decode_gbps": round(size / dec / 1e9, 3),
                      "ratio": round(size / wire, 3), "pages": encoder.stats.pages,

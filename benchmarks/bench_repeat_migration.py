@@ -46,7 +46,7 @@ def _migrate(image: np.ndarray, encoder: ChunkEncoder, baseline: FilePages | Non
         data = image[off:off + CHUNK]
         enc = encoder.encode(memoryview(data), off)
         encoder.acked(off, enc.raw_len, enc.checksum)
-        wire += len(enc.payload)
+        wire += enc.payload_len
         if baseline is not None:
             view = memoryview(out)[: enc.raw_len]
             decoder.decode(enc.codec, enc.flags, enc.payload, enc.raw_len, view)

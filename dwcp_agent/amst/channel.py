@@ -13,14 +13,17 @@ from typing import Protocol
 
 from dwcp_agent import wire
 
+MAX_IOV = 512  # buffers per sendmsg, well under the kernel's IOV_MAX of 1024
+
 
 class DataChannel(Protocol):
     """Source side of one data stream."""
 
     transport: str
 
-    def send_frame(self, header: bytes, payload: bytes | memoryview) -> None:
-        """Send one frame; blocks while the stream has no room (socket buffer, RDMA credits)."""
+    def send_frame(self, header: bytes, *payload: bytes | memoryview) -> None:
+        """Send one frame whose payload is the concatenation of `payload` (scatter-gather: pages
+        go straight from the chunk buffer); blocks while the stream has no room."""
         ...
 
     def recv_ack(self, header_buf: bytearray) -> wire.FrameHeader:
@@ -75,18 +78,17 @@ class TcpChannel:
         self._ack_view = memoryview(self._acks)
         self._ack_start = self._ack_end = 0
 
-    def send_frame(self, header: bytes, payload: bytes | memoryview) -> None:
-        views = [memoryview(header)]
-        if len(payload):
-            views.append(memoryview(payload))
-        while views:  # sendmsg may send part of header + payload; resume mid-buffer
-            sent = self.sock.sendmsg(views)
+    def send_frame(self, header: bytes, *payload: bytes | memoryview) -> None:
+        views = [memoryview(header)] + [memoryview(part) for part in payload if len(part)]
+        first = 0
+        while first < len(views):  # sendmsg may stop anywhere; resume mid-buffer
+            sent = self.sock.sendmsg(views[first: first + MAX_IOV])
             while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
+                if sent >= len(views[first]):
+                    sent -= len(views[first])
+                    first += 1
                 else:
-                    views[0] = views[0][sent:]
+                    views[first] = views[first][sent:]
                     sent = 0
 
     def recv_ack(self, header_buf: bytearray) -> wire.FrameHeader:

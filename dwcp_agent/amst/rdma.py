@@ -104,8 +104,8 @@ class RdmaDataChannel:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def send_frame(self, header: bytes, payload: bytes | memoryview) -> None:
-        n = len(header) + len(payload)
+    def send_frame(self, header: bytes, *payload: bytes | memoryview) -> None:
+        n = len(header) + sum(len(part) for part in payload)
         if n > self.ring.slot_size:
             raise self._fail(RdmaError(f"frame of {n} bytes does not fit a {self.ring.slot_size}-byte slot",
                                        "frame_too_large"))
@@ -115,7 +115,10 @@ class RdmaDataChannel:
         offset = slot * self.ring.slot_size
         view = self.mr.view
         view[offset: offset + len(header)] = header
-        view[offset + len(header): offset + n] = payload
+        at = offset + len(header)
+        for part in payload:
+            view[at: at + len(part)] = part
+            at += len(part)
         try:
             self.qp.post_write_imm(slot, self.mr, offset, n, self.ring.addr + offset, self.ring.rkey, slot)
         except VerbsError as exc:

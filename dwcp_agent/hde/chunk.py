@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,7 +45,7 @@ from dwcp_agent.hde.layout import (
     max_body_len,
     pages_in,
 )
-from dwcp_agent.hde.selector import CodecSelector, LinkSource
+from dwcp_agent.hde.selector import SAMPLE_PAGES, CodecSelector, LinkSource
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = [
@@ -64,13 +65,28 @@ def checksum(data: memoryview | bytes) -> int:
 
 @dataclass(frozen=True)
 class EncodedChunk:
-    """What the sender frames: codec id, flags, payload, and the raw length and checksum."""
+    """What the sender frames: codec id, flags, the payload's parts, the raw length and checksum.
+
+    The payload is the concatenation of `segments`; memoryviews alias the caller's chunk buffer
+    (stored pages go to the socket from there, without a copy), so it must outlive the frame.
+    """
 
     codec: int
     flags: int
-    payload: bytes | memoryview  # a memoryview aliases the caller's chunk buffer (stored chunks)
+    segments: tuple[bytes | memoryview, ...]
     raw_len: int
     checksum: int
+
+    @cached_property
+    def payload_len(self) -> int:
+        return sum(len(part) for part in self.segments)
+
+    @property
+    def payload(self) -> bytes | memoryview:
+        """The payload in one buffer (joined when it has several parts: tests, fuzzing)."""
+        if len(self.segments) == 1:
+            return self.segments[0]
+        return b"".join(self.segments)
 
 
 @dataclass
@@ -200,28 +216,52 @@ class ChunkEncoder:
                 self._sent[offset] = digest
         counts = np.bincount(kinds, minlength=_N_KINDS) if n_pages else np.zeros(_N_KINDS, np.int64)
         if zeros == n_pages:
-            encoded = EncodedChunk(CodecId.NONE, FLAG_ALL_ZERO, b"", raw_len, digest)
-            codec_name = "none"
+            encoded = EncodedChunk(CodecId.NONE, FLAG_ALL_ZERO, (), raw_len, digest)
         elif counts[PageKind.LITERAL] == n_pages:
             codec = self._choose(view, 0)
             codec_id, payload = self._compress(codec, view)
-            encoded = EncodedChunk(codec_id, 0, payload, raw_len, digest)
-            codec_name = CodecId(codec_id).name.lower()
+            encoded = EncodedChunk(codec_id, 0, (payload,), raw_len, digest)
         else:
-            body_len, literal_start = _build_body(view, s, n_pages, int(n_delta), int(delta_bytes))
-            header = PAGE_MAP_HEADER.size
-            PAGE_MAP_HEADER.pack_into(s.body.data, 0, body_len, max(page0, 0))
-            body = s.body.data[header: header + body_len]
-            codec = self._choose(body[literal_start:], literal_start)
-            if codec.id is CodecId.NONE:
-                codec_id, payload = CodecId.NONE, bytes(s.body.data[: header + body_len])
-            else:
-                codec_id, packed = self._compress(codec, body)
-                payload = bytes(s.body.data[:header]) + packed
-            encoded = EncodedChunk(codec_id, FLAG_PAGE_MAP, payload, raw_len, digest)
-            codec_name = CodecId(codec_id).name.lower()
+            encoded = self._encode_page_map(view, s, n_pages, counts, page0, int(n_delta), int(delta_bytes),
+                                            digest)
+        codec_name = CodecId(encoded.codec).name.lower()
         self._account(counts, encoded, codec_name, time.perf_counter() - start)
         return encoded
+
+    def _encode_page_map(self, view: memoryview, s: _Scratch, n_pages: int, counts: np.ndarray, page0: int,
+                         n_delta: int, delta_bytes: int, digest: int) -> EncodedChunk:
+        """A chunk with zero, duplicate, reference or delta pages. Stored (codec none), its literal
+        pages go to the socket from `view` itself; a codec needs them gathered first."""
+        kinds = s.kinds[:n_pages]
+        meta_len = _build_meta(s, n_pages, n_delta)
+        literal_runs = _literal_runs(kinds, len(view))
+        literal_len = sum(end - start for start, end in literal_runs)
+        body_len = meta_len + literal_len + delta_bytes
+        PAGE_MAP_HEADER.pack_into(s.body.data, 0, body_len, max(page0, 0))
+        codec = self._choose_for_runs(view, literal_runs, literal_len + delta_bytes, meta_len)
+        head = PAGE_MAP_HEADER.size + meta_len
+        if codec.id is CodecId.NONE:
+            parts = [bytes(s.body.data[:head])] + [view[start:end] for start, end in literal_runs]
+            if delta_bytes:
+                parts.append(bytes(s.deltas.data[:delta_bytes]))
+            return EncodedChunk(CodecId.NONE, FLAG_PAGE_MAP, tuple(parts), len(view), digest)
+        body = s.body.data[PAGE_MAP_HEADER.size: PAGE_MAP_HEADER.size + body_len]
+        at = meta_len
+        for start, end in literal_runs:
+            body[at: at + end - start] = view[start:end]
+            at += end - start
+        body[at: at + delta_bytes] = s.deltas.data[:delta_bytes]
+        codec_id, packed = self._compress(codec, body)
+        if codec_id is CodecId.NONE:
+            packed = bytes(packed)  # the scratch body is reused by this thread's next chunk
+        return EncodedChunk(codec_id, FLAG_PAGE_MAP, (bytes(s.body.data[:PAGE_MAP_HEADER.size]), packed),
+                            len(view), digest)
+
+    def _choose_for_runs(self, view: memoryview, runs: list[tuple[int, int]], length: int, meta_len: int) -> Codec:
+        if self.codec is not None:
+            return self.codec
+        assert self.selector is not None
+        return self.selector.choose_sampled(_sample_runs(view, runs), length, meta_len).codec
 
     def _choose(self, body: memoryview, meta_len: int) -> Codec:
         if self.codec is not None:
@@ -250,7 +290,7 @@ class ChunkEncoder:
             st = self.stats
             st.chunks += 1
             st.logical_bytes += encoded.raw_len
-            st.payload_bytes += len(encoded.payload)
+            st.payload_bytes += encoded.payload_len
             st.codec_chunks[codec_name] = st.codec_chunks.get(codec_name, 0) + 1
             for label, n in by_label.items():
                 st.pages[label] += n
@@ -262,12 +302,10 @@ class ChunkEncoder:
             self.metrics.hde_codec_chunks.labels(codec_name).inc()
 
 
-def _build_body(view: memoryview, s: _Scratch, n_pages: int, n_delta: int, delta_bytes: int) -> tuple[int, int]:
-    """Lay out kinds | refs | delta lengths | literal pages | deltas in s.body after room for the
-    page-map header; return (body length, where the literal section starts in the body)."""
+def _build_meta(s: _Scratch, n_pages: int, n_delta: int) -> int:
+    """Lay out kinds | refs | delta lengths in s.body after room for the page-map header; the
+    literal pages and the deltas follow them on the wire. Returns the section's length."""
     kinds = s.kinds[:n_pages]
-    raw_len = len(view)
-    full = raw_len // PAGE_SIZE
     body = s.body[PAGE_MAP_HEADER.size:]
     pos = 0
     body[:n_pages] = kinds
@@ -276,24 +314,22 @@ def _build_body(view: memoryview, s: _Scratch, n_pages: int, n_delta: int, delta
     body[pos: pos + 8 * len(ref_vals)] = ref_vals.astype("<u8").view(np.uint8)
     pos += 8 * len(ref_vals)
     body[pos: pos + 2 * n_delta] = s.delta_lens[:n_delta].astype("<u2").view(np.uint8)
-    pos += 2 * n_delta
-    literal_start = pos
-    arr = np.frombuffer(view, dtype=np.uint8)
-    lit = kinds[:full] == PageKind.LITERAL
-    n_lit = int(np.count_nonzero(lit))
-    if n_lit == full:
-        body[pos: pos + full * PAGE_SIZE] = arr[: full * PAGE_SIZE]
-    elif n_lit:
-        np.compress(lit, arr[: full * PAGE_SIZE].reshape(full, PAGE_SIZE), axis=0,
-                    out=body[pos: pos + n_lit * PAGE_SIZE].reshape(n_lit, PAGE_SIZE))
-    pos += n_lit * PAGE_SIZE
-    if full < n_pages and kinds[full] == PageKind.LITERAL:
-        tail = raw_len - full * PAGE_SIZE
-        body[pos: pos + tail] = arr[full * PAGE_SIZE:]
-        pos += tail
-    body[pos: pos + delta_bytes] = s.deltas[:delta_bytes]
-    pos += delta_bytes
-    return pos, literal_start
+    return pos + 2 * n_delta
+
+
+def _literal_runs(kinds: np.ndarray, raw_len: int) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of the chunk's runs of consecutive literal pages, in order."""
+    literal = np.concatenate(([False], kinds == PageKind.LITERAL, [False]))
+    edges = np.flatnonzero(literal[1:] != literal[:-1]) * PAGE_SIZE
+    return [(int(a), min(int(b), raw_len)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _sample_runs(view: memoryview, runs: list[tuple[int, int]]) -> bytes:
+    """Up to SAMPLE_PAGES literal pages spread over the runs, for the codec estimate."""
+    if not runs:
+        return b""
+    picks = [runs[i * (len(runs) - 1) // max(SAMPLE_PAGES - 1, 1)] for i in range(SAMPLE_PAGES)]
+    return b"".join(bytes(view[start: min(end, start + PAGE_SIZE)]) for start, end in dict.fromkeys(picks))
 
 
 def make_encoder(config: Any, metrics: Metrics | None = None, link: LinkSource = None,

@@ -130,13 +130,17 @@ class CodecSelector:
 
     def choose(self, body: memoryview, meta_len: int = 0) -> Choice:
         """The codec for a chunk whose compressible part is `body` (meta_len bytes go as they are)."""
-        n = len(body)
+        if self.forced is not None or not len(body):
+            return self.choose_sampled(b"", len(body), meta_len)
+        return self.choose_sampled(_sample(body), len(body), meta_len)
+
+    def choose_sampled(self, sample: bytes, n: int, meta_len: int = 0) -> Choice:
+        """The codec for `n` compressible bytes of which `sample` is representative."""
         if self.forced is not None:
             return Choice(self.forced, 0.0)
-        if n == 0:
+        if n == 0 or not sample:
             return Choice(codec_by_id(CodecId.NONE), float("inf"))
         link = self.link_bytes_per_s()
-        sample = _sample(body)
         lz4_ratio = _ratio(codec_by_id(CodecId.LZ4), sample)
         best: tuple[float, float, Codec] | None = None
         for codec in self.candidates:

@@ -230,18 +230,17 @@ class Attempt:
                     continue
                 enc = item.encoded
                 header = wire.pack_header(wire.FrameType.DATA, enc.flags, enc.codec, self.session_id, stream_id,
-                                          seq, item.index * s.chunk_size, enc.raw_len, len(enc.payload),
+                                          seq, item.index * s.chunk_size, enc.raw_len, enc.payload_len,
                                           enc.checksum, self.version)
-                payload = enc.payload if enc.payload else b""
                 with lock:
                     inflight.append((seq, item))
                 try:
-                    channel.send_frame(header, payload)  # its time is the link's, not an operation's
+                    channel.send_frame(header, *enc.segments)  # its time is the link's, not an operation's
                 except OSError:
                     broken.set()
                     break
                 seq += 1
-                wire_len = wire.HEADER_SIZE + len(payload)
+                wire_len = wire.HEADER_SIZE + enc.payload_len
                 s.progress.add("wire_bytes", wire_len)
                 sent_counter.inc(wire_len)
             # Retired by the tuner: let the chunks on the wire be acked instead of resending them.

@@ -59,7 +59,7 @@ def _zero_map_chunk(data: np.ndarray, codec: str) -> EncodedChunk:
     body = b"".join(data[i * PAGE:(i + 1) * PAGE].tobytes() for i in range(n) if not zero[i])
     c = codec_by_name(codec)
     packed = c.compress(body)
-    return EncodedChunk(c.id, FLAG_ZERO_MAP, np.packbits(zero, bitorder="little").tobytes() + packed,
+    return EncodedChunk(c.id, FLAG_ZERO_MAP, (np.packbits(zero, bitorder="little").tobytes() + packed,),
                         len(data), 0)
 
 
