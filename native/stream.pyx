@@ -143,6 +143,31 @@ cdef int _pwrite_all(int fd, const uint8_t* buf, Py_ssize_t n, uint64_t offset) 
     return 0
 
 
+def write_except_zero_pages(int fd, const uint8_t[::1] data, const uint8_t[::1] zero, uint64_t offset):
+    """pwrite `data` at `offset` except its pages marked in `zero` (1 = all-zero page), one write
+    per run of the others, without the GIL. For a file whose unwritten ranges read as zeros (a
+    fresh sparse file): the zero pages stay holes, costing neither a copy nor space."""
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t pages = (n + 4095) // 4096
+    cdef Py_ssize_t p = 0, start
+    cdef int rc = 0
+    if zero.shape[0] < pages:
+        raise ValueError(f"zero-page mask has {zero.shape[0]} entries, data has {pages} pages")
+    if n == 0:
+        return
+    with nogil:
+        while p < pages and not rc:
+            if zero[p]:
+                p += 1
+                continue
+            start = p
+            while p < pages and not zero[p]:
+                p += 1
+            rc = _pwrite_all(fd, &data[start * 4096], min(p * 4096, n) - start * 4096, offset + start * 4096)
+    if rc:
+        raise OSError(errno, f"writing the chunk at {offset}: errno {errno}")
+
+
 cdef class RawFrameReceiver:
     """One data stream's receive state: the socket, the partial file, and the frame it expects.
 

@@ -8,6 +8,7 @@ OS_ERROR: int
 HEADER_SIZE: int
 
 def crc32(data: bytes | bytearray | memoryview) -> int: ...
+def write_except_zero_pages(fd: int, data: memoryview | bytearray | bytes, zero: object, offset: int) -> None: ...
 
 class RawFrameReceiver:
     expected_seq: int

@@ -362,8 +362,10 @@ class ChunkDecoder:
         self.read_baseline = read_baseline
 
     def decode(self, codec_id: int, flags: int, payload: memoryview | bytes, raw_len: int, out: memoryview,
-               read_page: PageReader | None = None, read_baseline: PageReader | None = None) -> None:
-        """Write exactly `raw_len` decoded bytes into `out[:raw_len]`."""
+               read_page: PageReader | None = None,
+               read_baseline: PageReader | None = None) -> np.ndarray | None:
+        """Write exactly `raw_len` decoded bytes into `out[:raw_len]`. Returns the chunk's zero-page
+        mask (1 = all-zero page) when the frame says which pages are zero, else None."""
         payload = memoryview(payload)
         if raw_len < 0 or len(out) < raw_len:
             raise CodecError(f"output buffer of {len(out)} bytes cannot hold {raw_len}")
@@ -374,21 +376,21 @@ class ChunkDecoder:
             if len(payload) or codec_id != CodecId.NONE:
                 raise CodecError("all-zero chunk carries a payload or a codec")
             dest[:] = 0
-            return
+            return np.ones(pages_in(raw_len), dtype=np.uint8)
         codec = codec_by_id(codec_id, self.zstd_level)
         if flags & FLAG_ZERO_MAP:
-            _decode_zero_map(codec, payload, raw_len, dest)
-        elif flags & FLAG_PAGE_MAP:
-            _decode_page_map(codec, payload, raw_len, out, read_page or self.read_page,
-                             read_baseline or self.read_baseline)
-        else:
-            body = payload if codec.id is CodecId.NONE else codec.decompress(payload, raw_len)
-            if len(body) != raw_len:
-                raise CodecError(f"payload of {len(body)} bytes, frame announced {raw_len}")
-            dest[:] = np.frombuffer(body, dtype=np.uint8)
+            return _decode_zero_map(codec, payload, raw_len, dest)
+        if flags & FLAG_PAGE_MAP:
+            return _decode_page_map(codec, payload, raw_len, out, read_page or self.read_page,
+                                    read_baseline or self.read_baseline)
+        body = payload if codec.id is CodecId.NONE else codec.decompress(payload, raw_len)
+        if len(body) != raw_len:
+            raise CodecError(f"payload of {len(body)} bytes, frame announced {raw_len}")
+        dest[:] = np.frombuffer(body, dtype=np.uint8)
+        return None
 
 
-def _decode_zero_map(codec: Codec, payload: memoryview, raw_len: int, dest: np.ndarray) -> None:
+def _decode_zero_map(codec: Codec, payload: memoryview, raw_len: int, dest: np.ndarray) -> np.ndarray:
     """The first-cut layout: a zero bitmap, then the codec's encoding of the non-zero pages."""
     n_pages = pages_in(raw_len)
     map_len = (n_pages + 7) // 8
@@ -406,10 +408,11 @@ def _decode_zero_map(codec: Codec, payload: memoryview, raw_len: int, dest: np.n
     grid[keep] = body[: nonzero_full * PAGE_SIZE].reshape(nonzero_full, PAGE_SIZE)
     if tail:
         dest[full * PAGE_SIZE:] = 0 if zero[full] else body[nonzero_full * PAGE_SIZE:]
+    return zero
 
 
 def _decode_page_map(codec: Codec, payload: memoryview, raw_len: int, out: memoryview,
-                     read_page: PageReader | None, read_baseline: PageReader | None) -> None:
+                     read_page: PageReader | None, read_baseline: PageReader | None) -> np.ndarray:
     n_pages = pages_in(raw_len)
     if len(payload) < PAGE_MAP_HEADER.size:
         raise CodecError("page-map header is truncated")
@@ -458,6 +461,7 @@ def _decode_page_map(codec: Codec, payload: memoryview, raw_len: int, out: memor
                        body_arr[pos + literal_len:])
     except ValueError as exc:
         raise CodecError(f"page map: {exc}") from None
+    return (kinds == PageKind.ZERO).view(np.uint8)
 
 
 def _is_file_or_none(reader: PageReader | None) -> bool:

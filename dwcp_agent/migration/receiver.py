@@ -95,6 +95,7 @@ class ReceiveSession:
             self.journal.close()
             raise
         self.resumed_chunks = set(self.journal.have)
+        self._written: set[int] = set()  # chunks written by this session
         self.partial_pages = FilePages(self._fd)
         self.baseline, self.baseline_have = self._open_baseline()
         self._flusher = threading.Thread(target=self._flush_loop, name=f"journal-{self.session_id:x}",
@@ -292,6 +293,7 @@ class ReceiveSession:
                 outcome = fast.next_frame(ack_last)
                 ack_last = False
                 if outcome == native_stream.WRITTEN:
+                    self._written.add(fast.index)
                     self.journal.add(fast.index, fast.checksum)
                     self.resumed_chunks.discard(fast.index)
                     ack_last = True  # sent by the next call, after the journal has the chunk
@@ -338,6 +340,7 @@ class ReceiveSession:
             raise wire.FrameError(f"chunk {index} payload of {h.encoded_len} bytes exceeds the bound",
                                   "bad_length")
         body = source.recv_payload(payload[: h.encoded_len])
+        zero_pages = None
         if h.codec == CodecId.NONE and h.flags == 0:
             if h.encoded_len != h.raw_len:
                 raise wire.FrameError("uncompressed chunk length mismatch", "bad_length")
@@ -345,8 +348,11 @@ class ReceiveSession:
         else:
             data = raw[: h.raw_len]
             with self.metrics.operation("hde"):
-                decoder.decode(h.codec, h.flags, body, h.raw_len, data)
-        skip_write = bool(h.flags & FLAG_ALL_ZERO) and self.fresh
+                zero_pages = decoder.decode(h.codec, h.flags, body, h.raw_len, data)
+        # Zero pages need no write where the partial file still has its holes: a file created by
+        # this session, in a chunk this session has not written yet (a resent chunk is written whole).
+        holes = self.fresh and index not in self._written
+        skip_write = bool(h.flags & FLAG_ALL_ZERO) and holes
         if skip_write:
             actual = zero_sums.get(h.raw_len)
             if actual is None:
@@ -355,8 +361,11 @@ class ReceiveSession:
             actual = checksum(data)
         if actual != h.checksum:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
-        if not skip_write:
+        if holes and zero_pages is not None:  # an all-zero chunk writes nothing
+            native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
+        else:
             _pwrite_all(self._fd, data, h.offset)
+        self._written.add(index)
         self.journal.add(index, h.checksum)
         self.resumed_chunks.discard(index)
         self.bytes_received += h.raw_len

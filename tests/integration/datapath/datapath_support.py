@@ -60,11 +60,11 @@ Migrate = Callable[..., SendResult]
 
 
 def run_migration(tmp_path: Path, receiver: Receiver, source: Path, dest_name: str = "out.img",
-                  port: int | None = None, **overrides: Any) -> SendResult:
+                  port: int | None = None, protocol: str = "v3", **overrides: Any) -> SendResult:
     """Run one migration to a receiver and return its result (raises MigrationError on failure)."""
     config = make_config(tmp_path, **overrides)
     request = MigrationRequest("m-" + os.urandom(4).hex(), "vm-test", source, "127.0.0.1",
-                               port or receiver.port, str(receiver.dir / dest_name))
+                               port or receiver.port, str(receiver.dir / dest_name), protocol=protocol)
     return SendSession(config, Metrics(), PSK, request).run()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from datapath_support import Migrate, Receiver
 
@@ -138,3 +139,18 @@ def test_tuned_streams_start_from_an_active_probe(receiver: Receiver, src_dir: P
     snapshot = session.link.snapshot()
     assert snapshot.plan.streams >= 1
     assert receiver.errors("pba", "probe") == 0
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v3"])
+def test_zero_pages_stay_holes_in_the_destination(receiver: Receiver, migrate: Migrate, src_dir: Path,
+                                                  protocol: str) -> None:
+    """Every other page is zero, so every chunk mixes both: the zero pages are never written."""
+    pages = np.zeros((4096, 4096), np.uint8)
+    pages[::2] = np.random.default_rng(5).integers(1, 256, (2048, 4096), dtype=np.uint8)
+    source = src_dir / "half-zero.img"
+    source.write_bytes(pages.tobytes())
+    result = migrate(receiver, source, compression_algo="none", stream_count=4, protocol=protocol)
+    dest = receiver.dir / "out.img"
+    _assert_identical(source, dest, result.digest)
+    allocated = dest.stat().st_blocks * 512
+    assert allocated <= 0.55 * len(pages.tobytes()), f"{allocated} bytes allocated for a half-zero image"

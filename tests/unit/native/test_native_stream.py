@@ -212,3 +212,31 @@ def test_buffers_are_checked_at_the_boundary(link: tuple[socket.socket, socket.s
     with pytest.raises(ValueError, match="payload buffer"):
         stream.RawFrameReceiver(receiver.fileno(), fd, bytearray(56), bytearray(CHUNK - 1), SESSION, STREAM,
                                 VERSION, SIZE, CHUNK)
+
+
+def test_write_except_zero_pages_leaves_marked_pages_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "partial"
+    path.write_bytes(b"\xaa" * (5 * 4096))
+    data = os.urandom(4 * 4096 + 100)  # the last page is short
+    zero = bytes([1, 0, 0, 1, 0])
+    fd = os.open(path, os.O_RDWR)
+    try:
+        stream.write_except_zero_pages(fd, data, zero, 0)
+        with pytest.raises(ValueError, match="mask"):
+            stream.write_except_zero_pages(fd, data, zero[:4], 0)
+    finally:
+        os.close(fd)
+    got = path.read_bytes()
+    for p, skipped in enumerate(zero):
+        page = slice(p * 4096, min((p + 1) * 4096, len(data)))
+        assert got[page] == (b"\xaa" * len(got[page]) if skipped else data[page])
+    assert got[len(data):] == b"\xaa" * (5 * 4096 - len(data))
+
+
+def test_write_except_zero_pages_reports_an_io_error() -> None:
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            stream.write_except_zero_pages(fd, b"x" * 4096, b"\x00", 0)
+    finally:
+        os.close(fd)
