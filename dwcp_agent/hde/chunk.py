@@ -222,14 +222,13 @@ class ChunkEncoder:
             codec_id, payload = self._compress(codec, view)
             encoded = EncodedChunk(codec_id, 0, (payload,), raw_len, digest)
         else:
-            encoded = self._encode_page_map(view, s, n_pages, counts, page0, int(n_delta), int(delta_bytes),
-                                            digest)
+            encoded = self._encode_page_map(view, s, n_pages, page0, int(n_delta), int(delta_bytes), digest)
         codec_name = CodecId(encoded.codec).name.lower()
         self._account(counts, encoded, codec_name, time.perf_counter() - start)
         return encoded
 
-    def _encode_page_map(self, view: memoryview, s: _Scratch, n_pages: int, counts: np.ndarray, page0: int,
-                         n_delta: int, delta_bytes: int, digest: int) -> EncodedChunk:
+    def _encode_page_map(self, view: memoryview, s: _Scratch, n_pages: int, page0: int, n_delta: int,
+                         delta_bytes: int, digest: int) -> EncodedChunk:
         """A chunk with zero, duplicate, reference or delta pages. Stored (codec none), its literal
         pages go to the socket from `view` itself; a codec needs them gathered first."""
         kinds = s.kinds[:n_pages]
