@@ -50,7 +50,7 @@ from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = [
     "FLAG_ALL_ZERO", "FLAG_PAGE_MAP", "FLAG_ZERO_MAP", "PAGE_SIZE", "ChunkDecoder", "ChunkEncoder",
-    "EncodedChunk", "EncoderStats", "PageReader", "checksum", "make_encoder",
+    "EncodedChunk", "EncoderStats", "PageReader", "check_all_zero", "checksum", "make_encoder",
 ]
 
 _K = np.uint8
@@ -372,8 +372,7 @@ class ChunkDecoder:
         if flags & ~KNOWN_FLAGS or bin(flags).count("1") > 1:
             raise CodecError(f"unknown chunk flags 0x{flags:02x}")
         if flags & FLAG_ALL_ZERO:
-            if len(payload) or codec_id != CodecId.NONE:
-                raise CodecError("all-zero chunk carries a payload or a codec")
+            check_all_zero(codec_id, len(payload))
             dest[:] = 0
             return np.ones(pages_in(raw_len), dtype=np.uint8)
         codec = codec_by_id(codec_id, self.zstd_level)
@@ -387,6 +386,12 @@ class ChunkDecoder:
             raise CodecError(f"payload of {len(body)} bytes, frame announced {raw_len}")
         dest[:] = np.frombuffer(body, dtype=np.uint8)
         return None
+
+
+def check_all_zero(codec_id: int, payload_len: int) -> None:
+    """An ALL_ZERO frame has no payload and codec none; anything else is malformed."""
+    if payload_len or codec_id != CodecId.NONE:
+        raise CodecError("all-zero chunk carries a payload or a codec")
 
 
 def _decode_zero_map(codec: Codec, payload: memoryview, raw_len: int, dest: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from dwcp_agent import wire
 from dwcp_agent._native import stream as native_stream
 from dwcp_agent.amst.channel import FrameSource, TcpChannel
 from dwcp_agent.hde.baseline import FilePages, have_list
-from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, checksum
+from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, check_all_zero, checksum
 from dwcp_agent.hde.codecs import CodecError, CodecId
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest, reread_checksums
@@ -340,30 +340,31 @@ class ReceiveSession:
             raise wire.FrameError(f"chunk {index} payload of {h.encoded_len} bytes exceeds the bound",
                                   "bad_length")
         body = source.recv_payload(payload[: h.encoded_len])
+        # Zero pages need no write where the partial file still has its holes: a file created by
+        # this session, in a chunk this session has not written yet (a resent chunk is written whole).
+        holes = self.fresh and index not in self._written
+        data: memoryview | None = None
         zero_pages = None
-        if h.codec == CodecId.NONE and h.flags == 0:
+        if h.flags == FLAG_ALL_ZERO and holes:  # nothing to decode or write
+            check_all_zero(h.codec, h.encoded_len)
+            actual = zero_sums.get(h.raw_len)
+            if actual is None:
+                actual = zero_sums[h.raw_len] = checksum(bytes(h.raw_len))
+        elif h.codec == CodecId.NONE and h.flags == 0:
             if h.encoded_len != h.raw_len:
                 raise wire.FrameError("uncompressed chunk length mismatch", "bad_length")
             data = body
+            actual = checksum(data)
         else:
             data = raw[: h.raw_len]
             with self.metrics.operation("hde"):
                 zero_pages = decoder.decode(h.codec, h.flags, body, h.raw_len, data)
-        # Zero pages need no write where the partial file still has its holes: a file created by
-        # this session, in a chunk this session has not written yet (a resent chunk is written whole).
-        holes = self.fresh and index not in self._written
-        skip_write = bool(h.flags & FLAG_ALL_ZERO) and holes
-        if skip_write:
-            actual = zero_sums.get(h.raw_len)
-            if actual is None:
-                actual = zero_sums[h.raw_len] = checksum(bytes(h.raw_len))
-        else:
             actual = checksum(data)
         if actual != h.checksum:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
-        if holes and zero_pages is not None:  # an all-zero chunk writes nothing
+        if data is not None and holes and zero_pages is not None:
             native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
-        else:
+        elif data is not None:
             _pwrite_all(self._fd, data, h.offset)
         self._written.add(index)
         self.journal.add(index, h.checksum)

@@ -15,7 +15,7 @@ import pytest
 from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
 
 from dwcp_agent import wire
-from dwcp_agent.hde.chunk import checksum
+from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, checksum
 from dwcp_agent.migration.model import MigrationError, SendResult
 
 MiB = 1 << 20
@@ -147,6 +147,21 @@ def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: 
         stream.sendall(frame)
     assert _closed_by_peer(stream)
     assert receiver.wait_errors("amst", error_type) == 1
+    control.close()
+    stream.close()
+    assert not (receiver.dir / "out.img").exists()
+
+
+@pytest.mark.parametrize(("codec", "payload"), [(0, b"\0" * 4096), (1, b"")])
+def test_all_zero_frame_with_a_payload_or_a_codec_is_refused(receiver: Receiver, codec: int, payload: bytes) -> None:
+    """The receiver neither decodes nor writes an all-zero chunk of a fresh file, but still checks it."""
+    control, ready = _open_session(receiver)
+    stream = _connect(receiver.port, "data", session=ready.session)
+    frame = _data_frame(ready, payload, flags=FLAG_ALL_ZERO, codec=codec, raw_len=MiB, checksum=checksum(bytes(MiB)))
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        stream.sendall(frame)
+    assert _closed_by_peer(stream)
+    assert receiver.wait_errors("hde", "decode") == 1
     control.close()
     stream.close()
     assert not (receiver.dir / "out.img").exists()
