@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from dwcp_agent.demo import free_port  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 PSK = "bench-" + "k" * 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _summary(latencies: list[float], seconds: float) -> dict[str, Any]:
@@ -153,7 +149,7 @@ def _spawn(role: str, name: str, port: int, peers: str, state: Path, protocol: s
 
 def _cluster_run(role: str, nodes: int, protocol: str, clients: int, seconds: float) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-acp-{role}-"))
-    ports = [_free_port() for _ in range(nodes)]
+    ports = [free_port() for _ in range(nodes)]
     if role == "acp":
         peers = ",".join(f"n{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
         names = [f"n{i + 1}" for i in range(nodes)]
@@ -188,8 +184,8 @@ def _etcd_run(clients: int, seconds: float) -> dict[str, Any]:
     if etcd is None:
         return {"skipped": "etcd not installed (Debian package etcd-server)"}
     tmp = Path(tempfile.mkdtemp(prefix="bench-etcd-"))
-    peer_ports = [_free_port() for _ in range(3)]
-    client_ports = [_free_port() for _ in range(3)]
+    peer_ports = [free_port() for _ in range(3)]
+    client_ports = [free_port() for _ in range(3)]
     initial = ",".join(f"e{i}=http://127.0.0.1:{p}" for i, p in enumerate(peer_ports))
     procs = []
     try:
@@ -271,7 +267,7 @@ def _raft_failover(repeats: int) -> dict[str, Any]:
         tmp = Path(tempfile.mkdtemp(prefix="bench-failover-"))
         psk = tmp / "psk"
         psk.write_text(PSK)
-        ports = [_free_port() for _ in range(3)]
+        ports = [free_port() for _ in range(3)]
         peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
         agents = [LocalAgent(f"a{i + 1}", tmp, psk, None, {"acp_port": p, "acp_peers": peers, "acp_protocol": "raft",
                                                            "log_level": "warning"})

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,13 +25,35 @@ from dwcp_agent.progress import human_bytes, summary
 READY_TIMEOUT_S = 30.0
 
 
-def free_port() -> int:
-    import socket
+_HANDED_OUT: set[int] = set()  # never the same port twice from one process
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+
+def free_port() -> int:
+    """A loopback port that is free now, chosen below the kernel's ephemeral range.
+
+    An ephemeral port (what binding to port 0 returns) can be taken by any outgoing connection
+    before the agent binds it; a port below that range is only ever taken by another bind.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10_000, max(low, 10_001))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
         return port
+    raise RuntimeError(f"no free loopback port below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class LocalAgent:

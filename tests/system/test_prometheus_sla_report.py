@@ -6,7 +6,6 @@ from __future__ import annotations
 import calendar
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dwcp_agent.cli import main
+from dwcp_agent.demo import free_port
 
 pytestmark = pytest.mark.system
 
@@ -50,9 +50,7 @@ def prometheus(tmp_path: Path):
     subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(tmp_path / "history.om"), str(tsdb)],
                    check=True, capture_output=True)
     (tmp_path / "prometheus.yml").write_text("global: {}\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tsdb}",
                              "--storage.tsdb.retention.time=100y", f"--web.listen-address=127.0.0.1:{port}"],

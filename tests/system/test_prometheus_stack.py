@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -26,7 +25,7 @@ import pytest
 import yaml
 
 from dwcp_agent.cli import api_call, follow
-from dwcp_agent.demo import LocalAgent
+from dwcp_agent.demo import LocalAgent, free_port
 from dwcp_agent.migration.images import generate
 from dwcp_agent.telemetry.metrics import contract_names
 
@@ -36,13 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = [ROOT / "deploy/prometheus/rules/dwcp-recording.yml",
          ROOT / "deploy/prometheus/test-only/dwcp-alerts-fast.yml"]
 NOGO_HOLD_S = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.5) -> Any:

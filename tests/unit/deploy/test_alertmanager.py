@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from deploy_support import DEPLOY, need_tool
+
+from dwcp_agent.demo import free_port
 
 CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 ALERTS = DEPLOY / "prometheus" / "rules" / "dwcp-alerts.yml"
@@ -46,12 +47,6 @@ def test_every_alert_reaches_its_team():
         if name == "ByzantineNodeDetected":
             expected = ["security", *expected]
         assert receivers == expected, name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
