@@ -381,11 +381,20 @@ class Pbft:
         if m.replica != sender or m.seq % self.opts.checkpoint_interval:
             self.det.report(sender, "malformed", "checkpoint")
             return
-        if m.seq <= self.low or m.seq > self.high + self.opts.window:
+        if m.seq <= self.low:
             return
         if not self.keys.verify(sender, checkpoint_bytes(m), m.sig):
             self.det.report(sender, "invalid_signature", "checkpoint")
             return
+        far = self.high + self.opts.window
+        if m.seq > far:
+            # From a cluster that moved on while this replica was down: keep only each sender's
+            # newest such checkpoint, so a faulty sender cannot grow the table; a quorum of
+            # matching ones still makes it stable and starts a state transfer.
+            for seq in [s for s, by in self.checkpoints.items() if s > far and sender in by]:
+                del self.checkpoints[seq][sender]
+                if not self.checkpoints[seq]:
+                    del self.checkpoints[seq]
         self.checkpoints.setdefault(m.seq, {})[sender] = m
         self._check_stable(m.seq)
 
@@ -549,8 +558,10 @@ class Pbft:
                 self._bcast(mine)
             if slot.prepared:
                 self._bcast(Commit(slot.view, seq, slot.pp.digest, self.id))
+        # Our newest checkpoint, stable or not: a replica that missed it (restarted, cut off) learns
+        # the stable point from these and fetches the state instead of waiting for the next one.
         own = self.checkpoints.get(max(self.checkpoints, default=-1), {}).get(self.id)
-        if own is not None and own.seq > self.low:
+        if own is not None and own.seq >= self.low:
             self._bcast(own)
 
     def has_ready(self) -> bool:

@@ -65,6 +65,7 @@ class SimConfig:
     snapshot_every: int = 16
     unsafe_quorum: int = 0
     real_signatures: bool = False
+    outage: dict[str, int] = field(default_factory=dict)  # node -> tick it goes down, until the heal
 
 
 @dataclass
@@ -80,6 +81,8 @@ class SimReport:
     switches: int = 0
     detections: dict[str, int] = field(default_factory=dict)
     history: list[Operation] = field(default_factory=list)
+    pbft_low: dict[str, int] = field(default_factory=dict)       # per live node at the end: stable checkpoint
+    pbft_executed: dict[str, int] = field(default_factory=dict)  # and the last sequence it executed
 
 
 def registry_model() -> Model[bytes]:
@@ -397,6 +400,10 @@ class _Sim:
     # ------------------------------------------------------------ faults
     def _faults(self) -> None:
         c, rng = self.cfg, self.rng
+        for node, tick in c.outage.items():
+            if tick == self.tick_no:
+                self.replicas[node] = None
+                self.down_until[node] = c.ticks  # booted again by the heal
         if self.partition_until == self.tick_no:
             self.groups = dict.fromkeys(self.ids, 0)
         elif self.partition_until < self.tick_no and rng.random() < c.partition_rate:
@@ -482,6 +489,10 @@ class _Sim:
 
     def _final_checks(self) -> None:
         self._check_logs()
+        for node, replica in self.replicas.items():
+            if replica is not None and replica.pbft is not None:
+                self.report.pbft_low[node] = replica.pbft.low
+                self.report.pbft_executed[node] = replica.pbft.last_exec
         images: dict[int, bytes] = {}
         for node in self.honest:
             replica = self.replicas.get(node)
