@@ -209,7 +209,7 @@ def test_protocol_switch_under_concurrent_writes_is_linearizable(cluster: Cluste
             with lock:
                 history.append(Operation(vm, op, out, call, ret))
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in range(4)]
     for t in threads:
         t.start()
     time.sleep(1.5)

@@ -54,7 +54,7 @@ def test_control_connection_cut_resumes_from_journal(receiver: Receiver, src_dir
         except MigrationError as exc:
             outcome["error"] = exc
 
-    worker = threading.Thread(target=run)
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     deadline = time.monotonic() + 20
     sessions = receiver.server.sessions

@@ -25,7 +25,7 @@ def test_a_payload_of_more_parts_than_one_sendmsg_takes_arrives_intact() -> None
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # force partial sends mid-part
     got = bytearray()
-    reader = threading.Thread(target=_receive_all, args=(b, len(expected), got))
+    reader = threading.Thread(target=_receive_all, args=(b, len(expected), got), daemon=True)
     reader.start()
     try:
         TcpChannel(a).send_frame(header, *parts, b"")

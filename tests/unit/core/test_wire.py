@@ -47,7 +47,7 @@ def _pair(server_key: bytes, client_key: bytes, client_versions: tuple[int, ...]
         except wire.WireError as exc:
             result["server"] = exc
 
-    t = threading.Thread(target=serve)
+    t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
         client: object = wire.client_handshake(b, client_key, "src", "control", versions=client_versions,

@@ -23,7 +23,7 @@ def test_blocking_probe_measures_rtt_and_a_bounded_burst() -> None:
             except BaseException as exc:  # surfaced in the assertion below
                 errors.append(exc)
 
-    t = threading.Thread(target=peer)
+    t = threading.Thread(target=peer, daemon=True)
     t.start()
     with socket.create_connection(listener.getsockname()) as sock:
         result = run_probe(sock, pings=3, burst_bytes=1 << 20)

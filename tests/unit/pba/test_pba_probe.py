@@ -33,7 +33,7 @@ def _drain(sock: socket.socket, nbytes: int) -> None:
 
 def test_read_tcp_info_counts_bytes_acked_after_a_real_transfer(pair: tuple[socket.socket, socket.socket]) -> None:
     client, server = pair
-    reader = threading.Thread(target=_drain, args=(server, 4 << 20))
+    reader = threading.Thread(target=_drain, args=(server, 4 << 20), daemon=True)
     reader.start()
     client.sendall(bytes(4 << 20))
     reader.join()
@@ -120,7 +120,7 @@ def test_link_meter_sample_sockets_on_real_streams(pair: tuple[socket.socket, so
     client, server = pair
     meter = LinkMeter()
     assert meter.sample_sockets([(0, client)], time.monotonic()) is None  # first call sets the baseline
-    reader = threading.Thread(target=_drain, args=(server, 8 << 20))
+    reader = threading.Thread(target=_drain, args=(server, 8 << 20), daemon=True)
     reader.start()
     client.sendall(bytes(8 << 20))
     reader.join()

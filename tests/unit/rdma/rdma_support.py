@@ -50,7 +50,7 @@ def open_pair(provider: VerbsProvider, dst_provider: VerbsProvider | None = None
         except BaseException as exc:  # surfaced by the caller
             out["error"] = exc
 
-    t = threading.Thread(target=accept)
+    t = threading.Thread(target=accept, daemon=True)
     t.start()
     failures: list[RdmaError] = []
     src = connect_source(src_ctx, a, max_frame(CHUNK), slots, metrics, timeout, failures.append)
@@ -113,8 +113,8 @@ def transfer(pair: Pair, count: int, seed: int | None = None) -> tuple[list[byte
     """Send `count` random frames through the pair; returns (sent payloads, what happened)."""
     rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
     result = Exchange()
-    threads = [threading.Thread(target=receive, args=(pair, count, result)),
-               threading.Thread(target=read_acks, args=(pair, count, result))]
+    threads = [threading.Thread(target=receive, args=(pair, count, result), daemon=True),
+               threading.Thread(target=read_acks, args=(pair, count, result), daemon=True)]
     for t in threads:
         t.start()
     sent = []

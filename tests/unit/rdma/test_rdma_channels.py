@@ -60,8 +60,8 @@ def test_frames_arrive_intact_in_order_through_a_ring_smaller_than_the_transfer(
 def test_credit_exhaustion_blocks_the_sender_until_the_destination_returns_a_slot(pair: Pair) -> None:
     hold = threading.Event()
     result = Exchange()
-    receiver = threading.Thread(target=receive, args=(pair, 6, result, hold))
-    acker = threading.Thread(target=read_acks, args=(pair, 6, result))
+    receiver = threading.Thread(target=receive, args=(pair, 6, result, hold), daemon=True)
+    acker = threading.Thread(target=read_acks, args=(pair, 6, result), daemon=True)
     receiver.start()
     acker.start()
     sent = []
@@ -78,13 +78,18 @@ def test_credit_exhaustion_blocks_the_sender_until_the_destination_returns_a_slo
             sent.append(payload)
         blocked_sent.set()
 
-    sender = threading.Thread(target=send_more)
+    sender = threading.Thread(target=send_more, daemon=True)
     sender.start()
     wait_until(lambda: sample(pair, "dwcp_v3_rdma_credit_stalls_total") >= 1)
     assert sample(pair, "dwcp_v3_rdma_credit_stalls_total") == 1
-    assert not blocked_sent.is_set()
-    assert pair.dst.ring.landed_count + (pair.dst.ring.current is not None) == 4  # frame 4 was never written
-    hold.set()  # the destination consumes: credits flow back, the sender recovers
+    try:
+        assert not blocked_sent.is_set()
+        assert pair.src.qp.writes == 4  # frame 4 was never written
+        # and the four that were all land (the destination reaps completions at its own pace)
+        wait_until(lambda: pair.dst.ring.landed_count + (pair.dst.ring.current is not None) == 4)
+        assert pair.dst.ring.landed_count + (pair.dst.ring.current is not None) == 4
+    finally:
+        hold.set()  # the destination consumes: credits flow back, the sender recovers
     sender.join(10)
     receiver.join(10)
     acker.join(10)
