@@ -8,17 +8,19 @@ APT_STAMP := $(VENV)/.apt-stamp
 NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
 # System tools the tests and benchmarks use: iperf3/zstd/lz4 as references, iproute2/iptables/
 # ethtool/libnetfilter-queue for the WAN test bed, rdma-core/pyverbs for RDMA discovery,
-# prometheus/alertmanager/promtool/amtool for the operator surface, etcd for the consensus bench.
+# prometheus/alertmanager/promtool/amtool for the operator surface, etcd for the consensus bench,
+# qemu-system-x86/busybox-static/cpio for the live-migration test guest, qemu-utils/rsync for the sparse bench.
 APT_PKGS := iperf3 zstd lz4 iproute2 iptables ethtool gcc libnetfilter-queue-dev libxxhash-dev \
 	        python3-pyverbs rdma-core ibverbs-utils prometheus prometheus-alertmanager systemd \
-	        etcd-server etcd-client
+	        etcd-server etcd-client \
+	        qemu-system-x86 qemu-utils rsync busybox-static cpio kmod
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all demo test test-fast bench bench-quick lint fuzz soak native clean apt venv
 
 all: native
 
-$(APT_STAMP):
+$(APT_STAMP): Makefile
 	@mkdir -p $(VENV)
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
