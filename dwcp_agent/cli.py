@@ -17,9 +17,9 @@ from typing import Any
 
 from dwcp_agent import __version__
 from dwcp_agent.acp import cli as acp_cli
-from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, use_token_file
+from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, follow, use_token_file
 from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
-from dwcp_agent.progress import ProgressBar, human_bytes, human_rate, summary
+from dwcp_agent.progress import human_bytes, human_rate, summary
 from dwcp_agent.telemetry import rollout_cli
 
 DEFAULT_AGENT = "http://127.0.0.1:8080"
@@ -60,20 +60,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # migrate / status / cancel
-
-def follow(agent: str, migration_id: str, show_progress: bool, poll_s: float = 0.2) -> dict[str, Any]:
-    """Poll a migration until it ends, drawing the progress bar."""
-    bar = ProgressBar() if show_progress else None
-    while True:
-        m = api_call(agent, "GET", f"/api/v3/migrations/{migration_id}")
-        if bar is not None:
-            bar.update(m)
-        if m["state"] not in ("running",):
-            if bar is not None:
-                bar.finish()
-            return m
-        time.sleep(poll_s)
-
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"source": args.source, "to": args.to, "dest_path": args.dest_path}

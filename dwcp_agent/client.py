@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_TOKEN_FILE", "TOKEN_ENV", "ApiError", "api_call", "read_token", "use_token_file"]
+from dwcp_agent.progress import ProgressBar
+
+__all__ = ["DEFAULT_TOKEN_FILE", "TOKEN_ENV", "ApiError", "api_call", "follow", "read_token", "use_token_file"]
 
 TOKEN_ENV = "DWCP_ADMIN_TOKEN_FILE"
 DEFAULT_TOKEN_FILE = "/var/lib/dwcp-agent/admin.token"
@@ -75,3 +78,17 @@ def api_call(agent: str, method: str, path: str, body: dict[str, Any] | None = N
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ApiError(0, f"cannot reach the agent at {agent}: {reason} (is `dwcp-agent serve` running?)") from None
+
+
+def follow(agent: str, migration_id: str, show_progress: bool, poll_s: float = 0.2) -> dict[str, Any]:
+    """Poll a migration until it ends, drawing the progress bar."""
+    bar = ProgressBar() if show_progress else None
+    while True:
+        m = api_call(agent, "GET", f"/api/v3/migrations/{migration_id}")
+        if bar is not None:
+            bar.update(m)
+        if m["state"] not in ("running",):
+            if bar is not None:
+                bar.finish()
+            return m
+        time.sleep(poll_s)

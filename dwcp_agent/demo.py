@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dwcp_agent.cli import follow
-from dwcp_agent.client import TOKEN_ENV, ApiError, api_call
+from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, follow
 from dwcp_agent.migration.images import generate
 from dwcp_agent.progress import human_bytes, summary
 

@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dwcp_agent.cli import follow
-from dwcp_agent.client import api_call
+from dwcp_agent.client import api_call, follow
 from dwcp_agent.demo import LocalAgent, free_port
 from dwcp_agent.migration.images import generate
 from dwcp_agent.telemetry.metrics import contract_names

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dwcp_agent.cli import follow
-from dwcp_agent.client import ApiError, api_call
+from dwcp_agent.client import ApiError, api_call, follow
 from dwcp_agent.demo import LocalAgent
 
 StartAgent = Callable[..., LocalAgent]
