@@ -84,3 +84,21 @@ def test_cli_sends_the_token_and_explains_a_missing_one(agent: LocalAgent) -> No
     with pytest.raises(ApiError, match="no token") as err:
         api_call(agent.url, "GET", "/api/v3/cluster", token="")
     assert err.value.status == 401
+
+
+def test_a_ghost_joins_as_a_learner_and_the_single_node_registry_keeps_working(agent: LocalAgent) -> None:
+    ghost_key = "ab" * 32
+    joined = api_call(agent.url, "POST", "/api/v3/cluster/join",
+                      {"node_id": "ghost", "addr": "127.0.0.1:1", "public_key": ghost_key}, timeout=30)
+    assert joined["role"] == "learner"
+    cluster = api_call(agent.url, "GET", "/api/v3/cluster")
+    assert cluster["voters"] == ["guarded"] and cluster["learners"] == ["ghost"]
+    assert api_call(agent.url, "POST", "/api/v3/vms/after-ghost/claim", {"host": "h"}, timeout=10)["owner"] == "h"
+    with pytest.raises(ApiError) as err:  # leave checks the voters and learners in force
+        api_call(agent.url, "POST", "/api/v3/cluster/leave", {"node_id": "nobody"})
+    assert err.value.status == 400
+    with pytest.raises(ApiError) as err:
+        api_call(agent.url, "POST", "/api/v3/cluster/leave", {"node_id": "guarded"})
+    assert err.value.status == 400 and "last voter" in str(err.value)
+    api_call(agent.url, "POST", "/api/v3/cluster/leave", {"node_id": "ghost"}, timeout=30)
+    assert api_call(agent.url, "GET", "/api/v3/cluster")["learners"] == []
