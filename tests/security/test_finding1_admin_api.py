@@ -3,11 +3,14 @@ let anyone join a ghost voter, and `PUT /cluster/rollout` skipped the rollout ch
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 import pytest
 
 from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.config import load_config
-from dwcp_agent.demo import LocalAgent
+from dwcp_agent.demo import LocalAgent, free_port
 from tests.security.admin_support import jbody, raw
 
 MUTATING = [
@@ -102,3 +105,20 @@ def test_a_ghost_joins_as_a_learner_and_the_single_node_registry_keeps_working(a
     assert err.value.status == 400 and "last voter" in str(err.value)
     api_call(agent.url, "POST", "/api/v3/cluster/leave", {"node_id": "ghost"}, timeout=30)
     assert api_call(agent.url, "GET", "/api/v3/cluster")["learners"] == []
+
+
+def test_metrics_port_serves_probes_only_and_the_switch_protects_them(tmp_path: Path) -> None:
+    psk = tmp_path / "psk"
+    psk.write_text(secrets.token_hex(32))
+    metrics_port = free_port()
+    node = LocalAgent("probed", tmp_path, psk,
+                      settings={"metrics_port": str(metrics_port), "admin_auth_health": "true"})
+    try:
+        node.wait_ready()  # with the session token
+        assert raw(metrics_port, "GET", "/health")[0] == 200
+        assert raw(metrics_port, "GET", "/metrics", token=None)[0] == 401  # admin_auth_health=true
+        assert raw(metrics_port, "GET", "/metrics")[0] == 200
+        assert raw(metrics_port, "POST", "/api/v3/vms/v/claim", jbody({"host": "h"}))[0] == 404  # not served there
+        assert raw(node.admin_port, "GET", "/health", token=None)[0] == 401
+    finally:
+        node.stop(timeout=5)
