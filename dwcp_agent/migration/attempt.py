@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from dwcp_agent import wire
 from dwcp_agent.amst.channel import DataChannel, TcpChannel
-from dwcp_agent.hde.baseline import HaveList
+from dwcp_agent.hde.baseline import HaveList, header_pages
 from dwcp_agent.hde.chunk import EncodedChunk, checksum
 from dwcp_agent.hde.codecs import CodecError
 from dwcp_agent.hde.layout import FLAG_HOLE
@@ -96,7 +96,11 @@ class Attempt:
             if index < session.chunks:
                 session.encoder.acked(index * session.chunk_size,
                                       chunk_length(index, session.size, session.chunk_size), known)
-        if ready.baseline_have and session.cross_chunk:
+        if ready.baseline_have and session.cross_chunk \
+                and header_pages(ready.baseline_have) > session.encoder.baseline_max_pages:
+            log.warning("baseline of %d pages is over index_budget_bytes; sending without it",
+                        header_pages(ready.baseline_have), extra={"migration_id": session.request.migration_id})
+        elif ready.baseline_have and session.cross_chunk:
             try:
                 baseline = HaveList.from_bytes(ready.baseline_have, max_pages=session.size // 4096 + 1)
             except CodecError as exc:

@@ -25,7 +25,14 @@ from dwcp_agent import wire
 from dwcp_agent._native import stream as native_stream
 from dwcp_agent.amst.channel import FrameSource, TcpChannel
 from dwcp_agent.hde.baseline import FilePages, have_list
-from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, check_all_zero, checksum
+from dwcp_agent.hde.chunk import (
+    BASELINE_BYTES_PER_PAGE,
+    DEFAULT_INDEX_BUDGET,
+    FLAG_ALL_ZERO,
+    ChunkDecoder,
+    check_all_zero,
+    checksum,
+)
 from dwcp_agent.hde.codecs import CodecError, CodecId
 from dwcp_agent.hde.layout import FLAG_HOLE
 from dwcp_agent.migration import space
@@ -78,8 +85,10 @@ class ReceiveSession:
     """One incoming migration: partial file, journal, data streams, commit."""
 
     def __init__(self, start: wire.Start, directory: DestinationDir, metrics: Metrics, mode: str = "datacenter",
-                 pool: BufferPool | None = None, free: FreeBytes = space.free_bytes) -> None:
+                 pool: BufferPool | None = None, free: FreeBytes = space.free_bytes,
+                 index_budget_bytes: int = DEFAULT_INDEX_BUDGET) -> None:
         self.start = start
+        self.index_budget_bytes = index_budget_bytes
         self.pool = pool or BufferPool()
         self.directory = directory
         self.dest = dest = directory.path
@@ -154,6 +163,12 @@ class ReceiveSession:
             return None, b""
         fd = self.directory.open_baseline()  # only a regular file, never through a symlink
         if fd is None:
+            return None, b""
+        pages = os.fstat(fd).st_size // 4096
+        if pages > self.index_budget_bytes // 2 // BASELINE_BYTES_PER_PAGE:
+            os.close(fd)
+            log.info("no baseline: %s has %d pages, over index_budget_bytes", self.dest, pages,
+                     extra={"migration_id": self.start.migration_id})
             return None, b""
         try:
             blob = have_list(f"/proc/self/fd/{fd}").to_bytes()
@@ -492,7 +507,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def open_session(start: wire.Start, allowed: list[Path], metrics: Metrics,
-                 pool: BufferPool | None = None, free: FreeBytes = space.free_bytes) -> ReceiveSession:
+                 pool: BufferPool | None = None, free: FreeBytes = space.free_bytes,
+                 index_budget_bytes: int = DEFAULT_INDEX_BUDGET) -> ReceiveSession:
     """Validate a Start and open its session, mapping every refusal to a ReceiveError."""
     if start.size < 0 or start.chunk_size <= 0 or start.chunk_size % 4096 or start.chunk_size > 64 << 20:
         raise ReceiveError(f"invalid geometry: size {start.size}, chunk size {start.chunk_size}", "bad_request")
@@ -501,7 +517,7 @@ def open_session(start: wire.Start, allowed: list[Path], metrics: Metrics,
     except UnsafePath as exc:
         raise ReceiveError(str(exc), exc.error_type) from exc
     try:
-        return ReceiveSession(start, directory, metrics, pool=pool, free=free)
+        return ReceiveSession(start, directory, metrics, pool=pool, free=free, index_budget_bytes=index_budget_bytes)
     except BaseException as exc:
         directory.close()
         if isinstance(exc, JournalBusy):

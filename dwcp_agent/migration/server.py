@@ -104,7 +104,8 @@ class DataServer:
             return
         self._sweep()
         try:
-            session = open_session(start, self.config.allowed_dest_dirs, self.metrics, self.pool)
+            session = open_session(start, self.config.allowed_dest_dirs, self.metrics, self.pool,
+                                   index_budget_bytes=self.config.index_budget_bytes)
         except ReceiveError as exc:
             self.metrics.error("migration", exc.error_type)
             log.warning("refused migration %s from %s: %s", start.migration_id, peer.node_id, exc, extra={

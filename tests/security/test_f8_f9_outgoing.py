@@ -164,3 +164,26 @@ def test_buffers_are_not_taken_before_the_destination_accepts(tmp_path: Path) ->
     assert running == 4
     # Before: 4 x 64 MiB of chunk buffers while still connecting. Now: none until Ready.
     assert growth < 48 * MiB, f"RSS grew by {growth >> 20} MiB for 4 migrations still connecting"
+
+
+def test_space_is_reserved_so_two_migrations_that_each_fit_do_not_both_fail(tmp_path: Path) -> None:
+    """48 MiB free, two 32 MiB images: the second is refused at Start, the first keeps its space."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    from dwcp_agent import wire
+    from dwcp_agent.migration.receiver import ReceiveError, open_session
+
+    mnt = tmp_path / "dst"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], check=True)
+    try:
+        first = open_session(wire.Start("m-a", "vm-a", str(mnt / "a.img"), 32 * MiB, MiB, 1), [mnt], Metrics())
+        try:
+            with pytest.raises(ReceiveError) as refused:
+                open_session(wire.Start("m-b", "vm-b", str(mnt / "b.img"), 32 * MiB, MiB, 1), [mnt], Metrics())
+            assert refused.value.error_type == "no_space"
+            assert sorted(p.name for p in mnt.iterdir()) == ["a.img.dwcp-journal", "a.img.dwcp-part"]
+        finally:
+            first.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
