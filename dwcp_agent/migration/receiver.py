@@ -429,6 +429,7 @@ class ReceiveSession:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
         if data is not None and holes and zero_pages is not None:
             native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
+            space.release_zero_pages(self._fd, zero_pages, h.offset, h.raw_len)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
             _pwrite_all(self._fd, data, h.offset)
         self._written.add(index)

@@ -117,8 +117,9 @@ class DestinationDir:
         p = _check_name(dest_path, "destination")
         resolved = p.parent.resolve() / p.name
         if any(resolved == d for d in allowed) or not any(resolved.is_relative_to(d) for d in allowed):
-            raise UnsafePath(f"destination {resolved} is not a file strictly inside the allowed directories "
-                             f"({', '.join(map(str, allowed))}; see config key dest_dirs)", "forbidden")
+            raise UnsafePath(f"destination {resolved} is outside the allowed directories "
+                             f"({', '.join(map(str, allowed))}; see config key dest_dirs): it must name a file "
+                             "strictly inside one", "forbidden")
         self.fd = _open_dir(resolved.parent, allowed, "destination")
         self.name = p.name
         self.path = _fd_path(self.fd) / p.name

@@ -14,6 +14,8 @@ import errno
 import os
 from collections.abc import Callable
 
+import numpy as np
+
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _ZEROS = bytes(1 << 20)
@@ -90,3 +92,16 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     while done < length:
         n = min(len(_ZEROS), length - done)
         done += os.pwrite(fd, _ZEROS[:n], offset + done)
+
+
+def release_zero_pages(fd: int, zero: np.ndarray, offset: int, length: int) -> None:
+    """Give back the reserved blocks of a chunk's zero pages (`zero`: 1 per all-zero page), so
+    zero pages inside data ranges end up as holes, as they would without the reservation."""
+    pages = (length + 4095) // 4096
+    mask = np.asarray(zero, dtype=np.uint8)[:pages]
+    if not mask.any():
+        return
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], (mask != 0).astype(np.int8), [0]))))
+    for first, end in edges.reshape(-1, 2):
+        start = int(first) * 4096
+        punch_hole(fd, offset + start, min(int(end) * 4096, length) - start)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +20,6 @@ from dwcp_agent import wire
 from dwcp_agent.migration.digest import object_digest
 from dwcp_agent.migration.model import MigrationError
 from dwcp_agent.migration.receiver import ReceiveError, open_session
-from dwcp_agent.migration.safe_files import sweep_abandoned
 from dwcp_agent.telemetry.metrics import Metrics
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration" / "datapath"))
@@ -71,15 +71,25 @@ def test_a_destination_equal_to_an_allowed_directory_is_refused(tmp_path: Path, 
     assert not list(tmp_path.glob("*.dwcp-*")), "nothing may be written in the parent"
 
 
-def test_a_refused_start_leaves_nothing_behind(tmp_path: Path, receiver: Receiver) -> None:
-    start = wire.Start("m-full", "vm", str(receiver.dir / "big.img"), 64 * MiB, MiB, 1)
-    with pytest.raises(ReceiveError) as refused:
-        open_session(start, receiver.config.allowed_dest_dirs, Metrics(), free=lambda _fd: MiB)
-    assert refused.value.error_type == "no_space"
-    assert list(receiver.dir.iterdir()) == []
+def test_a_refused_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        start = wire.Start("m-full", "vm", str(mnt / "big.img"), 64 * MiB, MiB, 1)
+        with pytest.raises(ReceiveError) as refused:
+            open_session(start, [mnt], Metrics())
+        assert refused.value.error_type == "no_space"
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_abandoned_partials_and_journals_expire(tmp_path: Path, receiver: Receiver) -> None:
+    from dwcp_agent.migration.safe_files import sweep_abandoned
+
     for name in ("old.img.dwcp-part", "old.img.dwcp-journal", "new.img.dwcp-part"):
         (receiver.dir / name).write_bytes(b"x")
     week_ago = time.time() - 7 * 86400
@@ -137,3 +147,19 @@ def test_the_source_is_opened_once_without_following_a_symlink(tmp_path: Path) -
     real.symlink_to(outside)
     assert os.pread(request.image.fd, 8, 0) == b"r" * 8
     request.image.close()
+
+
+def test_only_a_regular_file_serves_as_a_baseline(tmp_path: Path, receiver: Receiver) -> None:
+    """A symlink at the destination (to a file outside dest_dirs) or a FIFO is never read as a
+    baseline: before, the symlink's target was hashed and offered, and a FIFO blocked the Start."""
+    outside = tmp_path / "outside.img"
+    outside.write_bytes(os.urandom(64 * 4096))
+    os.symlink(outside, receiver.dir / "linked.img")
+    os.mkfifo(receiver.dir / "fifo.img")
+    for name in ("linked.img", "fifo.img"):
+        start = wire.Start(f"m-{name}", "vm", str(receiver.dir / name), 64 * 4096, MiB, 1, "v3")
+        session = open_session(start, receiver.config.allowed_dest_dirs, Metrics())
+        try:
+            assert session.ready().baseline_have == b""
+        finally:
+            session.close()

@@ -72,14 +72,30 @@ def _listener(banner: bytes = b"") -> Iterator[int]:
             conn.close()
 
 
+def _close(request: object) -> None:
+    image = getattr(request, "image", None)
+    if image is not None:
+        image.close()
+
+
 def test_to_must_be_a_member_or_in_the_allowlist(tmp_path: Path) -> None:
-    manager = _manager(tmp_path, acp_peers=["b=10.1.2.3:9877"], migration_targets=["127.0.0.1:*"])
+    manager = _manager(tmp_path, acp_peers=["b=10.1.2.3:9877"])  # default migration_targets: loopback
     source = _image(tmp_path)
     for to in ("192.0.2.7:22", "[2001:db8::1]:9876", "10.1.2.4:9876"):
         with pytest.raises(RequestError, match="field 'to'"):
-            manager.parse_request({"source": source, "to": to, "dest_path": "/d/x.img"})
+            _close(manager.parse_request({"source": source, "to": to, "dest_path": "/d/x.img"}))
     for to in ("10.1.2.3:9876", "127.0.0.1:9876"):
-        manager.parse_request({"source": source, "to": to, "dest_path": "/d/x.img"}).image.close()
+        _close(manager.parse_request({"source": source, "to": to, "dest_path": "/d/x.img"}))
+
+
+def test_configured_targets_are_allowed(tmp_path: Path) -> None:
+    manager = _manager(tmp_path, migration_targets=["*.dc1.example:9876", "[2001:db8::1]:*"])
+    source = _image(tmp_path)
+    for to in ("hv7.dc1.example:9876", "[2001:db8::1]:1234"):
+        _close(manager.parse_request({"source": source, "to": to, "dest_path": "/d/x.img"}))
+    for to in ("hv7.dc1.example:22", "127.0.0.1:9876", "evil.example:9876"):
+        with pytest.raises(RequestError, match="field 'to'"):
+            manager.parse_request({"source": source, "to": to, "dest_path": "/d/x.img"})
 
 
 def test_errors_about_the_remote_do_not_echo_its_bytes(tmp_path: Path) -> None:
@@ -97,10 +113,10 @@ def test_errors_about_the_remote_do_not_echo_its_bytes(tmp_path: Path) -> None:
 
 
 def test_concurrent_outgoing_migrations_are_capped(tmp_path: Path) -> None:
-    manager = _manager(tmp_path, max_outgoing_migrations=2, connect_timeout_s=5.0, io_timeout_s=5.0)
+    manager = _manager(tmp_path, connect_timeout_s=5.0, io_timeout_s=5.0)  # max_outgoing_migrations: 4
     with _listener() as port:  # accepts, never answers: migrations hang in the handshake
         started = []
-        for i in range(2):
+        for i in range(4):
             request = manager.parse_request({"source": _image(tmp_path, f"vm{i}.img"), "to": f"127.0.0.1:{port}",
                                              "dest_path": f"/d/{i}.img"})
             started.append(manager.start(request))
