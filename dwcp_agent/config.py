@@ -110,6 +110,17 @@ class Config:
     acp_peer_keys: list[str] = _spec([], doc="Pinned member signing keys as id=<64 hex digits> (Ed25519 public "
                                              "key; `dwcp-agent cluster key` prints this node's).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")
+    # Files and outgoing limits (sparse: issue 13 items 5-6, issue 16)
+    partial_ttl_s: float = _spec(86400.0, lo=1.0, hi=365 * 86400,
+                                 doc="Abandoned partial images and journals are removed after this.")
+    migration_targets: list[str] = _spec(
+        ["127.0.0.1:*", "[::1]:*", "localhost:*"],
+        doc="HOST:PORT patterns (fnmatch) a migration may be sent to, besides cluster members' hosts.")
+    max_outgoing_migrations: int = _spec(4, lo=1, hi=1024, doc="Outgoing migrations running at once.")
+    finished_record_ttl_s: float = _spec(3600.0, lo=1.0, hi=30 * 86400,
+                                         doc="Finished migration records are forgotten after this.")
+    index_budget_bytes: int = _spec(256 * MiB, lo=16 * MiB, hi=64 * GiB, size=True,
+                                    doc="Memory of the dedupe index and baseline have-list per migration.")
 
     @property
     def allowed_dest_dirs(self) -> list[Path]:
