@@ -7,14 +7,16 @@ message must come from a current member."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import msgspec
 import pytest
 
-from dwcp_agent.acp.auth import KeyConflict, KeyRing
+from dwcp_agent.acp.auth import KeyConflict, KeyRing, load_or_create_key, public_key_hex
 from dwcp_agent.acp.messages import ConfChange, Envelope, EpochFetch, EpochState, RaftMsg, RaftType
 from dwcp_agent.acp.registry import ClaimVm, Command, Member, RegistryState
 from dwcp_agent.acp.transport import Transport
+from dwcp_agent.cli import main
 from tests.security.acp_support import pump, replica, ring
 
 PSK = b"k" * 32
@@ -116,3 +118,13 @@ def test_a_learner_that_catches_up_is_promoted_to_voter() -> None:
     assert a.raft is not None and a.raft.voters == {"a", "b"} and not a.raft.learners
     assert a.registry.state.members["b"].voter
     assert rings["a"].pinned("b") == rings["b"].public_key  # pinned from the admin-committed change
+
+
+def test_cluster_key_prints_the_key_the_agent_signs_with(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cluster", "key", "--state-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert len(bytes.fromhex(printed)) == 32 and printed == public_key_hex(tmp_path)
+    signing = load_or_create_key(tmp_path / "acp" / "node.key")
+    keys = ring("other")
+    keys.add_peer("me", bytes.fromhex(printed))
+    assert keys.verify("me", b"x", signing.sign(b"x"))
