@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dwcp_agent.client import ApiError, api_call
+from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, token_file, use_token_file
 from dwcp_agent.config import load_config
 from dwcp_agent.demo import LocalAgent, free_port
 from tests.security.admin_support import jbody, raw
@@ -122,3 +122,18 @@ def test_metrics_port_serves_probes_only_and_the_switch_protects_them(tmp_path: 
         assert raw(node.admin_port, "GET", "/health", token=None)[0] == 401
     finally:
         node.stop(timeout=5)
+
+
+def test_cli_finds_the_token_file_of_the_agents_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    monkeypatch.delenv(TOKEN_ENV)
+    monkeypatch.setenv("DWCP_CONFIG", str(config))
+    assert token_file() == str(tmp_path / "state" / "admin.token")
+    config.write_text(f"admin_token_file: {tmp_path / 'tok'}\n")
+    assert token_file() == str(tmp_path / "tok")
+    use_token_file(str(tmp_path / "flag"))
+    try:
+        assert token_file() == str(tmp_path / "flag")  # --token-file wins over the config
+    finally:
+        use_token_file(None)
