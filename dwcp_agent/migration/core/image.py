@@ -1,0 +1,271 @@
+"""Offset-addressed, resumable images: the source's chunk scheduler and the destination's validator.
+
+An image has a known size cut into fixed chunks; chunk `i` lives at `i * chunk_size`. Streams
+carry frames with per-stream sequence numbers and the destination acknowledges them cumulatively
+per stream after the chunk is written and journalled. A chunk lost with its stream is encoded
+again (its payload may reference pages the destination has overwritten since) and goes on
+another stream. When every chunk is acknowledged or already held by the destination (its journal,
+offered in Ready), the source asks for a commit with the object digest; the destination commits
+only with no chunk missing and the digest of what it wrote matching.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+
+import numpy as np
+
+from dwcp_agent.migration.core.actions import (
+    Action,
+    CloseStream,
+    Commit,
+    Fail,
+    Finished,
+    FrameFault,
+    JournalAdd,
+    JournalReset,
+    OutChunk,
+    Reencode,
+    Release,
+    Rename,
+    Reply,
+    SendAck,
+    VerifyDigest,
+)
+from dwcp_agent.migration.core.checks import Header, check_frame
+from dwcp_agent.migration.core.kinds import ErrorKind
+from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest
+
+__all__ = ["ImageAssembler", "ImageSender"]
+
+
+class ImageSender:
+    """Source side of one attempt.
+
+    Events: `next_index` (a free buffer: which chunk to read), `chunk_skipped`, `chunk_encoded`,
+    `stream_up`, `stream_lost`, `next_frame`, `acked`, `committed`, `fail`. Actions: Release,
+    Reencode, Commit, Finished, Fail.
+    """
+
+    def __init__(self, size: int, chunk_size: int, have: Mapping[int, int] | None = None,
+                 checksums: np.ndarray | None = None) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.chunks = chunk_count(size, chunk_size)
+        self.have = dict(have or {})          # chunk index -> checksum the destination already holds
+        self.checksums = checksums if checksums is not None else np.zeros(self.chunks, dtype=np.uint64)
+        self.next = 0                         # next chunk index to read for the first time
+        self.settled = 0                      # chunks acknowledged or skipped
+        self.done = False
+        self.commit_sent: bytes | None = None
+        self._queue: collections.deque[OutChunk] = collections.deque()
+        self._inflight: dict[int, collections.deque[OutChunk]] = {}  # stream -> chunks in seq order
+        self._seq: dict[int, int] = {}
+        self._ready: list[Action] = []
+        self._maybe_commit()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def next_index(self) -> int | None:
+        """The next chunk to read and encode, or None when every chunk has been read."""
+        if self.done or self.next >= self.chunks:
+            return None
+        index = self.next
+        self.next += 1
+        return index
+
+    def length(self, index: int) -> int:
+        return chunk_length(index, self.size, self.chunk_size)
+
+    def known(self, index: int) -> int | None:
+        """The checksum the destination holds for this chunk (its journal), if any."""
+        return self.have.get(index)
+
+    def chunk_skipped(self, index: int, checksum: int) -> None:
+        """The destination holds this chunk already (same checksum): nothing to send."""
+        self.checksums[index] = checksum
+        self.settled += 1
+        self._maybe_commit()
+
+    def chunk_encoded(self, index: int, checksum: int, codec: int = 0, flags: int = 0, payload_len: int = 0,
+                      handle: object = None, chunk: OutChunk | None = None) -> OutChunk:
+        """A chunk is encoded (first time, or again after a Reencode) and waits for a stream."""
+        self.checksums[index] = checksum
+        if chunk is None:
+            chunk = OutChunk(index * self.chunk_size, self.length(index), checksum, index=index)
+        chunk.checksum, chunk.codec, chunk.flags, chunk.payload_len, chunk.handle = (
+            checksum, codec, flags, payload_len, handle)
+        chunk.stream = chunk.seq = -1
+        if self.done:
+            self._ready.append(Release(chunk))
+        else:
+            self._queue.append(chunk)
+        return chunk
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def stream_up(self, stream: int) -> None:
+        self._inflight[stream] = collections.deque()
+        self._seq[stream] = 0
+
+    def stream_lost(self, stream: int) -> None:
+        self._seq.pop(stream, None)
+        for chunk in self._inflight.pop(stream, collections.deque()):
+            self._ready.append(Reencode(chunk))
+
+    def next_frame(self, stream: int) -> OutChunk | None:
+        if self.done or stream not in self._seq or not self._queue:
+            return None
+        chunk = self._queue.popleft()
+        chunk.stream, chunk.seq = stream, self._seq[stream]
+        self._seq[stream] += 1
+        self._inflight[stream].append(chunk)
+        return chunk
+
+    def acked(self, stream: int, seq: int) -> None:
+        """Cumulative: every frame up to `seq` on `stream` is written and journalled."""
+        inflight = self._inflight.get(stream)
+        if inflight is None:
+            return
+        if seq >= self._seq.get(stream, 0):
+            self._fault(stream, f"acknowledgement of frame {seq} that was never sent")
+            return
+        while inflight and inflight[0].seq <= seq:
+            chunk = inflight.popleft()
+            chunk.acked = True
+            self.settled += 1
+            self._ready.append(Release(chunk))
+        self._maybe_commit()
+
+    def committed(self, digest: bytes) -> None:
+        """The destination renamed its partial: it reports this digest."""
+        if self.commit_sent is None or self.done:
+            return
+        self.done = True
+        if digest != self.commit_sent:
+            self._ready.append(Fail(ErrorKind.DIGEST_MISMATCH, "destination reports a different digest"))
+        else:
+            self._ready.append(Finished(self.size, digest))
+
+    def fail(self, kind: str, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._ready.append(Fail(kind, reason))
+        for chunk in self._queue:
+            self._ready.append(Release(chunk))
+        self._queue.clear()
+        for inflight in self._inflight.values():
+            self._ready.extend(Release(c) for c in inflight)
+            inflight.clear()
+
+    def take_ready(self) -> list[Action]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    @property
+    def outstanding(self) -> int:
+        """Chunks read but not yet settled."""
+        return self.next - self.settled
+
+    def _fault(self, stream: int, reason: str) -> None:
+        self.stream_lost(stream)
+        self._ready.append(CloseStream(stream, ErrorKind.SEQUENCE, reason))
+
+    def _maybe_commit(self) -> None:
+        if self.commit_sent is None and not self.done and self.settled == self.chunks:
+            self.commit_sent = object_digest(self.checksums)
+            self._ready.append(Commit(self.commit_sent))
+
+
+class ImageAssembler:
+    """Destination side of one session: frame checks, acknowledgements, journal, commit decision.
+
+    Events: `stream_up`, `stream_lost`, `check` (raises FrameFault), `written`, `commit_requested`,
+    `digest_computed`, `fail`. Actions: SendAck, JournalAdd, JournalReset, VerifyDigest, Rename,
+    Reply.
+    """
+
+    def __init__(self, session: int, version: int, size: int, chunk_size: int, journal: Mapping[int, int],
+                 fresh: bool) -> None:
+        self.session = session
+        self.version = version
+        self.size = size
+        self.chunk_size = chunk_size
+        self.chunks = chunk_count(size, chunk_size)
+        self.have = dict(journal)             # chunk index -> checksum, written and verified
+        self.resumed = set(self.have)         # held from an earlier session: re-read at commit
+        self.written_here: set[int] = set()
+        self.fresh = fresh                    # the partial file was created by this session
+        self.failure: tuple[str, str] | None = None
+        self.finished = False
+        self._expected: dict[int, int] = {}
+        self._ready: list[Action] = []
+
+    def stream_up(self, stream: int) -> None:
+        self._expected[stream] = 0
+
+    def stream_lost(self, stream: int) -> None:
+        self._expected.pop(stream, None)
+
+    def check(self, stream: int, h: Header) -> int:
+        """Every header check before the payload is read; returns the chunk index."""
+        if self.finished or self.failure is not None:
+            raise FrameFault("the session is over", ErrorKind.UNEXPECTED_FRAME)
+        if stream not in self._expected:
+            raise FrameFault(f"stream {stream} is not open", ErrorKind.BAD_HEADER)
+        check_frame(h, self.session, stream, self.version, self._expected[stream])
+        if h.offset % self.chunk_size or h.offset >= max(self.size, 1):
+            raise FrameFault(f"offset {h.offset} is not a chunk of this image", ErrorKind.BAD_OFFSET)
+        index = h.offset // self.chunk_size
+        expected_len = chunk_length(index, self.size, self.chunk_size)
+        if h.raw_len != expected_len:
+            raise FrameFault(f"chunk {index} announces {h.raw_len} bytes, expected {expected_len}",
+                             ErrorKind.BAD_LENGTH)
+        self._expected[stream] += 1
+        return index
+
+    def holes(self, index: int) -> bool:
+        """Zero pages of this chunk need no write: the file is new and this chunk never written."""
+        return self.fresh and index not in self.written_here
+
+    def written(self, stream: int, h: Header) -> None:
+        """The chunk's checksum matched and its bytes are in the partial file: journal, acknowledge."""
+        index = h.offset // self.chunk_size
+        self.written_here.add(index)
+        self.resumed.discard(index)
+        self.have[index] = h.checksum
+        self._ready.append(JournalAdd(index, h.checksum))
+        self._ready.append(SendAck(stream, h.sequence, h.offset))
+
+    def commit_requested(self, digest: bytes) -> None:
+        if self.failure is not None:
+            self._ready.append(Reply("failed", *self.failure))
+            return
+        missing = self.chunks - len(self.have)
+        if missing:
+            self._ready.append(Reply("failed", ErrorKind.INCOMPLETE, f"{missing} chunks are missing at commit"))
+            return
+        self._ready.append(VerifyDigest(digest))
+
+    def digest_computed(self, expected: bytes, actual: bytes) -> None:
+        """The digest of the partial file (resumed chunks re-read) against the source's."""
+        if actual != expected:
+            self.have.clear()
+            self._ready.append(JournalReset())
+            self._ready.append(Reply("failed", ErrorKind.DIGEST_MISMATCH, "object digest of the written image "
+                                     "does not match the source; partial discarded"))
+            return
+        self.finished = True
+        self._ready.append(Rename())
+        self._ready.append(Reply("committed"))
+
+    def fail(self, kind: str, reason: str) -> None:
+        if self.failure is None:
+            self.failure = (kind, reason)
+            self._ready.append(Fail(kind, reason))
+
+    def take_ready(self) -> list[Action]:
+        ready, self._ready = self._ready, []
+        return ready
