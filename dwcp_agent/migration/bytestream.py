@@ -137,20 +137,32 @@ class _Endpoint:
         with self.cond:
             return list(self.conns)
 
-    def kill_stream(self, stream: int) -> None:
-        """Break one connection (as a network fault would); its chunks go again on the others."""
+    def kill_stream(self, stream: int | None = None) -> tuple[int, int]:
+        """Break one connection (as a network fault would; by default the one with the most chunks
+        in flight): its unacknowledged chunks go again on the others at once. Returns (stream id,
+        chunks requeued); (-1, 0) when there is no connection."""
         with self.cond:
+            if stream is None:
+                stream = max(self.conns, key=self.sender.in_flight, default=-1)
             conn = self.conns.get(stream)
-        if conn is not None:
-            conn.shutdown()
+            if conn is None:
+                return -1, 0
+            before = self.sender.requeued
+            self._forget(conn)
+            requeued = self.sender.requeued - before
+        conn.shutdown()
+        return stream, requeued
+
+    def _forget(self, conn: _Conn) -> None:
+        if self.conns.get(conn.stream) is conn:
+            del self.conns[conn.stream]
+            self.sender.stream_lost(conn.stream)
+            self.assembler.stream_lost(conn.stream)
+            self._pump()
 
     def _lost(self, conn: _Conn) -> None:
         with self.cond:
-            if self.conns.get(conn.stream) is conn:
-                del self.conns[conn.stream]
-                self.sender.stream_lost(conn.stream)
-                self.assembler.stream_lost(conn.stream)
-                self._pump()
+            self._forget(conn)
             self.cond.notify_all()
         conn.shutdown()
 
@@ -294,17 +306,19 @@ class _Endpoint:
 
     def _outcome(self, action: Finished | Fail, sending: bool) -> None:
         """The end of one direction: the main one (source -> destination) or the reverse one."""
-        error = ByteStreamError(action.reason, action.kind) if isinstance(action, Fail) else None
         main = sending == isinstance(self, ByteStreamSource)
         if not main:
-            self.in_result, self.in_error = (action if error is None else None), error  # type: ignore[assignment]
+            if isinstance(action, Fail):
+                self.in_error = ByteStreamError(action.reason, action.kind)
+            else:
+                self.in_result = action
             self.in_done.set()
-        elif error is not None:  # the session is over: the reverse direction ends with it
-            self.error = self.error or error
+        elif isinstance(action, Fail):  # the session is over: the reverse direction ends with it
+            self.error = self.error or ByteStreamError(action.reason, action.kind)
             self.done.set()
             (self.assembler if sending else self.sender).fail(action.kind, action.reason)
         elif sending:
-            self.result = action  # type: ignore[assignment]
+            self.result = action
             self.done.set()
         # The destination's main Finished counts once the writer has written the END (see _OrderedWriter).
 

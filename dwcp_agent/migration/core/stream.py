@@ -195,6 +195,10 @@ class StreamSender:
     def streams(self) -> list[int]:
         return list(self._streams)
 
+    def in_flight(self, stream: int) -> int:
+        """Chunks sent on `stream` and not yet acknowledged."""
+        return len(self._carrying.get(stream, ()))
+
     def _push(self, order: int, chunk: OutChunk) -> None:
         self._pushes += 1
         heapq.heappush(self._queue, (order, self._pushes, chunk))
