@@ -26,7 +26,7 @@ from dwcp_agent.hde.chunk import EncodedChunk, checksum
 from dwcp_agent.hde.codecs import CodecError
 from dwcp_agent.migration.digest import chunk_length
 from dwcp_agent.migration.journal import unpack_have
-from dwcp_agent.migration.model import FATAL_ERRORS, POLL_S, MigrationError
+from dwcp_agent.migration.model import POLL_S, MigrationError
 
 if TYPE_CHECKING:
     from dwcp_agent.migration.sender import SendSession
@@ -180,7 +180,7 @@ class Attempt:
                 channel = s.open_channel(self.session_id, stream_id)
             except MigrationError as exc:
                 failures += 1
-                if exc.error_type in FATAL_ERRORS:
+                if not exc.retryable:
                     self.abort(exc)
                     return
                 if failures > s.config.retry_limit:
@@ -198,7 +198,7 @@ class Attempt:
             self.running.discard(stream_id)
             self.live_streams -= 1
             if self.live_streams == 0 and not self.done.is_set():
-                self.error = self.error or MigrationError("every data stream failed", "streams", retryable=True)
+                self.error = self.error or MigrationError("every data stream failed", "streams")
                 self.done.set()
             self.cond.notify_all()
 
@@ -314,7 +314,6 @@ class Attempt:
             self.committed = msg
             self.committed_event.set()
         except wire.WireError as exc:
-            fatal = exc.error_type in FATAL_ERRORS or exc.error_type == "digest_mismatch"
-            self.abort(MigrationError(f"destination: {exc}", exc.error_type, retryable=not fatal))
+            self.abort(MigrationError(f"destination: {exc}", exc.error_type))
         except OSError as exc:
-            self.abort(MigrationError(f"control connection lost: {exc}", "disconnected", retryable=True))
+            self.abort(MigrationError(f"control connection lost: {exc}", "disconnected"))

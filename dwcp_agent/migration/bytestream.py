@@ -120,7 +120,7 @@ class _Endpoint:
         sock.settimeout(None)
         conn = _Conn(stream, sock)
         with self.cond:
-            if self.closed or stream in self.conns or (self.sender.done and self.assembler.done):
+            if self.closed or stream in self.conns or self.error is not None:
                 sock.close()
                 return
             self.conns[stream] = conn
@@ -294,7 +294,7 @@ class _Endpoint:
         elif isinstance(action, CloseStream):
             conn = self.conns.get(action.stream)
             if conn is not None:
-                conn.broken = True
+                conn.shutdown()
         elif isinstance(action, Finished | Fail):
             self._outcome(action, sending)
 

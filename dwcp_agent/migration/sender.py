@@ -29,7 +29,6 @@ from dwcp_agent.migration.attempt import Attempt
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.digest import chunk_count, object_digest
 from dwcp_agent.migration.model import (
-    FATAL_ERRORS,
     POLL_S,
     Interrupted,
     MigrationError,
@@ -108,7 +107,7 @@ class SendSession:
             result = run_probe(control)
         except (ProbeError, OSError) as exc:
             control.close()
-            raise MigrationError(f"active probe failed: {exc}", "probe", retryable=True) from exc
+            raise MigrationError(f"active probe failed: {exc}", "probe") from exc
         plan = self.link.start(result.rtt_min_s, result.bandwidth_bps)
         self.streams = plan.streams
         log.info("probe: rtt %.2f ms, %.0f Mbit/s -> %d streams", result.rtt_min_s * 1e3,
@@ -144,11 +143,10 @@ class SendSession:
         except RdmaError as exc:
             sock.close()
             self._rdma_failed(exc)
-            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "rdma", retryable=True) from exc
+            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "rdma") from exc
         except (wire.WireError, OSError) as exc:
             sock.close()
-            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "disconnected",
-                                 retryable=True) from exc
+            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "disconnected") from exc
 
     def _rdma_offer(self) -> tuple[str, ...]:
         return () if self.rdma_disabled else self.transports.capabilities()
@@ -161,7 +159,7 @@ class SendSession:
         attempt = self._current
         if attempt is not None:
             attempt.abort(MigrationError(f"RDMA failed ({error}); resuming from the destination journal"
-                                         + (" over TCP" if self.rdma_disabled else ""), "rdma", retryable=True))
+                                         + (" over TCP" if self.rdma_disabled else ""), "rdma"))
 
     def open_connection(self, role: str, session: int = 0, stream: int = 0) -> socket.socket:
         """Connect and authenticate one connection; failures become MigrationErrors."""
@@ -174,7 +172,7 @@ class SendSession:
             sock = tcp.connect(self.request.host, self.request.port, c.connect_timeout_s, c.socket_buffer_bytes,
                                c.tcp_congestion, c.pacing_rate_bytes)
         except (ConnectionError, OSError) as exc:
-            raise MigrationError(str(exc), "connect", retryable=True) from exc
+            raise MigrationError(str(exc), "connect") from exc
         except ValueError as exc:
             raise MigrationError(str(exc), "config") from exc
         try:
@@ -182,12 +180,11 @@ class SendSession:
                                          capabilities=capabilities)
         except wire.WireError as exc:
             sock.close()
-            raise MigrationError(f"{self.request.host}:{self.request.port}: {exc}", exc.error_type,
-                                 retryable=exc.error_type not in FATAL_ERRORS) from exc
+            raise MigrationError(f"{self.request.host}:{self.request.port}: {exc}", exc.error_type) from exc
         except OSError as exc:
             sock.close()
             raise MigrationError(f"handshake with {self.request.host}:{self.request.port} failed: {exc}",
-                                 "disconnected", retryable=True) from exc
+                                 "disconnected") from exc
         sock.settimeout(c.io_timeout_s)
         self.peer_node = peer.node_id
         return sock, peer
@@ -252,11 +249,10 @@ class SendSession:
             ready = wire.recv_message(control, wire.Ready)
         except wire.WireError as exc:
             control.close()
-            raise MigrationError(f"destination refused: {exc}", exc.error_type,
-                                 retryable=exc.error_type not in FATAL_ERRORS) from exc
+            raise MigrationError(f"destination refused: {exc}", exc.error_type) from exc
         except OSError as exc:
             control.close()
-            raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
+            raise MigrationError(f"control connection failed: {exc}", "disconnected") from exc
         attempt = Attempt(self, control, ready, wire.PROTOCOL_VERSION)
         self._current = attempt
         self.progress.acked_bytes = 0
@@ -291,7 +287,7 @@ class SendSession:
             assert attempt.error is not None
             raise attempt.error
         except OSError as exc:
-            raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
+            raise MigrationError(f"control connection failed: {exc}", "disconnected") from exc
         finally:
             self._current = None
             attempt.abort(attempt.error or Interrupted("attempt finished", "done"))

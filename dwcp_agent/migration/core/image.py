@@ -49,7 +49,9 @@ class ImageSender:
     """
 
     def __init__(self, size: int, chunk_size: int, have: Mapping[int, int] | None = None,
-                 checksums: np.ndarray | None = None) -> None:
+                 checksums: np.ndarray | None = None, max_stall_ticks: int = 600) -> None:
+        self.max_stall_ticks = max_stall_ticks
+        self._stall: dict[int, int] = {}  # stream -> ticks its oldest frame waited for an ack
         self.size = size
         self.chunk_size = chunk_size
         self.chunks = chunk_count(size, chunk_size)
@@ -111,6 +113,7 @@ class ImageSender:
 
     def stream_lost(self, stream: int) -> None:
         self._seq.pop(stream, None)
+        self._stall.pop(stream, None)
         for chunk in self._inflight.pop(stream, collections.deque()):
             self._ready.append(Reencode(chunk))
 
@@ -118,6 +121,8 @@ class ImageSender:
         if self.done or stream not in self._seq or not self._queue:
             return None
         chunk = self._queue.popleft()
+        if not self._inflight[stream]:
+            self._stall[stream] = 0
         chunk.stream, chunk.seq = stream, self._seq[stream]
         self._seq[stream] += 1
         self._inflight[stream].append(chunk)
@@ -132,11 +137,20 @@ class ImageSender:
             self._fault(stream, f"acknowledgement of frame {seq} that was never sent")
             return
         while inflight and inflight[0].seq <= seq:
+            self._stall[stream] = 0
             chunk = inflight.popleft()
             chunk.acked = True
             self.settled += 1
             self._ready.append(Release(chunk))
         self._maybe_commit()
+
+    def tick(self) -> None:
+        """Abstract time: a stream whose frames wait `max_stall_ticks` for an acknowledgement is
+        closed (a hung connection); its chunks are encoded again for the others."""
+        for stream, inflight in list(self._inflight.items()):
+            self._stall[stream] = self._stall.get(stream, 0) + 1 if inflight else 0
+            if self._stall[stream] > self.max_stall_ticks:
+                self._fault(stream, f"no acknowledgement for {self.max_stall_ticks} ticks")
 
     def committed(self, digest: bytes) -> None:
         """The destination renamed its partial: it reports this digest."""

@@ -64,9 +64,11 @@ class StreamSender:
     Finished, Fail.
     """
 
-    def __init__(self, window_bytes: int, max_idle_ticks: int = 100) -> None:
+    def __init__(self, window_bytes: int, max_idle_ticks: int = 100, max_stall_ticks: int = 600) -> None:
         self.window_bytes = window_bytes
         self.max_idle_ticks = max_idle_ticks
+        self.max_stall_ticks = max_stall_ticks
+        self._stall: dict[int, int] = {}          # stream -> ticks its chunks waited for an ack
         self.next_offset = 0                      # where the next chunk read starts
         self.digest = RollingDigest()
         self.ended = False                        # end_of_input called
@@ -96,6 +98,7 @@ class StreamSender:
     def stream_lost(self, stream: int) -> None:
         """Every chunk the stream carried without an acknowledgement goes again, on the others."""
         self._streams.pop(stream, None)
+        self._stall.pop(stream, None)
         for offset in self._carrying.pop(stream, set()):
             chunk = self.unacked.get(offset)
             if chunk is not None and chunk.stream == stream:
@@ -141,6 +144,8 @@ class StreamSender:
             _, _, chunk = heapq.heappop(self._queue)
             if chunk.acked or chunk.stream != -1:
                 continue
+            if not self._carrying[stream]:
+                self._stall[stream] = 0
             chunk.stream = stream
             chunk.seq = self._streams[stream]
             self._streams[stream] += 1
@@ -149,31 +154,43 @@ class StreamSender:
         return None
 
     def acked(self, offset: int, end: bool = False) -> None:
-        """The destination wrote the chunk at `offset` (acknowledgements may come on any stream)."""
-        key = -1 if end else offset
-        chunk = self.unacked.pop(key, None)
-        if chunk is None:
-            return  # a repeated acknowledgement
-        chunk.acked = True
-        if chunk.stream in self._carrying:
-            self._carrying[chunk.stream].discard(key)
-        self._ready.append(Release(chunk))
-        if chunk.flags & FLAG_END:  # the destination wrote everything and verified the digest
-            self.done = True
-            for rest in self.unacked.values():
-                rest.acked = True
-                self._ready.append(Release(rest))
-            self.unacked.clear()
-            self._queue.clear()
-            self._ready.append(Finished(chunk.offset, chunk.checksum))
+        """The destination wrote the chunk at `offset`. It writes in order, so every chunk below
+        is written too: an acknowledgement lost with its connection is covered by any later one.
+        Acknowledgements may come on any stream."""
+        while self.unacked:
+            key, chunk = next(iter(self.unacked.items()))
+            if key == -1 and not end:
+                break  # the END is acknowledged only by its own acknowledgement
+            if key != -1 and key > offset:
+                break
+            del self.unacked[key]
+            chunk.acked = True
+            if chunk.stream in self._carrying:
+                self._carrying[chunk.stream].discard(key)
+                self._stall[chunk.stream] = 0
+            self._ready.append(Release(chunk))
+            if key == -1:  # the destination wrote everything and verified the digest
+                self.done = True
+                self._queue.clear()
+                self._ready.append(Finished(chunk.offset, chunk.checksum))
+                return
 
     def tick(self) -> None:
-        """Abstract time: a session left without any stream for `max_idle_ticks` fails for good."""
+        """Abstract time. A session left without any stream for `max_idle_ticks` fails for good;
+        a stream whose chunks wait `max_stall_ticks` for an acknowledgement is closed (a hung
+        connection): they go again on the others."""
         if self.done:
             return
         self._idle_ticks = 0 if self._streams else self._idle_ticks + 1
         if self._idle_ticks > self.max_idle_ticks:
             self.fail(ErrorKind.STREAMS, f"no data stream for {self.max_idle_ticks} ticks")
+            return
+        for stream, carrying in list(self._carrying.items()):
+            self._stall[stream] = self._stall.get(stream, 0) + 1 if carrying else 0
+            if self._stall[stream] > self.max_stall_ticks:
+                self.stream_lost(stream)
+                self._ready.append(CloseStream(stream, ErrorKind.STREAMS,
+                                               f"no acknowledgement for {self.max_stall_ticks} ticks"))
 
     def fail(self, kind: str, reason: str) -> None:
         if self.done:
@@ -236,7 +253,7 @@ class StreamAssembler:
         self._ready: list[Action] = []
 
     def stream_up(self, stream: int) -> None:
-        if not self.done:
+        if not self.failed:  # after Finished too: the source may resend the END whose ack it lost
             self._expected[stream] = 0
             self._idle_ticks = 0
 
