@@ -23,6 +23,7 @@ from aiohttp import web
 
 from dwcp_agent import __version__, api
 from dwcp_agent._native import pages
+from dwcp_agent.acp.api import build_routes as consensus_routes
 from dwcp_agent.acp.node import ConsensusTimeout
 from dwcp_agent.acp.ownership import RegistryOwnership
 from dwcp_agent.acp.rollout_store import RegistryRolloutStore
@@ -32,7 +33,6 @@ from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.manager import Migration, MigrationManager
-from dwcp_agent.migration.model import MigrationRequest
 from dwcp_agent.migration.server import DataServer
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.health import Health
@@ -110,9 +110,6 @@ class Agent:
         self.health.register("amst", amst)
         self.health.register("hde", hde)
         self.health.register("migration", migration)
-
-    def start_migration(self, request: MigrationRequest) -> Migration:
-        return self.manager.start(request)
 
     def _migration_finished(self, migration: Migration) -> None:
         self.guard.record_migration(migration.state, migration.duration_s, migration.progress.total_bytes,
@@ -196,7 +193,7 @@ class Agent:
         app = web.Application(client_max_size=1 << 20)
         app.add_routes(api.routes(self))
         app.add_routes(sla_routes(self.guard))
-        app.add_routes(self.consensus.routes())
+        app.add_routes(consensus_routes(self.consensus))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.admin_host, self.config.admin_port)

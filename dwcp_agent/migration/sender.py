@@ -303,13 +303,5 @@ class SendSession:
 
     def _reclaim(self, attempt: Attempt) -> None:
         """Return buffers still held by queued chunks so the next attempt has its full pool."""
-        while True:
-            try:
-                item = attempt.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self.buffers.put(item.buffer)
-        while attempt.redo:
-            self.buffers.put(attempt.redo.popleft().buffer)
-
+        for buf in attempt.reclaim():
+            self.buffers.put(buf)

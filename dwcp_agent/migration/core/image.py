@@ -178,6 +178,10 @@ class ImageSender:
         ready, self._ready = self._ready, []
         return ready
 
+    def in_flight(self, stream: int) -> int:
+        """Frames sent on `stream` and not yet acknowledged."""
+        return len(self._inflight.get(stream, ()))
+
     @property
     def outstanding(self) -> int:
         """Chunks read but not yet settled."""
