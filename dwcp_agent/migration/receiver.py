@@ -26,6 +26,7 @@ from dwcp_agent.amst.channel import FrameSource, TcpChannel
 from dwcp_agent.hde.baseline import FilePages, have_list
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, check_all_zero, checksum
 from dwcp_agent.hde.codecs import CodecError, CodecId
+from dwcp_agent.hde.layout import max_encoded_len
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest, reread_checksums
 from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
@@ -44,11 +45,6 @@ class ReceiveError(Exception):
     def __init__(self, message: str, error_type: str) -> None:
         super().__init__(message)
         self.error_type = error_type
-
-
-def max_encoded_len(raw_len: int) -> int:
-    """Largest payload a sender may announce for a chunk (codec framing and page maps included)."""
-    return raw_len + raw_len // 16 + 4096
 
 
 def resolve_destination(dest_path: str, allowed: list[Path]) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from dwcp_agent.hde.layout import max_encoded_len
 from dwcp_agent.migration.core.actions import FrameFault
 from dwcp_agent.migration.core.kinds import ErrorKind
 
@@ -38,11 +39,6 @@ class Header(Protocol):
     def encoded_len(self) -> int: ...
     @property
     def checksum(self) -> int: ...
-
-
-def max_encoded_len(raw_len: int) -> int:
-    """Largest payload a sender may announce for a chunk (codec framing and page maps included)."""
-    return raw_len + raw_len // 16 + 4096
 
 
 def check_frame(h: Header, session: int, stream: int, version: int, expected_seq: int,
