@@ -22,7 +22,6 @@ from typing import Any
 from aiohttp import web
 
 from dwcp_agent import __version__, api
-from dwcp_agent._native import pages
 from dwcp_agent.acp.api import build_routes as consensus_routes
 from dwcp_agent.acp.node import ConsensusTimeout
 from dwcp_agent.acp.ownership import RegistryOwnership
@@ -31,6 +30,7 @@ from dwcp_agent.acp.service import ConsensusError, ConsensusService
 from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
+from dwcp_agent.kernels import pages
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.manager import Migration, MigrationManager
 from dwcp_agent.migration.server import DataServer

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from dwcp_agent import wire
-from dwcp_agent._native import stream as native_stream
 from dwcp_agent.amst.channel import FrameSource, TcpChannel
 from dwcp_agent.hde.baseline import FilePages, have_list
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, check_all_zero, checksum
 from dwcp_agent.hde.codecs import CodecError, CodecId
 from dwcp_agent.hde.layout import max_encoded_len
+from dwcp_agent.kernels import stream as native_stream
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest, reread_checksums
 from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
