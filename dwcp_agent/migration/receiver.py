@@ -28,7 +28,17 @@ from dwcp_agent.hde.codecs import CodecError, CodecId
 from dwcp_agent.hde.layout import max_encoded_len
 from dwcp_agent.kernels import stream as native_stream
 from dwcp_agent.migration.buffers import BufferPool
-from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest, reread_checksums
+from dwcp_agent.migration.core import (
+    FrameFault,
+    ImageAssembler,
+    JournalAdd,
+    JournalReset,
+    Rename,
+    Reply,
+    VerifyDigest,
+)
+from dwcp_agent.migration.core.image import check_image_frame
+from dwcp_agent.migration.digest import chunk_count, object_digest, reread_checksums
 from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -90,8 +100,10 @@ class ReceiveSession:
         except BaseException:
             self.journal.close()
             raise
-        self.resumed_chunks = set(self.journal.have)
-        self._written: set[int] = set()  # chunks written by this session
+        # The protocol decisions (frame checks, what is held and written, commit) are the core's.
+        self.core = ImageAssembler(self.session_id, wire.PROTOCOL_VERSION, start.size, start.chunk_size,
+                                   self.journal.have, self.fresh)
+        self._core_lock = threading.Lock()
         self.partial_pages = FilePages(self._fd)
         self.baseline, self.baseline_have = self._open_baseline()
         self._flusher = threading.Thread(target=self._flush_loop, name=f"journal-{self.session_id:x}",
@@ -170,22 +182,29 @@ class ReceiveSession:
             wire.send_message(self._control, msg)
 
     def _commit(self, digest: bytes) -> None:
+        """The core decides (failure, missing chunks, digest); this carries its actions out."""
         self._stop_streams()
         self.journal.flush(self._fd)
-        missing = self.chunks - len(self.journal.have)
-        if self.failure is not None:
-            self._send_control(wire.Failed(str(self.failure), self.failure.error_type))
-            return
-        if missing:
-            self._send_control(wire.Failed(f"{missing} chunks are missing at commit", "incomplete"))
-            return
-        actual = self._digest()
-        if actual != digest:
-            self.metrics.error("migration", "digest_mismatch")
-            self.journal.reset()
-            self._send_control(wire.Failed("object digest of the written image does not match the "
-                                           "source; partial discarded", "digest_mismatch"))
-            return
+        with self._core_lock:
+            self.core.commit_requested(digest)
+            actions = self.core.take_ready()
+        while actions:
+            action = actions.pop(0)
+            if isinstance(action, VerifyDigest):
+                with self._core_lock:
+                    self.core.digest_computed(action.expected, self._digest())
+                    actions += self.core.take_ready()
+            elif isinstance(action, JournalReset):
+                self.metrics.error("migration", "digest_mismatch")
+                self.journal.reset()
+            elif isinstance(action, Rename):
+                self._rename()
+            elif isinstance(action, Reply) and action.verdict == "committed":
+                self._send_control(wire.Committed(digest, str(self.dest)))
+            elif isinstance(action, Reply):
+                self._send_control(wire.Failed(action.reason, action.kind))
+
+    def _rename(self) -> None:
         os.fsync(self._fd)
         os.rename(self.partial, self.dest)
         dir_fd = os.open(self.dest.parent, os.O_RDONLY)
@@ -196,15 +215,15 @@ class ReceiveSession:
         self.journal.remove()
         log.info("image committed", extra={"migration_id": self.start.migration_id,
                                            "migration_status": "committed", "path": str(self.dest)})
-        self._send_control(wire.Committed(actual, str(self.dest)))
 
     def _digest(self) -> bytes:
         """Object digest from the verified chunk checksums. Chunks written by this session were
         hashed from the very buffer written; chunks resumed from an earlier session are re-read,
         so bytes that changed on disk since (or never made it) cannot pass."""
         sums = np.fromiter((self.journal.have[i] for i in range(self.chunks)), dtype=np.uint64, count=self.chunks)
-        on_disk = reread_checksums(self._fd, self.start.size, self.start.chunk_size, sorted(self.resumed_chunks))
-        for i in self.resumed_chunks:
+        resumed = sorted(self.core.resumed)
+        on_disk = reread_checksums(self._fd, self.start.size, self.start.chunk_size, resumed)
+        for i in resumed:
             if on_disk[i] != sums[i]:
                 self.metrics.error("migration", "resumed_chunk_mismatch")
                 sums[i] = on_disk[i]
@@ -219,6 +238,9 @@ class ReceiveSession:
         """A fatal destination error (disk full, unwritable): tell the source, stop the streams."""
         if self.failure is None:
             self.failure = error
+            with self._core_lock:
+                self.core.fail(error.error_type, str(error))
+                self.core.take_ready()
             self.metrics.error("migration", error.error_type)
             log.error("destination failed: %s", error, extra={
                 "migration_id": self.start.migration_id, "migration_status": "failed",
@@ -289,9 +311,7 @@ class ReceiveSession:
                 outcome = fast.next_frame(ack_last)
                 ack_last = False
                 if outcome == native_stream.WRITTEN:
-                    self._written.add(fast.index)
-                    self.journal.add(fast.index, fast.checksum)
-                    self.resumed_chunks.discard(fast.index)
+                    self._chunk_written(fast.index, fast.checksum)
                     ack_last = True  # sent by the next call, after the journal has the chunk
                     self.bytes_received += fast.raw_len
                     bytes_counter.inc(wire.HEADER_SIZE + fast.raw_len)
@@ -326,19 +346,11 @@ class ReceiveSession:
                        expected_seq: int, payload: memoryview, raw: memoryview, decoder: ChunkDecoder,
                        zero_sums: dict[int, int]) -> None:
         """Check, receive, decode, verify, write and journal one frame (the caller acknowledges it)."""
-        size, chunk_size = self.start.size, self.start.chunk_size
         index = self._check_header(h, stream_id, version, expected_seq)
-        expected_len = chunk_length(index, size, chunk_size)
-        if h.raw_len != expected_len:
-            raise wire.FrameError(f"chunk {index} announces {h.raw_len} bytes, expected {expected_len}",
-                                  "bad_length")
-        if h.encoded_len > max_encoded_len(h.raw_len):
-            raise wire.FrameError(f"chunk {index} payload of {h.encoded_len} bytes exceeds the bound",
-                                  "bad_length")
         body = source.recv_payload(payload[: h.encoded_len])
         # Zero pages need no write where the partial file still has its holes: a file created by
         # this session, in a chunk this session has not written yet (a resent chunk is written whole).
-        holes = self.fresh and index not in self._written
+        holes = self.core.holes(index)
         data: memoryview | None = None
         zero_pages = None
         if h.flags == FLAG_ALL_ZERO and holes:  # nothing to decode or write
@@ -362,23 +374,23 @@ class ReceiveSession:
             native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
             _pwrite_all(self._fd, data, h.offset)
-        self._written.add(index)
-        self.journal.add(index, h.checksum)
-        self.resumed_chunks.discard(index)
+        self._chunk_written(index, h.checksum)
         self.bytes_received += h.raw_len
 
+    def _chunk_written(self, index: int, checksum: int) -> None:
+        with self._core_lock:
+            self.core.chunk_written(index, checksum)
+            actions = self.core.take_ready()
+        for action in actions:
+            if isinstance(action, JournalAdd):
+                self.journal.add(action.index, action.checksum)
+
     def _check_header(self, h: wire.FrameHeader, stream_id: int, version: int, expected_seq: int) -> int:
-        if h.version != version:
-            raise wire.FrameError(f"frame version {h.version}, stream negotiated {version}", "version")
-        if h.type != wire.FrameType.DATA:
-            raise wire.FrameError(f"unexpected frame type {h.type} on a data stream", "unexpected_frame")
-        if h.session != self.session_id or h.stream != stream_id:
-            raise wire.FrameError("frame for another session or stream", "bad_header")
-        if h.sequence != expected_seq:
-            raise wire.FrameError(f"sequence {h.sequence}, expected {expected_seq}", "sequence")
-        if h.offset % self.start.chunk_size or h.offset >= max(self.start.size, 1):
-            raise wire.FrameError(f"offset {h.offset} is not a chunk of this image", "bad_offset")
-        return h.offset // self.start.chunk_size
+        try:
+            return check_image_frame(h, self.session_id, stream_id, version, expected_seq, self.start.size,
+                                     self.start.chunk_size)
+        except FrameFault as exc:
+            raise wire.FrameError(str(exc), exc.kind) from exc
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -37,7 +37,21 @@ from dwcp_agent.migration.core.checks import Header, check_frame
 from dwcp_agent.migration.core.kinds import ErrorKind
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest
 
-__all__ = ["ImageAssembler", "ImageSender"]
+__all__ = ["ImageAssembler", "ImageSender", "check_image_frame"]
+
+
+def check_image_frame(h: Header, session: int, stream: int, version: int, expected_seq: int, size: int,
+                      chunk_size: int) -> int:
+    """The header checks of an image's DATA frame (the rules the native receive loop mirrors);
+    returns the chunk index or raises FrameFault."""
+    check_frame(h, session, stream, version, expected_seq)
+    if h.offset % chunk_size or h.offset >= max(size, 1):
+        raise FrameFault(f"offset {h.offset} is not a chunk of this image", ErrorKind.BAD_OFFSET)
+    index = h.offset // chunk_size
+    expected_len = chunk_length(index, size, chunk_size)
+    if h.raw_len != expected_len:
+        raise FrameFault(f"chunk {index} announces {h.raw_len} bytes, expected {expected_len}", ErrorKind.BAD_LENGTH)
+    return index
 
 
 class ImageSender:
@@ -233,14 +247,8 @@ class ImageAssembler:
             raise FrameFault("the session is over", ErrorKind.UNEXPECTED_FRAME)
         if stream not in self._expected:
             raise FrameFault(f"stream {stream} is not open", ErrorKind.BAD_HEADER)
-        check_frame(h, self.session, stream, self.version, self._expected[stream])
-        if h.offset % self.chunk_size or h.offset >= max(self.size, 1):
-            raise FrameFault(f"offset {h.offset} is not a chunk of this image", ErrorKind.BAD_OFFSET)
-        index = h.offset // self.chunk_size
-        expected_len = chunk_length(index, self.size, self.chunk_size)
-        if h.raw_len != expected_len:
-            raise FrameFault(f"chunk {index} announces {h.raw_len} bytes, expected {expected_len}",
-                             ErrorKind.BAD_LENGTH)
+        index = check_image_frame(h, self.session, stream, self.version, self._expected[stream], self.size,
+                                  self.chunk_size)
         self._expected[stream] += 1
         return index
 
@@ -250,12 +258,15 @@ class ImageAssembler:
 
     def written(self, stream: int, h: Header) -> None:
         """The chunk's checksum matched and its bytes are in the partial file: journal, acknowledge."""
-        index = h.offset // self.chunk_size
+        self.chunk_written(h.offset // self.chunk_size, h.checksum)
+        self._ready.append(SendAck(stream, h.sequence, h.offset))
+
+    def chunk_written(self, index: int, checksum: int) -> None:
+        """A chunk is verified and written (the native receive loop acknowledges it itself)."""
         self.written_here.add(index)
         self.resumed.discard(index)
-        self.have[index] = h.checksum
-        self._ready.append(JournalAdd(index, h.checksum))
-        self._ready.append(SendAck(stream, h.sequence, h.offset))
+        self.have[index] = checksum
+        self._ready.append(JournalAdd(index, checksum))
 
     def commit_requested(self, digest: bytes) -> None:
         if self.failure is not None:
