@@ -17,6 +17,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Protocol, cast
 
 import numpy as np
@@ -24,10 +25,12 @@ import numpy as np
 from dwcp_agent import wire
 from dwcp_agent.amst.channel import DataChannel, TcpChannel
 from dwcp_agent.config import Config
-from dwcp_agent.hde.baseline import HaveList
+from dwcp_agent.hde.baseline import HaveList, header_pages
 from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum
 from dwcp_agent.hde.codecs import CodecError
+from dwcp_agent.hde.layout import FLAG_HOLE
 from dwcp_agent.migration.core import Action, CloseStream, Commit, ImageSender, OutChunk, Reencode, Release
+from dwcp_agent.migration.core.image import HoleRun, Run
 from dwcp_agent.migration.digest import chunk_length
 from dwcp_agent.migration.journal import unpack_have
 from dwcp_agent.migration.model import POLL_S, MigrationError, MigrationRequest, Progress
@@ -69,13 +72,14 @@ class Attempt:
     """One connected try: control connection, stream threads, encoder workers."""
 
     def __init__(self, session: AttemptSession, control: socket.socket, ready: wire.Ready,
-                 version: int) -> None:
+                 version: int, runs: Sequence[Run] | None = None) -> None:
         self.s = session
         self.control = control
         self.session_id = ready.session
         self.version = version
         self.have = unpack_have(ready.have)
-        self.core = ImageSender(session.size, session.chunk_size, self.have, session.checksums)
+        # `runs`: the source's data/hole plan (SEEK_DATA walk); holes go as FLAG_HOLE frames.
+        self.core = ImageSender(session.size, session.chunk_size, self.have, session.checksums, runs=runs)
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)   # encoder workers wait here
         self.ready_to_send = threading.Condition(self.lock)  # stream threads wait here
@@ -96,7 +100,11 @@ class Attempt:
             if index < session.chunks:
                 session.encoder.acked(index * session.chunk_size,
                                       chunk_length(index, session.size, session.chunk_size), known)
-        if ready.baseline_have and session.cross_chunk:
+        if ready.baseline_have and session.cross_chunk \
+                and header_pages(ready.baseline_have) > session.encoder.baseline_max_pages:
+            log.warning("baseline of %d pages is over index_budget_bytes; sending without it",
+                        header_pages(ready.baseline_have), extra={"migration_id": session.request.migration_id})
+        elif ready.baseline_have and session.cross_chunk:
             try:
                 baseline = HaveList.from_bytes(ready.baseline_have, max_pages=session.size // 4096 + 1)
             except CodecError as exc:
@@ -118,14 +126,13 @@ class Attempt:
         for action in actions:
             if isinstance(action, Release):
                 chunk = action.chunk
-                if chunk.handle is None:
-                    continue
-                buf = _held(chunk)[0]
-                chunk.handle = None
                 if chunk.acked:
-                    s.encoder.acked(chunk.offset, chunk.raw_len, chunk.checksum)
                     s.progress.add("acked_bytes", chunk.raw_len)
-                self.free.put(buf)
+                    if not chunk.flags & FLAG_HOLE:  # holes are never referenced: the index does not track them
+                        s.encoder.acked(chunk.offset, chunk.raw_len, chunk.checksum)
+                if chunk.handle is not None:
+                    self.free.put(_held(chunk)[0])
+                    chunk.handle = None
             elif isinstance(action, Reencode):
                 with self.lock:
                     self.redo.append(action.chunk)
@@ -168,14 +175,19 @@ class Attempt:
     # -- encoder workers --------------------------------------------------------------------
 
     def _next_job(self) -> OutChunk | int | None:
-        """A chunk to encode again, else the next new chunk index; None when done."""
+        """A chunk to encode again, else the next new chunk index; None when done. Hole runs are
+        handed to the core here: they need no read and no encoding."""
         with self.lock:
             while not self.done.is_set():
                 if self.redo:
                     return self.redo.popleft()
-                index = self.core.next_index()
-                if index is not None:
-                    return index
+                job = self.core.next_job()
+                if isinstance(job, HoleRun):
+                    self.core.hole_ready(job)
+                    self.ready_to_send.notify()
+                    continue
+                if job is not None:
+                    return job
                 self.work.wait(POLL_S)
             return None
 
@@ -289,12 +301,12 @@ class Attempt:
         sent_counter = s.metrics.bytes_transferred.labels("sent", s.request.mode, channel.transport)
         try:
             while (chunk := self._next_frame(stream_id, broken)) is not None:
-                encoded = _held(chunk)[1]
+                segments = _held(chunk)[1].segments if chunk.handle is not None else ()  # a hole: none
                 header = wire.pack_header(wire.FrameType.DATA, chunk.flags, chunk.codec, self.session_id, stream_id,
                                           chunk.seq, chunk.offset, chunk.raw_len, chunk.payload_len, chunk.checksum,
                                           self.version)
                 try:
-                    channel.send_frame(header, *encoded.segments)  # its time is the link's, not an operation's
+                    channel.send_frame(header, *segments)  # its time is the link's, not an operation's
                 except OSError:
                     broken.set()
                     break

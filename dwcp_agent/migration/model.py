@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dwcp_agent.migration.core.kinds import is_retryable
+from dwcp_agent.migration.safe_files import SourceImage
 
 POLL_S = 0.1
 
@@ -46,6 +47,7 @@ class MigrationRequest:
     protocol: str = "v3"
     mode: str = "datacenter"
     mode_measured: bool = False  # True once PBA named the mode from measurements
+    image: SourceImage | None = None  # the source, opened once at validation (safe_files.open_source)
 
 
 @dataclass

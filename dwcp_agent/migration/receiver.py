@@ -16,6 +16,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,18 @@ import numpy as np
 from dwcp_agent import wire
 from dwcp_agent.amst.channel import FrameSource, TcpChannel
 from dwcp_agent.hde.baseline import FilePages, have_list
-from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, check_all_zero, checksum
+from dwcp_agent.hde.chunk import (
+    BASELINE_BYTES_PER_PAGE,
+    DEFAULT_INDEX_BUDGET,
+    FLAG_ALL_ZERO,
+    ChunkDecoder,
+    check_all_zero,
+    checksum,
+)
 from dwcp_agent.hde.codecs import CodecError, CodecId
-from dwcp_agent.hde.layout import max_encoded_len
+from dwcp_agent.hde.layout import FLAG_HOLE, max_encoded_len
 from dwcp_agent.kernels import stream as native_stream
+from dwcp_agent.migration import space
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.core import (
     FrameFault,
@@ -38,15 +47,18 @@ from dwcp_agent.migration.core import (
     VerifyDigest,
 )
 from dwcp_agent.migration.core.image import check_image_frame
-from dwcp_agent.migration.digest import chunk_count, object_digest, reread_checksums
+from dwcp_agent.migration.digest import chunk_count, hole_checksums, object_digest, reread_checksums
+from dwcp_agent.migration.extents import MAX_RANGES
+from dwcp_agent.migration.holes import HoleSet
 from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
+from dwcp_agent.migration.safe_files import JOURNAL_SUFFIX, PARTIAL_SUFFIX, DestinationDir, UnsafePath
 from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.migration")
 
-PARTIAL_SUFFIX = ".dwcp-part"
-JOURNAL_SUFFIX = ".dwcp-journal"
+__all__ = ["JOURNAL_SUFFIX", "PARTIAL_SUFFIX", "ReceiveError", "ReceiveSession", "open_session"]
 FLUSH_INTERVAL_S = 0.05
+FreeBytes = Callable[[int], int]
 
 
 class ReceiveError(Exception):
@@ -57,34 +69,32 @@ class ReceiveError(Exception):
         self.error_type = error_type
 
 
-def resolve_destination(dest_path: str, allowed: list[Path]) -> Path:
-    """The destination as an absolute path inside an allowed directory, or a ReceiveError."""
-    path = Path(dest_path)
-    if not path.is_absolute():
-        raise ReceiveError(f"destination {dest_path!r} must be an absolute path", "bad_request")
-    resolved = path.parent.resolve() / path.name
-    if not any(resolved.is_relative_to(d) for d in allowed):
-        raise ReceiveError(f"destination {resolved} is outside the allowed directories "
-                           f"({', '.join(map(str, allowed))}; see config key dest_dirs)", "forbidden")
-    if not resolved.parent.is_dir():
-        raise ReceiveError(f"destination directory {resolved.parent} does not exist", "bad_request")
-    if not os.access(resolved.parent, os.W_OK):
-        raise ReceiveError(f"destination directory {resolved.parent} is not writable", "unwritable")
-    return resolved
+def data_plan(start: wire.Start) -> tuple[int, list[tuple[int, int]]]:
+    """Bytes and (offset, length) ranges the source will write; the whole image when it sent no map."""
+    if start.data_bytes < 0:
+        return start.size, [(0, start.size)]
+    ranges = [(int(o), int(n)) for o, n in start.data_ranges]
+    if len(ranges) > MAX_RANGES or any(o < 0 or n < 0 or o + n > start.size for o, n in ranges) \
+            or sum(n for _, n in ranges) != start.data_bytes:
+        raise ReceiveError("data ranges do not fit the image or do not add up to data_bytes", "bad_request")
+    return start.data_bytes, ranges
 
 
 class ReceiveSession:
     """One incoming migration: partial file, journal, data streams, commit."""
 
-    def __init__(self, start: wire.Start, dest: Path, metrics: Metrics, mode: str = "datacenter",
-                 pool: BufferPool | None = None) -> None:
+    def __init__(self, start: wire.Start, directory: DestinationDir, metrics: Metrics, mode: str = "datacenter",
+                 pool: BufferPool | None = None, free: FreeBytes = space.free_bytes,
+                 index_budget_bytes: int = DEFAULT_INDEX_BUDGET) -> None:
         self.start = start
+        self.index_budget_bytes = index_budget_bytes
         self.pool = pool or BufferPool()
-        self.dest = dest
+        self.directory = directory
+        self.dest = dest = directory.path
         self.metrics = metrics
         self.mode = mode
         self.session_id = secrets.randbits(63) or 1
-        self.partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
+        self.partial = dest.with_name(directory.partial_name)
         self.chunks = chunk_count(start.size, start.chunk_size)
         self.bytes_received = 0
         self._streams: set[FrameSource] = set()
@@ -93,16 +103,19 @@ class ReceiveSession:
         self._control: socket.socket | None = None
         self._control_lock = threading.Lock()
         self.failure: ReceiveError | None = None
-        self.journal = Journal(dest.with_name(dest.name + JOURNAL_SUFFIX),
-                               Identity(start.size, start.chunk_size, start.vm_id))
+        self.journal = Journal(dest.with_name(directory.journal_name),
+                               Identity(start.size, start.chunk_size, start.vm_id), directory)
         try:
-            self._fd, self.fresh = self._open_partial()
-        except BaseException:
+            self._fd, self.fresh = self._open_partial(free)
+        except BaseException:  # a refused Start leaves nothing behind
             self.journal.close()
+            if self.journal.created:
+                directory.unlink(directory.journal_name)
             raise
         # The protocol decisions (frame checks, what is held and written, commit) are the core's.
         self.core = ImageAssembler(self.session_id, wire.PROTOCOL_VERSION, start.size, start.chunk_size,
                                    self.journal.have, self.fresh)
+        self.holes = self.core.holes
         self._core_lock = threading.Lock()
         self.partial_pages = FilePages(self._fd)
         self.baseline, self.baseline_have = self._open_baseline()
@@ -110,23 +123,36 @@ class ReceiveSession:
                                          daemon=True)
         self._flusher.start()
 
-    def _open_partial(self) -> tuple[int, bool]:
-        resumed = self.journal.resumed and self.partial.exists()
-        if not resumed and self.journal.have:
-            self.journal.reset()
-        needed = self.start.size
-        if resumed:
-            needed -= os.stat(self.partial).st_blocks * 512
-        stats = os.statvfs(self.partial.parent)
-        free = stats.f_bavail * stats.f_frsize
-        if needed > free:
-            raise ReceiveError(f"not enough space in {self.partial.parent}: need {needed} bytes, "
-                               f"{free} free", "no_space")
+    def _open_partial(self, free: FreeBytes) -> tuple[int, bool]:
+        """Open (or create, O_EXCL) the partial file, check the space the data ranges still need,
+        and reserve it; a refusal removes what this call created."""
+        data_bytes, ranges = data_plan(self.start)
+        d = self.directory
         try:
-            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | (0 if resumed else os.O_TRUNC), 0o600)
-            os.ftruncate(fd, self.start.size)
+            fd, created = d.open_file(d.partial_name)
+        except UnsafePath as exc:
+            raise ReceiveError(str(exc), exc.error_type) from exc
         except OSError as exc:
             raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
+        resumed = self.journal.resumed and not created
+        try:
+            try:
+                space.check(fd, data_bytes, resumed, free)
+                if not resumed:
+                    if self.journal.have:
+                        self.journal.reset()
+                    os.ftruncate(fd, 0)
+                os.ftruncate(fd, self.start.size)
+                space.allocate(fd, ranges)
+            except space.NoSpace as exc:
+                raise ReceiveError(f"not enough space in {self.partial.parent}: {exc}", "no_space") from exc
+            except OSError as exc:
+                raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
+        except ReceiveError:
+            os.close(fd)
+            if created:
+                d.unlink(d.partial_name)
+            raise
         return fd, not resumed
 
     def _open_baseline(self) -> tuple[FilePages | None, bytes]:
@@ -134,19 +160,30 @@ class ReceiveSession:
 
         It stays unchanged until commit (we write beside it and rename), so pages the source
         references in it are stable for the whole migration."""
-        if self.start.protocol != "v3" or not self.dest.is_file():
+        if self.start.protocol != "v3":
+            return None, b""
+        fd = self.directory.open_baseline()  # only a regular file, never through a symlink
+        if fd is None:
+            return None, b""
+        pages = os.fstat(fd).st_size // 4096
+        if pages > self.index_budget_bytes // 2 // BASELINE_BYTES_PER_PAGE:
+            os.close(fd)
+            log.info("no baseline: %s has %d pages, over index_budget_bytes", self.dest, pages,
+                     extra={"migration_id": self.start.migration_id})
             return None, b""
         try:
-            blob = have_list(self.dest).to_bytes()
+            blob = have_list(f"/proc/self/fd/{fd}").to_bytes()
         except OSError as exc:
+            os.close(fd)
             log.warning("no baseline: cannot read %s: %s", self.dest, exc.strerror,
                         extra={"migration_id": self.start.migration_id})
             return None, b""
         if len(blob) > wire.MAX_CONTROL_PAYLOAD // 2:
+            os.close(fd)
             log.warning("no baseline: have-list of %d bytes is too large for one control message", len(blob),
                         extra={"migration_id": self.start.migration_id})
             return None, b""
-        return FilePages(self.dest), blob
+        return FilePages(fd), blob  # its descriptor is closed with the session
 
     # -- control connection ---------------------------------------------------------------
 
@@ -182,8 +219,14 @@ class ReceiveSession:
             wire.send_message(self._control, msg)
 
     def _commit(self, digest: bytes) -> None:
-        """The core decides (failure, missing chunks, digest); this carries its actions out."""
         self._stop_streams()
+        try:
+            self._commit_checked(digest)
+        except OSError as exc:  # reported to the source as Failed, never as a closed connection
+            self.fail(ReceiveError(f"commit of {self.dest} failed: {exc.strerror or exc}", "io"))
+
+    def _commit_checked(self, digest: bytes) -> None:
+        """The core decides (failure, missing chunks, digest); this carries its actions out."""
         self.journal.flush(self._fd)
         with self._core_lock:
             self.core.commit_requested(digest)
@@ -191,38 +234,38 @@ class ReceiveSession:
         while actions:
             action = actions.pop(0)
             if isinstance(action, VerifyDigest):
+                actual = self._digest()
                 with self._core_lock:
-                    self.core.digest_computed(action.expected, self._digest())
+                    self.core.digest_computed(action.expected, actual)
                     actions += self.core.take_ready()
             elif isinstance(action, JournalReset):
                 self.metrics.error("migration", "digest_mismatch")
                 self.journal.reset()
             elif isinstance(action, Rename):
-                self._rename()
+                os.fsync(self._fd)
+                self.directory.commit(self.directory.partial_name)
+                self.journal.remove()
+                log.info("image committed", extra={"migration_id": self.start.migration_id,
+                                                   "migration_status": "committed", "path": str(self.dest)})
             elif isinstance(action, Reply) and action.verdict == "committed":
                 self._send_control(wire.Committed(digest, str(self.dest)))
             elif isinstance(action, Reply):
                 self._send_control(wire.Failed(action.reason, action.kind))
 
-    def _rename(self) -> None:
-        os.fsync(self._fd)
-        os.rename(self.partial, self.dest)
-        dir_fd = os.open(self.dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        self.journal.remove()
-        log.info("image committed", extra={"migration_id": self.start.migration_id,
-                                           "migration_status": "committed", "path": str(self.dest)})
-
     def _digest(self) -> bytes:
         """Object digest from the verified chunk checksums. Chunks written by this session were
         hashed from the very buffer written; chunks resumed from an earlier session are re-read,
         so bytes that changed on disk since (or never made it) cannot pass."""
-        sums = np.fromiter((self.journal.have[i] for i in range(self.chunks)), dtype=np.uint64, count=self.chunks)
-        resumed = sorted(self.core.resumed)
-        on_disk = reread_checksums(self._fd, self.start.size, self.start.chunk_size, resumed)
+        size, chunk_size = self.start.size, self.start.chunk_size
+        sums = np.zeros(self.chunks, dtype=np.uint64)
+        for i, c in self.journal.have.items():
+            if i < self.chunks:
+                sums[i] = c
+        holes = self.holes.merged()
+        for first, count in holes:
+            hole_checksums(sums, first, count, size, chunk_size)
+        resumed = sorted(i for i in self.core.resumed if not HoleSet.contains(holes, i))
+        on_disk = reread_checksums(self._fd, size, chunk_size, resumed)
         for i in resumed:
             if on_disk[i] != sums[i]:
                 self.metrics.error("migration", "resumed_chunk_mismatch")
@@ -231,7 +274,7 @@ class ReceiveSession:
 
     def _discard(self) -> None:
         self._stop_streams()
-        self.partial.unlink(missing_ok=True)
+        self.directory.unlink(self.directory.partial_name)
         self.journal.remove()
 
     def fail(self, error: ReceiveError) -> None:
@@ -347,10 +390,13 @@ class ReceiveSession:
                        zero_sums: dict[int, int]) -> None:
         """Check, receive, decode, verify, write and journal one frame (the caller acknowledges it)."""
         index = self._check_header(h, stream_id, version, expected_seq)
+        if h.flags == FLAG_HOLE:
+            self._receive_hole(h, index)
+            return
         body = source.recv_payload(payload[: h.encoded_len])
         # Zero pages need no write where the partial file still has its holes: a file created by
         # this session, in a chunk this session has not written yet (a resent chunk is written whole).
-        holes = self.core.holes(index)
+        holes = self.core.file_has_holes_at(index)
         data: memoryview | None = None
         zero_pages = None
         if h.flags == FLAG_ALL_ZERO and holes:  # nothing to decode or write
@@ -372,6 +418,7 @@ class ReceiveSession:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
         if data is not None and holes and zero_pages is not None:
             native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
+            space.release_zero_pages(self._fd, zero_pages, h.offset, h.raw_len)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
             _pwrite_all(self._fd, data, h.offset)
         self._chunk_written(index, h.checksum)
@@ -384,6 +431,14 @@ class ReceiveSession:
         for action in actions:
             if isinstance(action, JournalAdd):
                 self.journal.add(action.index, action.checksum)
+
+    def _receive_hole(self, h: wire.FrameHeader, index: int) -> None:
+        """A run of hole chunks (checked by the core): nothing to read; punch it in case the file
+        held older bytes."""
+        count = chunk_count(h.raw_len, self.start.chunk_size)
+        space.punch_hole(self._fd, h.offset, h.raw_len)
+        with self._core_lock:
+            self.core.hole_received(index, count)
 
     def _check_header(self, h: wire.FrameHeader, stream_id: int, version: int, expected_seq: int) -> int:
         try:
@@ -424,10 +479,11 @@ class ReceiveSession:
         deadline = time.monotonic() + timeout
         self._flusher.join(max(0.0, deadline - time.monotonic()))
         if self.baseline is not None:
-            self.baseline.close()
+            os.close(self.baseline.fd)
         os.close(self._fd)
         self._fd = -1
         self.journal.close()
+        self.directory.close()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -437,14 +493,23 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def open_session(start: wire.Start, allowed: list[Path], metrics: Metrics,
-                 pool: BufferPool | None = None) -> ReceiveSession:
+                 pool: BufferPool | None = None, free: FreeBytes = space.free_bytes,
+                 index_budget_bytes: int = DEFAULT_INDEX_BUDGET) -> ReceiveSession:
     """Validate a Start and open its session, mapping every refusal to a ReceiveError."""
     if start.size < 0 or start.chunk_size <= 0 or start.chunk_size % 4096 or start.chunk_size > 64 << 20:
         raise ReceiveError(f"invalid geometry: size {start.size}, chunk size {start.chunk_size}", "bad_request")
-    dest = resolve_destination(start.dest_path, allowed)
     try:
-        return ReceiveSession(start, dest, metrics, pool=pool)
-    except JournalBusy as exc:
-        raise ReceiveError(str(exc), "busy") from exc
-    except PermissionError as exc:
-        raise ReceiveError(f"cannot write beside {dest}: {exc.strerror}", "unwritable") from exc
+        directory = DestinationDir(start.dest_path, allowed)
+    except UnsafePath as exc:
+        raise ReceiveError(str(exc), exc.error_type) from exc
+    try:
+        return ReceiveSession(start, directory, metrics, pool=pool, free=free, index_budget_bytes=index_budget_bytes)
+    except BaseException as exc:
+        directory.close()
+        if isinstance(exc, JournalBusy):
+            raise ReceiveError(str(exc), "busy") from exc
+        if isinstance(exc, UnsafePath):
+            raise ReceiveError(str(exc), exc.error_type) from exc
+        if isinstance(exc, PermissionError):
+            raise ReceiveError(f"cannot write beside {directory.path}: {exc.strerror}", "unwritable") from exc
+        raise

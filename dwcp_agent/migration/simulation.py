@@ -403,7 +403,7 @@ def _run_image(cfg: DataSimConfig, rng: random.Random, report: DataSimReport) ->
             dest.core.stream_up(stream)
         if rng.random() < 0.2:
             disk.flush()  # the journal's group commit
-        while src.outstanding < cfg.window_chunks and (index := src.next_index()) is not None:
+        while src.outstanding < cfg.window_chunks and isinstance(index := src.next_job(), int):
             data = chunk_bytes(index)
             known = src.known(index)
             if known is not None and known == _checksum(data):

@@ -53,7 +53,8 @@ class OutChunk:
     stream: int = -1        # stream carrying it; -1 while queued
     seq: int = -1           # its frame's sequence number on that stream
     acked: bool = False
-    index: int = -1         # images: chunk index
+    index: int = -1         # images: chunk index (the first one of a hole run)
+    count: int = 1          # images: chunks this frame settles (a hole run settles several)
 
 
 @dataclass(slots=True, eq=False)

@@ -12,10 +12,13 @@ only with no chunk missing and the digest of what it wrote matching.
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from dwcp_agent.hde.layout import FLAG_HOLE
 from dwcp_agent.migration.core.actions import (
     Action,
     CloseStream,
@@ -36,18 +39,59 @@ from dwcp_agent.migration.core.actions import (
 from dwcp_agent.migration.core.checks import Header, check_frame
 from dwcp_agent.migration.core.kinds import ErrorKind
 from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest
+from dwcp_agent.migration.holes import HoleSet
 
-__all__ = ["ImageAssembler", "ImageSender", "check_image_frame"]
+__all__ = ["HOLE_FRAME_BYTES", "HoleRun", "ImageAssembler", "ImageSender", "Run", "check_image_frame", "jobs"]
+
+# One hole frame covers at most this many bytes (its length field is 32 bits).
+HOLE_FRAME_BYTES = 1 << 30
+
+
+class Run(Protocol):
+    """`count` consecutive chunks from chunk `start`, all data or all hole (extents.ChunkRun)."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def data(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HoleRun:
+    """Chunks announced by one hole frame."""
+
+    start: int
+    count: int
+
+
+def jobs(runs: Iterable[Run], chunk_size: int) -> Iterator[int | HoleRun]:
+    """Data chunk indexes to read, and hole runs (each fitting one hole frame) to announce."""
+    per_frame = max(1, HOLE_FRAME_BYTES // chunk_size)
+    for run in runs:
+        if run.data:
+            yield from range(run.start, run.start + run.count)
+            continue
+        for first in range(run.start, run.start + run.count, per_frame):
+            yield HoleRun(first, min(per_frame, run.start + run.count - first))
 
 
 def check_image_frame(h: Header, session: int, stream: int, version: int, expected_seq: int, size: int,
                       chunk_size: int) -> int:
     """The header checks of an image's DATA frame (the rules the native receive loop mirrors);
-    returns the chunk index or raises FrameFault."""
+    returns the (first) chunk index or raises FrameFault. A FLAG_HOLE frame announces whole
+    chunks from its offset (the last one may be short) and carries no payload."""
     check_frame(h, session, stream, version, expected_seq)
     if h.offset % chunk_size or h.offset >= max(size, 1):
         raise FrameFault(f"offset {h.offset} is not a chunk of this image", ErrorKind.BAD_OFFSET)
     index = h.offset // chunk_size
+    if h.flags == FLAG_HOLE:
+        end = h.offset + h.raw_len
+        if h.encoded_len or h.raw_len == 0 or end > size or (h.raw_len % chunk_size and end != size):
+            raise FrameFault(f"hole at {h.offset} of {h.raw_len} bytes is not whole chunks of this image",
+                             ErrorKind.BAD_LENGTH)
+        return index
     expected_len = chunk_length(index, size, chunk_size)
     if h.raw_len != expected_len:
         raise FrameFault(f"chunk {index} announces {h.raw_len} bytes, expected {expected_len}", ErrorKind.BAD_LENGTH)
@@ -57,13 +101,17 @@ def check_image_frame(h: Header, session: int, stream: int, version: int, expect
 class ImageSender:
     """Source side of one attempt.
 
-    Events: `next_index` (a free buffer: which chunk to read), `chunk_skipped`, `chunk_encoded`,
-    `stream_up`, `stream_lost`, `next_frame`, `acked`, `committed`, `fail`. Actions: Release,
-    Reencode, Commit, Finished, Fail.
+    Events: `next_job` (which chunk to read next, or which hole run to announce), `chunk_skipped`,
+    `chunk_encoded`, `hole_ready`, `stream_up`, `stream_lost`, `next_frame`, `acked`, `tick`,
+    `committed`, `fail`. Actions: Release, Reencode, Commit, Finished, Fail, CloseStream.
+
+    Holes (from the source's SEEK_DATA plan, `runs`) go as FLAG_HOLE frames covering a run of
+    chunks: no payload, settled for all their chunks by one acknowledgement, never re-encoded.
     """
 
     def __init__(self, size: int, chunk_size: int, have: Mapping[int, int] | None = None,
-                 checksums: np.ndarray | None = None, max_stall_ticks: int = 600) -> None:
+                 checksums: np.ndarray | None = None, max_stall_ticks: int = 600,
+                 runs: Iterable[Run] | None = None) -> None:
         self.max_stall_ticks = max_stall_ticks
         self._stall: dict[int, int] = {}  # stream -> ticks its oldest frame waited for an ack
         self.size = size
@@ -71,8 +119,9 @@ class ImageSender:
         self.chunks = chunk_count(size, chunk_size)
         self.have = dict(have or {})          # chunk index -> checksum the destination already holds
         self.checksums = checksums if checksums is not None else np.zeros(self.chunks, dtype=np.uint64)
-        self.next = 0                         # next chunk index to read for the first time
+        self.handed = 0                       # chunks handed out (read or announced as holes)
         self.settled = 0                      # chunks acknowledged or skipped
+        self._jobs: Iterator[int | HoleRun] = jobs(runs, chunk_size) if runs is not None else iter(range(self.chunks))
         self.done = False
         self.commit_sent: bytes | None = None
         self._queue: collections.deque[OutChunk] = collections.deque()
@@ -83,13 +132,22 @@ class ImageSender:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def next_index(self) -> int | None:
-        """The next chunk to read and encode, or None when every chunk has been read."""
-        if self.done or self.next >= self.chunks:
+    def next_job(self) -> int | HoleRun | None:
+        """The next chunk index to read and encode, or hole run to announce; None when all are out."""
+        if self.done:
             return None
-        index = self.next
-        self.next += 1
-        return index
+        job = next(self._jobs, None)
+        if job is not None:
+            self.handed += 1 if isinstance(job, int) else job.count
+        return job
+
+    def hole_ready(self, run: HoleRun) -> OutChunk:
+        """A hole run waits for a stream (its chunks' checksums are the plan's zero checksums)."""
+        offset = run.start * self.chunk_size
+        length = min(self.size, (run.start + run.count) * self.chunk_size) - offset
+        chunk = OutChunk(offset, length, 0, 0, FLAG_HOLE, 0, index=run.start, count=run.count)
+        self._queue.append(chunk)
+        return chunk
 
     def length(self, index: int) -> int:
         return chunk_length(index, self.size, self.chunk_size)
@@ -129,7 +187,11 @@ class ImageSender:
         self._seq.pop(stream, None)
         self._stall.pop(stream, None)
         for chunk in self._inflight.pop(stream, collections.deque()):
-            self._ready.append(Reencode(chunk))
+            if chunk.flags & FLAG_HOLE:  # nothing to encode: announce the run again
+                chunk.stream = chunk.seq = -1
+                self._queue.appendleft(chunk)
+            else:
+                self._ready.append(Reencode(chunk))
 
     def next_frame(self, stream: int) -> OutChunk | None:
         if self.done or stream not in self._seq or not self._queue:
@@ -154,7 +216,7 @@ class ImageSender:
             self._stall[stream] = 0
             chunk = inflight.popleft()
             chunk.acked = True
-            self.settled += 1
+            self.settled += chunk.count
             self._ready.append(Release(chunk))
         self._maybe_commit()
 
@@ -198,8 +260,8 @@ class ImageSender:
 
     @property
     def outstanding(self) -> int:
-        """Chunks read but not yet settled."""
-        return self.next - self.settled
+        """Chunks handed out but not yet settled."""
+        return self.handed - self.settled
 
     def _fault(self, stream: int, reason: str) -> None:
         self.stream_lost(stream)
@@ -230,6 +292,7 @@ class ImageAssembler:
         self.resumed = set(self.have)         # held from an earlier session: re-read at commit
         self.written_here: set[int] = set()
         self.fresh = fresh                    # the partial file was created by this session
+        self.holes = HoleSet()                # chunk runs announced as holes in this session
         self.failure: tuple[str, str] | None = None
         self.finished = False
         self._expected: dict[int, int] = {}
@@ -252,7 +315,7 @@ class ImageAssembler:
         self._expected[stream] += 1
         return index
 
-    def holes(self, index: int) -> bool:
+    def file_has_holes_at(self, index: int) -> bool:
         """Zero pages of this chunk need no write: the file is new and this chunk never written."""
         return self.fresh and index not in self.written_here
 
@@ -268,11 +331,24 @@ class ImageAssembler:
         self.have[index] = checksum
         self._ready.append(JournalAdd(index, checksum))
 
+    def hole_received(self, index: int, count: int) -> None:
+        """A run of hole chunks is punched: held, without a journal record (holes need none)."""
+        self.holes.add(index, count)
+        self.resumed.difference_update(range(index, index + count))
+
+    def covered(self) -> int:
+        """Chunks held: journalled data chunks and announced holes."""
+        held = np.zeros(self.chunks, dtype=bool)
+        held[np.fromiter((i for i in self.have if i < self.chunks), dtype=np.int64)] = True
+        for first, count in self.holes.merged():
+            held[first:first + count] = True
+        return int(held.sum())
+
     def commit_requested(self, digest: bytes) -> None:
         if self.failure is not None:
             self._ready.append(Reply("failed", *self.failure))
             return
-        missing = self.chunks - len(self.have)
+        missing = self.chunks - self.covered()
         if missing:
             self._ready.append(Reply("failed", ErrorKind.INCOMPLETE, f"{missing} chunks are missing at commit"))
             return

@@ -14,11 +14,6 @@ import dwcp_agent
 
 PACKAGE = Path(dwcp_agent.__file__).resolve().parent
 
-# Edges owned by another change in flight: the CLI client helpers move out of dwcp_agent/cli.py
-# into dwcp_agent/client.py (issue #13, engineer sec-api). Only these names are allowed, only
-# from dwcp_agent.cli; once they move, the allowance matches nothing.
-PENDING_MOVE = ("dwcp_agent.cli", frozenset({"api_call", "ApiError", "follow"}))
-
 
 def _modules() -> dict[str, Path]:
     mods = {}
@@ -58,8 +53,6 @@ def import_graph() -> dict[str, set[str]]:
                     pkg = mod.split(".") if is_package else mod.split(".")[:-1]
                     pkg = pkg[: len(pkg) - node.level + 1]
                     base = ".".join(pkg + ([node.module] if node.module else []))
-                if base == PENDING_MOVE[0] and {a.name for a in node.names} <= PENDING_MOVE[1]:
-                    continue
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
             for target in targets:
                 if target.startswith("dwcp_agent") and (found := _resolve(target, mods)):

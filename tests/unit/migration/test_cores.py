@@ -110,7 +110,7 @@ def test_stream_assembler_refuses_an_end_whose_digest_differs() -> None:
 def test_image_lost_stream_reencodes_and_commit_needs_every_chunk() -> None:
     s = ImageSender(size=250, chunk_size=100, have={2: 99})
     s.stream_up(0)
-    assert [s.next_index(), s.next_index(), s.next_index(), s.next_index()] == [0, 1, 2, None]
+    assert [s.next_job(), s.next_job(), s.next_job(), s.next_job()] == [0, 1, 2, None]
     s.chunk_encoded(0, 10)
     s.chunk_encoded(1, 11)
     s.chunk_skipped(2, 99)
