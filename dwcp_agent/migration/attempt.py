@@ -138,6 +138,7 @@ class Attempt:
                     self.redo.append(action.chunk)
                     self.work.notify()
             elif isinstance(action, Commit):
+                s.progress.end_transfer()  # every chunk is acknowledged: before the streams wind down
                 self._finish()
             elif isinstance(action, CloseStream):
                 log.warning("stream %d: %s", action.stream, action.reason,
