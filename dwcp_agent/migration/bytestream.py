@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import select
 import socket
@@ -40,10 +41,12 @@ from dwcp_agent.migration.core import (
     max_encoded_len,
 )
 from dwcp_agent.migration.core.stream import FLAG_END
+from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["ByteStreamDestination", "ByteStreamError", "ByteStreamSource", "StreamConfig", "window_for"]
 
 MIN_WINDOW = 4 << 20
+log = logging.getLogger("dwcp_agent.migration")
 
 
 class ByteStreamError(Exception):
@@ -95,8 +98,10 @@ class _Endpoint:
     """What both ends share: connections, the lock around the cores, acks, ticks, the outcome."""
 
     def __init__(self, session: int, config: StreamConfig, version: int,
-                 sender: StreamSender, assembler: StreamAssembler) -> None:
+                 sender: StreamSender, assembler: StreamAssembler, metrics: Metrics | None) -> None:
         self.session = session
+        self.metrics = metrics
+        self.frame_faults: collections.Counter[str] = collections.Counter()
         self.config = config
         self.version = version
         self.sender = sender          # what this end sends (forward data on the source)
@@ -253,8 +258,13 @@ class _Endpoint:
             self._lost(conn)
 
     def _frame_fault(self, conn: _Conn, reason: str, kind: str) -> None:
-        """A bad frame closes its connection only (the error type is the metric label)."""
-        self.last_fault = (conn.stream, kind, reason)
+        """A bad frame closes its connection only: counted (metric label = kind) and logged."""
+        with self.cond:
+            self.frame_faults[kind] += 1
+        if self.metrics is not None:
+            self.metrics.error("amst", kind)
+        log.warning("byte stream %x, connection %d: %s", self.session, conn.stream, reason,
+                    extra={"error_type": kind, "component": "amst"})
 
     def _receive_payload(self, sock: socket.socket, h: wire.FrameHeader, scratch: bytearray) -> object:
         """Read, decode and verify one payload; returns the bytes to deliver."""
@@ -371,7 +381,7 @@ class ByteStreamSource(_Endpoint):
     """
 
     def __init__(self, session: int, config: StreamConfig | None = None, version: int = wire.PROTOCOL_VERSION,
-                 reverse_output: int | None = None) -> None:
+                 reverse_output: int | None = None, metrics: Metrics | None = None) -> None:
         config = config or StreamConfig()
         if config.window_bytes < config.chunk_size:
             raise ValueError(f"window of {config.window_bytes} bytes cannot hold one chunk of {config.chunk_size}")
@@ -385,7 +395,7 @@ class ByteStreamSource(_Endpoint):
         self._free: list[bytearray] = [bytearray(config.chunk_size) for _ in range(slots)]
         super().__init__(session, config, version, StreamSender(config.window_bytes, config.max_idle_ticks),
                          StreamAssembler(session, version, _reverse_window(config) + config.reverse_chunk,
-                                         config.reverse_chunk, config.max_idle_ticks))
+                                         config.reverse_chunk, config.max_idle_ticks), metrics)
         if self._reverse_writer is not None:
             self._reverse_writer.start()
 
@@ -497,14 +507,15 @@ class ByteStreamDestination(_Endpoint):
     reverse channel."""
 
     def __init__(self, session: int, output: int | Callable[[memoryview], None],
-                 config: StreamConfig | None = None, version: int = wire.PROTOCOL_VERSION) -> None:
+                 config: StreamConfig | None = None, version: int = wire.PROTOCOL_VERSION,
+                 metrics: Metrics | None = None) -> None:
         config = config or StreamConfig()
         self.written_bytes = 0
         self._writer = _OrderedWriter(output, self)
         super().__init__(session, config, version,
                          StreamSender(_reverse_window(config), config.max_idle_ticks),
                          StreamAssembler(session, version, config.window_bytes + config.chunk_size,
-                                         config.chunk_size, config.max_idle_ticks))
+                                         config.chunk_size, config.max_idle_ticks), metrics)
         self._writer.start()
 
     def send_reverse(self, data: bytes | bytearray | memoryview) -> None:

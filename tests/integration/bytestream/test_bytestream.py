@@ -209,3 +209,32 @@ def test_a_session_left_without_streams_fails_and_does_not_resume() -> None:
         assert src.streams == []
     os.close(out_w)
     os.close(out_r)
+
+
+def test_a_bad_frame_closes_its_connection_only_and_is_counted() -> None:
+    from dwcp_agent.telemetry.metrics import Metrics
+
+    out_r, out_w = pipe()
+    metrics = Metrics()
+    config = StreamConfig(chunk_size=64 << 10, window_bytes=4 << 20)
+    with endpoints(config, out_w) as (src, dst, listener):
+        dst.metrics = metrics
+        src.add_stream(connect(listener.port, 41, 0), 0)
+        rogue, rogue_peer = socket.socketpair()
+        dst.add_stream(rogue_peer, 7)
+        rogue.sendall(wire.pack_header(wire.FrameType.DATA, 0, 0, 999, 7, 0, 0, 4, 4, 0) + b"evil")
+        src.write(b"good bytes " * 1000)
+        src.close_input()
+        assert dst.wait(30).length == 11_000
+        assert src.wait(30).length == 11_000
+        deadline = time.monotonic() + 10
+        while not dst.frame_faults and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dst.frame_faults == {"bad_header": 1}
+        assert metrics.registry.get_sample_value(
+            "dwcp_v3_errors_total", {"component": "amst", "error_type": "bad_header"}) == 1
+        assert 7 not in dst.streams
+        rogue.close()
+    os.close(out_w)
+    assert os.read(out_r, 1 << 20) == b"good bytes " * 1000
+    os.close(out_r)
