@@ -459,7 +459,8 @@ class ReceiveSession:
         count = chunk_count(h.raw_len, chunk_size)
         space.punch_hole(self._fd, h.offset, h.raw_len)
         self.holes.add(index, count)
-        self.resumed_chunks.difference_update(range(index, index + count))
+        if self.resumed_chunks:  # empty unless resuming: a terabyte of holes costs no set walk
+            self.resumed_chunks.difference_update(range(index, index + count))
 
     def _check_header(self, h: wire.FrameHeader, stream_id: int, version: int, expected_seq: int) -> int:
         if h.version != version:
