@@ -334,7 +334,8 @@ class ImageAssembler:
     def hole_received(self, index: int, count: int) -> None:
         """A run of hole chunks is punched: held, without a journal record (holes need none)."""
         self.holes.add(index, count)
-        self.resumed.difference_update(range(index, index + count))
+        if self.resumed:  # empty unless resuming: a terabyte of holes costs no set walk
+            self.resumed.difference_update(range(index, index + count))
 
     def covered(self) -> int:
         """Chunks held: journalled data chunks and announced holes."""
