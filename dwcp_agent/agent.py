@@ -78,8 +78,8 @@ class Agent:
         self.notifier = Notifier()
         self._tasks: list[asyncio.Task[None]] = []
         self.buffers = BufferPool()  # chunk buffers shared by outgoing and incoming migrations
-        self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
-                                        on_finished=self._migration_finished, pool=self.buffers)
+        self._profile_for = rollout.profile_for
+        self._manager: MigrationManager | None = None  # made in start(): it needs transports and the loop
         self.data_server: DataServer | None = None
         self.transports: Transports | None = None
         self.admin_port = 0
@@ -91,6 +91,13 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- components ---------------------------------------------------------------------------
+
+    @property
+    def manager(self) -> MigrationManager:
+        """Outgoing migrations; exists once start() has selected transports."""
+        if self._manager is None:
+            raise RuntimeError("the agent has not started: no migration manager yet")
+        return self._manager
 
     def _register_health(self) -> None:
         def amst() -> dict[str, Any]:
@@ -165,7 +172,11 @@ class Agent:
     async def start(self) -> None:
         # Transport first: with transport_mode=rdma_only and no usable RDMA the agent must not start.
         self.transports = Transports(self.config, self.metrics)
-        self.manager.transports = self.transports
+        # Migrations start only through the admin API, served once consensus has started below.
+        ownership = RegistryOwnership(self.consensus, self.config.node_id, asyncio.get_running_loop())
+        self._manager = MigrationManager(self.config, self.metrics, self.key, profile_for=self._profile_for,
+                                         on_finished=self._migration_finished, pool=self.buffers,
+                                         ownership=ownership, transports=self.transports)
         try:
             self.transports.require()
         except TransportUnavailable as exc:
@@ -191,7 +202,6 @@ class Agent:
             await self.rollout_store.sync()
         except (ConsensusError, ConsensusTimeout) as exc:  # a cluster without quorum yet: retried each tick
             log.warning("rollout not synchronised with the cluster yet: %s", exc, extra={"component": "acp"})
-        self.manager.ownership = RegistryOwnership(self.consensus, self.config.node_id, asyncio.get_running_loop())
         self.health.register("acp", self.consensus.health)
         routes = [*api.routes(self), *sla_routes(self.guard), *consensus_routes(self.consensus)]
         self._runner = await self._serve("admin_port", self.config.admin_host, self.config.admin_port, routes)
@@ -248,7 +258,8 @@ class Agent:
             task.cancel()
         log.info("agent stopping", extra={"component": "agent"})
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.manager.stop_all, timeout * 0.6)
+        if self._manager is not None:
+            await loop.run_in_executor(None, self._manager.stop_all, timeout * 0.6)
         if self.data_server is not None:
             remaining = max(0.1, timeout - (time.monotonic() - started))
             await loop.run_in_executor(None, self.data_server.stop, remaining * 0.8)

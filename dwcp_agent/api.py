@@ -22,7 +22,9 @@ class AdminHost(Protocol):
     config: Config
     health: Health
     metrics: Metrics
-    manager: MigrationManager
+
+    @property
+    def manager(self) -> MigrationManager: ...
 
 
 def routes(agent: AdminHost) -> list[web.RouteDef]:

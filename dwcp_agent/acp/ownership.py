@@ -6,14 +6,16 @@ migration ends; then the ownership change to the destination host is committed t
 consensus. So two hosts never both believe they run the VM: until that commit the source stays
 the owner, whatever happened to the bytes.
 
-The migration runs on threads; the consensus service lives on the agent's event loop, so each
-call is handed to that loop and awaited with a bound.
+The migration runs on threads; the consensus service lives on the agent's event loop. Every
+registry step of a migration goes through one `OwnershipSession`, and each of its two decisions
+(open, then complete or abandon) is one hand-over to that loop, awaited with a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -29,7 +31,7 @@ class OwnershipError(RuntimeError):
 
 
 class RegistryOwnership:
-    """begin / finish / release of a migration's ownership steps, for MigrationManager."""
+    """Opens the ownership session of each migration (MigrationManager's `ownership`)."""
 
     def __init__(self, consensus: ConsensusService, node_id: str, loop: asyncio.AbstractEventLoop,
                  timeout_s: float = 10.0) -> None:
@@ -38,18 +40,10 @@ class RegistryOwnership:
         self.loop = loop
         self.timeout_s = timeout_s
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(self.timeout_s)
-        except (ConsensusError, ConsensusTimeout, concurrent.futures.TimeoutError) as exc:
-            future.cancel()
-            raise OwnershipError(f"registry: {exc or type(exc).__name__}") from exc
-
-    def begin(self, vm_id: str) -> int:
-        """Check (or claim) ownership and take the migration lease; returns its fencing token.
-        One hand-over to the event loop for the three registry steps."""
-        return self._call(self._begin(vm_id))
+    def begin(self, vm_id: str) -> OwnershipSession:
+        """Check (or claim) ownership and take the migration lease: one hand-over to the event
+        loop for the three registry steps."""
+        return OwnershipSession(self, vm_id, self.cross(self._begin(vm_id)))
 
     async def _begin(self, vm_id: str) -> int:
         owner = await self.consensus.owner(vm_id)
@@ -59,10 +53,51 @@ class RegistryOwnership:
             raise OwnershipError(f"VM {vm_id} is owned by {owner}, not this host ({self.node_id})")
         return (await self.consensus.acquire_lease(vm_id, self.node_id, LEASE_TTL_S)).token
 
-    def finish(self, vm_id: str, destination: str, token: int) -> None:
-        """Commit the new owner; refused if the lease was superseded meanwhile."""
-        self._call(self.consensus.transfer_ownership(vm_id, self.node_id, destination, token))
+    def cross(self, coro: Coroutine[Any, Any, T], steps: int = 1) -> T:
+        """Run `coro` on the event loop and wait for it, `timeout_s` per registry step."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(self.timeout_s * steps)
+        except (ConsensusError, ConsensusTimeout, concurrent.futures.TimeoutError) as exc:
+            future.cancel()
+            raise OwnershipError(f"registry: {exc or type(exc).__name__}") from exc
 
-    def release(self, vm_id: str, token: int) -> None:
-        """The migration did not complete: give the lease back, ownership stays here."""
-        self._call(self.consensus.release_lease(vm_id, self.node_id, token))
+
+class OwnershipSession:
+    """One migration's lease on its VM, closed by exactly one decision: `complete` once the
+    destination committed the verified image, `abandon` otherwise. Each is one hand-over."""
+
+    def __init__(self, registry: RegistryOwnership, vm_id: str, token: int) -> None:
+        self.registry = registry
+        self.vm_id = vm_id
+        self.token = token
+        self.closed = False
+
+    def complete(self, destination: str) -> None:
+        """Commit `destination` as the owner. If the registry refuses (lease superseded) the lease
+        is given back in the same hand-over and OwnershipError raised: the source stays owner."""
+        self._close()
+        self.registry.cross(self._complete(destination), steps=2)
+
+    async def _complete(self, destination: str) -> None:
+        consensus, node_id = self.registry.consensus, self.registry.node_id
+        try:
+            await consensus.transfer_ownership(self.vm_id, node_id, destination, self.token)
+        except Exception:
+            with contextlib.suppress(Exception):
+                await consensus.release_lease(self.vm_id, node_id, self.token)
+            raise
+
+    def abandon(self) -> None:
+        """The migration did not complete: give the lease back, ownership stays here. Nothing to
+        do once the session is closed (a refused `complete` already gave it back)."""
+        if self.closed:
+            return
+        self._close()
+        self.registry.cross(self.registry.consensus.release_lease(self.vm_id, self.registry.node_id,
+                                                                  self.token))
+
+    def _close(self) -> None:
+        if self.closed:
+            raise OwnershipError(f"the ownership session of VM {self.vm_id} is already closed")
+        self.closed = True

@@ -31,14 +31,18 @@ log = logging.getLogger("dwcp_agent.migration")
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
 
 
+class OwnershipSession(Protocol):
+    """One migration's hold on its VM in the registry (acp.ownership.OwnershipSession)."""
+
+    def complete(self, destination: str) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
 class Ownership(Protocol):
-    """The registry steps around a migration (acp.ownership.RegistryOwnership)."""
+    """Opens a migration's ownership session (acp.ownership.RegistryOwnership)."""
 
-    def begin(self, vm_id: str) -> int: ...
-
-    def finish(self, vm_id: str, destination: str, token: int) -> None: ...
-
-    def release(self, vm_id: str, token: int) -> None: ...
+    def begin(self, vm_id: str) -> OwnershipSession: ...
 
 
 class RequestError(ValueError):
@@ -112,7 +116,7 @@ class MigrationManager:
     def __init__(self, config: Config, metrics: Metrics, key: bytes,
                  profile_for: Callable[[str], str] = lambda _id: "v3",
                  on_finished: Callable[[Migration], None] | None = None, pool: BufferPool | None = None,
-                 ownership: Ownership | None = None) -> None:
+                 ownership: Ownership | None = None, transports: Transports | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
@@ -120,7 +124,7 @@ class MigrationManager:
         self.on_finished = on_finished
         self.pool = pool or BufferPool()
         self.ownership = ownership
-        self.transports: Transports | None = None  # the agent's selection, shared by every migration
+        self.transports = transports  # the agent's selection, shared by every migration
         self.migrations: dict[str, Migration] = {}
         self._lock = threading.Lock()
 
@@ -237,15 +241,15 @@ class MigrationManager:
             migration.result = migration.session.run()
             return
         try:
-            token = self.ownership.begin(vm_id)
+            owned = self.ownership.begin(vm_id)
         except Exception as exc:
             raise MigrationError(f"ownership: {exc}", "ownership") from exc
         try:
             migration.result = migration.session.run()
-            self.ownership.finish(vm_id, migration.session.peer_node, token)
+            owned.complete(migration.session.peer_node)  # refused: the lease goes back in that call
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                self.ownership.release(vm_id, token)
+                owned.abandon()
             if isinstance(exc, MigrationError):
                 raise
             raise MigrationError(f"ownership not transferred, source stays authoritative: {exc}",
