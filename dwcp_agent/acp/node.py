@@ -133,8 +133,8 @@ class ConsensusNode:
                                "quarantined": det.quarantined, "detail": det.detail})
         if rd.applied:
             m.acp_commits.labels(self.replica.protocol).inc(len(rd.applied))
-        for _pos, cmd, result in rd.applied:
-            fut = self._waiting.pop((cmd.client, cmd.seq), None)
+        for client, seq, result in rd.confirmed:
+            fut = self._waiting.pop((client, seq), None)
             if fut is not None and not fut.done():
                 fut.set_result(result)
         for ctx in rd.reads:

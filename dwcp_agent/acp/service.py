@@ -20,6 +20,7 @@ from aiohttp import web
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, bootstrap
 from dwcp_agent.acp.auth import KeyRing, load_or_create_key
+from dwcp_agent.acp.byzantine_faults import FaultyReplica, from_environment
 from dwcp_agent.acp.messages import ConfChange, Envelope
 from dwcp_agent.acp.node import ConsensusNode, ConsensusTimeout
 from dwcp_agent.acp.pbft import PbftOptions
@@ -92,6 +93,7 @@ class ConsensusService:
         self.node: ConsensusNode | None = None
         self.transport: Transport | None = None
         self.wal: FileWAL | None = None
+        self.faulty: FaultyReplica | None = None
         self.started_at = 0.0
 
     # ------------------------------------------------------------ lifecycle
@@ -116,6 +118,10 @@ class ConsensusService:
         incarnation = int(time.time())
         replica = Replica(self.node_id, rec, keys=keys, rng=random.Random(), options=options,
                           incarnation=incarnation)
+        self.faulty = from_environment(self.node_id, keys, sorted(replica.members()))
+        if self.faulty is not None:
+            log.warning("TEST HOOK: this replica is Byzantine on purpose (%s)", self.faulty.behaviour,
+                        extra={"component": "acp"})
         if not self.single:
             self.transport = Transport(self.node_id, self.config.psk_bytes, keys, self._on_envelope,
                                        self._on_bad_peer, connect_timeout=self.config.connect_timeout_s)
@@ -139,8 +145,10 @@ class ConsensusService:
             self.wal.close()
 
     def _send(self, env: Envelope) -> None:
-        if self.transport is not None:
-            self.transport.send(env)
+        if self.transport is None:
+            return
+        for out in [env] if self.faulty is None else self.faulty.out(env):
+            self.transport.send(out)
 
     def _on_envelope(self, peer: str, env: Envelope) -> None:
         if self.node is not None:

@@ -30,6 +30,7 @@ class _Record(msgspec.Struct, array_like=True):
     entries: list[Entry] = []
     prepared: list[PreparedProof] = []
     view: int | None = None
+    spoke: tuple[int, int] | None = None
 
 
 _ENC = msgspec.msgpack.Encoder()
@@ -78,7 +79,7 @@ class FileWAL:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     break
                 merge(rec, PersistOps(hard_state=record.hard_state, entries=record.entries,
-                                      prepared=record.prepared, view=record.view))
+                                      prepared=record.prepared, view=record.view, spoke=record.spoke))
                 pos += _HEADER.size + length
                 good = pos
             if good < len(data):
@@ -86,7 +87,7 @@ class FileWAL:
                     f.truncate(good)
         self.mirror = rec
         return Recovered(rec.epoch, rec.hard_state, rec.snapshot, list(rec.entries), rec.checkpoint,
-                         list(rec.prepared), rec.view)
+                         list(rec.prepared), rec.view, rec.spoke)
 
     # ------------------------------------------------------------ save
     def save(self, ops: PersistOps) -> None:
@@ -99,7 +100,7 @@ class FileWAL:
         if ops.epoch_start is not None or ops.snapshot is not None or ops.checkpoint is not None:
             self._rewrite()
             return
-        record = _Record(ops.hard_state, ops.entries, ops.prepared, ops.view)
+        record = _Record(ops.hard_state, ops.entries, ops.prepared, ops.view, ops.spoke)
         self._append(_ENC.encode(record))
 
     def _frame(self, body: bytes) -> bytes:
@@ -117,9 +118,9 @@ class FileWAL:
     def _rewrite(self) -> None:
         assert self.mirror is not None
         m = self.mirror
-        base = Recovered(m.epoch, HardState(), m.snapshot, [], m.checkpoint, [], m.view)
+        base = Recovered(m.epoch, HardState(), m.snapshot, [], m.checkpoint, [], m.view, m.spoke)
         self._atomic_write(self.snap_path, _ENC.encode(base))
-        rest = _Record(m.hard_state, m.entries, m.prepared, m.view)
+        rest = _Record(m.hard_state, m.entries, m.prepared, m.view, m.spoke)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
