@@ -1,0 +1,54 @@
+"""The ByzantineNodeDetected alert (deploy/prometheus, test-only fast rules) fires for a real PBFT
+cluster whose primary equivocates through the test hook, scraped by a real Prometheus."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from pathlib import Path
+
+import pytest
+from test_prometheus_stack import Prometheus, wait_until
+
+from dwcp_agent.acp.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
+from dwcp_agent.cli import ApiError, api_call
+from dwcp_agent.demo import LocalAgent, free_port
+
+pytestmark = pytest.mark.system
+
+
+def test_byzantine_alert_fires_when_the_primary_equivocates(tmp_path: Path) -> None:
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus not found (apt package prometheus; `make test` installs it)")
+    psk = tmp_path / "psk"
+    psk.write_text(secrets.token_hex(32))
+    ports = [free_port() for _ in range(4)]
+    peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
+    agents = [LocalAgent(f"a{i + 1}", tmp_path, psk,
+                         {HOOK_ENV: "equivocate", HOOK_UNLOCK: UNLOCK_VALUE} if i == 0 else {},
+                         {"acp_port": port, "acp_peers": peers, "acp_protocol": "pbft"})
+              for i, port in enumerate(ports)]
+    prom = None
+    try:
+        for agent in agents:
+            agent.wait_ready()
+        prom = Prometheus(tmp_path, [f"127.0.0.1:{a.admin_port}" for a in agents])
+        # (the agents order their own start-up commands, so the primary may have lied already)
+
+        def claimed() -> bool:
+            try:
+                return api_call(agents[2].url, "POST", "/api/v3/vms/vm-1/claim", {"host": "h1"},
+                                timeout=10.0)["owner"] == "h1"
+            except ApiError:
+                return False
+
+        wait_until("a claim through an honest replica", claimed, timeout=60)
+        wait_until("ByzantineNodeDetected firing", lambda: prom.alert_state("ByzantineNodeDetected") == "firing",
+                   timeout=90)
+        reasons = prom.query("sum by (reason) (dwcp_v3_acp_byzantine_detections_total)")
+        assert any(r["metric"].get("reason") == "equivocation" and float(r["value"][1]) > 0 for r in reasons), reasons
+    finally:
+        if prom is not None:
+            prom.stop()
+        for agent in agents:
+            agent.stop(timeout=5)
