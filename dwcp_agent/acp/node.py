@@ -93,6 +93,11 @@ class ConsensusNode:
     def deliver(self, env: Envelope) -> None:
         """An envelope from the transport; processing is coalesced per loop iteration."""
         self.replica.receive(env)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Process once at the next loop iteration: everything that arrives (or is submitted) in
+        between is stepped together and leaves in one Ready, one fsync and one PBFT batch."""
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._process)
@@ -163,7 +168,7 @@ class ConsensusNode:
             while True:
                 with contextlib.suppress(NotLeader, ProposalDropped):
                     self.replica.submit(cmd, forward=True)
-                self._process()
+                self._schedule()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise ConsensusTimeout(f"no result for {type(op).__name__} within {timeout}s")

@@ -224,7 +224,8 @@ class Workload:
                 return ("ok", r["token"])
             if op[0] == "transfer":
                 body = {"from_host": op[1], "to_host": op[2], "fencing_token": op[3]}
-                return ("ok", api_call(node.url, "POST", f"/api/v3/vms/{vm}/transfer", body, timeout=CLIENT_TIMEOUT_S)["owner"])
+                r = api_call(node.url, "POST", f"/api/v3/vms/{vm}/transfer", body, timeout=CLIENT_TIMEOUT_S)
+                return ("ok", r["owner"])
             return ("ok", api_call(node.url, "GET", f"/api/v3/vms/{vm}/owner", timeout=CLIENT_TIMEOUT_S)["owner"])
         except ApiError as exc:
             if exc.status == 409:
