@@ -10,6 +10,7 @@ cover, so the log never grows past one snapshot interval.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -23,6 +24,8 @@ from dwcp_agent.acp.storage import PersistOps, Recovered, merge
 __all__ = ["FileWAL"]
 
 _HEADER = struct.Struct(">II")
+# Test hook for fault injection: while the file this names exists, every fsync fails with EIO.
+FSYNC_FAIL_FLAG_ENV = "ACP_TEST_FSYNC_FAIL_FLAG"
 
 
 class _Record(msgspec.Struct, array_like=True):
@@ -38,10 +41,21 @@ _REC_DEC = msgspec.msgpack.Decoder(_Record)
 _SNAP_DEC = msgspec.msgpack.Decoder(Recovered)
 
 
+def _check_fsync_hook() -> None:
+    flag = os.environ.get(FSYNC_FAIL_FLAG_ENV)
+    if flag and os.path.exists(flag):
+        raise OSError(errno.EIO, f"fsync failed (fault injected through {FSYNC_FAIL_FLAG_ENV})")
+
+
+def _fsync(fd: int, data_only: bool = False) -> None:
+    _check_fsync_hook()
+    (os.fdatasync if data_only else os.fsync)(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        _fsync(fd)
     finally:
         os.close(fd)
 
@@ -113,7 +127,7 @@ class FileWAL:
         os.write(self._fd, frame)
         self.bytes_written += len(frame)
         if self.fsync:
-            os.fdatasync(self._fd)
+            _fsync(self._fd, data_only=True)
 
     def _rewrite(self) -> None:
         assert self.mirror is not None
@@ -132,7 +146,7 @@ class FileWAL:
         try:
             os.write(fd, data)
             if self.fsync:
-                os.fsync(fd)
+                _fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)

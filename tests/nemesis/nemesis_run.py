@@ -25,6 +25,7 @@ from typing import Any
 from nemesis_net import NemesisNet, node_addr
 
 from dwcp_agent.acp.linearizability import UNKNOWN, Model, Operation, check_per_key
+from dwcp_agent.acp.wal import FSYNC_FAIL_FLAG_ENV
 from dwcp_agent.cli import ApiError, api_call
 
 ACP_PORT = 9877
@@ -70,6 +71,13 @@ class Node:
         self.state_dir = root / self.name
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.state_dir / "agent.log"
+        # The WAL lives on a small tmpfs of its own, so a test can fill it (disk full), and fsync
+        # fails while `fsync_flag` exists (the WAL's fault-injection hook).
+        self.wal_dir = self.state_dir / "acp"
+        self.wal_dir.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(self.wal_dir)], check=True)
+        self.fsync_flag = self.state_dir / "fsync-fails"
+        self.env = {**os.environ, FSYNC_FAIL_FLAG_ENV: str(self.fsync_flag)}
         self.argv = net.cmd(net.nodes[index], [
             sys.executable, "-m", "dwcp_agent", "serve", "--node-id", self.name, "--state-dir", str(self.state_dir),
             "--data-port", "9876", "--admin-port", str(ADMIN_PORT), "--listen-host", self.addr,
@@ -81,7 +89,7 @@ class Node:
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -112,6 +120,23 @@ class Node:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def fill_disk(self) -> None:
+        """Fill the WAL's tmpfs: the next write fails with ENOSPC."""
+        with open(self.wal_dir / "filler", "ab") as f:
+            chunk = b"\0" * (1 << 20)
+            try:
+                while True:
+                    f.write(chunk)
+                    f.flush()
+            except OSError:
+                pass
+
+    def free_disk(self) -> None:
+        (self.wal_dir / "filler").unlink(missing_ok=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.wal_dir)], capture_output=True)
 
     def status(self) -> dict[str, Any]:
         return api_call(self.url, "GET", "/api/v3/cluster", timeout=2.0)
@@ -272,6 +297,7 @@ class Run:
         self.work.stop()
         for node in self.nodes:
             node.stop()
+            node.unmount()
         self.net.down()
 
     def wait_ready(self, node: Node, timeout: float = 60.0) -> float:

@@ -1,8 +1,9 @@
 """Jepsen-style runs over real agent processes, one per network namespace (see nemesis_run.py).
 
 `make test` runs a short schedule per cluster (Raft 3, Raft 5, PBFT 4): leader/primary kill and
-restart, a real partition (majority/minority), a one-way cut, a paused node and packet loss; PBFT
-also restarts a replica and then faults another one. `make soak` sets DWCP_NEMESIS_SECONDS to
+restart, a real partition (majority/minority), a one-way cut, a paused node, packet loss, a full
+disk and failing fsyncs (the WAL sits on a small tmpfs); PBFT also restarts a replica and then
+faults another one. `make soak` sets DWCP_NEMESIS_SECONDS to
 repeat the cycle (adding bridge partitions and delay) for that long. Every history must be
 linearizable; the numbers (ops ok/failed/unknown, throughput, latency, time to the first write
 after each fault) go to benchmarks/results/nemesis-<cluster>.json and the test log. Timings are
@@ -53,6 +54,7 @@ def _common_faults(run: Run, soak: bool) -> None:
     follower = _others(run, run.leader())[0]
     run.fault(f"pause {follower.name}", follower.pause, follower.resume, 2.0)
     run.fault("10% loss on every link", lambda: run.net.loss(0.10), run.net.heal, 3.0)
+    _disk_faults(run)
     if soak:
         leader = run.leader()
         rest = [n.index for n in _others(run, leader)]
@@ -60,6 +62,23 @@ def _common_faults(run: Run, soak: bool) -> None:
         run.fault(f"bridge through {leader.name}", lambda: run.net.bridge(left, leader.index, right), run.net.heal,
                   4.0, partition=True)
         run.fault("20 ms delay on every link", lambda: run.net.delay(0.020), run.net.heal, 3.0)
+
+
+def _disk_faults(run: Run) -> None:
+    """A follower's disk fills up, then the leader's fsync fails: each stops taking part (fail-stop)
+    and is restarted once its disk is repaired."""
+    follower = _others(run, run.leader())[0]
+
+    def repair_follower() -> None:
+        follower.free_disk()
+        _restart(run, follower)
+    run.fault(f"disk full on {follower.name}", follower.fill_disk, repair_follower, 3.0)
+    leader = run.leader()
+
+    def repair_leader() -> None:
+        leader.fsync_flag.unlink(missing_ok=True)
+        _restart(run, leader)
+    run.fault(f"fsync fails on {leader.name} (leader)", leader.fsync_flag.touch, repair_leader, 3.0)
 
 
 def _kill_leader(run: Run) -> None:
