@@ -351,7 +351,14 @@ class Replica:
                 if cmd.client != req.client or cmd.seq != req.ts:
                     continue
                 switched = self._apply(cmd)
-                encoded = _RESULT_ENC.encode(self._applied[-1][2])
+                result = self._applied[-1][2]
+                if result.error == "duplicate":
+                    # A late retry of a request its client already acknowledged: the answer that
+                    # counted was the first one, and this one must not be mistaken for a lie.
+                    if switched:
+                        return
+                    continue
+                encoded = _RESULT_ENC.encode(result)
                 node = client_node(cmd.client)
                 if node == self.id:
                     self._vote(cmd.client, cmd.seq, self.id, encoded)

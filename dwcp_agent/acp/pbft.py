@@ -658,8 +658,12 @@ class Pbft:
                                                 if seq > self.last_exec + 1)
 
     def _retransmit(self) -> None:
-        """Links may lose messages: resend our part of every slot that has not executed yet."""
-        for seq in range(self.last_exec + 1, self.last_exec + 1 + self.opts.max_inflight):
+        """Links may lose messages: resend our part of every slot that has not executed yet, and of
+        the last few that have (a replica that missed their commits, or their pre-prepare while it
+        was restarting, would otherwise wait for the next stable checkpoint with the pipeline stuck
+        behind it)."""
+        first = max(self.low + 1, self.last_exec + 1 - 2 * self.opts.max_inflight)
+        for seq in range(first, self.last_exec + 1 + self.opts.max_inflight):
             slot = self.slots.get(seq)
             if slot is None or slot.pp is None or slot.view != self.view:
                 continue
