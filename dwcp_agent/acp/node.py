@@ -191,6 +191,8 @@ class ConsensusNode:
             fut: asyncio.Future[Result] = loop.create_future()
             self._waiting[key] = fut
             while True:
+                if self.failed:
+                    raise ConsensusTimeout(self.failed)
                 with contextlib.suppress(NotLeader, ProposalDropped):
                     self.replica.submit(cmd, forward=True)
                 self._schedule()
