@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from dwcp_agent.acp.auth import public_key_hex
 from dwcp_agent.acp.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
-from dwcp_agent.cli import ApiError, api_call
+from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent, free_port
 
 pytestmark = pytest.mark.slow
@@ -36,12 +37,14 @@ def byzantine_cluster(tmp_path: Path) -> Iterator[Cluster]:
     def start(liar: str, behaviour: str) -> list[LocalAgent]:
         ports = [free_port() for _ in range(4)]
         peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
+        keys = ",".join(f"a{i + 1}={public_key_hex(tmp_path / f'a{i + 1}')}" for i in range(4))
         agents = []
         for i, port in enumerate(ports):
             name = f"a{i + 1}"
             env = {HOOK_ENV: behaviour, HOOK_UNLOCK: UNLOCK_VALUE} if name == liar else {}
             agents.append(LocalAgent(name, tmp_path, psk, env,
-                                     {"acp_port": port, "acp_peers": peers, "acp_protocol": "pbft"}))
+                                     {"acp_port": port, "acp_peers": peers, "acp_peer_keys": keys,
+                                      "acp_protocol": "pbft"}))
         started.extend(agents)
         for agent in agents:
             agent.wait_ready()
@@ -135,9 +138,10 @@ def test_byzantine_hook_is_refused_outside_tests(tmp_path: Path) -> None:
     psk = tmp_path / "psk"
     psk.write_text(secrets.token_hex(32))
     port = free_port()
+    keys = f"a1={public_key_hex(tmp_path / 'a1')},a2={public_key_hex(tmp_path / 'a2')}"
     agent = LocalAgent("a1", tmp_path, psk, {HOOK_ENV: "equivocate", HOOK_UNLOCK: ""},
                        {"acp_port": port, "acp_peers": f"a1=127.0.0.1:{port},a2=127.0.0.1:{free_port()}",
-                        "acp_protocol": "pbft"})
+                        "acp_peer_keys": keys, "acp_protocol": "pbft"})
     try:
         with pytest.raises(RuntimeError, match="exited"):
             agent.wait_ready(timeout=60)

@@ -24,9 +24,10 @@ from typing import Any
 
 from nemesis_net import NemesisNet, node_addr
 
+from dwcp_agent.acp.auth import public_key_hex
 from dwcp_agent.acp.linearizability import UNKNOWN, Model, Operation, check_per_key
 from dwcp_agent.acp.wal import FSYNC_FAIL_FLAG_ENV
-from dwcp_agent.cli import ApiError, api_call
+from dwcp_agent.client import TOKEN_ENV, ApiError, api_call
 
 ACP_PORT = 9877
 ADMIN_PORT = 8080
@@ -60,6 +61,16 @@ def lease_model() -> Model[tuple[Any, ...]]:
     return Model(init=lambda: (None, None, 0, 0), step=step)
 
 
+def _token_file(root: Path) -> Path:
+    """One admin token for every node of the run, exported so this process's `api_call`s use it."""
+    path = Path(os.environ.get(TOKEN_ENV) or root / "admin.token")
+    if not path.exists():
+        path.write_text(os.urandom(24).hex())
+        path.chmod(0o600)
+    os.environ[TOKEN_ENV] = str(path)
+    return path
+
+
 class Node:
     """`dwcp-agent serve` inside node namespace `index`; restartable on the same state."""
 
@@ -77,7 +88,7 @@ class Node:
         self.wal_dir.mkdir(exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(self.wal_dir)], check=True)
         self.fsync_flag = self.state_dir / "fsync-fails"
-        self.env = {**os.environ, FSYNC_FAIL_FLAG_ENV: str(self.fsync_flag)}
+        self.env = {**os.environ, FSYNC_FAIL_FLAG_ENV: str(self.fsync_flag), TOKEN_ENV: str(_token_file(root))}
         self.argv = net.cmd(net.nodes[index], [
             sys.executable, "-m", "dwcp_agent", "serve", "--node-id", self.name, "--state-dir", str(self.state_dir),
             "--data-port", "9876", "--admin-port", str(ADMIN_PORT), "--listen-host", self.addr,
@@ -272,6 +283,9 @@ class Run:
         psk.write_text(os.urandom(32).hex())
         peers = ",".join(f"a{i + 1}={node_addr(i)}:{ACP_PORT}" for i in range(n))
         self.nodes = [Node(self.net, i, root, psk, peers, protocol) for i in range(n)]
+        keys = ",".join(f"{node.name}={public_key_hex(node.state_dir)}" for node in self.nodes)
+        for node in self.nodes:
+            node.argv += ["--set", f"acp_peer_keys={keys}"]
         self.work = Workload(self.net, self.nodes, clients, vms, seed)
         self.report = Report(self.cluster)
         self.started = 0.0

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from nemesis_run import Node, Run
 
-from dwcp_agent.cli import ApiError
+from dwcp_agent.client import ApiError
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from test_prometheus_stack import Prometheus, wait_until
 
+from dwcp_agent.acp.auth import public_key_hex
 from dwcp_agent.acp.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
-from dwcp_agent.cli import ApiError, api_call
+from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent, free_port
 
 pytestmark = pytest.mark.system
@@ -24,9 +25,10 @@ def test_byzantine_alert_fires_when_the_primary_equivocates(tmp_path: Path) -> N
     psk.write_text(secrets.token_hex(32))
     ports = [free_port() for _ in range(4)]
     peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
+    keys = ",".join(f"a{i + 1}={public_key_hex(tmp_path / f'a{i + 1}')}" for i in range(4))
     agents = [LocalAgent(f"a{i + 1}", tmp_path, psk,
                          {HOOK_ENV: "equivocate", HOOK_UNLOCK: UNLOCK_VALUE} if i == 0 else {},
-                         {"acp_port": port, "acp_peers": peers, "acp_protocol": "pbft"})
+                         {"acp_port": port, "acp_peers": peers, "acp_peer_keys": keys, "acp_protocol": "pbft"})
               for i, port in enumerate(ports)]
     prom = None
     try:
