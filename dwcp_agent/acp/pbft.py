@@ -129,6 +129,7 @@ class Pbft:
         self.vc_quorum_at: int | None = None  # when q view changes for the pending view were seen
         self.vc_attempt = 0  # consecutive view changes without progress: the timeouts double
         self.req_timer: int | None = None  # started when a request waits, restarted on every execution
+        self.lag_grace = False  # the request timer was extended once because this replica lagged
         self.peer_views: dict[str, int] = {}  # highest view each peer showed beyond ours
         self._nv_resent: dict[str, int] = {}
         self.fetching = 0
@@ -301,8 +302,16 @@ class Pbft:
             batch: list[Request] = []
             for key in list(self.queue):
                 req = self.queue.pop(key)
-                if req.ts > self.last_ts.get(req.client, 0):
-                    batch.append(req)
+                if req.ts <= self.last_ts.get(req.client, 0):
+                    continue
+                # Backups holding the same bytes skip the check, so the primary makes it once for
+                # all: a request it took on its link's word must carry a valid signature to go out.
+                if not valid_request(self.keys, req):
+                    self.det.report(client_node(req.client), "invalid_signature", "request")
+                    self.waiting.pop(key, None)
+                    self.requests.pop(key, None)
+                    continue
+                batch.append(req)
                 if len(batch) >= self.opts.max_batch:
                     break
             if not batch:
@@ -437,6 +446,7 @@ class Pbft:
         """Something executed: the view works, so timeouts return to their base and the request
         timer restarts for whatever still waits."""
         self.vc_attempt = 0
+        self.lag_grace = False
         self.req_timer = self.now if self.waiting else None
 
     # ------------------------------------------------------------ checkpoints and state transfer
@@ -637,8 +647,11 @@ class Pbft:
         backoff = min(self.vc_attempt, MAX_BACKOFF)
         if self.active:
             if self.req_timer is not None and self.now - self.req_timer > self.opts.request_timeout << backoff:
-                if self._lagging():
-                    self.req_timer = self.now  # the lag is ours, not the primary's: no view change
+                if self._lagging() and not self.lag_grace:
+                    # The lag may be ours, not the primary's: one more period to catch up first.
+                    # (It may also be a slot nobody can commit: then the view change comes next.)
+                    self.lag_grace = True
+                    self.req_timer = self.now
                 else:
                     self._start_view_change(self.view + 1)
         elif (self.vc_quorum_at is not None

@@ -301,7 +301,8 @@ class _Sim:
         for client in self.clients:
             if client.busy:
                 key = (client.cid, client.seq)
-                if key in self.results and client.op is not None and not isinstance(client.op, ReadOwner | None):
+                # (Under PBFT a read is an ordered command too, and completes like one.)
+                if key in self.results and client.op is not None:
                     self._finish(client, self.results[key][1])
                 elif self.tick_no - client.started > self.cfg.op_timeout:
                     self._give_up(client)
