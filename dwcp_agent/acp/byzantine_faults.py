@@ -4,13 +4,17 @@ The replica itself runs the honest code; a `FaultyReplica` sits between it and t
 re-authenticates every frame it alters with the replica's own keys, so the lie reaches the others
 exactly as a real faulty member's would. The simulation uses it directly; a real agent only with
 both ACP_TEST_BYZANTINE=<behaviour> and ACP_TEST_HOOKS=byzantine-replica-for-tests in its
-environment (`from_environment`), and refuses to start on the first without the second.
+environment (`from_environment`), and refuses to start on the first without the second. The value
+`@<file>` makes the behaviour whatever that file holds (re-read every 0.2 s, empty = honest), so a
+test can turn the replica that became primary into a liar once the cluster is up.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
+from pathlib import Path
 
 import msgspec
 
@@ -50,9 +54,11 @@ class FaultyReplica:
     """
 
     def __init__(self, node_id: str, behaviour: str, keys: KeyRing, replicas: list[str],
-                 rng: random.Random | None = None) -> None:
-        if behaviour not in BEHAVIOURS:
+                 rng: random.Random | None = None, source: Path | None = None) -> None:
+        if behaviour not in BEHAVIOURS and not (source is not None and behaviour == ""):
             raise ValueError(f"unknown Byzantine behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
+        self.source = source
+        self._read_at = -1.0
         self.id = node_id
         self.replicas = sorted(replicas)
         self.favourite = next((r for r in self.replicas if r != node_id), "")
@@ -63,7 +69,10 @@ class FaultyReplica:
 
     def out(self, env: Envelope) -> list[Envelope]:
         """What actually leaves for `env.to` instead of `env`."""
+        self._refresh()
         b = self.behaviour
+        if not b:
+            return [env]
         if b == "silent":
             return []
         body = env.body
@@ -100,6 +109,16 @@ class FaultyReplica:
             return Reply(msg.seq, [(client, ts, _LIE) for client, ts, _ in msg.results], msg.replica)
         return None
 
+    def _refresh(self) -> None:
+        if self.source is None or time.monotonic() - self._read_at < 0.2:
+            return
+        self._read_at = time.monotonic()
+        try:
+            wanted = self.source.read_text().strip()
+        except OSError:
+            wanted = ""
+        self.behaviour = wanted if wanted in BEHAVIOURS else ""
+
     def _odd_one(self, peer: str) -> bool:
         return peer in self.replicas and self.replicas.index(peer) % 2 == 0
 
@@ -124,4 +143,6 @@ def from_environment(node_id: str, keys: KeyRing, replicas: list[str],
     if env.get(HOOK_UNLOCK) != UNLOCK_VALUE:
         raise ValueError(f"{HOOK_ENV} makes this replica lie on purpose; it is refused outside tests "
                          f"(set {HOOK_UNLOCK}={UNLOCK_VALUE} in a test to allow it)")
+    if behaviour.startswith("@"):
+        return FaultyReplica(node_id, "", keys, replicas, source=Path(behaviour[1:]))
     return FaultyReplica(node_id, behaviour, keys, replicas)

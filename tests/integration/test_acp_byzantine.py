@@ -2,7 +2,9 @@
 test hook (ACP_TEST_BYZANTINE): each behaviour is detected by the honest replicas, counted in
 `dwcp_v3_acp_byzantine_detections_total`, and no client of an honest node gets a wrong answer.
 
-a1 is the primary of view 0, so the behaviours that matter most from a primary run on a1.
+Every agent reads its behaviour from a file (`@file`, empty = honest); once the cluster is up the
+test writes the behaviour into the file of the current primary (for the behaviours that matter
+from a primary) or of a backup, whichever replica start-up made primary.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dwcp_agent.demo import LocalAgent, free_port
 
 pytestmark = pytest.mark.slow
 
-Cluster = Callable[[str, str], list[LocalAgent]]
+Cluster = Callable[[], list[LocalAgent]]
 
 
 @pytest.fixture
@@ -34,14 +36,14 @@ def byzantine_cluster(tmp_path: Path) -> Iterator[Cluster]:
     psk.write_text(secrets.token_hex(32))
     started: list[LocalAgent] = []
 
-    def start(liar: str, behaviour: str) -> list[LocalAgent]:
+    def start() -> list[LocalAgent]:
         ports = [free_port() for _ in range(4)]
         peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
         keys = ",".join(f"a{i + 1}={public_key_hex(tmp_path / f'a{i + 1}')}" for i in range(4))
         agents = []
         for i, port in enumerate(ports):
             name = f"a{i + 1}"
-            env = {HOOK_ENV: behaviour, HOOK_UNLOCK: UNLOCK_VALUE} if name == liar else {}
+            env = {HOOK_ENV: f"@{tmp_path / name / 'lie'}", HOOK_UNLOCK: UNLOCK_VALUE}
             agents.append(LocalAgent(name, tmp_path, psk, env,
                                      {"acp_port": port, "acp_peers": peers, "acp_peer_keys": keys,
                                       "acp_protocol": "pbft"}))
@@ -66,6 +68,23 @@ def detections(agent: LocalAgent) -> dict[str, float]:
             reason = labels.split('reason="', 1)[1].split('"', 1)[0]
             out[reason] = out.get(reason, 0.0) + float(value)
     return out
+
+
+def make_liar(agents: list[LocalAgent], primary: bool, behaviour: str) -> tuple[LocalAgent, list[LocalAgent]]:
+    """Turn the current primary (or a backup) Byzantine; returns it and the honest replicas."""
+    deadline = time.monotonic() + 30
+    leaders: set[str] = set()
+    while time.monotonic() < deadline:
+        leaders = {api_call(a.url, "GET", "/api/v3/cluster", timeout=5.0).get("primary", "") for a in agents}
+        if len(leaders) == 1 and "" not in leaders:
+            break
+        time.sleep(0.1)
+    assert len(leaders) == 1, leaders
+    name = leaders.pop()
+    liar = next(a for a in agents if (a.name == name) == primary)
+    (liar.state_dir / "lie").write_text(behaviour)
+    time.sleep(0.5)  # the hook re-reads its file every 0.2 s
+    return liar, [a for a in agents if a is not liar]
 
 
 def _claim(agent: LocalAgent, vm: str, host: str) -> Any:
@@ -106,31 +125,31 @@ def _wait_detection(honest: list[LocalAgent], reasons: set[str], timeout: float 
     raise AssertionError(f"no detection of {sorted(reasons)} by the honest replicas; saw {seen}")
 
 
-@pytest.mark.parametrize("behaviour,liar,reasons", [
-    ("equivocate", "a1", {"equivocation"}),
-    ("forge", "a2", {"invalid_signature"}),
-    ("unsigned", "a1", {"invalid_signature"}),
-    ("wrong_result", "a3", {"wrong_result"}),
-    ("replay", "a2", {"replay"}),
+@pytest.mark.parametrize("behaviour,as_primary,reasons", [
+    ("equivocate", True, {"equivocation"}),
+    ("forge", False, {"invalid_signature"}),
+    ("unsigned", True, {"invalid_signature"}),
+    ("wrong_result", False, {"wrong_result"}),
+    ("replay", False, {"replay"}),
 ])
 def test_byzantine_replica_is_detected_and_clients_get_true_answers(
-        byzantine_cluster: Cluster, behaviour: str, liar: str, reasons: set[str]) -> None:
-    agents = byzantine_cluster(liar, behaviour)
-    honest = [a for a in agents if a.name != liar]
+        byzantine_cluster: Cluster, behaviour: str, as_primary: bool, reasons: set[str]) -> None:
+    _liar, honest = make_liar(byzantine_cluster(), as_primary, behaviour)
     _workload(honest, 12)
     seen = _wait_detection(honest, reasons)
     assert sum(seen.get(r, 0.0) for r in reasons) >= 1
 
 
 def test_selectively_silent_primary_is_replaced_by_a_view_change(byzantine_cluster: Cluster) -> None:
-    """a1 (primary of view 0) talks to a2 only: a3 and a4 never see its pre-prepares, no quorum
-    prepares, requests time out, and the honest replicas move to a view a1 does not lead. Silence
+    """The primary talks to one backup only: the other two never see its pre-prepares, no quorum
+    prepares, requests time out, and the honest replicas move to a view it does not lead. Silence
     leaves no evidence to quarantine on; the view change is the detection."""
-    agents = byzantine_cluster("a1", "selective")
-    honest = agents[1:]
+    agents = byzantine_cluster()
+    liar, honest = make_liar(agents, True, "selective")
+    before = api_call(honest[0].url, "GET", "/api/v3/cluster", timeout=5.0)["view"]
     _workload(honest, 6)
     views = [api_call(a.url, "GET", "/api/v3/cluster", timeout=5.0) for a in honest]
-    assert all(v["view"] >= 1 and v["primary"] != "a1" for v in views), views
+    assert all(v["view"] > before and v["primary"] != liar.name for v in views), views
 
 
 def test_byzantine_hook_is_refused_outside_tests(tmp_path: Path) -> None:

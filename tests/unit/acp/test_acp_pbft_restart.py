@@ -15,7 +15,7 @@ from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, bootstrap
 from dwcp_agent.acp.auth import KeyRing
 from dwcp_agent.acp.byzantine import ByzantineDetector
 from dwcp_agent.acp.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE, FaultyReplica, from_environment
-from dwcp_agent.acp.messages import Prepare, PrePrepare, decode_pbft
+from dwcp_agent.acp.messages import Envelope, Prepare, PrePrepare, Request, decode_pbft
 from dwcp_agent.acp.node import ConsensusNode, ConsensusTimeout
 from dwcp_agent.acp.pbft import Pbft
 from dwcp_agent.acp.pbft_certs import batch_digest, pp_header
@@ -117,3 +117,16 @@ def test_byzantine_hook_needs_the_unlock_and_a_known_behaviour() -> None:
     assert isinstance(faulty, FaultyReplica)
     with pytest.raises(ValueError, match="unknown Byzantine behaviour"):
         FaultyReplica("n1", "lie-creatively", keys, IDS)
+
+
+def test_byzantine_hook_can_take_its_behaviour_from_a_file(tmp_path: Path) -> None:
+    keys = KeyRing.simulated(IDS, random.Random(5), fast=True)
+    faulty = from_environment("n1", keys["n1"], IDS, {HOOK_ENV: f"@{tmp_path / 'lie'}", HOOK_UNLOCK: UNLOCK_VALUE})
+    assert faulty is not None and faulty.behaviour == ""
+    pbft = Pbft("n1", IDS, keys=keys["n1"], detector=ByzantineDetector("n1"))
+    pbft.submit(Request("n1/0/0", 1, b"op"))
+    envs = [Envelope(0, "n1", to, wire) for to, wire in pbft.ready().messages]
+    assert [faulty.out(e) for e in envs] == [[e] for e in envs]  # honest while the file is absent
+    (tmp_path / "lie").write_text("silent")
+    faulty._read_at = -1.0  # skip the 0.2 s re-read interval
+    assert all(faulty.out(e) == [] for e in envs)
