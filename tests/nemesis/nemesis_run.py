@@ -88,7 +88,10 @@ class Node:
         self.wal_dir.mkdir(exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(self.wal_dir)], check=True)
         self.fsync_flag = self.state_dir / "fsync-fails"
-        self.env = {**os.environ, FSYNC_FAIL_FLAG_ENV: str(self.fsync_flag), TOKEN_ENV: str(_token_file(root))}
+        # DWCP_* names are config keys to an agent, which refuses unknown ones: pass none of the
+        # harness's own (DWCP_NEMESIS_SECONDS, DWCP_SIM_SCHEDULES...).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("DWCP_")}
+        self.env = {**inherited, FSYNC_FAIL_FLAG_ENV: str(self.fsync_flag), TOKEN_ENV: str(_token_file(root))}
         self.argv = net.cmd(net.nodes[index], [
             sys.executable, "-m", "dwcp_agent", "serve", "--node-id", self.name, "--state-dir", str(self.state_dir),
             "--data-port", "9876", "--admin-port", str(ADMIN_PORT), "--listen-host", self.addr,
