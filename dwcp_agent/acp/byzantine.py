@@ -30,6 +30,7 @@ WEIGHTS: dict[str, float] = {
     "wrong_result": 40.0,  # a reply whose result differs from the one f+1 replicas agree on
 }
 REASONS = tuple(WEIGHTS)
+MAX_PENDING_EVENTS = 1024  # detections kept between two drains; hearsay beyond it is scored, not queued
 
 
 def signed_statement(signer: str, data: bytes, sig: bytes) -> bytes:
@@ -96,7 +97,8 @@ class ByzantineDetector:
         if tipped:
             self.quarantined.add(peer)
             self.proofs[peer] = event
-        self.events.append(event)
+        if len(self.events) < MAX_PENDING_EVENTS or tipped:  # a flood of hearsay cannot grow memory
+            self.events.append(event)
         return event
 
     def suspected(self) -> list[str]:
