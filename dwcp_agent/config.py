@@ -99,6 +99,16 @@ class Config:
     acp_protocol: str = _spec("auto", choices=("auto", "raft", "pbft"), doc="Consensus protocol.")
     acp_peers: list[str] = _spec([], doc="Cluster members as id=host:port (empty = single node).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")
+    # Live migration of running QEMU VMs (dwcp_agent/live, docs/live-migration.md).
+    qmp_dir: str = _spec("/run/dwcp-agent/qmp", doc="QMP sockets of local VMs, as <vm_id>.sock.")
+    live_qemu_command: str = _spec(
+        "", doc="Destination QEMU command template ({vm_id} substituted); the agent adds QMP and "
+                "'-incoming defer -S'. '' = the management layer starts it and passes dest_qmp.")
+    live_downtime_ms: int = _spec(300, lo=1, hi=600_000, doc="Live migration downtime target (ms).")
+    live_policy: str = _spec(
+        "auto-converge", doc="Convergence: precopy | auto-converge | postcopy-after:<N>s|<N>i. "
+                             "Once postcopy starts the destination runs: a broken link then means "
+                             "postcopy recovery or a lost VM, never a rollback.")
 
     @property
     def allowed_dest_dirs(self) -> list[Path]:
