@@ -20,6 +20,7 @@ from typing import Any
 from dwcp_agent import __version__
 from dwcp_agent.acp import cli as acp_cli
 from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
+from dwcp_agent.live.cli import add_live_arguments
 from dwcp_agent.progress import ProgressBar, human_bytes, human_rate, summary
 from dwcp_agent.telemetry import rollout_cli
 
@@ -103,6 +104,14 @@ def follow(agent: str, migration_id: str, show_progress: bool, poll_s: float = 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.live_vm:
+        from dwcp_agent.live.cli import migrate_live
+
+        return migrate_live(args)
+    if not args.source or not args.dest_path:
+        print("dwcp-agent migrate: either --vm (live) or --source and --dest-path (image) are required",
+              file=sys.stderr)
+        return EXIT_USAGE
     body: dict[str, Any] = {"source": args.source, "to": args.to, "dest_path": args.dest_path}
     if args.vm_id:
         body["vm_id"] = args.vm_id
@@ -234,13 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Ask the local agent to migrate SOURCE to the agent at HOST:PORT, show "
                                    "progress (bytes, rate, ETA), then a summary. Exit 0 only when the "
                                    "destination committed the image with a verified digest.")
-    p.add_argument("--source", required=True, metavar="PATH", help="image file on this host")
+    p.add_argument("--source", metavar="PATH", help="image file on this host")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="data address of the destination agent")
-    p.add_argument("--dest-path", required=True, metavar="PATH", help="absolute path on the destination host")
+    p.add_argument("--dest-path", metavar="PATH", help="absolute path on the destination host (images)")
     p.add_argument("--vm-id", metavar="ID", help="VM identifier (default: source file name)")
     p.add_argument("--migration-id", metavar="ID", help="migration identifier (default: random)")
     p.add_argument("--protocol", choices=("v1", "v3"), help="force a protocol profile (default: rollout)")
     p.add_argument("--no-wait", action="store_true", help="start the migration and return its id")
+    add_live_arguments(p)
     _agent_opts(p)
     p.set_defaults(func=cmd_migrate)
 

@@ -165,12 +165,13 @@ class IncomingLive:
                          extra={"migration_status": "running", "peer_id": self.peer_node})
                 await self.tunnel.send(messages.Running())
                 if not received:
-                    await self._await_postcopy_end()
+                    status = await self._await_postcopy_end()
+                    await self.tunnel.send(messages.Received(status))
                 return
             await asyncio.sleep(POLL_S)
         raise TunnelError("no ownership commit from the source in time")
 
-    async def _await_postcopy_end(self) -> None:
+    async def _await_postcopy_end(self) -> str:
         """Postcopy: keep the tunnel up until QEMU pulled every page (the VM already runs here)."""
         assert self.qemu is not None
         while True:
@@ -179,7 +180,7 @@ class IncomingLive:
                 if info.status == "failed":
                     log.error("postcopy failed after the switch: the VM is lost unless recovered",
                               extra={"error_type": "postcopy_failed", "peer_id": self.peer_node})
-                return
+                return info.status
             await asyncio.sleep(POLL_S)
 
     async def _discard(self) -> None:

@@ -8,8 +8,9 @@ Policies:
 - `precopy`: only the downtime limit and the bandwidth cap; pre-copy runs until it converges.
 - `auto-converge`: as precopy, and when the predicted end-to-end rate (wire bandwidth x HDE
   ratio) is below the guest's dirty rate, QEMU's CPU throttling is turned up.
-- `postcopy-after:<N>s` or `postcopy-after:<N>i`: as auto-converge, and when pre-copy has not
-  met the downtime target after N seconds (or N iterations), switch to postcopy. From then on
+- `postcopy-after:<N>s` or `postcopy-after:<N>i`: as auto-converge, and when pre-copy is still
+  running after N seconds (or N iterations), i.e. it has not met the downtime target in that
+  bound, switch to postcopy. From then on
   the destination runs the VM: a broken link is a postcopy recovery or a lost VM, never a
   rollback to the source.
 """
@@ -24,12 +25,11 @@ __all__ = ["Action", "ConvergencePolicy", "Observation", "PolicyError", "PolicyS
 _POSTCOPY_RE = re.compile(r"^postcopy-after:(\d+(?:\.\d+)?)([si])$")
 # Throttle steps QEMU's auto-converge is raised through (cpu-throttle-initial, percent).
 THROTTLE_STEPS = (20, 40, 60, 80, 99)
-# Headroom on the link cap: QEMU may use a little more than the predicted rate, so a brief
+# Headroom on the link cap: QEMU may use more than the predicted rate, so a brief
 # underestimate does not starve the migration.
-BANDWIDTH_HEADROOM = 1.25
-# An unmeasured link: no cap (0 means unlimited for QEMU's max-bandwidth is not allowed, so a
-# large value stands in).
-UNCAPPED_BYTES_PER_S = 1 << 40
+BANDWIDTH_HEADROOM = 1.5
+# The cap is re-sent only when the prediction moved by more than this share (no QMP churn).
+RECAP = 0.5
 
 
 class PolicyError(ValueError):
@@ -112,11 +112,13 @@ class ConvergencePolicy:
             return actions
         end_to_end = self._end_to_end(obs)
         if end_to_end is not None:
-            cap = int(obs.predicted_bytes_per_s * BANDWIDTH_HEADROOM)  # type: ignore[operator]
-            if self._bandwidth_sent == 0 or abs(cap - self._bandwidth_sent) > 0.2 * self._bandwidth_sent:
+            # QEMU's cap counts stream bytes, which HDE shrinks before the wire: wire x ratio.
+            cap = int(end_to_end * BANDWIDTH_HEADROOM)
+            if self._bandwidth_sent == 0 or abs(cap - self._bandwidth_sent) > RECAP * self._bandwidth_sent:
                 self._bandwidth_sent = cap
                 actions.append(Action("set-max-bandwidth", {"max-bandwidth": cap},
-                                      f"PBA predicts {obs.predicted_bytes_per_s / 1e6:.1f} MB/s on the wire"))
+                                      f"PBA predicts {obs.predicted_bytes_per_s / 1e6:.1f} MB/s on the wire "
+                                      f"x HDE ratio {max(obs.hde_ratio, 1.0):.2f}"))
         if obs.status != "active" or obs.iterations < 1:
             return actions
         converging = self._meets_target(obs)
@@ -127,7 +129,9 @@ class ConvergencePolicy:
             actions.append(Action("throttle", {"cpu-throttle-initial": pct, "cpu-throttle-increment": 10},
                                   f"end-to-end {end_to_end / 1e6:.1f} MB/s < dirty "
                                   f"{obs.dirty_bytes_per_s / 1e6:.1f} MB/s: throttle {pct}%"))
-        if self.spec.postcopy and not converging and self._postcopy_due(obs):
+        # Still in pre-copy when the bound is reached means it did not converge in time, whatever
+        # QEMU's (often optimistic) expected downtime says.
+        if self.spec.postcopy and self._postcopy_due(obs):
             self.postcopy_started = True
             actions.append(Action("start-postcopy", {}, self._postcopy_reason(obs)))
         return actions

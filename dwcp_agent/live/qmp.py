@@ -106,8 +106,8 @@ class QemuControl:
     async def close(self) -> None:
         try:
             await self._client.disconnect()
-        except (QMPError, OSError):
-            pass
+        except (QMPError, OSError, EOFError):
+            pass  # QEMU already went away (it quit after the migration): nothing left to close
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         try:

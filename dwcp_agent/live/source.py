@@ -91,6 +91,8 @@ class OutgoingLive:
         self.predictor = Predictor()
         self.meter = LinkMeter()
         self.done = asyncio.Event()
+        self._peer_received = False
+        self._peer_running = False
 
     # -- setup: everything that can refuse with 4xx ----------------------------------------------
 
@@ -297,16 +299,26 @@ class OutgoingLive:
             await asyncio.sleep(POLL_S)
 
     def _check_tunnel(self) -> None:
+        """Take what the destination said so far; an error or Abort from it ends the migration."""
         assert self.tunnel is not None
         while not self.tunnel.control.empty():
-            item = self.tunnel.control.get_nowait()
-            if isinstance(item, TunnelError):
-                raise item
-            if isinstance(item, messages.Abort):
-                raise TunnelError(f"destination aborted: {item.reason}")
-            if isinstance(item, messages.Received):
-                self.tunnel.control.put_nowait(item)  # _finish reads it
-                return
+            self._on_control(self.tunnel.control.get_nowait())
+
+    def _on_control(self, item: messages.Message | TunnelError) -> None:
+        if isinstance(item, TunnelError):
+            raise item
+        if isinstance(item, messages.Abort):
+            raise TunnelError(f"destination aborted: {item.reason}")
+        if isinstance(item, messages.Received):
+            self._peer_received = True
+        elif isinstance(item, messages.Running):
+            self._peer_running = True
+
+    async def _await_peer(self, flag: str) -> None:
+        """Wait until the destination said Received / Running (attribute `flag`)."""
+        assert self.tunnel is not None
+        while not getattr(self, flag):
+            self._on_control(await self.tunnel.recv_control(CONTROL_TIMEOUT_S))
 
     def _update(self, info: MigrationInfo, predicted: float | None) -> None:
         assert self.tunnel is not None
@@ -360,19 +372,12 @@ class OutgoingLive:
         assert self.qemu is not None and self.tunnel is not None
         self.record.switchover = True
         self.record.downtime_ms = info.downtime_ms
-        while True:  # the destination QEMU loaded everything
-            answer = await self.tunnel.recv_control(CONTROL_TIMEOUT_S)
-            if isinstance(answer, messages.Received):
-                break
-            if isinstance(answer, messages.Abort):
-                raise TunnelError(f"destination aborted: {answer.reason}")
+        await self._await_peer("_peer_received")  # the destination QEMU loaded everything
         if not self.record.committed:
             if self._cancel.is_set():
                 raise _Cancelled()
             await self._commit(postcopy=False)
-        answer = await self.tunnel.recv_control(CONTROL_TIMEOUT_S)
-        if not isinstance(answer, messages.Running):
-            raise TunnelError(f"destination sent {type(answer).__name__} instead of running")
+        await self._await_peer("_peer_running")
         self._update(info, self.predicted_bytes_per_s())
         await self.qemu.quit()  # the paused source copy: ownership has moved
         if info.downtime_ms is not None:

@@ -1,0 +1,87 @@
+"""Live migration of a real QEMU guest between two real agents on loopback.
+
+Each test checks the two things a live migration promises: the guest went on (its heartbeat
+sequence continues on the destination, same boot id) and exactly one copy runs afterwards,
+with ACP naming the host that runs it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_idle_guest_moves_keeps_beating_and_ownership_follows(make_bed) -> None:
+    bed = make_bed()
+    started = bed.start()
+    assert started["kind"] == "live" and started["phase"] in ("setup", "precopy")
+    done = bed.wait_end(started["id"])
+    assert done["phase"] == "completed", done
+    assert done["committed"] and done["switchover"] and done["iteration"] >= 1
+    assert done["downtime_ms"] is not None and done["wire_bytes"] > 0 and done["return_bytes"] > 0
+    gap = bed.assert_moved()
+    assert gap.gap_s < 10
+    assert bed.owner(bed.src) == "dst"
+    listed = bed.record(started["id"])
+    assert listed["kind"] == "live"
+
+
+def test_dirtying_guest_moves_with_auto_converge(make_bed) -> None:
+    bed = make_bed(dirty_mbps=25)
+    done = bed.wait_end(bed.start(policy="auto-converge")["id"])
+    assert done["phase"] == "completed", done
+    assert done["stream_bytes"] > 64 << 20  # at least the dirtied area went, non-zero data
+    bed.assert_moved()
+    assert bed.owner(bed.src) == "dst"
+
+
+def test_postcopy_commits_before_the_switch_and_the_guest_runs_on_the_destination(make_bed) -> None:
+    bed = make_bed(dirty_mbps=25)
+    # Postcopy from the first poll in pre-copy on: the policy commits, then switches.
+    done = bed.wait_end(bed.start(policy="postcopy-after:0s", downtime_ms=1)["id"])
+    assert done["phase"] == "completed", done
+    assert done["postcopy_used"] and done["committed"]
+    kinds = [a["action"] for a in done["actions"]]
+    assert "start-postcopy" in kinds
+    bed.assert_moved()
+    assert bed.owner(bed.src) == "dst"
+
+
+def test_cancel_leaves_the_source_running_and_kills_the_destination_copy(make_bed) -> None:
+    bed = make_bed(dirty_mbps=25)
+    # precopy with a 1 ms target under a dirtying guest never converges: it is still running.
+    started = bed.start(policy="precopy", downtime_ms=1)
+    bed.wait_phase(started["id"], ("precopy",))
+    assert len(bed.qemus()) == 2  # the paused destination copy exists
+    from dwcp_agent.cli import api_call
+
+    cancelled = api_call(bed.src.url, "DELETE", f"/api/v3/migrations/{started['id']}")
+    assert cancelled["phase"] == "cancelled", cancelled
+    bed.assert_runs_on_source_only()
+    assert bed.owner(bed.src) == "src"
+
+
+@pytest.mark.parametrize("victim", ["dst", "src"])
+def test_agent_killed_during_precopy_leaves_exactly_the_source_running(make_bed, victim: str) -> None:
+    bed = make_bed(dirty_mbps=25)
+    started = bed.start(policy="precopy", downtime_ms=1)
+    bed.wait_phase(started["id"], ("precopy",))
+    (bed.dst if victim == "dst" else bed.src).kill()
+    if victim == "dst":
+        done = bed.wait_end(started["id"], timeout=60)
+        assert done["phase"] == "failed" and not done["committed"], done
+        assert bed.owner(bed.src) == "src"
+    bed.assert_runs_on_source_only()
+
+
+def test_missing_qmp_socket_unknown_vm_and_incompatible_qemu_are_clear_4xx_and_change_nothing(make_bed) -> None:
+    bed = make_bed(dest_mem_mib=512)
+    missing = bed.refused(qmp=str(bed.root / "nope.sock"))
+    assert missing.status == 400 and "no QMP socket" in str(missing)
+    unknown = bed.refused(vm_id="vm-unknown")
+    assert unknown.status == 404 and "unknown VM 'vm-unknown'" in str(unknown)
+    incompatible = bed.refused()
+    assert incompatible.status == 409 and "RAM size differs" in str(incompatible)
+    bad_policy = bed.refused(policy="sometimes")
+    assert bad_policy.status == 400 and "unknown convergence policy" in str(bad_policy)
+    bed.assert_runs_on_source_only()
+    assert bed.owner(bed.src) == "src"
