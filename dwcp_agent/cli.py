@@ -177,6 +177,10 @@ def cmd_gen_image(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.live:
+        from dwcp_agent.live.demo import run_live_demo
+
+        return run_live_demo(args.dirty_mbps)
     from dwcp_agent.demo import run_demo
 
     return run_demo(args.size, args.state_dir, args.streams, args.codec, args.profile)
@@ -287,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="auto", choices=("auto", "none", "lz4", "zstd", "snappy"),
                    help="compression (default auto)")
     p.add_argument("--state-dir", default="demo-state", help="where the demo keeps images and state")
+    p.add_argument("--live", action="store_true",
+                   help="instead: boot the test guest (tools/guest) and live-migrate it between two agents")
+    p.add_argument("--dirty-mbps", type=int, default=0, help="with --live: guest dirties memory at this rate")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run the benchmarks (results in benchmarks/results/)",

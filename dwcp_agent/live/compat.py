@@ -26,7 +26,7 @@ def incompatibilities(source: VmFacts, destination: VmFacts) -> list[str]:
 
 
 def _major_minor(version: str) -> tuple[int, int]:
-    parts = (version.split(".") + ["0", "0"])[:2]
+    parts = [*version.split("."), "0", "0"][:2]
     try:
         return int(parts[0]), int(parts[1])
     except ValueError:

@@ -106,7 +106,7 @@ class IncomingLive:
             raise _Refused("no_qemu", f"destination QEMU is {state}, not waiting for a migration "
                                       "(start it with -incoming defer -S)")
         source = VmFacts(str(offer.facts.get("version", "")), str(offer.facts.get("machine", "")),
-                         int(offer.facts.get("ram_bytes", 0)))  # type: ignore[call-overload]
+                         int(str(offer.facts.get("ram_bytes", 0))))
         problems = incompatibilities(source, facts)
         if problems:
             raise _Refused("incompatible", "; ".join(problems))
@@ -156,10 +156,10 @@ class IncomingLive:
                 received = True
                 await self.tunnel.send(messages.Received(info.status))
             if committed is not None and (received or (postcopy and info.status == "postcopy-active")):
+                if self.process is not None:
+                    self.process.commit()  # before cont: from here on the VM outlives this agent
                 await self.qemu.cont()
                 self.state = "running"
-                if self.process is not None:
-                    self.process.detach()
                 log.info("live migration of %s: running here (ownership committed with token %d)",
                          self.offer.vm_id if self.offer else "?", committed.fencing_token,
                          extra={"migration_status": "running", "peer_id": self.peer_node})

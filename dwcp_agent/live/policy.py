@@ -117,7 +117,7 @@ class ConvergencePolicy:
             if self._bandwidth_sent == 0 or abs(cap - self._bandwidth_sent) > RECAP * self._bandwidth_sent:
                 self._bandwidth_sent = cap
                 actions.append(Action("set-max-bandwidth", {"max-bandwidth": cap},
-                                      f"PBA predicts {obs.predicted_bytes_per_s / 1e6:.1f} MB/s on the wire "
+                                      f"PBA predicts {end_to_end / max(obs.hde_ratio, 1.0) / 1e6:.1f} MB/s on the wire "
                                       f"x HDE ratio {max(obs.hde_ratio, 1.0):.2f}"))
         if obs.status != "active" or obs.iterations < 1:
             return actions

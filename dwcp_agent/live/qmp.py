@@ -7,6 +7,7 @@ failure turned into `QemuError` with the command's name, so callers never see li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,21 +101,20 @@ class QemuControl:
             raise QemuError(f"no QMP socket at {self.socket_path}")
         try:
             await asyncio.wait_for(self._client.connect(str(self.socket_path)), CONNECT_TIMEOUT_S)
-        except (ConnectError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectError, OSError) as exc:
             raise QemuError(f"cannot connect to QMP socket {self.socket_path}: {exc}") from exc
 
     async def close(self) -> None:
-        try:
+        # QEMU may already be gone (it quit after the migration): nothing left to close then.
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
-        except (QMPError, OSError, EOFError):
-            pass  # QEMU already went away (it quit after the migration): nothing left to close
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         try:
             return await asyncio.wait_for(self._client.execute(command, arguments), COMMAND_TIMEOUT_S)
         except ExecuteError as exc:
-            raise QemuError(f"{command}: {exc.error.desc}") from exc
-        except (QMPError, OSError, asyncio.TimeoutError, EOFError) as exc:
+            raise QemuError(f"{command}: {exc.error.error.desc}") from exc
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
             raise QemuError(f"{command}: QMP connection {self.socket_path} failed: "
                             f"{exc or type(exc).__name__}") from exc
 
@@ -155,7 +155,5 @@ class QemuControl:
         await self.execute("cont")
 
     async def quit(self) -> None:
-        try:
+        with contextlib.suppress(QemuError):  # QEMU may close the socket while answering: gone either way
             await self.execute("quit")
-        except QemuError:
-            pass  # QEMU closes the socket while answering; it is gone either way

@@ -7,6 +7,7 @@ whose handshake asked for the `live` role.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from pathlib import Path
@@ -81,10 +82,8 @@ class LiveService:
         if migration is None:
             return None
         migration.cancel()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(migration.done.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
         return migration.record
 
     def accept(self, conn: socket.socket, peer: PeerInfo) -> None:

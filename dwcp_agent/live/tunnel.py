@@ -53,7 +53,8 @@ class Tunnel:
 
     @property
     def sock(self) -> socket.socket | None:
-        return self.writer.get_extra_info("socket")  # type: ignore[no-any-return]
+        sock: socket.socket | None = self.writer.get_extra_info("socket")
+        return sock
 
     @property
     def ratio(self) -> float:
@@ -78,7 +79,7 @@ class Tunnel:
     async def recv_control(self, timeout: float) -> messages.Message:
         try:
             item = await asyncio.wait_for(self.control.get(), timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise TunnelError(f"peer agent sent nothing for {timeout:.0f} s") from exc
         if isinstance(item, TunnelError):
             raise item
@@ -149,10 +150,9 @@ class Tunnel:
                 else:
                     self.return_bytes += len(data)
                 local.write(data)
-                try:
+                # QEMU may have closed its end (finished or failed): query-migrate says which.
+                with contextlib.suppress(ConnectionError, OSError):
                     await local.drain()
-                except (ConnectionError, OSError):
-                    pass  # QEMU closed its end (finished or failed): query-migrate says which
         except TunnelError as exc:
             self.control.put_nowait(exc)
 

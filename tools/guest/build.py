@@ -147,15 +147,29 @@ def kvm_usable() -> bool:
     return True
 
 
+def ram_size(mem_mib: int, accel: str) -> str:
+    """QEMU's -m for the guest. Under TCG, 8 KiB more than `mem_mib` MiB.
+
+    QEMU before 9.0 loses guest stores during TCG pre-copy when a RAM block's length is a
+    multiple of 64 pages: the dirty-bitmap sync takes a word-at-a-time fast path that clears
+    bits without resetting the TCG TLB, so later stores through cached TLB entries are not
+    tracked and the destination guest gets stale pages (here: kernel panics on the destination
+    after migrating a dirtying guest, 1 in 3 at the default downtime, every time at 1 ms). An odd
+    length takes the slow path, which resets the TLB. Fixed upstream by "physmem: Fix migration
+    dirty bitmap coherency with TCG memory access"; KVM is not affected.
+    """
+    return f"{mem_mib * 1024 + 8}K" if accel == "tcg" else str(mem_mib)
+
+
 def machine_args(guest: Guest, mem_mib: int = 256, dirty_mbps: int = 0, dirty_mb: int = 0,
                  accel: str = "tcg") -> list[str]:
     """The machine half of the QEMU command: identical on source and destination."""
-    cmdline = "console=ttyS0 quiet panic=-1 mitigations=off tsc=reliable"
+    cmdline = "console=ttyS0 quiet panic=-1 mitigations=off"
     if dirty_mbps > 0:
         cmdline += f" dwcp.dirty={dirty_mbps},{dirty_mb}"
     return [
         QEMU, "-nodefaults", "-no-user-config", "-nographic", "-machine", "q35",
-        "-accel", accel, "-cpu", "max" if accel == "tcg" else "host", "-smp", "1", "-m", str(mem_mib),
+        "-accel", accel, "-cpu", "max" if accel == "tcg" else "host", "-smp", "1", "-m", ram_size(mem_mib, accel),
         "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", cmdline,
         "-no-reboot",
     ]

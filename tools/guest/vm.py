@@ -9,8 +9,10 @@ sequence goes on, same boot id: no reboot) and measure the gap a migration cause
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -144,12 +146,22 @@ def destination_template(guest: Guest, serial_dir: Path, mem_mib: int = 256, dir
     return shlex.join(argv)
 
 
-def running_qemus(pids: list[int]) -> list[int]:
-    """Which of these processes are alive (not zombies)."""
-    alive = []
-    for pid in pids:
-        with contextlib.suppress(FileNotFoundError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if stat.split(")")[-1].split()[0] != "Z":
-                alive.append(pid)
-    return alive
+def qemu_pids_under(root: Path) -> list[int]:
+    """Live QEMU processes with an argument under `root` (ours, never another test's)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+            if (os.path.basename(argv[0]).startswith(b"qemu-system") and state != "Z"
+                    and any(str(root).encode() in arg for arg in argv)):
+                pids.append(int(proc.name))
+    return pids
+
+
+def kill_qemus_under(root: Path) -> None:
+    for pid in qemu_pids_under(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -10,7 +10,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guest.build import Guest, GuestBuildError, build_guest, unsupported_reason
+from guest.build import Guest
 from guest.vm import GuestVm, Heartbeats, continuity, destination_template
+from live_support import kill_qemus_under, qemu_pids_under, require_guest
 
 from dwcp_agent.cli import ApiError, api_call
 from dwcp_agent.demo import LocalAgent
@@ -31,28 +31,7 @@ END_PHASES = ("completed", "failed", "cancelled")
 
 @pytest.fixture(scope="session")
 def guest() -> Guest:
-    reason = unsupported_reason()
-    if reason:
-        pytest.skip(reason)
-    try:
-        return build_guest()
-    except GuestBuildError as exc:
-        pytest.skip(f"cannot build the test guest here: {exc}")
-
-
-def qemu_pids_under(root: Path) -> list[int]:
-    """Live QEMU processes whose command line mentions `root` (ours, nobody else's)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-            if (os.path.basename(argv[0]).startswith(b"qemu-system") and state != "Z"
-                    and any(str(root).encode() in arg for arg in argv)):
-                pids.append(int(proc.name))
-    return pids
+    return require_guest()
 
 
 class LiveBed:
@@ -141,9 +120,7 @@ class LiveBed:
             with contextlib.suppress(Exception):
                 agent.stop(timeout=5)
         self.vm.kill()
-        for pid in self.qemus():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_qemus_under(self.root)
         self.beats.close()
 
 
