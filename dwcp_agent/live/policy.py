@@ -79,6 +79,7 @@ class Observation:
     expected_downtime_ms: float | None
     predicted_bytes_per_s: float | None
     hde_ratio: float = 1.0
+    predicted_high_bytes_per_s: float | None = None  # upper end of PBA's confidence interval
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,11 @@ class ConvergencePolicy:
             return actions
         end_to_end = self._end_to_end(obs)
         if end_to_end is not None:
-            # QEMU's cap counts stream bytes, which HDE shrinks before the wire: wire x ratio.
-            cap = int(end_to_end * BANDWIDTH_HEADROOM)
+            # QEMU's cap counts stream bytes, which HDE shrinks before the wire: wire x ratio. It
+            # follows the upper end of the prediction: a cap below what the link carries only
+            # slows the migration down.
+            high = max(obs.predicted_high_bytes_per_s or 0.0, obs.predicted_bytes_per_s or 0.0)
+            cap = int(high * max(obs.hde_ratio, 1.0) * BANDWIDTH_HEADROOM)
             if self._bandwidth_sent == 0 or abs(cap - self._bandwidth_sent) > RECAP * self._bandwidth_sent:
                 self._bandwidth_sent = cap
                 actions.append(Action("set-max-bandwidth", {"max-bandwidth": cap},

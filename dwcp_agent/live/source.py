@@ -206,6 +206,10 @@ class OutgoingLive:
         prediction = self.predictor.predict()
         return prediction.value if prediction else None
 
+    def predicted_high_bytes_per_s(self) -> float | None:
+        prediction = self.predictor.predict()
+        return prediction.high if prediction else None
+
     # -- the migration ---------------------------------------------------------------------------
 
     def cancel(self) -> None:
@@ -291,7 +295,8 @@ class OutgoingLive:
                 self.record.phase = LivePhase.SWITCHOVER
                 self.record.switchover = True
             obs = Observation(time.monotonic() - started, info.status, info.iterations, info.remaining_bytes,
-                              info.dirty_bytes_per_s, info.expected_downtime_ms, predicted, self.tunnel.ratio)
+                              info.dirty_bytes_per_s, info.expected_downtime_ms, predicted, self.tunnel.ratio,
+                              self.predicted_high_bytes_per_s())
             for action in self.policy.step(obs):
                 await self._apply(action)
             if predicted:
@@ -306,6 +311,8 @@ class OutgoingLive:
 
     def _on_control(self, item: messages.Message | TunnelError) -> None:
         if isinstance(item, TunnelError):
+            if self._peer_received and self._peer_running:
+                return  # the destination is done and closed the tunnel: nothing was lost
             raise item
         if isinstance(item, messages.Abort):
             raise TunnelError(f"destination aborted: {item.reason}")
@@ -318,7 +325,11 @@ class OutgoingLive:
         """Wait until the destination said Received / Running (attribute `flag`)."""
         assert self.tunnel is not None
         while not getattr(self, flag):
-            self._on_control(await self.tunnel.recv_control(CONTROL_TIMEOUT_S))
+            try:
+                item: messages.Message | TunnelError = await self.tunnel.recv_control(CONTROL_TIMEOUT_S)
+            except TunnelError as exc:
+                item = exc
+            self._on_control(item)
 
     def _update(self, info: MigrationInfo, predicted: float | None) -> None:
         assert self.tunnel is not None
