@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import wanbed
 from guest.build import Guest
-from guest.vm import GuestVm, Heartbeats, continuity, destination_template
+from guest.vm import BOOT_TIMEOUT_S, GuestVm, Heartbeats, continuity, destination_template
 from live_support import kill_qemus_under, qemu_pids_under, require_guest
 
 from dwcp_agent.cli import api_call
@@ -59,7 +59,7 @@ def _migrate_between_namespaces(bed: wanbed.WanBed, guest: Guest, root: Path, di
     try:
         src.wait_ready()
         dst.wait_ready()
-        beats.wait_for(3, 120, vm.serial_log.name)
+        beats.wait_for(3, BOOT_TIMEOUT_S, vm.serial_log.name)
         started = _api(bed, "a", "POST", "/api/v3/migrations",
                        {"kind": "live", "vm_id": "vm1", "to": dst.address})
         deadline = time.monotonic() + timeout

@@ -22,7 +22,8 @@ from pathlib import Path
 from guest.build import Guest, guest_command, machine_args
 
 _BEAT = re.compile(rb"HB (\d+) ([0-9a-f-]+) (\d+)")
-BOOT_TIMEOUT_S = 120.0
+# TCG boots in ~11 s on an idle 2-core host; several times that when the host is loaded.
+BOOT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ class GuestVm:
     def start(self) -> GuestVm:
         self.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
         self.qmp_socket.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        with self.serial_log.with_suffix(".qemu.log").open("wb") as log:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         return self
 
     def alive(self) -> bool:

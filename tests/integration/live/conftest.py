@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from guest.build import Guest
-from guest.vm import GuestVm, Heartbeats, continuity, destination_template
+from guest.vm import BOOT_TIMEOUT_S, GuestVm, Heartbeats, continuity, destination_template
 from live_support import kill_qemus_under, qemu_pids_under, require_guest
 
 from dwcp_agent.cli import ApiError, api_call
@@ -57,7 +57,7 @@ class LiveBed:
         self.vm.start()
         self.src.wait_ready()
         self.dst.wait_ready()
-        self.beats.wait_for(3, 120, self.vm.serial_log.name)
+        self.beats.wait_for(3, BOOT_TIMEOUT_S, self.vm.serial_log.name)
 
     @property
     def to(self) -> str:
