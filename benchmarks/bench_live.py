@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ from guest.build import unsupported_reason as guest_unsupported  # noqa: E402
 from guest.vm import GuestVm, Heartbeats, destination_template, kill_qemus_under  # noqa: E402
 
 from benchmarks.harness import standalone  # noqa: E402
-from dwcp_agent.cli import api_call  # noqa: E402
+from dwcp_agent.client import TOKEN_ENV, api_call  # noqa: E402
 from dwcp_agent.live.qmp import QemuControl  # noqa: E402
 
 DIRTY_MBPS = 25
@@ -120,7 +121,8 @@ def agent_run(bed: wanbed.WanBed, guest: Guest, root: Path, mem: int, dirty: int
     dst_serial = serial_dir / "vm1.dest.serial"
     beats = Heartbeats(vm.serial_log, dst_serial)
     template = destination_template(guest, serial_dir, mem, dirty, DIRTY_MB if dirty else 0)
-    src = wanbed.BedAgent(bed, "a", root / f"{tag}-src", psk, {"DWCP_QMP_DIR": str(qmp_dir)})
+    src = wanbed.BedAgent(bed, "a", root / f"{tag}-src", psk, {"DWCP_QMP_DIR": str(qmp_dir),
+                                                               "DWCP_MIGRATION_TARGETS": f"{wanbed.ADDR_B}:*"})
     dst = wanbed.BedAgent(bed, "b", root / f"{tag}-dst", psk, {"DWCP_LIVE_QEMU_COMMAND": template})
     try:
         src.wait_ready()
@@ -157,6 +159,11 @@ def run(quick: bool) -> dict[str, Any]:
     if reason:
         return {"skipped": reason}
     guest = build_guest()
+    if not os.environ.get(TOKEN_ENV):  # the agents and api_call share one admin token
+        token = Path(tempfile.mkdtemp(prefix="dlb-token-")) / "admin.token"
+        token.write_text(secrets.token_urlsafe(32))
+        token.chmod(0o600)
+        os.environ[TOKEN_ENV] = str(token)
     mem = 256 if quick else 1024
     profiles = ("datacenter",) if quick else ("datacenter", "internet")
     workloads = {"idle": 0, "dirty25": DIRTY_MBPS}

@@ -41,7 +41,7 @@ def routes(agent: Agent) -> list[web.RouteDef]:
             return error_response(400, "request body must be a JSON object")
         if body.get("kind") == "live":
             try:
-                record = await agent.live.start(parse_live_request(body))
+                record = await agent.live.start(parse_live_request(body, agent.config))
             except LiveRequestError as exc:
                 return error_response(exc.status, str(exc))
             return json_response(record.to_dict(), 201)

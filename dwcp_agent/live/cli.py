@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from dwcp_agent.client import api_call
 from dwcp_agent.live.progress import progress_line, summary
 from dwcp_agent.live.record import LivePhase
 
@@ -31,8 +32,6 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def migrate_live(args: argparse.Namespace) -> int:
-    from dwcp_agent.cli import api_call
-
     body: dict[str, Any] = {"kind": "live", "vm_id": args.live_vm, "to": args.to}
     for field, value in (("qmp", args.qmp), ("dest_qmp", args.dest_qmp), ("downtime_ms", args.downtime_ms),
                          ("policy", args.policy)):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dwcp_agent.cli import api_call
+from dwcp_agent.client import api_call
 from dwcp_agent.demo import LocalAgent
 from dwcp_agent.live.progress import progress_line, summary
 from dwcp_agent.live.record import LivePhase

@@ -18,6 +18,7 @@ from dwcp_agent.live.destination import IncomingLive
 from dwcp_agent.live.record import LiveRecord, LiveRequest
 from dwcp_agent.live.source import LiveRequestError, OutgoingLive, Ownership
 from dwcp_agent.live.tunnel import Tunnel
+from dwcp_agent.migration.outgoing import target_allowed
 from dwcp_agent.telemetry.metrics import Metrics
 from dwcp_agent.wire import PeerInfo
 
@@ -26,13 +27,18 @@ __all__ = ["LiveRequestError", "LiveService", "parse_live_request"]
 log = logging.getLogger("dwcp_agent.live")
 
 
-def parse_live_request(body: dict[str, Any]) -> LiveRequest:
+def parse_live_request(body: dict[str, Any], config: Config) -> LiveRequest:
     """The POST /api/v3/migrations body with kind=live; LiveRequestError(400) names a bad field."""
-    vm_id, to = body.get("vm_id"), body.get("to") or body.get("destination")
+    vm_id, to = body.get("vm_id"), body.get("to")
     if not isinstance(vm_id, str) or not vm_id:
         raise LiveRequestError(400, "vm_id (string) is required")
     if not isinstance(to, str) or ":" not in to:
         raise LiveRequestError(400, "to (HOST:PORT of the destination agent's data port) is required")
+    host, _, port = to.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LiveRequestError(400, f"to: {to!r} is not HOST:PORT")
+    if not target_allowed(host, int(port), config):
+        raise LiveRequestError(400, f"to: {to!r} is neither a cluster member nor in migration_targets")
     downtime = body.get("downtime_ms")
     if downtime is not None and (not isinstance(downtime, int) or downtime <= 0):
         raise LiveRequestError(400, "downtime_ms must be a positive integer")

@@ -21,7 +21,7 @@ from guest.build import Guest
 from guest.vm import BOOT_TIMEOUT_S, GuestVm, Heartbeats, continuity, destination_template
 from live_support import kill_qemus_under, qemu_pids_under, require_guest
 
-from dwcp_agent.cli import api_call
+from dwcp_agent.client import api_call
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,8 @@ def _migrate_between_namespaces(bed: wanbed.WanBed, guest: Guest, root: Path, di
     dest_serial = root / "vm1.dest.serial"
     beats = Heartbeats(vm.serial_log, dest_serial)
     template = destination_template(guest, root, 256, dirty_mbps, dirty_mb)
-    src = wanbed.BedAgent(bed, "a", root / "src", psk, {"DWCP_QMP_DIR": str(qmp_dir)})
+    src = wanbed.BedAgent(bed, "a", root / "src", psk, {"DWCP_QMP_DIR": str(qmp_dir),
+                                                        "DWCP_MIGRATION_TARGETS": f"{wanbed.ADDR_B}:*"})
     dst = wanbed.BedAgent(bed, "b", root / "dst", psk, {"DWCP_LIVE_QEMU_COMMAND": template})
     try:
         src.wait_ready()

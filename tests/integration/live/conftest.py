@@ -21,7 +21,7 @@ from guest.build import Guest
 from guest.vm import BOOT_TIMEOUT_S, GuestVm, Heartbeats, continuity, destination_template
 from live_support import kill_qemus_under, qemu_pids_under, require_guest
 
-from dwcp_agent.cli import ApiError, api_call
+from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent
 
 MEM_MIB = 256

@@ -52,7 +52,7 @@ def test_cancel_leaves_the_source_running_and_kills_the_destination_copy(make_be
     started = bed.start(policy="precopy", downtime_ms=1)
     bed.wait_phase(started["id"], ("precopy",))
     assert len(bed.qemus()) == 2  # the paused destination copy exists
-    from dwcp_agent.cli import api_call
+    from dwcp_agent.client import api_call
 
     cancelled = api_call(bed.src.url, "DELETE", f"/api/v3/migrations/{started['id']}")
     assert cancelled["phase"] == "cancelled", cancelled
