@@ -1,10 +1,10 @@
 """A destination QEMU started by the agent from the configured command template.
 
 It starts paused and waiting for its stream (`-incoming defer -S`), with QMP on a unix socket
-the agent owns. Until the ownership commit, a guard process watches the agent: if the agent
-dies (the guard's stdin pipe closes) and no commit marker exists, the guard kills QEMU, so an
-agent killed before the commit cannot leave a second copy of the VM behind. After the commit
-the marker is written first, so the VM outlives the agent (restarts, upgrades).
+the agent owns. Until the ownership commit, a guard (guard.py) watches the agent: if the agent
+dies, the guard kills QEMU, so an agent killed before the commit cannot leave a second copy of
+the VM behind. At the commit the guard is disarmed first, so the VM outlives the agent
+(restarts, upgrades).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from dwcp_agent.live.guard import Guard
+
 __all__ = ["DestinationQemu", "QemuStartError"]
 
 SOCKET_WAIT_S = 10.0
-# The guard: wait for EOF on stdin (the agent is gone or let go), then kill QEMU unless committed.
-_GUARD = 'read -r _ignored; [ -e "$1" ] || kill -9 "$2"'
 
 
 class QemuStartError(RuntimeError):
@@ -34,20 +34,17 @@ class DestinationQemu:
             raise QemuStartError("this agent has no live_qemu_command and the request passed no dest_qmp")
         self.qmp_socket = run_dir / f"{tag}.qmp"
         self.log_path = run_dir / f"{tag}.qemu.log"
-        self.committed_marker = run_dir / f"{tag}.committed"
         self.argv = [*shlex.split(template.replace("{vm_id}", vm_id)),
                      "-qmp", f"unix:{self.qmp_socket},server=on,wait=off", "-incoming", "defer", "-S"]
         self.proc: subprocess.Popen[bytes] | None = None
-        self.guard: subprocess.Popen[bytes] | None = None
+        self.guard: Guard | None = None
 
     async def start(self) -> None:
         self.qmp_socket.unlink(missing_ok=True)
-        self.committed_marker.unlink(missing_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)
-        self.guard = subprocess.Popen(["/bin/sh", "-c", _GUARD, "dwcp-live-guard", str(self.committed_marker),
-                                       str(self.proc.pid)], stdin=subprocess.PIPE, start_new_session=True)
+        self.guard = Guard("kill", str(self.proc.pid))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT_S
         while not self.qmp_socket.exists():
@@ -66,11 +63,7 @@ class DestinationQemu:
 
     def _release_guard(self) -> None:
         if self.guard is not None:
-            if self.guard.stdin is not None:
-                with contextlib.suppress(OSError):
-                    self.guard.stdin.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.guard.wait(5)
+            self.guard.disarm()
             self.guard = None
 
     def kill(self) -> None:
@@ -86,6 +79,5 @@ class DestinationQemu:
 
     def commit(self) -> None:
         """Ownership moved here: from now on the VM outlives this agent."""
-        self.committed_marker.touch()
         self._release_guard()
         self.proc = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from dwcp_agent.config import Config
 from dwcp_agent.hde.selector import CodecSelector
 from dwcp_agent.live import messages
 from dwcp_agent.live.frames import FrameKind, TunnelError
+from dwcp_agent.live.guard import Guard
 from dwcp_agent.live.policy import Action, ConvergencePolicy, Observation, PolicyError, parse_policy
 from dwcp_agent.live.qmp import MigrationInfo, QemuControl, QemuError
 from dwcp_agent.live.record import LivePhase, LiveRecord, LiveRequest
@@ -34,10 +36,21 @@ __all__ = ["LiveRequestError", "OutgoingLive", "Ownership"]
 
 log = logging.getLogger("dwcp_agent.live")
 POLL_S = 0.1
+TEST_HOLD_ENV = "LIVE_MIGRATION_TEST_HOLD"
 ACCEPT_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_S = 30.0
 # Resumable run states of a source QEMU that a failed migration left paused.
 _PAUSED_BY_MIGRATION = ("postmigrate", "finish-migrate", "paused")
+
+
+async def _test_hold(point: str) -> None:
+    """Crash tests only: LIVE_MIGRATION_TEST_HOLD=<point>:<seconds> holds the source agent at `point`
+    (before-commit, after-commit), so a test can kill an agent exactly there."""
+    spec = os.environ.get(TEST_HOLD_ENV, "")
+    name, _, seconds = spec.partition(":")
+    if name == point and seconds:
+        log.warning("test hold: %s for %s s (%s)", point, seconds, TEST_HOLD_ENV)
+        await asyncio.sleep(float(seconds))
 
 
 class LiveRequestError(Exception):
@@ -92,6 +105,7 @@ class OutgoingLive:
         self.meter = LinkMeter()
         self.done = asyncio.Event()
         self._peer_received = False
+        self.guard: Guard | None = None
         self._peer_running = False
 
     # -- setup: everything that can refuse with 4xx ----------------------------------------------
@@ -240,6 +254,7 @@ class OutgoingLive:
                 self._end(LivePhase.FAILED)
         finally:
             self.metrics.active_migrations.dec()
+            self._disarm_guard()
             await self._close()
             self.done.set()
 
@@ -258,6 +273,9 @@ class OutgoingLive:
                 writer.close()
 
         self._server = await asyncio.start_unix_server(on_qemu, str(path))
+        # From here QEMU may pause the source; if this agent dies before the handover is decided,
+        # the guard resumes it.
+        self.guard = Guard("resume", str(self.qemu.socket_path))
         await self.qemu.set_capabilities(self._capabilities())
         await self.qemu.set_parameters({"downtime-limit": self.downtime_ms})
         await self.qemu.migrate(f"unix:{path}")
@@ -368,6 +386,9 @@ class OutgoingLive:
         """Record the new owner through ACP; from here on the source is never resumed."""
         assert self.tunnel is not None
         self.record.phase = LivePhase.COMMIT
+        await _test_hold("before-commit")
+        self._check_tunnel()  # a destination that is already gone must not become the owner
+        self._disarm_guard()  # before the commit: a guard must never resume a VM that moved
         if self.ownership is not None:
             try:
                 await self.ownership.transfer_ownership(self.request.vm_id, self.config.node_id, self.peer_node,
@@ -378,6 +399,7 @@ class OutgoingLive:
         log.info("live migration %s: ownership of %s committed to %s", self.record.id, self.request.vm_id,
                  self.peer_node, extra={"migration_id": self.record.id, "migration_status": "committed"})
         await self.tunnel.send(messages.Commit(self.token, postcopy))
+        await _test_hold("after-commit")
 
     async def _finish(self, info: MigrationInfo) -> None:
         assert self.qemu is not None and self.tunnel is not None
@@ -408,6 +430,7 @@ class OutgoingLive:
                 if info.status not in ("completed", "failed", "cancelled", "none"):
                     await self.qemu.cancel()
             await self._resume_source()
+        self._disarm_guard()
         await self._release_lease()
 
     async def _resume_source(self) -> None:
@@ -436,6 +459,11 @@ class OutgoingLive:
         log.info("live migration %s %s", self.record.id, phase, extra={
             "migration_id": self.record.id, "migration_status": status,
             "duration_ms": round((self.record.ended - self.record.started) * 1000)})
+
+    def _disarm_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.disarm()
+            self.guard = None
 
     async def _close(self) -> None:
         if self.tunnel is not None:

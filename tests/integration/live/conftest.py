@@ -38,7 +38,8 @@ class LiveBed:
     """Source agent + destination agent + one guest on the source; helpers to migrate and check."""
 
     def __init__(self, guest: Guest, root: Path, dirty_mbps: int = 0, dest_mem_mib: int = MEM_MIB,
-                 src_settings: dict[str, str] | None = None, dst_settings: dict[str, str] | None = None) -> None:
+                 src_settings: dict[str, str] | None = None, dst_settings: dict[str, str] | None = None,
+                 src_env: dict[str, str] | None = None) -> None:
         self.guest = guest
         self.root = root
         self.psk = root / "psk"
@@ -50,7 +51,7 @@ class LiveBed:
         self.dest_serial = root / "vm1.dest.serial"
         self.beats = Heartbeats(self.vm.serial_log, self.dest_serial)
         template = destination_template(guest, root, dest_mem_mib, dirty_mbps, dirty_mb)
-        self.src = LocalAgent("src", root, self.psk, None, {"qmp_dir": str(self.qmp_dir), **(src_settings or {})})
+        self.src = LocalAgent("src", root, self.psk, src_env, {"qmp_dir": str(self.qmp_dir), **(src_settings or {})})
         self.dst = LocalAgent("dst", root, self.psk, None, {"live_qemu_command": template, **(dst_settings or {})})
 
     def boot(self) -> None:
@@ -114,6 +115,23 @@ class LiveBed:
         assert c.same_boot, "the guest rebooted"
         assert c.first_dest_seq == c.last_source_seq + 1, c
         return c
+
+    def beating(self, serial: Path, within: float = 30) -> bool:
+        """Whether the guest behind `serial` prints new heartbeats now."""
+        seen = len([b for b in self.beats.beats if b.source == serial.name])
+        try:
+            self.beats.wait_for(seen + 5, within, serial.name)
+        except TimeoutError:
+            return False
+        return True
+
+    def assert_runs_on_destination_only(self) -> None:
+        """The guest beats at the destination (same boot, sequence continued); the source is
+        paused or gone and prints nothing more."""
+        assert self.beating(self.dest_serial)
+        c = continuity(self.beats.beats, self.vm.serial_log.name, self.dest_serial.name)
+        assert c.same_boot and c.first_dest_seq == c.last_source_seq + 1, c
+        assert not self.beating(self.vm.serial_log, within=3), "the source copy runs too"
 
     def close(self) -> None:
         for agent in (self.src, self.dst):

@@ -7,6 +7,8 @@ with ACP naming the host that runs it.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 
@@ -85,3 +87,57 @@ def test_missing_qmp_socket_unknown_vm_and_incompatible_qemu_are_clear_4xx_and_c
     assert bad_policy.status == 400 and "unknown convergence policy" in str(bad_policy)
     bed.assert_runs_on_source_only()
     assert bed.owner(bed.src) == "src"
+
+
+@pytest.mark.parametrize("victim", ["dst", "src"])
+def test_agent_killed_during_setup_leaves_exactly_the_source_running(make_bed, victim: str) -> None:
+    import threading
+
+    from dwcp_agent.client import ApiError
+
+    bed = make_bed()
+    outcome: list[object] = []
+
+    def start() -> None:
+        try:
+            outcome.append(bed.start())
+        except ApiError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(bed.qemus()) < 2 and time.monotonic() < deadline:  # the destination QEMU is starting
+        time.sleep(0.01)
+    (bed.dst if victim == "dst" else bed.src).kill()
+    thread.join(90)
+    if victim == "dst":
+        assert outcome and isinstance(outcome[0], ApiError), outcome
+    bed.assert_runs_on_source_only()
+
+
+@pytest.mark.parametrize(("hold", "victim", "runs_on"), [
+    ("before-commit", "dst", "source"),
+    ("before-commit", "src", "source"),
+    ("after-commit", "dst", "destination"),
+    ("after-commit", "src", "destination"),
+])
+def test_agent_killed_around_the_commit_leaves_exactly_one_copy_running(make_bed, hold: str, victim: str,
+                                                                        runs_on: str) -> None:
+    """QEMU has reported completed (source paused); the source agent is held just before the ACP
+    commit, or just after it sent Commit, and one agent is SIGKILLed there."""
+    bed = make_bed(src_env={"LIVE_MIGRATION_TEST_HOLD": f"{hold}:8"})
+    started = bed.start()
+    record = bed.wait_phase(started["id"], ("commit", "completed", "failed"), timeout=120)
+    assert record["phase"] == "commit", record
+    if hold == "after-commit":
+        deadline = time.monotonic() + 20
+        while not bed.record(started["id"])["committed"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the destination has the Commit and runs the VM
+    (bed.dst if victim == "dst" else bed.src).kill()
+    if runs_on == "source":
+        bed.assert_runs_on_source_only()
+    else:
+        bed.assert_runs_on_destination_only()
+        assert len(bed.qemus()) <= 2
