@@ -291,7 +291,9 @@ class OutgoingLive:
         with contextlib.suppress(OSError):
             self.meter.observe(0, read_tcp_info(sock, now))
         sample = self.meter.close_interval(now)
-        if sample is not None and sample.capacity_bps > 0:
+        # Only intervals where the link, not QEMU, was the limit say what the link can carry; an
+        # app-limited sample would drag the prediction (and the bandwidth cap) down to QEMU's pace.
+        if sample is not None and sample.capacity_bps > 0 and sample.app_limited < 0.5:
             self.predictor.observe(sample.capacity_bps)
 
     async def _converge(self, started: float) -> MigrationInfo:

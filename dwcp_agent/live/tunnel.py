@@ -30,6 +30,9 @@ log = logging.getLogger("dwcp_agent.live")
 CHUNK_BYTES = 256 * 1024
 IN_FLIGHT_S = 0.1
 MIN_BUFFER = 256 * 1024
+# The kernel's socket buffers already hold a bandwidth-delay product; more in user space only
+# delays the switchover (QEMU counts it as sent).
+MAX_BUFFER = 4 * 1024 * 1024
 
 
 class Tunnel:
@@ -62,7 +65,7 @@ class Tunnel:
 
     def set_in_flight(self, nbytes: int) -> None:
         """High-water mark of the write buffer (bytes queued before the socket)."""
-        self.writer.transport.set_write_buffer_limits(high=max(MIN_BUFFER, nbytes))
+        self.writer.transport.set_write_buffer_limits(high=min(MAX_BUFFER, max(MIN_BUFFER, nbytes)))
 
     def bound_to_bandwidth(self, bytes_per_s: float) -> None:
         self.set_in_flight(int(bytes_per_s * IN_FLIGHT_S))
