@@ -80,6 +80,7 @@ class Observation:
     predicted_bytes_per_s: float | None
     hde_ratio: float = 1.0
     predicted_high_bytes_per_s: float | None = None  # upper end of PBA's confidence interval
+    qemu_bytes_per_s: float = 0.0  # what QEMU's migration achieves now (query-migrate mbps)
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,9 @@ class ConvergencePolicy:
             # QEMU's cap counts stream bytes, which HDE shrinks before the wire: wire x ratio. It
             # follows the upper end of the prediction: a cap below what the link carries only
             # slows the migration down.
+            # Nor below the pace QEMU already achieves: a noisy low sample must not choke it.
             high = max(obs.predicted_high_bytes_per_s or 0.0, obs.predicted_bytes_per_s or 0.0)
-            cap = int(high * max(obs.hde_ratio, 1.0) * BANDWIDTH_HEADROOM)
+            cap = int(max(high * max(obs.hde_ratio, 1.0), obs.qemu_bytes_per_s) * BANDWIDTH_HEADROOM)
             if self._bandwidth_sent == 0 or abs(cap - self._bandwidth_sent) > RECAP * self._bandwidth_sent:
                 self._bandwidth_sent = cap
                 actions.append(Action("set-max-bandwidth", {"max-bandwidth": cap},

@@ -316,7 +316,7 @@ class OutgoingLive:
                 self.record.switchover = True
             obs = Observation(time.monotonic() - started, info.status, info.iterations, info.remaining_bytes,
                               info.dirty_bytes_per_s, info.expected_downtime_ms, predicted, self.tunnel.ratio,
-                              self.predicted_high_bytes_per_s())
+                              self.predicted_high_bytes_per_s(), info.mbps * 1e6 / 8)
             for action in self.policy.step(obs):
                 await self._apply(action)
             if predicted:

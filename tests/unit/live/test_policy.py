@@ -94,3 +94,10 @@ def test_postcopy_after_iterations_switches_a_precopy_still_running_at_the_bound
     assert "start-postcopy" not in kinds(policy.step(obs(5, 2, 10, 900, 1000)))
     assert "start-postcopy" in kinds(policy.step(obs(6, 3, 10, 200, 1000)))
     assert not policy.step(obs(7, 4, 10, 200, 1000, status="completed"))
+
+
+def test_bandwidth_cap_never_falls_below_what_qemu_already_achieves() -> None:
+    policy = ConvergencePolicy(parse_policy("precopy"), 300)
+    low_sample = Observation(0.5, "active", 1, 100 * MB, 0, 300, 20 * MB, 1.0, None, qemu_bytes_per_s=400 * MB)
+    caps = [a.params["max-bandwidth"] for a in policy.step(low_sample) if a.kind == "set-max-bandwidth"]
+    assert caps == [600 * MB]
