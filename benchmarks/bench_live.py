@@ -83,12 +83,18 @@ async def _direct(src_qmp: Path, dst_qmp: Path, params: dict[str, Any], bound_s:
                 "wire_bytes": info.transferred_bytes, "iterations": info.iterations}
 
 
-def _survived(beats: Heartbeats, src_serial: Path, dst_serial: Path) -> bool:
+def _guest_view(beats: Heartbeats, src_serial: Path, dst_serial: Path) -> dict[str, Any]:
+    """Did the guest go on at the destination (same boot, next beat), and the heartbeat gap the
+    guest saw (host clock, last beat on the source to first on the destination; includes the
+    100 ms beat period): the like-for-like downtime, whatever QEMU counts in its own."""
     with contextlib.suppress(TimeoutError):
         beats.wait_for(3, 20, dst_serial.name)
     src = [b for b in beats.beats if b.source == src_serial.name]
     dst = [b for b in beats.beats if b.source == dst_serial.name]
-    return bool(src and dst and src[-1].boot_id == dst[0].boot_id and dst[0].seq == src[-1].seq + 1)
+    if not (src and dst):
+        return {"guest_continued": False, "guest_gap_ms": None}
+    return {"guest_continued": src[-1].boot_id == dst[0].boot_id and dst[0].seq == src[-1].seq + 1,
+            "guest_gap_ms": round((dst[0].host_t - src[-1].host_t) * 1000)}
 
 
 def direct_run(bed: wanbed.WanBed, guest: Guest, root: Path, variant: str, mem: int, dirty: int,
@@ -99,7 +105,8 @@ def direct_run(bed: wanbed.WanBed, guest: Guest, root: Path, variant: str, mem: 
     try:
         beats.wait_for(3, 120, src_serial.name)
         result = asyncio.run(_direct(src_qmp, dst_qmp, VARIANTS[variant], bound_s))
-        result["guest_continued"] = result["finished"] and _survived(beats, src_serial, dst_serial)
+        if result["finished"]:
+            result.update(_guest_view(beats, src_serial, dst_serial))
         return result
     finally:
         beats.close()
@@ -145,7 +152,7 @@ def agent_run(bed: wanbed.WanBed, guest: Guest, root: Path, mem: int, dirty: int
                 "stream_bytes": record["stream_bytes"], "iterations": record["iteration"],
                 "convergence_actions": [a["action"] for a in record["actions"]],
                 "postcopy_used": record["postcopy_used"], "throttle_used": record["throttle_used"],
-                "guest_continued": done and _survived(beats, vm.serial_log, dst_serial)}
+                **(_guest_view(beats, vm.serial_log, dst_serial) if done else {})}
     finally:
         src.stop()
         dst.stop()
@@ -191,8 +198,9 @@ def markdown(result: dict[str, Any]) -> str:
     if "skipped" in result:
         return f"### live\n\nskipped: {result['skipped']}"
     lines = [f"### live ({result['guest_mib']} MiB guest, {result['accel']}, dirty {result['dirty_mbps']} MB/s)", "",
-             "| profile | workload | variant | total s | downtime ms | wire MiB | actions | guest continued |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| profile | workload | variant | total s | downtime ms (QEMU) | heartbeat gap ms | wire MiB | actions "
+             "| guest continued |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for profile, rows in result["profiles"].items():
         for workload, row in rows.items():
             for variant, r in row.items():
@@ -200,7 +208,7 @@ def markdown(result: dict[str, Any]) -> str:
                 wire = f"{r['wire_bytes'] / 2**20:.0f}" if r.get("wire_bytes") else "-"
                 actions = ", ".join(sorted(set(r.get("convergence_actions", [])))) or "-"
                 lines.append(f"| {profile} | {workload} | {variant} | {total} | {r.get('downtime_ms', '-')} | "
-                             f"{wire} | {actions} | {r.get('guest_continued')} |")
+                             f"{r.get('guest_gap_ms', '-')} | {wire} | {actions} | {r.get('guest_continued')} |")
     return "\n".join(lines)
 
 

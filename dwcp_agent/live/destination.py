@@ -26,7 +26,7 @@ __all__ = ["IncomingLive"]
 
 log = logging.getLogger("dwcp_agent.live")
 OFFER_TIMEOUT_S = 30.0
-POLL_S = 0.1
+POLL_S = 0.02
 # The source may take this long between messages (a long pre-copy sends none).
 COMMIT_TIMEOUT_S = 3600.0
 
@@ -141,7 +141,7 @@ class IncomingLive:
         committed: messages.Commit | None = None
         while loop.time() < deadline:
             while not self.tunnel.control.empty():
-                item = self.tunnel.control.get_nowait()
+                item: messages.Message | TunnelError = self.tunnel.control.get_nowait()
                 if isinstance(item, TunnelError):
                     raise item
                 if isinstance(item, messages.Abort):
@@ -168,8 +168,17 @@ class IncomingLive:
                     status = await self._await_postcopy_end()
                     await self.tunnel.send(messages.Received(status))
                 return
-            await asyncio.sleep(POLL_S)
+            await self._next_control_or_poll()
         raise TunnelError("no ownership commit from the source in time")
+
+    async def _next_control_or_poll(self) -> None:
+        """Sleep one poll interval, but wake at once when the source says something (Commit:
+        the guest's downtime runs until this agent `cont`s)."""
+        try:
+            item = await asyncio.wait_for(self.tunnel.control.get(), POLL_S)
+        except TimeoutError:
+            return
+        self.tunnel.control.put_nowait(item)
 
     async def _await_postcopy_end(self) -> str:
         """Postcopy: keep the tunnel up until QEMU pulled every page (the VM already runs here)."""

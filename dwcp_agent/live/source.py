@@ -35,7 +35,7 @@ from dwcp_agent.telemetry.metrics import Metrics
 __all__ = ["LiveRequestError", "OutgoingLive", "Ownership"]
 
 log = logging.getLogger("dwcp_agent.live")
-POLL_S = 0.1
+POLL_S = 0.05
 TEST_HOLD_ENV = "LIVE_MIGRATION_TEST_HOLD"
 ACCEPT_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_S = 30.0

@@ -19,6 +19,7 @@ import socket
 
 import msgspec
 
+from dwcp_agent.amst.tcp import NOTSENT_LOWAT_BYTES, TCP_NOTSENT_LOWAT
 from dwcp_agent.hde.codecs import CodecError, codec_by_id
 from dwcp_agent.hde.selector import CodecSelector
 from dwcp_agent.live import messages
@@ -32,7 +33,7 @@ IN_FLIGHT_S = 0.1
 MIN_BUFFER = 256 * 1024
 # The kernel's socket buffers already hold a bandwidth-delay product; more in user space only
 # delays the switchover (QEMU counts it as sent).
-MAX_BUFFER = 4 * 1024 * 1024
+MAX_BUFFER = 1024 * 1024
 
 
 class Tunnel:
@@ -53,6 +54,10 @@ class Tunnel:
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = False
         self.set_in_flight(MIN_BUFFER * 4)
+        sock = self.sock
+        if sock is not None:  # the kernel keeps a window in flight, but little queued unsent
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
 
     @property
     def sock(self) -> socket.socket | None:
