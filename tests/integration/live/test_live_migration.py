@@ -141,3 +141,20 @@ def test_agent_killed_around_the_commit_leaves_exactly_one_copy_running(make_bed
     else:
         bed.assert_runs_on_destination_only()
         assert len(bed.qemus()) <= 2
+
+
+def test_destination_qemu_started_by_the_management_layer_is_used_through_its_qmp_socket(make_bed) -> None:
+    from guest.build import guest_command
+    from guest.vm import GuestVm
+
+    bed = make_bed(dst_settings={"live_qemu_command": ""})  # this destination agent starts no QEMU
+    dest = GuestVm(bed.guest, bed.root / "mgmt-dest.qmp", bed.dest_serial, 256)
+    dest.argv = guest_command(bed.guest, dest.qmp_socket, dest.serial_log, 256, incoming=True)
+    dest.start()
+    deadline = time.monotonic() + 30
+    while not dest.qmp_socket.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = bed.wait_end(bed.start(dest_qmp=str(dest.qmp_socket))["id"])
+    assert done["phase"] == "completed", done["error"]
+    bed.assert_moved()
+    assert dest.alive()
