@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and stop both agents. Exit 0 when the digest was verified.")
     p.add_argument("--size", type=_size, default=_size("1GiB"), help="image size (default 1GiB)")
     p.add_argument("--profile", default="vm-mix", help="image profile (default vm-mix)")
-    p.add_argument("--streams", type=int, default=4, help="data streams (default 4)")
+    p.add_argument("--streams", type=int, default=0, help="data streams (default 0 = tuned online by PBA)")
     p.add_argument("--codec", default="auto", choices=("auto", "none", "lz4", "zstd", "snappy"),
                    help="compression (default auto)")
     p.add_argument("--state-dir", default="demo-state", help="where the demo keeps images and state")

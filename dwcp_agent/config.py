@@ -64,7 +64,9 @@ class Config:
     source_dirs: list[str] = _spec([], doc="Directories images may be migrated from ([] = state_dir/images).")
     psk: str = _spec("", doc="Pre-shared key authenticating peers (prefer psk_file).")
     psk_file: str = _spec("", doc="File holding the pre-shared key.")
-    stream_count: int = _spec(4, lo=0, hi=256, doc="AMST data streams per migration (0 = tuned online).")
+    stream_count: int = _spec(0, lo=0, hi=256, doc="AMST data streams per migration: 0 or 'auto' (default) = "
+                              "tuned online by PBA up to max_streams; N = exactly N (PBA still measures).")
+    max_streams: int = _spec(64, lo=1, hi=256, doc="Ceiling of the online stream tuner.")
     chunk_size: int = _spec(1 * MiB, lo=4 * KiB, hi=64 * MiB, size=True, doc="Chunk size, whole pages.")
     compression_algo: str = _spec(
         "auto", choices=("auto", "none", "lz4", "zstd", "snappy"), doc="Codec; auto = chosen per chunk."
@@ -144,6 +146,8 @@ def parse_size(text: str) -> int:
 def _coerce(key: str, value: Any) -> Any:
     spec = FIELDS[key]
     meta = spec.metadata
+    if key == "stream_count" and isinstance(value, str) and value.strip().lower() == "auto":
+        value = "0"  # the documented spelling of "tuned online"
     kind = spec.type
     try:
         if kind == "bool":

@@ -82,10 +82,19 @@ class Migration:
             "attempts": p.attempts,
             "streams": p.streams,
             "streams_configured": self.session.streams if self.session else 0,
+            "streams_used": p.stream_stats(),
+            "mode": self.request.mode,
+            "mode_measured": self.request.mode_measured,
             "started": self.started,
             "duration_s": round(duration, 3),
-            "throughput_bytes_per_second": round(p.done_bytes / duration) if duration > 0 else 0,
+            # A rate needs bytes that arrived: none for a failed migration that moved nothing.
+            "throughput_bytes_per_second": round(p.done_bytes / duration) if duration > 0 and p.done_bytes else None,
         }
+        if self.session is not None and self.session.link is not None:
+            data["tcp_congestion"] = self.session.link.congestion
+            data["tcp_congestion_reason"] = self.session.link.congestion_reason
+        if p.retries:
+            data["retries"] = list(p.retries)
         if self.error:
             data["error"] = self.error
             data["error_type"] = self.error_type

@@ -68,11 +68,15 @@ class SendSession:
         self.progress = progress or Progress()
         self.chunk_size = config.chunk_size
         self.streams = config.stream_count or 4
-        # stream_count 0 (v3): PBA measures the path and the tuner sets streams and chunk size.
-        self.link = LinkController(config, metrics) if config.stream_count == 0 and request.protocol == "v3" else None
+        # v3: PBA always measures the path (probe, prediction, mode). With stream_count 0 the tuner
+        # also sets streams and chunk size; a fixed stream_count keeps its count and chunk_size.
+        self.link = LinkController(config, metrics) if request.protocol == "v3" else None
         if self.link is not None:
             self.streams = self.link.plan.streams
-            self.chunk_size = self.link.plan.chunk_size
+            if config.stream_count == 0:
+                self.chunk_size = self.link.plan.chunk_size
+            if self.link.forced_mode and self.link.mode is not None:
+                request.mode = self.link.mode
         self.workers = config.encode_threads or (os.cpu_count() or 1)
         # v1 is the static profile rollouts compare against: one codec, no cross-chunk state.
         self.cross_chunk = request.protocol == "v3"
@@ -111,15 +115,17 @@ class SendSession:
             raise MigrationError(f"active probe failed: {exc}", "probe", retryable=True) from exc
         plan = self.link.start(result.rtt_min_s, result.bandwidth_bps)
         self.streams = plan.streams
-        log.info("probe: rtt %.2f ms, %.0f Mbit/s -> %d streams", result.rtt_min_s * 1e3,
-                 result.bandwidth_bps * 8e-6, plan.streams,
-                 extra={"migration_id": self.request.migration_id, "component": "pba"})
+        if self.link.mode is not None and not self.link.forced_mode:
+            self.request.mode = self.link.mode
+            self.request.mode_measured = True
+        log.info("probe: rtt %.2f ms, %.0f Mbit/s -> %d streams, mode %s", result.rtt_min_s * 1e3,
+                 result.bandwidth_bps * 8e-6, plan.streams, self.request.mode,
+                 extra={"migration_id": self.request.migration_id, "component": "pba", "mode": self.request.mode})
 
     def _predicted_bandwidth(self) -> float | None:
-        """Bytes/s PBA expects on the next interval (None until it has measured something)."""
+        """Bytes/s PBA expects on the next interval, else the probe's (None before either)."""
         assert self.link is not None
-        prediction = self.link.predictor.predict()
-        return prediction.value if prediction is not None else None
+        return self.link.bandwidth()
 
     def encode(self, view: memoryview, index: int) -> EncodedChunk:
         """Encode one chunk; v3 passes its offset so baseline, dedupe and delta apply."""
@@ -208,6 +214,7 @@ class SendSession:
                     if failures > self.config.retry_limit:
                         raise MigrationError(f"gave up after {failures} attempts: {exc}", exc.error_type) from exc
                     self.metrics.error("migration", "retry")
+                    self.progress.retries.append(f"attempt {self.progress.attempts}: {exc} [{exc.error_type}]")
                     log.warning("attempt %d failed (%s); resuming", self.progress.attempts, exc, extra={
                         "migration_id": self.request.migration_id, "migration_status": "retrying"})
                     self._sleep(min(0.2 * 2 ** failures, 5.0))
@@ -277,6 +284,7 @@ class SendSession:
                 if self.cancel.is_set():
                     attempt.abort(Interrupted("migration was stopped", "cancelled"))
             if attempt.error is None:
+                self.progress.end_transfer()
                 digest = object_digest(self.checksums)
                 with tracing.get_tracer().start_as_current_span("commit"):
                     wire.send_message(control, wire.Commit(digest))
