@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from benchmarks.harness import spread, standalone
+from benchmarks.harness import cell, spread, standalone
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -180,8 +180,26 @@ def run(quick: bool) -> dict[str, Any]:
     return out
 
 
+KERNELS = (("zero_scan", "zero-page scan", "numpy_gbps", "numpy any()"),
+           ("page_hash128", "page hashes (128 bit)", "xxh3_128_per_page_gbps", "xxh3_128 per page"),
+           ("dedupe_in_chunk", "in-chunk dedupe", "numpy_unique_gbps", "numpy unique"),
+           ("xor_delta_encode", "XOR delta encode", "numpy_xor_scan_gbps", "numpy xor + flatnonzero"),
+           ("xor_delta_decode", "XOR delta decode", "numpy_xor_gbps", "numpy xor in place"))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = [f"### Kernels ({result['bytes'] >> 20} MiB, one thread; median (min-max) of the runs; "
+            f"memcpy {result['memcpy_gbps']} GB/s)", "",
+            "| kernel | GB/s | reference | reference GB/s | x reference |", "|---|---:|---|---:|---:|"]
+    for key, label, ref_key, ref_label in KERNELS:
+        k = result[key]
+        ratio = k.get("vs_numpy", k.get("vs_xxh3_per_page"))
+        rows.append(f"| {label} | {cell(k['gbps_runs'])} | {ref_label} | {k[ref_key]} | {ratio} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
-    standalone("kernels", run, __doc__)
+    standalone("kernels", run, __doc__, markdown)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import spread, standalone
+from benchmarks.harness import cell, spread, standalone
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -104,8 +104,23 @@ def run(quick: bool, changed: float = 0.05) -> dict[str, Any]:
     return out
 
 
+def markdown(result: dict[str, Any]) -> str:
+    have = result["have_list"]
+    rows = [f"### Repeat migration ({result['bytes'] >> 20} MiB vm-mix, {result['changed_pages']:.0%} of pages "
+            f"changed; median (min-max) of {result['runs']} runs, both migrations timed end to end)", "",
+            f"Have-list: {have['wire_bytes']} bytes on the wire, hashed at {cell(have['hash_gbps'])} GB/s.", "",
+            "| codec | repeat wire / first | with have-list | first GB/s | repeat GB/s | repeat GB/s incl. hashing |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for codec in ("lz4", "zstd"):
+        r = result[codec]
+        rows.append(f"| {codec} | {r['repeat_vs_first']:.2%} | {r['repeat_with_have_list_vs_first']:.2%} | "
+                    f"{cell(r['first_gbps'])} | {cell(r['repeat_gbps'])} | "
+                    f"{cell(r['repeat_with_have_list_hashing_gbps'])} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
-    standalone("repeat_migration", run, __doc__)
+    standalone("repeat_migration", run, __doc__, markdown)
 
 
 if __name__ == "__main__":
