@@ -225,6 +225,7 @@ class _Write:
     remote_addr: int
     rkey: int
     imm: int
+    number: int  # 1-based, in posting order on its QP
     placed: int = 0  # bytes already written at the responder
     attempts: int = 0  # times the last packet was sent (each RNR NAK asks for one more)
     status: int | None = None  # decided; the completion is due at the next progress step
@@ -252,7 +253,7 @@ class SoftQP:
         self.writes = 0  # writes posted
         self.executed = 0  # writes that reached the wire
         self.rnr_naks = 0
-        self.fail_after_writes: int | None = None
+        self.fail_after_writes: int | None = None  # the link fails for every write posted after that many
 
     @property
     def state(self) -> QpState:
@@ -324,7 +325,7 @@ class SoftQP:
                 raise VerbsError(errno.EINVAL, "immediate data is 32 bits")
             self.unpolled_sends += 1
             self.writes += 1
-            write = _Write(wr_id, mr, offset, length, remote_addr, rkey, imm)
+            write = _Write(wr_id, mr, offset, length, remote_addr, rkey, imm, self.writes)
             if self._state == QpState.ERROR:
                 write.status = WcStatus.WR_FLUSH_ERR
             self.sq.append(write)
@@ -356,7 +357,7 @@ class SoftQP:
         """Send what can be sent of `w`; sets w.status once it is decided. True if anything moved."""
         if w.attempts == 0:
             self.executed += 1
-            if self.fail_after_writes is not None and self.executed > self.fail_after_writes:
+            if self.fail_after_writes is not None and w.number > self.fail_after_writes:
                 return self._decide(w, WcStatus.RETRY_EXC_ERR)
         local = self.ctx.by_lkey.get(w.mr.lkey)
         if local is not w.mr or w.offset < 0 or not local.contains(local.addr + w.offset, w.length):
