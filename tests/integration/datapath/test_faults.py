@@ -22,6 +22,8 @@ from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
 from dwcp_agent import wire
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, checksum
 from dwcp_agent.migration.model import MigrationError, SendResult
+from dwcp_agent.migration.receiver import open_session
+from dwcp_agent.telemetry.metrics import Metrics
 
 MiB = 1 << 20
 
@@ -317,7 +319,9 @@ def test_destination_without_space_refuses_before_sending(small_tmpfs: Path, mig
 
 def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, migrate: Migrate,
                                                            src_dir: Path, tmp_path: Path) -> None:
-    """Preflight sees room; another writer takes it once data flows, so a write fails (ENOSPC)."""
+    """The image's bytes are reserved at Start (below), but the journal beside it grows as chunks
+    arrive: another writer taking the rest of the disk once data flows makes a journal write fail
+    (ENOSPC) mid-transfer, which is not the up-front refusal."""
     receiver = Receiver(tmp_path)
     filler = small_tmpfs / "filler"
     received_before_fill: list[int] = []
@@ -331,7 +335,7 @@ def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, mi
                 break
             time.sleep(0.002)
         with open(filler, "wb") as f, contextlib.suppress(OSError):
-            f.write(os.urandom(3 * MiB + MiB // 2))
+            f.write(os.urandom(4 * MiB))
 
     try:
         source = _random_image(src_dir, 3 * MiB)
@@ -340,15 +344,35 @@ def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, mi
         filling.start()
         with pytest.raises(MigrationError) as err:
             migrate(receiver, source, compression_algo="none", stream_count=1, pacing_rate_bytes="1MiB",
-                    chunk_size="256KiB")
+                    chunk_size="4KiB")
         filling.join(20)
         assert received_before_fill and received_before_fill[0] < 3 * MiB, "the fill came after the transfer"
-        assert "not enough space" not in str(err.value), "refused up front, not mid-transfer"
-        assert err.value.error_type == "no_space"
-        assert "No space left on device" in str(err.value)
+        assert "cannot persist" in str(err.value) and "No space left on device" in str(err.value), err.value
+        assert err.value.error_type == "io"  # not the up-front "no_space" refusal
         assert source.read_bytes() == before
         assert not (small_tmpfs / "out.img").exists()
-        assert receiver.wait_errors("migration", "no_space") >= 1
+        assert receiver.wait_errors("migration", "io") >= 1
+    finally:
+        receiver.stop()
+
+
+def test_space_reserved_at_start_is_not_taken_by_a_later_writer(small_tmpfs: Path, src_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """The destination reserves the image's bytes at Start (issue 13 finding 8): a writer that
+    grabs space afterwards gets ENOSPC instead of failing the migration mid-transfer."""
+    receiver = Receiver(tmp_path)
+    try:
+        start = wire.Start("m-reserve", "vm", str(small_tmpfs / "out.img"), 3 * MiB, MiB, 1, "v3",
+                           3 * MiB, [(0, 3 * MiB)])
+        session = open_session(start, receiver.config.allowed_dest_dirs, Metrics())
+        try:
+            filler = small_tmpfs / "filler"
+            with open(filler, "wb") as f, contextlib.suppress(OSError):
+                f.write(os.urandom(3 * MiB + MiB // 2))
+            assert filler.stat().st_size < 2 * MiB, "the reserved 3 MiB must stay with the migration"
+            assert session.partial.stat().st_blocks * 512 >= 3 * MiB
+        finally:
+            session.close()
     finally:
         receiver.stop()
 
