@@ -319,9 +319,10 @@ def test_destination_without_space_refuses_before_sending(small_tmpfs: Path, mig
 
 def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, migrate: Migrate,
                                                            src_dir: Path, tmp_path: Path) -> None:
-    """The image's bytes are reserved at Start (below), but the journal beside it grows as chunks
-    arrive: another writer taking the rest of the disk once data flows makes a journal write fail
-    (ENOSPC) mid-transfer, which is not the up-front refusal."""
+    """Start checks and reserves the image's data bytes (below), but the journal beside the image
+    grows as chunks arrive, and the reservation is handed over as they land: another writer taking
+    the rest of the disk once data flows makes a write fail (ENOSPC) mid-transfer, which must be
+    reported as such, not as the up-front refusal."""
     receiver = Receiver(tmp_path)
     filler = small_tmpfs / "filler"
     received_before_fill: list[int] = []
@@ -347,11 +348,13 @@ def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, mi
                     chunk_size="4KiB")
         filling.join(20)
         assert received_before_fill and received_before_fill[0] < 3 * MiB, "the fill came after the transfer"
-        assert "cannot persist" in str(err.value) and "No space left on device" in str(err.value), err.value
-        assert err.value.error_type == "io"  # not the up-front "no_space" refusal
+        message = str(err.value)
+        assert "No space left on device" in message, message  # a write failed (image or journal) ...
+        assert "not enough space" not in message, message  # ... not the refusal at Start
+        assert message.removeprefix("destination: peer failed: ").startswith(("cannot write", "cannot persist"))
         assert source.read_bytes() == before
         assert not (small_tmpfs / "out.img").exists()
-        assert receiver.wait_errors("migration", "io") >= 1
+        assert receiver.wait_errors("migration", err.value.error_type) >= 1
     finally:
         receiver.stop()
 
