@@ -82,6 +82,8 @@ class Config:
     transport_mode: str = _spec("auto", choices=("auto", "tcp", "rdma_only"), doc="Data transport.")
     rdma_device: str = _spec("", doc="RDMA device to use, e.g. mlx5_0 ('' = first with an active port).")
     rdma_slots: int = _spec(8, lo=1, hi=256, doc="Registered chunk slots per RDMA stream (credits in flight).")
+    rdma_gid_index: int = _spec(-1, lo=-1, hi=255, doc="RoCE GID table index (-1 = first RoCE v2 IPv4 GID, else 0).")
+    rdma_hop_limit: int = _spec(64, lo=1, hi=255, doc="RoCE v2 IP hop limit (TTL); 1 stops at the first router.")
     network_mode: str = _spec(
         "auto", choices=("auto", "datacenter", "internet", "hybrid"), doc="Force a mode, or detect it."
     )
