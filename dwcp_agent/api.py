@@ -25,6 +25,8 @@ def routes(agent: Agent) -> list[web.RouteDef]:
 
     async def health_component(request: web.Request) -> web.Response:
         name = request.match_info["component"]
+        if not agent.health.knows(name):
+            return error_response(404, f"no component {name!r} (known: {', '.join(agent.health.names())})")
         body = agent.health.component(name)
         return json_response({"component": name, **body}, 503 if body["status"] == "down" else 200)
 
@@ -41,6 +43,7 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         try:
             migration_request = agent.manager.parse_request(body)
         except RequestError as exc:
+            agent.metrics.error("migration", exc.error_type)  # a client's mistake: not an SLA error
             return error_response(400, str(exc))
         try:
             migration = await asyncio.get_running_loop().run_in_executor(

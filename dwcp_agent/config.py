@@ -98,6 +98,8 @@ class Config:
     sla_error_rate: float = _spec(0.01, lo=0.0, hi=1.0, doc="GO needs error rate at most this.")
     sla_throughput_bytes: float = _spec(2.4e9, lo=0.0, hi=1e13, doc="Throughput SLA (bytes/s).")
     sla_nogo_hold_s: float = _spec(30.0, lo=0.0, hi=86400, doc="NO-GO held this long rolls back.")
+    sla_min_samples: int = _spec(20, lo=1, hi=1_000_000,
+                                 doc="An SLI needs this many samples in the 5 min window to call NO-GO.")
     acp_protocol: str = _spec("auto", choices=("auto", "raft", "pbft"), doc="Consensus protocol.")
     acp_peers: list[str] = _spec([], doc="Cluster members as id=host:port (empty = single node).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")

@@ -17,17 +17,18 @@ from typing import Any, Protocol
 
 from opentelemetry import trace as otel_trace
 
+from dwcp_agent.acp.ownership import OwnedElsewhere
 from dwcp_agent.amst.select import Transports
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.model import Interrupted, MigrationError, MigrationRequest, Progress, SendResult
 from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.telemetry import tracing
-from dwcp_agent.telemetry.metrics import Metrics
+from dwcp_agent.telemetry.metrics import CLIENT_ERROR_TYPES, Metrics
 
 log = logging.getLogger("dwcp_agent.migration")
 
-TERMINAL = ("completed", "failed", "cancelled", "interrupted")
+TERMINAL = ("completed", "failed", "cancelled", "interrupted", "refused")
 
 
 class Ownership(Protocol):
@@ -41,7 +42,12 @@ class Ownership(Protocol):
 
 
 class RequestError(ValueError):
-    """A migration request is invalid; the message says which field and why."""
+    """A migration request is invalid; the message says which field and why, `error_type` the kind
+    (a client's refusal, metrics.CLIENT_ERROR_TYPES)."""
+
+    def __init__(self, message: str, error_type: str = "bad_request") -> None:
+        super().__init__(message)
+        self.error_type = error_type
 
 
 @dataclass
@@ -134,7 +140,8 @@ class MigrationManager:
         source = Path(body["source"]).resolve()
         if not any(source.is_relative_to(d) for d in self.config.allowed_source_dirs):
             raise RequestError(f"field 'source': {source} is outside the allowed directories "
-                               f"({', '.join(map(str, self.config.allowed_source_dirs))}; config key source_dirs)")
+                               f"({', '.join(map(str, self.config.allowed_source_dirs))}; config key source_dirs)",
+                               "forbidden")
         if not source.is_file():
             raise RequestError(f"field 'source': {source} is not a readable file")
         host, sep, port = body["to"].rpartition(":")
@@ -146,7 +153,7 @@ class MigrationManager:
         with self._lock:
             existing = self.migrations.get(migration_id)
         if existing is not None and existing.state not in TERMINAL:
-            raise RequestError(f"migration {migration_id} is already running")
+            raise RequestError(f"migration {migration_id} is already running", "conflict")
         protocol = body.get("protocol") or self.profile_for(migration_id)
         if protocol not in ("v1", "v3"):
             raise RequestError("field 'protocol': v1 or v3")
@@ -185,6 +192,8 @@ class MigrationManager:
             migration.error, migration.error_type = str(exc), exc.error_type
         except MigrationError as exc:
             migration.error, migration.error_type = str(exc), exc.error_type
+            if exc.error_type in CLIENT_ERROR_TYPES:
+                state = "refused"  # the request was wrong; not a failure of the service
             self.metrics.error("migration", exc.error_type)
         except Exception as exc:  # a bug must still end the migration visibly, never hang it
             log.exception("migration crashed")
@@ -212,6 +221,8 @@ class MigrationManager:
             return
         try:
             token = self.ownership.begin(vm_id)
+        except OwnedElsewhere as exc:
+            raise MigrationError(f"ownership: {exc}", "vm_owned_elsewhere") from exc
         except Exception as exc:
             raise MigrationError(f"ownership: {exc}", "ownership") from exc
         try:

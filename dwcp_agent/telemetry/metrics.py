@@ -11,7 +11,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from dwcp_agent import __version__
 
@@ -20,9 +29,25 @@ COMPONENTS = ("amst", "hde", "pba", "acp", "migration", "agent")
 PROTOCOLS = ("v1", "v3")
 # `cancelled` is an operator's choice and does not count against availability; `interrupted` (agent
 # shut down mid-transfer, destination resumable) does. See docs/operations.md.
-MIGRATION_STATUSES = ("completed", "failed", "cancelled", "interrupted")
+MIGRATION_STATUSES = ("completed", "failed", "cancelled", "interrupted", "refused")
 SLA_NAMES = ("availability", "latency", "error_rate", "throughput")
 ROLLBACK_REASONS = ("sla_nogo", "manual")
+# Refusals a client caused (bad request, path not allowed, VM owned elsewhere, refused by the
+# destination's policy, cancel): counted in dwcp_v3_errors_total under their own error_type, never
+# as component errors or failed migrations, so they cannot move the SLA guard or the SLI rules.
+CLIENT_ERROR_TYPES = ("bad_request", "forbidden", "vm_owned_elsewhere", "policy", "cancelled", "conflict")
+# Service failures, by component: created at 0 so rate()/increase() see the first one.
+SERVICE_ERROR_TYPES: dict[str, tuple[str, ...]] = {
+    "migration": ("connect", "disconnected", "digest_mismatch", "internal", "io", "no_space", "ownership",
+                  "probe", "rdma", "retry", "source", "streams", "unwritable", "auth", "version", "busy",
+                  "malformed", "resumed_chunk_mismatch", "config", "unexpected_message"),
+    "amst": ("stream_lost", "disconnected", "unknown_session", "rdma_setup", "auth", "version", "bad_header",
+             "bad_frame", "checksum", "unexpected_frame"),
+    "hde": ("decode",),
+    "pba": ("probe",),
+}
+# `_created` series double every counter's series count and no rule reads them.
+disable_created_metrics()
 
 # 10 ms ... 30 min: a migration of a small disk on loopback up to a large VM over the internet.
 MIGRATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
@@ -39,6 +64,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # CPU, memory, file descriptors and the Python runtime, as every exporter has them.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.build_info = Gauge(
             "dwcp_v3_build_info", "Agent build; value is always 1.", ["version", "python"], registry=r
         )
@@ -50,7 +78,8 @@ class Metrics:
             ["mode", "protocol"], buckets=MIGRATION_BUCKETS, registry=r,
         )
         self.migrations = Counter(
-            "dwcp_v3_migrations", "Migrations ended, by outcome.", ["status", "mode", "protocol"], registry=r
+            "dwcp_v3_migrations", "Migrations ended, by outcome (refused: a client's mistake, not an SLA failure).",
+            ["status", "mode", "protocol"], registry=r,
         )
         self.active_migrations = Gauge("dwcp_v3_active_migrations", "Migrations in progress.", registry=r)
         self.bytes_transferred = Counter(
@@ -218,11 +247,18 @@ class Metrics:
             self.sla_compliance.labels(sla)
         for reason in ROLLBACK_REASONS:
             self.rollbacks.labels(reason)
+        for component, kinds in SERVICE_ERROR_TYPES.items():
+            for kind in kinds:
+                self.errors.labels(component, kind)
+        for kind in CLIENT_ERROR_TYPES:
+            self.errors.labels("migration", kind)
 
     def error(self, component: str, error_type: str) -> None:
-        """Count one error in both the error and the per-component error series."""
+        """Count one error by kind; service failures also count as the component's errors (the
+        SLA's error rate), refusals a client caused (CLIENT_ERROR_TYPES) do not."""
         self.errors.labels(component, error_type).inc()
-        self.component_errors.labels(component).inc()
+        if error_type not in CLIENT_ERROR_TYPES:
+            self.component_errors.labels(component).inc()
 
     @contextmanager
     def operation(self, component: str) -> Iterator[None]:
