@@ -107,7 +107,27 @@ class Agent:
                 states[m.state] = states.get(m.state, 0) + 1
             return {"status": "ok", "outgoing": states}
 
+        def pba() -> dict[str, Any]:
+            """The last path PBA measured (the latest v3 migration's), or that none was yet."""
+            for m in reversed(self.manager.list()):
+                link = m.session.link if m.session is not None else None
+                if link is None:
+                    continue
+                snap = link.snapshot()
+                sample = snap.sample
+                return {"status": "ok", "measured": True, "migration_id": m.request.migration_id,
+                        "mode": snap.mode, "mode_forced": link.forced_mode,
+                        "probe_rtt_s": link.probe_rtt_s, "probe_bandwidth_bytes_per_second": link.probe_bandwidth_bps,
+                        "bandwidth_bytes_per_second": sample.bandwidth_bps if sample else None,
+                        "rtt_s": sample.rtt_s if sample else None, "min_rtt_s": sample.min_rtt_s if sample else None,
+                        "loss": sample.loss if sample else None,
+                        "predicted_bytes_per_second": snap.prediction.value if snap.prediction else None,
+                        "prediction_accuracy": snap.accuracy, "streams": snap.plan.streams,
+                        "tcp_congestion": link.congestion, "tcp_congestion_reason": link.congestion_reason}
+            return {"status": "ok", "measured": False, "detail": "no v3 migration has measured a path yet"}
+
         self.health.register("amst", amst)
+        self.health.register("pba", pba)
         self.health.register("hde", hde)
         self.health.register("migration", migration)
 

@@ -243,7 +243,7 @@ class MigrationManager:
         m.migrations.labels(state, r.mode, r.protocol).inc()
         duration = migration.duration_s
         if state == "completed":
-            m.migration_latency.labels(r.mode, r.protocol).observe(duration)
+            m.migration_duration.labels(r.mode, r.protocol).observe(duration)
             m.throughput.labels(r.protocol).set(migration.progress.total_bytes / max(duration, 1e-9))
             if migration.result is not None:
                 m.hde_compression_ratio.set(migration.progress.total_bytes / max(migration.result.wire_bytes, 1))

@@ -26,6 +26,7 @@ from dwcp_agent import __version__
 
 MODES = ("datacenter", "internet", "hybrid")
 COMPONENTS = ("amst", "hde", "pba", "acp", "migration", "agent")
+DATA_PATH_COMPONENTS = ("amst", "hde", "pba", "migration")
 PROTOCOLS = ("v1", "v3")
 # `cancelled` is an operator's choice and does not count against availability; `interrupted` (agent
 # shut down mid-transfer, destination resumable) does. See docs/operations.md.
@@ -73,9 +74,16 @@ class Metrics:
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
         # Migrations
-        self.migration_latency = Histogram(
-            "dwcp_v3_migration_latency_seconds", "Wall time of a finished migration, start to commit.",
+        # Two meanings, two metrics: a migration's wall time grows with the VM's size; one operation
+        # of its data path (a chunk encode, the probe, a stream send) has a latency SLO.
+        self.migration_duration = Histogram(
+            "dwcp_v3_migration_duration_seconds", "Wall time of a finished migration, start to commit.",
             ["mode", "protocol"], buckets=MIGRATION_BUCKETS, registry=r,
+        )
+        self.migration_latency = Histogram(
+            "dwcp_v3_migration_latency_seconds",
+            "Latency of one operation of the migration data path (amst, hde, pba, migration), by component.",
+            ["component"], buckets=COMPONENT_BUCKETS, registry=r,
         )
         self.migrations = Counter(
             "dwcp_v3_migrations", "Migrations ended, by outcome (refused: a client's mistake, not an SLA failure).",
@@ -216,7 +224,7 @@ class Metrics:
         self.migrated_bytes = Counter(
             "dwcp_v3_migrated_bytes",
             "Logical bytes of completed migrations, counted when each ends; over "
-            "dwcp_v3_migration_latency_seconds_sum it gives the throughput SLI.",
+            "dwcp_v3_migration_duration_seconds_sum it gives the throughput SLI.",
             ["protocol"], registry=r,
         )
 
@@ -229,6 +237,8 @@ class Metrics:
         for component in COMPONENTS:
             self.component_operations.labels(component)
             self.component_errors.labels(component)
+        for component in DATA_PATH_COMPONENTS:
+            self.migration_latency.labels(component)
         for direction in ("sent", "received"):
             self.logical_bytes.labels(direction)
         for protocol in PROTOCOLS:
@@ -240,7 +250,7 @@ class Metrics:
         for protocol in PROTOCOLS:
             self.migrated_bytes.labels(protocol)
             for mode in MODES:
-                self.migration_latency.labels(mode, protocol)
+                self.migration_duration.labels(mode, protocol)
                 for status in MIGRATION_STATUSES:
                     self.migrations.labels(status, mode, protocol)
         for sla in SLA_NAMES:
@@ -270,8 +280,11 @@ class Metrics:
             self.component_errors.labels(component).inc()
             raise
         finally:
+            elapsed = time.perf_counter() - start
             self.component_operations.labels(component).inc()
-            self.component_latency.labels(component).observe(time.perf_counter() - start)
+            self.component_latency.labels(component).observe(elapsed)
+            if component in DATA_PATH_COMPONENTS:
+                self.migration_latency.labels(component).observe(elapsed)
 
     def exposition(self) -> bytes:
         """Prometheus text format of every series."""

@@ -17,7 +17,7 @@ docs/operations.md), so the agent's own verdict and the dashboards agree:
 * latency p99 = 99th percentile of component operation latency (`dwcp_v3_component_latency_
   seconds`: chunk encodes, stream sends, consensus rounds), the ops guide's "all operation
   latencies". Migration wall time grows with the VM's size, so a fixed 100 ms target only makes
-  sense per operation; migration wall time is reported separately (`migration_latency_*`) and
+  sense per operation; migration wall time is reported separately (`migration_duration_*`) and
   used to compare v3 with v1. Quantiles come from the same histogram buckets Prometheus has,
   interpolated the way `histogram_quantile` does;
 * error rate = (failed migrations + component errors) / (component operations + ended
@@ -176,9 +176,9 @@ class Tally:
             "latency_p50_s": histogram_quantile(0.5, COMPONENT_BUCKETS, self.op_latency),
             "latency_p95_s": histogram_quantile(0.95, COMPONENT_BUCKETS, self.op_latency),
             "latency_p99_s": histogram_quantile(0.99, COMPONENT_BUCKETS, self.op_latency),
-            "migration_latency_p50_s": every.p(0.5),
-            "migration_latency_p95_s": every.p(0.95),
-            "migration_latency_p99_s": every.p(0.99),
+            "migration_duration_p50_s": every.p(0.5),
+            "migration_duration_p95_s": every.p(0.95),
+            "migration_duration_p99_s": every.p(0.99),
             "error_rate": error_rate,
             "throughput_bytes_per_second": every.logical_bytes / every.seconds if every.seconds > 0 else None,
         }
@@ -366,9 +366,9 @@ class SlaGuard:
             "window": DECISION_WINDOW,
             "latency_ms": {"p50": ms(slis["latency_p50_s"]), "p95": ms(slis["latency_p95_s"]),
                            "p99": ms(slis["latency_p99_s"])},
-            "migration_latency_ms": {"p50": ms(slis["migration_latency_p50_s"]),
-                                     "p95": ms(slis["migration_latency_p95_s"]),
-                                     "p99": ms(slis["migration_latency_p99_s"])},
+            "migration_duration_ms": {"p50": ms(slis["migration_duration_p50_s"]),
+                                     "p95": ms(slis["migration_duration_p95_s"]),
+                                     "p99": ms(slis["migration_duration_p99_s"])},
             "throughput_bytes_per_second": slis["throughput_bytes_per_second"],
             "error_rate": slis["error_rate"],
             "availability": slis["availability"],

@@ -119,8 +119,8 @@ def build_report(url: str, start: float, end: float, now: float | None = None) -
         return prom.scalar(f"sum(increase({series}{window}))", at)
 
     availability = avg("sla:availability:5m")
-    migration_seconds = total("dwcp_v3_migration_latency_seconds_sum")
-    migrations_timed = total("dwcp_v3_migration_latency_seconds_count")
+    migration_seconds = total("dwcp_v3_migration_duration_seconds_sum")
+    migrations_timed = total("dwcp_v3_migration_duration_seconds_count")
     data: dict[str, Any] = {
         "month": time.strftime("%Y-%m", time.gmtime(start)),
         "from": start, "to": at, "complete_month": at >= end,

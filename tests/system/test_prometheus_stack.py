@@ -181,8 +181,8 @@ def test_recording_rules_alerts_and_automatic_rollback(stack):
     # Ratios of counters from one target: Prometheus and the guard agree to float precision.
     assert prom.value("sla:throughput_bytes_per_second:5m") == pytest.approx(
         guard["throughput_bytes_per_second"], rel=1e-6)
-    assert prom.value("sla:migration_latency_p99:5m") == pytest.approx(guard["migration_latency_p99_s"], rel=1e-6)
-    assert prom.value("sla:migration_latency_p50:5m") == pytest.approx(guard["migration_latency_p50_s"], rel=1e-6)
+    assert prom.value("sla:migration_duration_p99:5m") == pytest.approx(guard["migration_duration_p99_s"], rel=1e-6)
+    assert prom.value("sla:migration_duration_p50:5m") == pytest.approx(guard["migration_duration_p50_s"], rel=1e-6)
     assert prom.value('protocol:dwcp_v3_migrations:rate5m{protocol="v3"}') > 0
     assert prom.alert_state("SLAAvailabilityViolation") is None
     assert api_call(source.url, "GET", "/api/v3/rollout")["percentage"] == 100

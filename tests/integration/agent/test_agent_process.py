@@ -72,7 +72,7 @@ def test_health_reports_components_and_migration_is_visible_in_metrics(start_age
     assert (dest.images / "vm.img").read_bytes() == image.read_bytes()
     src_metrics, dst_metrics = _scrape(source), _scrape(dest)
     assert _metric(src_metrics, "dwcp_v3_migrations_total", status="completed") == 1
-    assert _metric(src_metrics, "dwcp_v3_migration_latency_seconds_count") == 1
+    assert _metric(src_metrics, "dwcp_v3_migration_duration_seconds_count") == 1
     assert _metric(src_metrics, "dwcp_v3_bytes_transferred_total", direction="sent") >= final["wire_bytes"]
     assert _metric(dst_metrics, "dwcp_v3_bytes_transferred_total", direction="received") == final["wire_bytes"]
     assert _metric(src_metrics, "dwcp_v3_active_migrations") == 0

@@ -50,7 +50,7 @@ def test_healthy_traffic_is_go_and_exports_compliance(config, metrics, clock):
     assert summary["compliance"] == {"availability": "met", "latency": "met", "error_rate": "met",
                                      "throughput": "violated"}
     assert summary["latency_ms"]["p99"] == pytest.approx(4.975)  # operations in (2.5, 5] ms
-    assert summary["migration_latency_ms"]["p99"] == pytest.approx(49.75)  # migrations in (25, 50] ms
+    assert summary["migration_duration_ms"]["p99"] == pytest.approx(49.75)  # migrations in (25, 50] ms
     assert summary["throughput_bytes_per_second"] == pytest.approx(64 * MiB / 0.04)
     assert sample(metrics, "dwcp_v3_sla_go") == 1
     assert sample(metrics, "dwcp_v3_sla_compliance", sla="availability") == 1
