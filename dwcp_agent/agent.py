@@ -136,7 +136,7 @@ class Agent:
 
     def _migration_finished(self, migration: Migration) -> None:
         self.guard.record_migration(migration.state, migration.duration_s, migration.progress.total_bytes,
-                                    migration.request.protocol)
+                                    migration.request.protocol, migration.request.mode)
         # The consensus protocol follows the network mode PBA measured (datacenter -> Raft,
         # internet -> PBFT; ACP rate-limits switches itself).
         if self._loop is not None and migration.request.mode_measured:
@@ -169,6 +169,7 @@ class Agent:
             old, self.config = self.config, new
             logging.getLogger("dwcp_agent").setLevel(new.log_level.upper())
             self.guard.config = new
+            self.guard.publish_slos()
             try:
                 if new.enable_v3 != old.enable_v3:
                     self.guard.rollout.set_enable_v3(new.enable_v3, by="config")

@@ -96,7 +96,12 @@ class Config:
     sla_availability: float = _spec(0.999, lo=0.0, hi=1.0, doc="GO needs at least this availability.")
     sla_latency_p99_s: float = _spec(0.1, lo=0.0, hi=3600, doc="GO needs P99 latency at most this.")
     sla_error_rate: float = _spec(0.01, lo=0.0, hi=1.0, doc="GO needs error rate at most this.")
-    sla_throughput_bytes: float = _spec(2.4e9, lo=0.0, hi=1e13, doc="Throughput SLA (bytes/s).")
+    sla_throughput_bytes: float = _spec(2.4e9, lo=0.0, hi=1e13, doc="Throughput SLA in datacenter mode (bytes/s).")
+    sla_throughput_internet_bytes: float = _spec(12.5e6, lo=0.0, hi=1e13,
+                                                 doc="Throughput SLO in internet mode (bytes/s; 100 Mbit/s).")
+    sla_throughput_hybrid_bytes: float = _spec(125e6, lo=0.0, hi=1e13,
+                                               doc="Throughput SLO in hybrid mode (bytes/s; 1 Gbit/s).")
+    runbook_base_url: str = _spec("docs/runbooks", doc="Where alert runbook_url links point (base URL).")
     sla_nogo_hold_s: float = _spec(30.0, lo=0.0, hi=86400, doc="NO-GO held this long rolls back.")
     sla_min_samples: int = _spec(20, lo=1, hi=1_000_000,
                                  doc="An SLI needs this many samples in the 5 min window to call NO-GO.")

@@ -225,7 +225,17 @@ class Metrics:
             "dwcp_v3_migrated_bytes",
             "Logical bytes of completed migrations, counted when each ends; over "
             "dwcp_v3_migration_duration_seconds_sum it gives the throughput SLI.",
-            ["protocol"], registry=r,
+            ["protocol", "mode"], registry=r,
+        )
+
+        self.slo_throughput = Gauge(
+            "dwcp_v3_slo_throughput_bytes_per_second",
+            "Throughput SLO per network mode (config sla_throughput_*): the alerts' thresholds.",
+            ["mode"], registry=r,
+        )
+        self.runbook_info = Gauge(
+            "dwcp_v3_runbook_info", "Base URL of the runbooks (config runbook_base_url); value 1.",
+            ["base_url"], registry=r,
         )
 
         self._prime()
@@ -248,7 +258,8 @@ class Metrics:
         # rate() and increase() miss the first increment of a series that appears at 1, so the
         # series the SLA rules divide are created at 0 up front.
         for protocol in PROTOCOLS:
-            self.migrated_bytes.labels(protocol)
+            for mode in MODES:
+                self.migrated_bytes.labels(protocol, mode)
             for mode in MODES:
                 self.migration_duration.labels(mode, protocol)
                 for status in MIGRATION_STATUSES:

@@ -226,12 +226,13 @@ class SlaGuard:
         self.nogo_since: float | None = None
         self._counter_totals: dict[str, float] | None = None
         self._lock = threading.RLock()
+        self.publish_slos()
         self.tick()
 
     # -- inputs ---------------------------------------------------------------------------
 
     def record_migration(self, status: str, duration_s: float, logical_bytes: int,
-                         protocol: str = "v3") -> None:
+                         protocol: str = "v3", mode: str = "datacenter") -> None:
         """Account one ended migration (`completed`, `cancelled`; anything else is a failure).
 
         For a completed one also counts `dwcp_v3_migrated_bytes_total` (the throughput SLI's
@@ -259,7 +260,7 @@ class SlaGuard:
                 else:
                     tally.failed += 1
             if completed:
-                self.metrics.migrated_bytes.labels(protocol).inc(logical_bytes)
+                self.metrics.migrated_bytes.labels(protocol, mode).inc(logical_bytes)
             self._evaluate(now)
 
     def tick(self) -> None:
@@ -441,6 +442,15 @@ class SlaGuard:
                                   detail=f"after NO-GO held {now - self.nogo_since:.0f}s: "
                                          + ", ".join(violations))
         self.rollout.sync_metrics()
+
+    def publish_slos(self) -> None:
+        """The per-mode throughput SLOs and the runbook base URL, for the alert rules."""
+        c = self.config
+        for mode, value in (("datacenter", c.sla_throughput_bytes), ("internet", c.sla_throughput_internet_bytes),
+                            ("hybrid", c.sla_throughput_hybrid_bytes)):
+            self.metrics.slo_throughput.labels(mode).set(value)
+        self.metrics.runbook_info.clear()
+        self.metrics.runbook_info.labels(c.runbook_base_url.rstrip("/")).set(1)
 
     def _export(self, tally: Tally) -> None:
         for name, verdict in self.compliance(tally.slis(), tally).items():

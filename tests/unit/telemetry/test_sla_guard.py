@@ -55,7 +55,8 @@ def test_healthy_traffic_is_go_and_exports_compliance(config, metrics, clock):
     assert sample(metrics, "dwcp_v3_sla_go") == 1
     assert sample(metrics, "dwcp_v3_sla_compliance", sla="availability") == 1
     assert sample(metrics, "dwcp_v3_sla_compliance", sla="throughput") == 0
-    assert sample(metrics, "dwcp_v3_migrated_bytes_total", protocol="v3") == 20 * 64 * MiB
+    assert sample(metrics, "dwcp_v3_migrated_bytes_total", protocol="v3", mode="datacenter") == 20 * 64 * MiB
+    assert sample(metrics, "dwcp_v3_slo_throughput_bytes_per_second", mode="internet") == 12.5e6
 
 
 def test_no_traffic_is_go_with_no_data(config, metrics, clock):
