@@ -37,10 +37,10 @@ from dwcp_agent.migration.server import DataServer
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.health import Health
 from dwcp_agent.telemetry.metrics import Metrics
-from dwcp_agent.telemetry.rollout import FileRolloutStore, RolloutController, RolloutError
+from dwcp_agent.rollout.controller import FileRolloutStore, RolloutController, RolloutError
 from dwcp_agent.telemetry.sdnotify import Notifier
-from dwcp_agent.telemetry.sla import SlaGuard
-from dwcp_agent.telemetry.sla_http import sla_routes
+from dwcp_agent.rollout.sla import SlaGuard
+from dwcp_agent.rollout.http import sla_routes
 
 log = logging.getLogger("dwcp_agent.agent")
 CONSENSUS_READY_S = 5.0

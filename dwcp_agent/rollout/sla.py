@@ -48,11 +48,11 @@ from typing import Any
 
 from dwcp_agent.config import Config
 from dwcp_agent.telemetry.metrics import COMPONENT_BUCKETS, MIGRATION_BUCKETS, PROTOCOLS, Metrics
-from dwcp_agent.telemetry.rollout import RolloutController
+from dwcp_agent.rollout.controller import RolloutController
 
 __all__ = ["WINDOWS", "SlaGuard", "Tally", "histogram_quantile"]
 
-log = logging.getLogger("dwcp_agent.telemetry.sla")
+log = logging.getLogger("dwcp_agent.rollout.sla")
 
 # name -> (length, slice) in seconds. A window is its whole slices plus the current partial one,
 # so memory stays bounded (under 200 slices per window) however many migrations run.
