@@ -34,13 +34,13 @@ from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.manager import Migration, MigrationManager
 from dwcp_agent.migration.model import MigrationRequest
 from dwcp_agent.migration.server import DataServer
+from dwcp_agent.rollout.controller import FileRolloutStore, RolloutController, RolloutError
+from dwcp_agent.rollout.http import sla_routes
+from dwcp_agent.rollout.sla import SlaGuard
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.health import Health
 from dwcp_agent.telemetry.metrics import Metrics
-from dwcp_agent.rollout.controller import FileRolloutStore, RolloutController, RolloutError
 from dwcp_agent.telemetry.sdnotify import Notifier
-from dwcp_agent.rollout.sla import SlaGuard
-from dwcp_agent.rollout.http import sla_routes
 
 log = logging.getLogger("dwcp_agent.agent")
 CONSENSUS_READY_S = 5.0

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dwcp_agent.config import Config
-from dwcp_agent.telemetry.metrics import COMPONENT_BUCKETS, MIGRATION_BUCKETS, PROTOCOLS, Metrics
 from dwcp_agent.rollout.controller import RolloutController
+from dwcp_agent.telemetry.metrics import COMPONENT_BUCKETS, MIGRATION_BUCKETS, PROTOCOLS, Metrics
 
 __all__ = ["WINDOWS", "SlaGuard", "Tally", "histogram_quantile"]
 

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from dwcp_agent.telemetry.metrics import MIGRATION_BUCKETS
 from dwcp_agent.rollout.sla import SlaGuard, histogram_quantile
+from dwcp_agent.telemetry.metrics import MIGRATION_BUCKETS
 
 MiB = 1024 * 1024
 

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from dwcp_agent.cli import main
-from dwcp_agent.rollout.sla import SlaGuard
 from dwcp_agent.rollout.http import sla_routes
+from dwcp_agent.rollout.sla import SlaGuard
 
 
 @pytest.fixture
