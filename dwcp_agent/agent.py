@@ -31,6 +31,7 @@ from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.migration.buffers import BufferPool
+from dwcp_agent.migration.history import MigrationHistory
 from dwcp_agent.migration.manager import Migration, MigrationManager
 from dwcp_agent.migration.model import MigrationRequest
 from dwcp_agent.migration.server import DataServer
@@ -78,8 +79,11 @@ class Agent:
         self.notifier = Notifier()
         self._tasks: list[asyncio.Task[None]] = []
         self.buffers = BufferPool()  # chunk buffers shared by outgoing and incoming migrations
+        history = MigrationHistory(self.state_dir / "migrations.jsonl", config.history_max_entries,
+                                   config.history_max_age_s)
         self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
-                                        on_finished=self._migration_finished, pool=self.buffers)
+                                        on_finished=self._migration_finished, pool=self.buffers,
+                                        history=history)
         self.data_server: DataServer | None = None
         self.transports: Transports | None = None
         self.admin_port = 0

@@ -53,13 +53,13 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         return json_response(migration.to_dict(), 201)
 
     async def list_migrations(_: web.Request) -> web.Response:
-        return json_response({"migrations": [m.to_dict() for m in agent.manager.list()]})
+        return json_response({"migrations": agent.manager.records()})
 
     async def get_migration(request: web.Request) -> web.Response:
-        migration = agent.manager.get(request.match_info["id"])
-        if migration is None:
+        record = agent.manager.record(request.match_info["id"])
+        if record is None:
             return error_response(404, f"no migration {request.match_info['id']}")
-        return json_response(migration.to_dict())
+        return json_response(record)
 
     async def cancel_migration(request: web.Request) -> web.Response:
         migration = agent.manager.cancel(request.match_info["id"])

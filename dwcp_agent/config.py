@@ -105,6 +105,10 @@ class Config:
     sla_nogo_hold_s: float = _spec(30.0, lo=0.0, hi=86400, doc="NO-GO held this long rolls back.")
     sla_min_samples: int = _spec(20, lo=1, hi=1_000_000,
                                  doc="An SLI needs this many samples in the 5 min window to call NO-GO.")
+    history_max_entries: int = _spec(1000, lo=1, hi=1_000_000,
+                                     doc="Ended migrations remembered across restarts (state_dir/migrations.jsonl).")
+    history_max_age_s: float = _spec(7 * 86400.0, lo=60, hi=365 * 86400.0,
+                                     doc="Remembered migrations older than this are forgotten.")
     acp_protocol: str = _spec("auto", choices=("auto", "raft", "pbft"), doc="Consensus protocol.")
     acp_peers: list[str] = _spec([], doc="Cluster members as id=host:port (empty = single node).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")

@@ -21,6 +21,7 @@ from dwcp_agent.acp.ownership import OwnedElsewhere
 from dwcp_agent.amst.select import Transports
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
+from dwcp_agent.migration.history import MigrationHistory
 from dwcp_agent.migration.model import Interrupted, MigrationError, MigrationRequest, Progress, SendResult
 from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.telemetry import tracing
@@ -92,6 +93,7 @@ class Migration:
             "mode": self.request.mode,
             "mode_measured": self.request.mode_measured,
             "started": self.started,
+            "finished": self.finished or None,
             "duration_s": round(duration, 3),
             # A rate needs bytes that arrived: none for a failed migration that moved nothing.
             "throughput_bytes_per_second": round(p.done_bytes / duration) if duration > 0 and p.done_bytes else None,
@@ -117,7 +119,7 @@ class MigrationManager:
     def __init__(self, config: Config, metrics: Metrics, key: bytes,
                  profile_for: Callable[[str], str] = lambda _id: "v3",
                  on_finished: Callable[[Migration], None] | None = None, pool: BufferPool | None = None,
-                 ownership: Ownership | None = None) -> None:
+                 ownership: Ownership | None = None, history: MigrationHistory | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
@@ -125,6 +127,7 @@ class MigrationManager:
         self.on_finished = on_finished
         self.pool = pool or BufferPool()
         self.ownership = ownership
+        self.history = history  # ended migrations, kept across restarts (bounded by count and age)
         self.transports: Transports | None = None  # the agent's selection, shared by every migration
         self.migrations: dict[str, Migration] = {}
         self._lock = threading.Lock()
@@ -207,6 +210,9 @@ class MigrationManager:
             with otel_trace.use_span(span, end_on_exit=True):
                 self._record(migration, state)
             migration.state = state  # published last: a reader seeing it also sees the metrics
+            if self.history is not None:
+                self.history.add(migration.to_dict())
+                self._forget_ended()
             migration.done.set()
             if self.on_finished is not None:
                 self.on_finished(migration)
@@ -253,6 +259,27 @@ class MigrationManager:
                     "duration_ms": round(duration * 1000), "bytes": migration.progress.total_bytes,
                     "wire_bytes": migration.progress.wire_bytes, "error": migration.error or None,
                     "error_type": migration.error_type or None})
+
+    def _forget_ended(self) -> None:
+        """Ended migrations beyond the history bound leave memory (the history file keeps them)."""
+        assert self.history is not None
+        with self._lock:
+            ended = sorted((m for m in self.migrations.values() if m.state in TERMINAL), key=lambda m: m.started)
+            for m in ended[: max(0, len(ended) - self.history.max_entries)]:
+                del self.migrations[m.request.migration_id]
+
+    def records(self) -> list[dict[str, Any]]:
+        """API records of every migration: running and recent ones, then the remembered history."""
+        live = {m.request.migration_id: m.to_dict() for m in self.list()}
+        past = [r for r in (self.history.records() if self.history else []) if r["id"] not in live]
+        return sorted([*past, *live.values()], key=lambda r: r.get("started") or 0.0)
+
+    def record(self, migration_id: str) -> dict[str, Any] | None:
+        """One migration's API record, from memory or, after a restart, from the history."""
+        migration = self.get(migration_id)
+        if migration is not None:
+            return migration.to_dict()
+        return self.history.get(migration_id) if self.history is not None else None
 
     def get(self, migration_id: str) -> Migration | None:
         with self._lock:
