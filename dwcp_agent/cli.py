@@ -158,8 +158,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(header + "  DESTINATION")
     for m in rows:
         done = f"{human_bytes(m['done_bytes'])}/{human_bytes(m['total_bytes'])}"
-        rate = m.get("throughput_bytes_per_second")
-        line = f"{m['id']:<18} {m['state']:<11} {m['vm_id'][:16]:<16} {done:>20} {human_rate(rate) if rate else '-':>12}"
+        rate = human_rate(m["throughput_bytes_per_second"]) if m.get("throughput_bytes_per_second") else "-"
+        line = f"{m['id']:<18} {m['state']:<11} {m['vm_id'][:16]:<16} {done:>20} {rate:>12}"
         if wide:
             used = m.get("streams_used") or {}
             streams = f"{used.get('peak', 0)}/{used.get('final', 0)}/{used.get('mean', 0):g}" if used else "-"
