@@ -157,6 +157,12 @@ class WanBed:
                 self.run(side, ["iptables", "-w", "-A", "INPUT", "-i", dev, "-j", "NFQUEUE",
                                 "--queue-num", str(QUEUE_NUM), "--queue-bypass"])
 
+    def set_default_congestion(self, name: str) -> None:
+        """The congestion control a socket gets unless it asks (net.ipv4.tcp_congestion_control), in
+        both namespaces: e.g. "cubic" for a bed that behaves like a stock host."""
+        for side in ("a", "b"):
+            self.run(side, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"])
+
     def set_rate(self, rate_bps: int) -> None:
         """Change only the tbf rate, in both directions (the prediction benchmark's rate trace)."""
         for side in ("a", "b"):
