@@ -157,11 +157,16 @@ class WanBed:
                 self.run(side, ["iptables", "-w", "-A", "INPUT", "-i", dev, "-j", "NFQUEUE",
                                 "--queue-num", str(QUEUE_NUM), "--queue-bypass"])
 
-    def set_default_congestion(self, name: str) -> None:
+    def set_default_congestion(self, name: str) -> bool:
         """The congestion control a socket gets unless it asks (net.ipv4.tcp_congestion_control), in
-        both namespaces: e.g. "cubic" for a bed that behaves like a stock host."""
+        both namespaces: e.g. "cubic" for a bed that behaves like a stock host. False when this
+        host does not let it be set (a container without the sysctl) and it is not already so."""
         for side in ("a", "b"):
-            self.run(side, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"])
+            done = self.run(side, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"], check=False)
+            current = self.run(side, ["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
+            if done.returncode != 0 and current != name:
+                return False
+        return True
 
     def set_rate(self, rate_bps: int) -> None:
         """Change only the tbf rate, in both directions (the prediction benchmark's rate trace)."""

@@ -166,7 +166,8 @@ class MigrationManager:
     def start(self, request: MigrationRequest) -> Migration:
         migration = Migration(request, Progress())
         # One trace per migration: its context travels in every handshake to the destination.
-        migration.span = tracing.get_tracer().start_span("migration", attributes={
+        # CLIENT: this span's context travels in every handshake; the destination's is SERVER.
+        migration.span = tracing.get_tracer().start_span("migration", kind=otel_trace.SpanKind.CLIENT, attributes={
             "dwcp.migration_id": request.migration_id, "dwcp.vm_id": request.vm_id,
             "dwcp.protocol": request.protocol, "dwcp.destination": f"{request.host}:{request.port}"})
         trace_context = tracing.inject_context(otel_trace.set_span_in_context(migration.span))

@@ -107,7 +107,8 @@ class DataServer:
             return
         with self._lock:
             self.sessions[session.session_id] = session
-        span = tracing.get_tracer().start_span("receive", context=tracing.extract_context(peer.trace), attributes={
+        span = tracing.get_tracer().start_span("receive", context=tracing.extract_context(peer.trace),
+                                              kind=otel_trace.SpanKind.SERVER, attributes={
             "dwcp.migration_id": start.migration_id, "dwcp.vm_id": start.vm_id, "dwcp.source": peer.node_id,
             "dwcp.resumed_chunks": len(session.journal.have)})
         token = otel_context.attach(otel_trace.set_span_in_context(span))

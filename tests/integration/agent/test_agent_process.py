@@ -223,6 +223,7 @@ def test_one_migration_is_one_trace_on_both_agents(start_agent: StartAgent) -> N
         source.stop()
         dest.stop()  # shutdown flushes the span exporters
         spans = otlp.spans()
+        kinds = otlp.kinds()
     finally:
         otlp.close()
     migration = [s for s in spans if s[:2] == ("dwcp-src", "migration")]
@@ -232,6 +233,9 @@ def test_one_migration_is_one_trace_on_both_agents(start_agent: StartAgent) -> N
     dst_names = {name for service, name, tid in spans if service == "dwcp-dst" and tid == trace_id}
     assert {"migration", "attempt", "commit"} <= src_names
     assert "receive" in dst_names
+    # The span whose context crosses hosts is the client's; the destination's is the server's.
+    assert kinds[("dwcp-src", "migration")] == "SPAN_KIND_CLIENT"
+    assert kinds[("dwcp-dst", "receive")] == "SPAN_KIND_SERVER"
 
 
 def test_ownership_moves_to_the_destination_only_when_the_migration_completes(start_agent: StartAgent) -> None:
