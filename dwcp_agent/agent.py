@@ -154,6 +154,7 @@ class Agent:
             except (ConsensusError, ConsensusTimeout) as exc:
                 log.warning("rollout not refreshed from the cluster: %s", exc, extra={"component": "acp"})
             self.guard.tick()
+            self.metrics.ready.set(1 if self.health.snapshot()[0] else 0)
             await asyncio.sleep(1.0)
 
     def reload(self) -> None:
@@ -230,6 +231,7 @@ class Agent:
         self.admin_port = self._runner.addresses[0][1]
         self._write_runtime_file()
         self.health.started = True
+        self.metrics.ready.set(1)
         self.transports.publish()
         self._tasks = [asyncio.create_task(self._tick_guard()),
                        asyncio.create_task(self.notifier.run_watchdog(lambda: not self.health.stopping))]
@@ -259,6 +261,7 @@ class Agent:
         timeout = self.config.shutdown_timeout_s
         started = time.monotonic()
         self.health.stopping = True
+        self.metrics.ready.set(0)
         self.notifier.stopping()
         for task in self._tasks:
             task.cancel()

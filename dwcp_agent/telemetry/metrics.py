@@ -90,6 +90,10 @@ class Metrics:
             ["status", "mode", "protocol"], registry=r,
         )
         self.active_migrations = Gauge("dwcp_v3_active_migrations", "Migrations in progress.", registry=r)
+        self.ready = Gauge(
+            "dwcp_v3_ready", "1 while the agent serves (started, not stopping, no component down): "
+            "downtime is time this is 0 or the agent is not up.", registry=r,
+        )
         self.bytes_transferred = Counter(
             "dwcp_v3_bytes_transferred", "Wire bytes of migration payload, by direction.",
             ["direction", "mode", "transport"], registry=r,
