@@ -4,8 +4,9 @@ Every number comes from the recording rules in deploy/prometheus (`sla:*:5m`,
 `instance:dwcp_v3_unavailable`) and the agents' counters, averaged or summed over the calendar
 month (UTC) up to now if the month is still running. The report states the period its data
 covers (first to last scrape of an agent) and never extrapolates beyond it; downtime is time an
-agent was down or not ready, not a function of migration success. Incidents are the critical alerts that fired in the month, read from Prometheus' own
-`ALERTS` series. A figure Prometheus has no data for prints as "n/a" and is never guessed.
+agent was down or not ready, not a function of migration success. Incidents are the critical
+alerts that fired in the month, read from Prometheus' own `ALERTS` series. A figure Prometheus
+has no data for prints as "n/a" and is never guessed.
 """
 
 from __future__ import annotations
