@@ -256,8 +256,8 @@ class MigrationManager:
                 m.hde_compression_ratio.set(migration.progress.total_bytes / max(migration.result.wire_bytes, 1))
         log.log(logging.INFO if state == "completed" else logging.WARNING,
                 "migration %s", state, extra={
-                    "migration_id": r.migration_id, "migration_status": state,
-                    "duration_ms": round(duration * 1000), "bytes": migration.progress.total_bytes,
+                    "migration_id": r.migration_id, "migration_status": state, "mode": r.mode,
+                    "mode_measured": r.mode_measured, "duration_ms": round(duration * 1000), "bytes": migration.progress.total_bytes,
                     "wire_bytes": migration.progress.wire_bytes, "error": migration.error or None,
                     "error_type": migration.error_type or None})
 
