@@ -257,7 +257,8 @@ class MigrationManager:
         log.log(logging.INFO if state == "completed" else logging.WARNING,
                 "migration %s", state, extra={
                     "migration_id": r.migration_id, "migration_status": state, "mode": r.mode,
-                    "mode_measured": r.mode_measured, "duration_ms": round(duration * 1000), "bytes": migration.progress.total_bytes,
+                    "mode_measured": r.mode_measured, "duration_ms": round(duration * 1000),
+                    "bytes": migration.progress.total_bytes,
                     "wire_bytes": migration.progress.wire_bytes, "error": migration.error or None,
                     "error_type": migration.error_type or None})
 
