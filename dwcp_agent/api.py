@@ -37,8 +37,9 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response(400, "request body must be a JSON object")
+            body = None
         if not isinstance(body, dict):
+            agent.metrics.error("migration", "bad_request")
             return error_response(400, "request body must be a JSON object")
         try:
             migration_request = agent.manager.parse_request(body)
@@ -48,6 +49,9 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         try:
             migration = await asyncio.get_running_loop().run_in_executor(
                 None, agent.start_migration, migration_request)
+        except RequestError as exc:  # a local policy (max_outgoing_migrations) refused it
+            agent.metrics.error("migration", exc.error_type)
+            return error_response(400, str(exc))
         except Exception as exc:
             return error_response(400, f"cannot start migration: {exc}")
         return json_response(migration.to_dict(), 201)

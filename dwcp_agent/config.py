@@ -56,8 +56,15 @@ class Config:
     node_id: str = _spec(socket.gethostname(), doc="Name of this agent in logs and the cluster.")
     listen_host: str = _spec("0.0.0.0", doc="Address of the data listener.")
     data_port: int = _spec(9876, lo=0, hi=65535, doc="Data listener port (0 = any free port).")
-    admin_host: str = _spec("0.0.0.0", doc="Address of the admin HTTP server.")
+    admin_host: str = _spec("127.0.0.1", doc="Address of the admin HTTP server (loopback: it can move VMs).")
     admin_port: int = _spec(8080, lo=0, hi=65535, doc="Admin HTTP port (0 = any free port).")
+    admin_token_file: str = _spec("", doc="Admin bearer token; created if missing ('' = state_dir/admin.token).")
+    admin_auth_health: bool = _spec(False, doc="Require the admin token on /health and /metrics too.")
+    admin_allowed_hosts: list[str] = _spec([], doc="Host names accepted in the Host header besides IPs, "
+                                                   "localhost and node_id ('*' = any).")
+    metrics_host: str = _spec("0.0.0.0", doc="Address of the metrics listener (/health, /metrics only).")
+    metrics_port: int = _spec(-1, lo=-1, hi=65535, doc="Metrics listener port (-1 = none: served on the "
+                                                       "admin port; 0 = any free port).")
     acp_port: int = _spec(9877, lo=0, hi=65535, doc="Consensus port between agents.")
     state_dir: str = _spec("/var/lib/dwcp-agent", doc="Journals, WAL and runtime state.")
     dest_dirs: list[str] = _spec([], doc="Directories incoming images may be written to ([] = state_dir/images).")
@@ -111,7 +118,20 @@ class Config:
                                      doc="Remembered migrations older than this are forgotten.")
     acp_protocol: str = _spec("auto", choices=("auto", "raft", "pbft"), doc="Consensus protocol.")
     acp_peers: list[str] = _spec([], doc="Cluster members as id=host:port (empty = single node).")
+    acp_peer_keys: list[str] = _spec([], doc="Pinned member signing keys as id=<64 hex digits> (Ed25519 public "
+                                             "key; `dwcp-agent cluster key` prints this node's).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")
+    # Files and outgoing limits (sparse: issue 13 items 5-6, issue 16)
+    partial_ttl_s: float = _spec(86400.0, lo=1.0, hi=365 * 86400,
+                                 doc="Abandoned partial images and journals are removed after this.")
+    migration_targets: list[str] = _spec(
+        ["127.0.0.1:*", "[::1]:*", "localhost:*"],
+        doc="HOST:PORT patterns (fnmatch) a migration may be sent to, besides cluster members' hosts.")
+    max_outgoing_migrations: int = _spec(4, lo=1, hi=1024, doc="Outgoing migrations running at once.")
+    finished_record_ttl_s: float = _spec(3600.0, lo=1.0, hi=30 * 86400,
+                                         doc="Finished migration records are forgotten after this.")
+    index_budget_bytes: int = _spec(256 * MiB, lo=16 * MiB, hi=64 * GiB, size=True,
+                                    doc="Memory of the dedupe index and baseline have-list per migration.")
 
     @property
     def allowed_dest_dirs(self) -> list[Path]:

@@ -312,7 +312,8 @@ class BedAgent:
         """Run `dwcp-agent migrate --json` in this agent's namespace; returns the final record."""
         import json
 
-        done = self.bed.run(self.side, [self.python, "-m", "dwcp_agent", "migrate", "--agent",
+        token = ["--token-file", str(self.state_dir / "admin.token")]  # where the agent writes it
+        done = self.bed.run(self.side, [self.python, "-m", "dwcp_agent", *token, "migrate", "--agent",
                                         f"http://127.0.0.1:{self.ADMIN_PORT}", "--source", str(source),
                                         "--to", dest.address, "--dest-path", str(dest_path), "--json"],
                             check=False, timeout=timeout, cwd=str(TOOLS.parent))

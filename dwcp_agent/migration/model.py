@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dwcp_agent.migration.safe_files import SourceImage
+
 # Refusals that another attempt cannot fix.
 FATAL_ERRORS = frozenset({"version", "auth", "forbidden", "bad_request", "unwritable", "no_space", "busy",
                           "rdma_unavailable",
@@ -43,6 +45,7 @@ class MigrationRequest:
     protocol: str = "v3"
     mode: str = "datacenter"
     mode_measured: bool = False  # True once PBA named the mode from measurements
+    image: SourceImage | None = None  # the source, opened once at validation (safe_files.open_source)
 
 
 @dataclass

@@ -202,6 +202,10 @@ class Metrics:
             "dwcp_v3_acp_byzantine_detections", "Byzantine behaviour detected, by reason.", ["reason"],
             registry=r,
         )
+        self.acp_refused = Counter(
+            "dwcp_v3_acp_refused_connections", "ACP handshakes or frames refused, by reason "
+            "(counted per source address, never against the name a peer claims).", ["reason"], registry=r,
+        )
 
         # SLA and rollout
         self.sla_compliance = Gauge(

@@ -8,7 +8,6 @@ with the mode it measured.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 import urllib.request
@@ -19,6 +18,7 @@ import pytest
 import wanbed
 from prometheus_client.parser import text_string_to_metric_families
 
+from dwcp_agent.client import api_call
 from dwcp_agent.migration.images import generate
 
 pytestmark = pytest.mark.system
@@ -28,12 +28,14 @@ MiB = 1 << 20
 ADMIN = f"http://127.0.0.1:{wanbed.BedAgent.ADMIN_PORT}"
 
 
-def _get(bed: wanbed.WanBed, path: str, body: dict | None = None) -> bytes:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(ADMIN + path, data=data, method="POST" if body else "GET",
-                                 headers={"Content-Type": "application/json"})
-    with bed.enter("a"), urllib.request.urlopen(req, timeout=10) as resp:
-        return resp.read()
+def _scrape(bed: wanbed.WanBed) -> str:
+    with bed.enter("a"), urllib.request.urlopen(ADMIN + "/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _api(bed: wanbed.WanBed, path: str, body: dict | None = None) -> dict:
+    with bed.enter("a"):
+        return api_call(ADMIN, "POST" if body else "GET", path, body)
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -51,13 +53,13 @@ def test_metrics_during_a_default_wan_migration_show_the_measured_path(wan_bed: 
         src.wait_ready()
         dst.wait_ready()
         image = generate(src.images / "vm.img", 256 * MiB, "random", seed=11)
-        started = json.loads(_get(bed, "/api/v3/migrations", {
-            "source": str(image), "to": dst.address, "dest_path": str(dst.images / "vm.img")}))
+        started = _api(bed, "/api/v3/migrations", {
+            "source": str(image), "to": dst.address, "dest_path": str(dst.images / "vm.img")})
         live: list[dict] = []  # scrapes taken while the migration was running
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            samples = _samples(_get(bed, "/metrics").decode())
-            record = json.loads(_get(bed, f"/api/v3/migrations/{started['id']}"))
+            samples = _samples(_scrape(bed))
+            record = _api(bed, f"/api/v3/migrations/{started['id']}")
             if record["state"] != "running":
                 break
             live.append(samples)
