@@ -278,7 +278,9 @@ class BedAgent:
                "--state-dir", str(state_dir), "--data-port", str(self.DATA_PORT), "--listen-host",
                bed.addr[side], "--admin-port", str(self.ADMIN_PORT), "--admin-host", "127.0.0.1",
                "--psk-file", str(psk_file), "--set", f"dest_dirs={self.images}", "--set",
-               f"source_dirs={self.images}"]
+               f"source_dirs={self.images}",
+               # the other side of the bed is this agent's one migration target (not loopback)
+               "--set", f"migration_targets={bed.addr['b' if side == 'a' else 'a']}:{self.DATA_PORT}"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = bed.popen(side, cmd, stdout=self._log, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})}, cwd=str(TOOLS.parent))
