@@ -102,6 +102,8 @@ class Config:
     enable_v3: bool = _spec(True, doc="Master switch for protocol profile v3.")
     sla_availability: float = _spec(0.999, lo=0.0, hi=1.0, doc="GO needs at least this availability.")
     sla_latency_p99_s: float = _spec(0.1, lo=0.0, hi=3600, doc="GO needs P99 latency at most this.")
+    sla_latency_p99_internet_s: float = _spec(0.5, lo=0.0, hi=3600, doc="P99 operation latency SLO in internet mode.")
+    sla_latency_p99_hybrid_s: float = _spec(0.25, lo=0.0, hi=3600, doc="P99 operation latency SLO in hybrid mode.")
     sla_error_rate: float = _spec(0.01, lo=0.0, hi=1.0, doc="GO needs error rate at most this.")
     sla_throughput_bytes: float = _spec(2.4e9, lo=0.0, hi=1e13, doc="Throughput SLA in datacenter mode (bytes/s).")
     sla_throughput_internet_bytes: float = _spec(12.5e6, lo=0.0, hi=1e13,

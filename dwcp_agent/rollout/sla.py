@@ -444,11 +444,14 @@ class SlaGuard:
         self.rollout.sync_metrics()
 
     def publish_slos(self) -> None:
-        """The per-mode throughput SLOs and the runbook base URL, for the alert rules."""
+        """The per-mode throughput and latency SLOs and the runbook base URL, for the alert rules."""
         c = self.config
         for mode, value in (("datacenter", c.sla_throughput_bytes), ("internet", c.sla_throughput_internet_bytes),
                             ("hybrid", c.sla_throughput_hybrid_bytes)):
             self.metrics.slo_throughput.labels(mode).set(value)
+        for mode, value in (("datacenter", c.sla_latency_p99_s), ("internet", c.sla_latency_p99_internet_s),
+                            ("hybrid", c.sla_latency_p99_hybrid_s)):
+            self.metrics.slo_latency.labels(mode).set(value)
         self.metrics.runbook_info.clear()
         self.metrics.runbook_info.labels(c.runbook_base_url.rstrip("/")).set(1)
 

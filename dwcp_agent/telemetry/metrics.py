@@ -241,6 +241,11 @@ class Metrics:
             "Throughput SLO per network mode (config sla_throughput_*): the alerts' thresholds.",
             ["mode"], registry=r,
         )
+        self.slo_latency = Gauge(
+            "dwcp_v3_slo_latency_p99_seconds",
+            "P99 operation latency SLO per network mode (config sla_latency_p99_*): the alerts' thresholds.",
+            ["mode"], registry=r,
+        )
         self.runbook_info = Gauge(
             "dwcp_v3_runbook_info", "Base URL of the runbooks (config runbook_base_url); value 1.",
             ["base_url"], registry=r,

@@ -36,13 +36,13 @@ ALERTS = {
     "ThroughputDegradation": ("warning", "network", "10m"),
 }
 THRESHOLDS = {
-    "DWCPv3LatencyP99Critical": "sla:latency_p99:5m > 0.5",
+    "DWCPv3LatencyP99Critical": "mode:sla_latency_p99:5m > on (mode) 5 * mode:slo_latency_p99_seconds",
     "DWCPv3ThroughputCriticalLow": "mode:sla_throughput_bytes_per_second:5m < on (mode) 0.8 * "
                                    "mode:slo_throughput_bytes_per_second",
     "DWCPv3ErrorRateCritical": "sum(rate(dwcp_v3_errors_total[1m])) > 10",
     "SLAAvailabilityViolation": "sla:availability:5m < 0.999",
-    "SLALatencyViolation": "sla:latency_p99:5m > 0.1",
-    "HighLatencyWarning": "sla:latency_p99:5m > 0.08",
+    "SLALatencyViolation": "mode:sla_latency_p99:5m > on (mode) mode:slo_latency_p99_seconds",
+    "HighLatencyWarning": "mode:sla_latency_p99:5m > on (mode) 0.8 * mode:slo_latency_p99_seconds",
     "ThroughputDegradation": "mode:sla_throughput_bytes_per_second:5m < on (mode) mode:slo_throughput_bytes_per_second",
 }
 # The base comes from the agents' `runbook_base_url` (dwcp_v3_runbook_info); docs/runbooks without one.
