@@ -151,7 +151,10 @@ class StreamTuner:
             return self.plan
         lim = self.limits
         elapsed = now - self._phase_t
-        per_rtt = lim.settle_rtts * self.rtt_s
+        # The path's RTT, not the smoothed one: a queue (ours, or a busy host's) can inflate the
+        # latter tenfold, and each settle/measure window with it.
+        path_rtt = self.min_rtt_s if math.isfinite(self.min_rtt_s) else self.rtt_s
+        per_rtt = lim.settle_rtts * path_rtt
         if self._phase == "settle":
             if elapsed >= max(lim.settle_s, per_rtt):
                 self._start_measure(now)
