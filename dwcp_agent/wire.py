@@ -123,7 +123,7 @@ class Hello(msgspec.Struct, tag="hello"):
     versions: list[int]
     node_id: str
     nonce: bytes
-    role: str  # "control" | "data"
+    role: str  # "control" | "data" | "live" (a live-migration tunnel, dwcp_agent/live)
     session: int = 0
     stream: int = 0
     trace: dict[str, str] = {}
@@ -359,7 +359,7 @@ def server_handshake(sock: socket.socket, key: bytes, node_id: str,
                   f"{', '.join(map(str, versions))}")
         send_message(sock, Refuse(reason, "version"))
         raise HandshakeError(f"refused {hello.node_id}: {reason}", "version")
-    if hello.role not in ("control", "data") or len(hello.nonce) != NONCE_BYTES:
+    if hello.role not in ("control", "data", "live") or len(hello.nonce) != NONCE_BYTES:
         send_message(sock, Refuse(f"bad hello (role {hello.role!r})", "malformed"))
         raise HandshakeError(f"refused {hello.node_id}: bad hello", "malformed")
     version = common[-1]

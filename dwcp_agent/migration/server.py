@@ -10,6 +10,7 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Callable
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
@@ -43,6 +44,8 @@ class DataServer:
         self.transports = transports or Transports(config, metrics)
         self.pool = pool or BufferPool()
         self.sessions: dict[int, ReceiveSession] = {}
+        # Connections that asked for the "live" role go to the live-migration service.
+        self.live_handler: Callable[[socket.socket, wire.PeerInfo], None] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._sock = tcp.listen(config.listen_host, config.data_port, config.socket_buffer_bytes)
@@ -81,7 +84,12 @@ class DataServer:
             log.warning("refused connection from %s: %s", addr[0], exc, extra={"error_type": error_type})
             conn.close()
             return
-        if peer.role == "control":
+        if peer.role == "live":
+            if self.live_handler is None:
+                conn.close()
+                return
+            self.live_handler(conn, peer)
+        elif peer.role == "control":
             self._serve_control(conn, peer)
         else:
             self._serve_data(conn, peer)
