@@ -21,6 +21,7 @@ from dwcp_agent import __version__
 from dwcp_agent.acp import cli as acp_cli
 from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
 from dwcp_agent.progress import ProgressBar, human_bytes, human_rate, summary
+from dwcp_agent.security import pki_cli
 from dwcp_agent.telemetry import rollout_cli
 
 DEFAULT_AGENT = "http://127.0.0.1:8080"
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     acp_cli.register(sub)
     rollout_cli.register(sub)
+    pki_cli.register(sub)
     return parser
 
 

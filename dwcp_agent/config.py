@@ -99,6 +99,14 @@ class Config:
     acp_protocol: str = _spec("auto", choices=("auto", "raft", "pbft"), doc="Consensus protocol.")
     acp_peers: list[str] = _spec([], doc="Cluster members as id=host:port (empty = single node).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")
+    tls_dir: str = _spec("", doc="This node's TLS certificate node.pem, key node.key, CA bundle ca.pem ('' = state_dir/tls).")
+    tls_ca_file: str = _spec("", doc="Cluster CA bundle peers are verified against ('' = tls_dir/ca.pem).")
+    tls_auto_issue_ca_dir: str = _spec("", doc="CA directory (pki init) to issue this node's certificate from "
+                                               "at start when missing or expiring (demo/tests; '' = never).")
+    insecure_datacenter_plaintext: bool = _spec(False, doc="Data and consensus traffic unencrypted, PSK only "
+                                                           "(trusted networks only; warned and shown in /health).")
+    max_connections: int = _spec(512, lo=1, hi=65536, doc="Data-port connections served at once (worker pool size).")
+    max_connections_per_source: int = _spec(64, lo=1, hi=65536, doc="Data-port connections from one address.")
 
     @property
     def allowed_dest_dirs(self) -> list[Path]:

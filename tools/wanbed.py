@@ -257,6 +257,8 @@ class BedAgent:
                  env: dict[str, str] | None = None, python: str | None = None) -> None:
         import sys
 
+        from dwcp_agent.security.pki import ensure_ca
+
         self.bed, self.side = bed, side
         self.state_dir = state_dir
         self.images = state_dir / "images"
@@ -267,7 +269,7 @@ class BedAgent:
                "--state-dir", str(state_dir), "--data-port", str(self.DATA_PORT), "--listen-host",
                bed.addr[side], "--admin-port", str(self.ADMIN_PORT), "--admin-host", "127.0.0.1",
                "--psk-file", str(psk_file), "--set", f"dest_dirs={self.images}", "--set",
-               f"source_dirs={self.images}"]
+               f"source_dirs={self.images}", "--set", f"tls_auto_issue_ca_dir={ensure_ca(psk_file.parent / 'cluster-ca')}"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = bed.popen(side, cmd, stdout=self._log, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})}, cwd=str(TOOLS.parent))

@@ -39,6 +39,7 @@ from dwcp_agent.acp.registry import (
 )
 from dwcp_agent.acp.storage import PersistOps
 from dwcp_agent.acp.transport import Transport
+from dwcp_agent.security import channels as channel_security
 from dwcp_agent.acp.wal import FileWAL
 from dwcp_agent.config import Config
 from dwcp_agent.telemetry.metrics import Metrics
@@ -118,7 +119,8 @@ class ConsensusService:
                           incarnation=incarnation)
         if not self.single:
             self.transport = Transport(self.node_id, self.config.psk_bytes, keys, self._on_envelope,
-                                       self._on_bad_peer, connect_timeout=self.config.connect_timeout_s)
+                                       self._on_bad_peer, connect_timeout=self.config.connect_timeout_s,
+                                       channels=channel_security.for_config(self.config))
             host = self.config.listen_host or "0.0.0.0"
             await self.transport.start(host, self.config.acp_port)
             self.transport.set_peers({**self.members0, **replica.members()})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from typing import Protocol
 
 from dwcp_agent import wire
@@ -73,6 +74,8 @@ class TcpChannel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # TLS (security/channels.py): records are sealed by ssl, which has no scatter-gather send.
+        self.encrypted = isinstance(sock, ssl.SSLSocket)
         # ACKs are 56-byte frames, one per chunk: read them in batches, not one syscall each.
         self._acks = bytearray(64 * wire.HEADER_SIZE)
         self._ack_view = memoryview(self._acks)
@@ -80,6 +83,10 @@ class TcpChannel:
 
     def send_frame(self, header: bytes, *payload: bytes | memoryview) -> None:
         views = [memoryview(header)] + [memoryview(part) for part in payload if len(part)]
+        if self.encrypted:
+            for view in views:
+                self.sock.sendall(view)
+            return
         first = 0
         while first < len(views):  # sendmsg may stop anywhere; resume mid-buffer
             sent = self.sock.sendmsg(views[first: first + MAX_IOV])

@@ -12,7 +12,7 @@ from pathlib import Path
 # Refusals that another attempt cannot fix.
 FATAL_ERRORS = frozenset({"version", "auth", "forbidden", "bad_request", "unwritable", "no_space", "busy",
                           "rdma_unavailable",
-                          "io", "malformed"})
+                          "io", "malformed", "identity"})
 POLL_S = 0.1
 
 

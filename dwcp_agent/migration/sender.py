@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -39,6 +40,7 @@ from dwcp_agent.migration.model import (
 )
 from dwcp_agent.pba.active import ProbeError, run_probe
 from dwcp_agent.pba.link import LinkController
+from dwcp_agent.security import channels as channel_security
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -178,8 +180,18 @@ class SendSession:
         except ValueError as exc:
             raise MigrationError(str(exc), "config") from exc
         try:
+            sock = channel_security.for_config(c).wrap_client(sock)
+        except (channel_security.PeerIdentityError, ssl.SSLCertVerificationError) as exc:
+            sock.close()
+            raise MigrationError(f"{self.request.host}:{self.request.port}: TLS peer refused: {exc}", "tls") from exc
+        except OSError as exc:
+            sock.close()
+            raise MigrationError(f"TLS handshake with {self.request.host}:{self.request.port} failed: {exc}",
+                                 "disconnected", retryable=True) from exc
+        try:
             peer = wire.client_handshake(sock, self.key, c.node_id, role, session, stream, self.trace,
-                                         capabilities=capabilities)
+                                         capabilities=capabilities,
+                                         expect_peer=channel_security.peer_identity(sock))
         except wire.WireError as exc:
             sock.close()
             raise MigrationError(f"{self.request.host}:{self.request.port}: {exc}", exc.error_type,

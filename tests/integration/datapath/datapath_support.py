@@ -15,6 +15,7 @@ from dwcp_agent.config import Config, load_config
 from dwcp_agent.migration.model import MigrationRequest, SendResult
 from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.migration.server import DataServer
+from dwcp_agent.security.pki import ensure_ca
 from dwcp_agent.telemetry.metrics import Metrics
 
 PSK = b"integration-test-key-0123456789abcdef"
@@ -23,7 +24,8 @@ PSK = b"integration-test-key-0123456789abcdef"
 def make_config(tmp: Path, **overrides: Any) -> Config:
     base: dict[str, Any] = dict(psk=PSK.decode(), data_port=0, listen_host="127.0.0.1", state_dir=str(tmp / "state"),
                                 dest_dirs=[str(tmp / "dst")], source_dirs=[str(tmp / "src")], io_timeout_s=10.0,
-                                connect_timeout_s=2.0, retry_limit=3)
+                                connect_timeout_s=2.0, retry_limit=3,
+                                tls_auto_issue_ca_dir=str(ensure_ca(tmp / "cluster-ca")))
     base.update(overrides)
     return load_config(environ={}, overrides=base)
 
