@@ -200,6 +200,10 @@ class SendSession:
             sock.close()
             raise MigrationError(f"handshake with {self.request.host}:{self.request.port} failed: {exc}",
                                  "disconnected", retryable=True) from exc
+        if peer.node_id == c.node_id:  # a connection reflected back to this agent's own port
+            sock.close()
+            raise MigrationError(f"{self.request.host}:{self.request.port} is this agent itself "
+                                 f"({c.node_id!r}): refusing to migrate to ourselves", "identity")
         sock.settimeout(c.io_timeout_s)
         self.peer_node = peer.node_id
         return sock, peer

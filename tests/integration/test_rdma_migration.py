@@ -39,7 +39,7 @@ def make_config(tmp: Path, **overrides: Any) -> Config:
     base: dict[str, Any] = dict(psk=PSK.decode(), data_port=0, listen_host="127.0.0.1", state_dir=str(tmp / "state"),
                                 dest_dirs=[str(tmp / "dst")], source_dirs=[str(tmp / "src")], io_timeout_s=10.0,
                                 connect_timeout_s=2.0, retry_limit=3, chunk_size=CHUNK, stream_count=3,
-                                rdma_slots=4, tls_auto_issue_ca_dir=str(ensure_ca(tmp / "cluster-ca")))
+                                rdma_slots=4, node_id="source", tls_auto_issue_ca_dir=str(ensure_ca(tmp / "cluster-ca")))
     base.update(overrides)
     return load_config(environ={}, overrides=base)
 
@@ -48,7 +48,7 @@ class Destination:
     def __init__(self, tmp: Path, provider: SoftProvider, **overrides: Any) -> None:
         self.dir = tmp / "dst"
         self.dir.mkdir(exist_ok=True)
-        self.config = make_config(tmp, **overrides)
+        self.config = make_config(tmp, **{"node_id": "receiver", "tls_dir": str(tmp / "tls-receiver"), **overrides})
         self.metrics = Metrics()
         self.transports = Transports(self.config, self.metrics, provider)
         self.server = DataServer(self.config, self.metrics, PSK, transports=self.transports)
