@@ -51,13 +51,17 @@ def _summary(latencies: list[float], seconds: float) -> dict[str, Any]:
 
 
 async def _acp_node(args: argparse.Namespace) -> None:
+    from dwcp_agent.acp.auth import public_key_hex
     from dwcp_agent.acp.service import ConsensusService
     from dwcp_agent.config import load_config
     from dwcp_agent.telemetry.metrics import Metrics
 
+    # Sibling state directories hold each member's key (made by _cluster_run before any node starts).
+    keys = ",".join(f"{n}={public_key_hex(Path(args.state).parent / n)}"
+                    for n in (item.partition("=")[0] for item in args.peers.split(",")))
     config = load_config(environ={}, overrides={
         "node_id": args.name, "acp_port": args.port, "acp_peers": args.peers, "acp_protocol": args.protocol,
-        "psk": PSK, "listen_host": "127.0.0.1", "log_level": "warning"})
+        "acp_peer_keys": keys, "psk": PSK, "listen_host": "127.0.0.1", "log_level": "warning"})
     svc = ConsensusService(config, Metrics(), Path(args.state), fsync=True)
     await svc.start()
     stop = asyncio.Event()
@@ -159,9 +163,14 @@ def _cluster_run(role: str, nodes: int, protocol: str, clients: int, seconds: fl
     out = tmp / "result.json"
     procs = []
     try:
+        for name in names:
+            (tmp / name).mkdir()
+            if role == "acp":
+                from dwcp_agent.acp.auth import public_key_hex
+
+                public_key_hex(tmp / name)  # every member's key exists before any member pins them
         for i, name in enumerate(names):
             state = tmp / name
-            state.mkdir()
             procs.append(_spawn(role, name, ports[i], peers, state, protocol, str(out) if i == 0 else "",
                                 clients, seconds))
         procs[0].wait(timeout=seconds + 120)
@@ -259,7 +268,8 @@ def _measure(system: str, clients: int, seconds: float) -> dict[str, Any]:
 
 def _raft_failover(repeats: int) -> dict[str, Any]:
     """kill -9 the leader of 3 real agents; time until a survivor commits a write (seconds)."""
-    from dwcp_agent.cli import ApiError, api_call
+    from dwcp_agent.acp.auth import public_key_hex
+    from dwcp_agent.client import ApiError, api_call
     from dwcp_agent.demo import LocalAgent
 
     times: list[float] = []
@@ -269,8 +279,9 @@ def _raft_failover(repeats: int) -> dict[str, Any]:
         psk.write_text(PSK)
         ports = [free_port() for _ in range(3)]
         peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
-        agents = [LocalAgent(f"a{i + 1}", tmp, psk, None, {"acp_port": p, "acp_peers": peers, "acp_protocol": "raft",
-                                                           "log_level": "warning"})
+        keys = ",".join(f"a{i + 1}={public_key_hex(tmp / f'a{i + 1}')}" for i in range(3))
+        agents = [LocalAgent(f"a{i + 1}", tmp, psk, None, {"acp_port": p, "acp_peers": peers, "acp_peer_keys": keys,
+                                                           "acp_protocol": "raft", "log_level": "warning"})
                   for i, p in enumerate(ports)]
         try:
             for agent in agents:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import standalone
-from dwcp_agent.cli import api_call, follow
+from dwcp_agent.client import api_call, follow
 from dwcp_agent.demo import LocalAgent, free_port
 from dwcp_agent.migration.images import generate
 

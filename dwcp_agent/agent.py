@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dwcp_agent import __version__, api
+from dwcp_agent import __version__, admin_guard, api
 from dwcp_agent._native import pages
 from dwcp_agent.acp.node import ConsensusTimeout
 from dwcp_agent.acp.ownership import RegistryOwnership
@@ -83,7 +83,10 @@ class Agent:
         self.data_server: DataServer | None = None
         self.transports: Transports | None = None
         self.admin_port = 0
+        self.metrics_port = 0
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._admin_guard = admin_guard.make_guard(config, admin_guard.load_or_create_token(config))
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -199,16 +202,14 @@ class Agent:
             log.warning("rollout not synchronised with the cluster yet: %s", exc, extra={"component": "acp"})
         self.manager.ownership = RegistryOwnership(self.consensus, self.config.node_id, asyncio.get_running_loop())
         self.health.register("acp", self.consensus.health)
-        app = web.Application(client_max_size=1 << 20)
-        app.add_routes(api.routes(self))
-        app.add_routes(sla_routes(self.guard))
-        app.add_routes(self.consensus.routes())
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.admin_host, self.config.admin_port)
-        with _listening("admin_port", self.config.admin_host, self.config.admin_port):
-            await site.start()
+        routes = [*api.routes(self), *sla_routes(self.guard), *self.consensus.routes()]
+        self._runner = await self._serve("admin_port", self.config.admin_host, self.config.admin_port, routes)
         self.admin_port = self._runner.addresses[0][1]
+        if self.config.metrics_port >= 0:  # probes and scrapes only, for networks the admin port is not on
+            probes = [r for r in routes if isinstance(r, web.RouteDef) and admin_guard.is_open(r.method, r.path)]
+            self._metrics_runner = await self._serve("metrics_port", self.config.metrics_host,
+                                                     self.config.metrics_port, probes)
+            self.metrics_port = self._metrics_runner.addresses[0][1]
         self._write_runtime_file()
         self.health.started = True
         self.transports.publish()
@@ -218,6 +219,16 @@ class Agent:
         log.info("agent ready", extra={"component": "agent", "version": __version__,
                                        "data_port": self.data_server.port, "admin_port": self.admin_port,
                                        "node_id": self.config.node_id})
+
+    async def _serve(self, key: str, host: str, port: int, routes: list[web.RouteDef]) -> web.AppRunner:
+        """An HTTP listener whose every route passes the admin guard (token, Host, Origin, JSON)."""
+        app = web.Application(client_max_size=1 << 20, middlewares=[self._admin_guard])
+        app.add_routes(routes)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        with _listening(key, host, port):
+            await web.TCPSite(runner, host, port).start()
+        return runner
 
     async def _await_consensus(self, timeout: float) -> None:
         """Give the cluster a moment to elect a leader, so the first registry operations do not
@@ -230,7 +241,8 @@ class Agent:
         """state_dir/agent.json tells scripts and tests which ports were bound (ports may be 0)."""
         assert self.data_server is not None
         runtime = {"pid": os.getpid(), "data_port": self.data_server.port, "admin_port": self.admin_port,
-                   "node_id": self.config.node_id, "version": __version__}
+                   "metrics_port": self.metrics_port or None, "node_id": self.config.node_id,
+                   "version": __version__}
         tmp = self.state_dir / "agent.json.tmp"
         tmp.write_text(json.dumps(runtime))
         tmp.replace(self.state_dir / "agent.json")
@@ -252,8 +264,9 @@ class Agent:
         if self.transports is not None:
             self.transports.close()
         await self.consensus.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in (self._runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
         (self.state_dir / "agent.json").unlink(missing_ok=True)
         tracing.shutdown_tracing()
         log.info("agent stopped", extra={"component": "agent",

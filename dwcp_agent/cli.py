@@ -11,16 +11,15 @@ import asyncio
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dwcp_agent import __version__
 from dwcp_agent.acp import cli as acp_cli
+from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, follow, use_token_file
 from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
-from dwcp_agent.progress import ProgressBar, human_bytes, human_rate, summary
+from dwcp_agent.progress import human_bytes, human_rate, summary
 from dwcp_agent.security import pki_cli
 from dwcp_agent.telemetry import rollout_cli
 
@@ -29,39 +28,13 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-class ApiError(RuntimeError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def api_call(agent: str, method: str, path: str, body: dict[str, Any] | None = None,
-             timeout: float = 30.0) -> dict[str, Any]:
-    """Call the agent's admin API; errors carry the agent's own message."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(agent.rstrip("/") + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            result: dict[str, Any] = json.loads(resp.read() or b"{}")
-            return result
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("error", exc.reason)
-        except (ValueError, AttributeError):
-            message = str(exc.reason)
-        raise ApiError(exc.code, f"agent answered {exc.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ApiError(0, f"cannot reach the agent at {agent}: {reason} (is `dwcp-agent serve` running?)") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # serve
 
 SERVE_FLAGS = {  # flag -> config key
     "data_port": "data_port", "admin_port": "admin_port", "state_dir": "state_dir", "node_id": "node_id",
     "psk_file": "psk_file", "log_level": "log_level", "listen_host": "listen_host", "admin_host": "admin_host",
+    "admin_token_file": "admin_token_file",
 }
 
 
@@ -88,20 +61,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # migrate / status / cancel
-
-def follow(agent: str, migration_id: str, show_progress: bool, poll_s: float = 0.2) -> dict[str, Any]:
-    """Poll a migration until it ends, drawing the progress bar."""
-    bar = ProgressBar() if show_progress else None
-    while True:
-        m = api_call(agent, "GET", f"/api/v3/migrations/{migration_id}")
-        if bar is not None:
-            bar.update(m)
-        if m["state"] not in ("running",):
-            if bar is not None:
-                bar.finish()
-            return m
-        time.sleep(poll_s)
-
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"source": args.source, "to": args.to, "dest_path": args.dest_path}
@@ -210,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(multi-stream transport, page-aware compression, verified and resumable).",
         epilog="Exit status: 0 success, 1 operation failed, 2 bad usage or configuration.")
     parser.add_argument("--version", action="version", version=f"dwcp-agent {__version__}")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"admin token for the commands that call the agent (default: ${TOKEN_ENV}, "
+                             "else /var/lib/dwcp-agent/admin.token)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     keys = ", ".join(sorted(FIELDS))
@@ -223,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-port", type=int, help="data listener port (default 9876)")
     p.add_argument("--admin-port", type=int, help="admin HTTP port (default 8080)")
     p.add_argument("--listen-host", help="data listener address (default 0.0.0.0)")
-    p.add_argument("--admin-host", help="admin HTTP address (default 0.0.0.0)")
+    p.add_argument("--admin-host", help="admin HTTP address (default 127.0.0.1)")
+    p.add_argument("--admin-token-file", help="admin bearer token file, created if missing "
+                                              "(default STATE_DIR/admin.token)")
     p.add_argument("--state-dir", help="state directory (default /var/lib/dwcp-agent)")
     p.add_argument("--node-id", help="name of this agent (default: host name)")
     p.add_argument("--psk-file", help="file holding the pre-shared key that authenticates peers")
@@ -274,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and stop both agents. Exit 0 when the digest was verified.")
     p.add_argument("--size", type=_size, default=_size("1GiB"), help="image size (default 1GiB)")
     p.add_argument("--profile", default="vm-mix", help="image profile (default vm-mix)")
-    p.add_argument("--streams", type=int, default=4, help="data streams (default 4)")
+    p.add_argument("--streams", type=int, default=0, help="data streams (default 0 = tuned online by PBA)")
     p.add_argument("--codec", default="auto", choices=("auto", "none", "lz4", "zstd", "snappy"),
                    help="compression (default auto)")
     p.add_argument("--state-dir", default="demo-state", help="where the demo keeps images and state")
@@ -298,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    use_token_file(args.token_file)
     try:
         result: int = args.func(args)
         return result

@@ -56,15 +56,24 @@ class Config:
     node_id: str = _spec(socket.gethostname(), doc="Name of this agent in logs and the cluster.")
     listen_host: str = _spec("0.0.0.0", doc="Address of the data listener.")
     data_port: int = _spec(9876, lo=0, hi=65535, doc="Data listener port (0 = any free port).")
-    admin_host: str = _spec("0.0.0.0", doc="Address of the admin HTTP server.")
+    admin_host: str = _spec("127.0.0.1", doc="Address of the admin HTTP server (loopback: it can move VMs).")
     admin_port: int = _spec(8080, lo=0, hi=65535, doc="Admin HTTP port (0 = any free port).")
+    admin_token_file: str = _spec("", doc="Admin bearer token; created if missing ('' = state_dir/admin.token).")
+    admin_auth_health: bool = _spec(False, doc="Require the admin token on /health and /metrics too.")
+    admin_allowed_hosts: list[str] = _spec([], doc="Host names accepted in the Host header besides IPs, "
+                                                   "localhost and node_id ('*' = any).")
+    metrics_host: str = _spec("0.0.0.0", doc="Address of the metrics listener (/health, /metrics only).")
+    metrics_port: int = _spec(-1, lo=-1, hi=65535, doc="Metrics listener port (-1 = none: served on the "
+                                                       "admin port; 0 = any free port).")
     acp_port: int = _spec(9877, lo=0, hi=65535, doc="Consensus port between agents.")
     state_dir: str = _spec("/var/lib/dwcp-agent", doc="Journals, WAL and runtime state.")
     dest_dirs: list[str] = _spec([], doc="Directories incoming images may be written to ([] = state_dir/images).")
     source_dirs: list[str] = _spec([], doc="Directories images may be migrated from ([] = state_dir/images).")
     psk: str = _spec("", doc="Pre-shared key authenticating peers (prefer psk_file).")
     psk_file: str = _spec("", doc="File holding the pre-shared key.")
-    stream_count: int = _spec(4, lo=0, hi=256, doc="AMST data streams per migration (0 = tuned online).")
+    stream_count: int = _spec(0, lo=0, hi=256, doc="AMST data streams per migration: 0 or 'auto' (default) = "
+                              "tuned online by PBA up to max_streams; N = exactly N (PBA still measures).")
+    max_streams: int = _spec(64, lo=1, hi=256, doc="Ceiling of the online stream tuner.")
     chunk_size: int = _spec(1 * MiB, lo=4 * KiB, hi=64 * MiB, size=True, doc="Chunk size, whole pages.")
     compression_algo: str = _spec(
         "auto", choices=("auto", "none", "lz4", "zstd", "snappy"), doc="Codec; auto = chosen per chunk."
@@ -98,8 +107,10 @@ class Config:
     sla_nogo_hold_s: float = _spec(30.0, lo=0.0, hi=86400, doc="NO-GO held this long rolls back.")
     acp_protocol: str = _spec("auto", choices=("auto", "raft", "pbft"), doc="Consensus protocol.")
     acp_peers: list[str] = _spec([], doc="Cluster members as id=host:port (empty = single node).")
+    acp_peer_keys: list[str] = _spec([], doc="Pinned member signing keys as id=<64 hex digits> (Ed25519 public "
+                                             "key; `dwcp-agent cluster key` prints this node's).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")
-    tls_dir: str = _spec("", doc="This node's TLS certificate node.pem, key node.key, CA bundle ca.pem ('' = state_dir/tls).")
+    tls_dir: str = _spec("", doc="Holds this node's TLS node.pem, node.key and CA bundle ca.pem ('' = state_dir/tls).")
     tls_ca_file: str = _spec("", doc="Cluster CA bundle peers are verified against ('' = tls_dir/ca.pem).")
     tls_auto_issue_ca_dir: str = _spec("", doc="CA directory (pki init) to issue this node's certificate from "
                                                "at start when missing or expiring (demo/tests; '' = never).")
@@ -107,6 +118,17 @@ class Config:
                                                            "(trusted networks only; warned and shown in /health).")
     max_connections: int = _spec(512, lo=1, hi=65536, doc="Data-port connections served at once (worker pool size).")
     max_connections_per_source: int = _spec(64, lo=1, hi=65536, doc="Data-port connections from one address.")
+    # Files and outgoing limits (sparse: issue 13 items 5-6, issue 16)
+    partial_ttl_s: float = _spec(86400.0, lo=1.0, hi=365 * 86400,
+                                 doc="Abandoned partial images and journals are removed after this.")
+    migration_targets: list[str] = _spec(
+        ["127.0.0.1:*", "[::1]:*", "localhost:*"],
+        doc="HOST:PORT patterns (fnmatch) a migration may be sent to, besides cluster members' hosts.")
+    max_outgoing_migrations: int = _spec(4, lo=1, hi=1024, doc="Outgoing migrations running at once.")
+    finished_record_ttl_s: float = _spec(3600.0, lo=1.0, hi=30 * 86400,
+                                         doc="Finished migration records are forgotten after this.")
+    index_budget_bytes: int = _spec(256 * MiB, lo=16 * MiB, hi=64 * GiB, size=True,
+                                    doc="Memory of the dedupe index and baseline have-list per migration.")
 
     @property
     def allowed_dest_dirs(self) -> list[Path]:
@@ -150,6 +172,8 @@ def parse_size(text: str) -> int:
 def _coerce(key: str, value: Any) -> Any:
     spec = FIELDS[key]
     meta = spec.metadata
+    if key == "stream_count" and isinstance(value, str) and value.strip().lower() == "auto":
+        value = "0"  # the documented spelling of "tuned online"
     kind = spec.type
     try:
         if kind == "bool":

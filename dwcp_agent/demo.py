@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dwcp_agent.cli import ApiError, api_call, follow
+from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, follow
 from dwcp_agent.migration.images import generate
 from dwcp_agent.progress import human_bytes, summary
 from dwcp_agent.security import pki
@@ -57,6 +57,21 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _shared_token_file(root: Path) -> Path:
+    """One admin token for the agents this process starts, and for its own `api_call`s.
+
+    DWCP_ADMIN_TOKEN_FILE names it when set (tests set it once per session); otherwise it is
+    created under `root` and exported to this process, so `api_call` finds it without arguments.
+    """
+    path = Path(os.environ.get(TOKEN_ENV) or root / "admin.token")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    os.environ[TOKEN_ENV] = str(path)
+    return path
+
+
 class LocalAgent:
     """An agent subprocess on loopback with its own state directory; restartable on the same ports."""
 
@@ -69,7 +84,8 @@ class LocalAgent:
         self.data_port = free_port()
         self.admin_port = free_port()
         self.log_path = self.state_dir / "agent.log"
-        self.env = {**os.environ, **(env or {})}
+        self.token_file = _shared_token_file(root)
+        self.env = {**os.environ, **(env or {}), TOKEN_ENV: str(self.token_file)}
         self.cmd = [sys.executable, "-m", "dwcp_agent", "serve", "--node-id", name, "--state-dir", str(self.state_dir),
                     "--data-port", str(self.data_port), "--admin-port", str(self.admin_port),
                     "--listen-host", "127.0.0.1", "--admin-host", "127.0.0.1", "--psk-file", str(psk_file),

@@ -177,6 +177,10 @@ class Start(msgspec.Struct, tag="start"):
     chunk_size: int
     streams: int
     protocol: str = "v3"
+    # Bytes the source will write (its data chunks; holes are never sent) and where, so the
+    # destination checks and reserves that rather than `size`. -1: no hole map, all of `size`.
+    data_bytes: int = -1
+    data_ranges: list[tuple[int, int]] = []
 
 
 class Ready(msgspec.Struct, tag="ready"):

@@ -2,8 +2,11 @@
 """What the peer holds, seen from the sender: the tables behind cross-chunk references.
 
 One `PeerIndex` per migration. It keeps, in preallocated arrays (no per-page Python objects):
-  * per page of the object: the 128-bit hash of the version last sent and whether the peer has
-    acknowledged it (state UNSENT / SENT / ACKED);
+  * per page sent: the 128-bit hash of the version last sent and whether the peer has
+    acknowledged it (state UNSENT / SENT / ACKED). Pages are tracked in blocks of 16384 (64 MiB
+    of image) drawn from a pool sized by `page_budget_bytes`; a block is taken when its first
+    page is sent, so holes cost nothing, and when the pool is full the least recently used block
+    is evicted: its pages become UNSENT, which only means they are no longer referenced;
   * a content table, fingerprint -> page, for dedupe across chunks;
   * the peer's baseline (its have-list): per-page hashes plus a fingerprint -> page table;
   * the XOR-delta cache: versions of pages sent more than once, two-way set associative, LRU
@@ -24,6 +27,9 @@ cdef uint8_t K_LITERAL = 0, K_ZERO = 1, K_DUP_IN = 2, K_DUP_X = 3, K_BASELINE = 
 cdef uint8_t K_DELTA = 6
 cdef uint8_t S_UNSENT = 0, S_SENT = 1, S_ACKED = 2
 cdef int _PROBES = 8
+cdef int _BLOCK_SHIFT = 14
+cdef Py_ssize_t _BLOCK = 1 << 14          # pages per block
+cdef Py_ssize_t _BLOCK_BYTES = 17 << 14   # state byte + 128-bit hash per page
 
 
 cdef inline Py_ssize_t _pow2_at_least(Py_ssize_t n):
@@ -34,10 +40,15 @@ cdef inline Py_ssize_t _pow2_at_least(Py_ssize_t n):
 
 
 cdef class PeerIndex:
-    cdef public object _state_arr, _hash_arr, _tkey_arr, _tpage_arr
+    cdef public object _state_arr, _hash_arr, _tkey_arr, _tpage_arr, _dir_arr, _owner_arr, _used_arr
     cdef public object _base_arr, _bkey_arr, _bpage_arr, _cache_arr, _ctag_arr, _clru_arr
-    cdef uint8_t[::1] state
-    cdef uint64_t[:, ::1] hashes
+    cdef uint8_t[:, ::1] state        # [slot, page in block]
+    cdef uint64_t[:, :, ::1] hashes   # [slot, page in block, 2]
+    cdef int64_t[::1] blockdir        # block -> slot, -1 when not tracked
+    cdef int64_t[::1] owner           # slot -> block, -1 when free
+    cdef uint64_t[::1] used           # slot -> tick of last use (LRU eviction)
+    cdef uint64_t tick
+    cdef readonly Py_ssize_t slots, evictions
     cdef uint64_t[:, ::1] tkey
     cdef int64_t[::1] tpage
     cdef uint64_t[:, ::1] base
@@ -46,18 +57,29 @@ cdef class PeerIndex:
     cdef uint8_t[:, ::1] cache
     cdef int64_t[::1] ctag
     cdef uint8_t[::1] clru
-    cdef Py_ssize_t n_pages, tmask, bmask, n_base, n_sets
+    cdef Py_ssize_t n_blocks, tmask, bmask, n_base, n_sets
     cdef readonly Py_ssize_t table_entries, cache_pages
 
-    def __init__(self, Py_ssize_t table_entries=1 << 18, Py_ssize_t cache_bytes=0):
-        """`table_entries` bounds the dedupe table (24 bytes each); `cache_bytes` the delta cache."""
+    def __init__(self, Py_ssize_t table_entries=1 << 18, Py_ssize_t cache_bytes=0,
+                 Py_ssize_t page_budget_bytes=128 << 20):
+        """`table_entries` bounds the dedupe table (24 bytes each); `cache_bytes` the delta cache;
+        `page_budget_bytes` the per-page state (17 bytes a page, in blocks of 64 MiB of image)."""
         self.table_entries = _pow2_at_least(max(table_entries, 16))
         self.tmask = self.table_entries - 1
         self._tkey_arr = np.zeros((self.table_entries, 2), dtype=np.uint64)
         self._tpage_arr = np.full(self.table_entries, -1, dtype=np.int64)
         self.tkey = self._tkey_arr
         self.tpage = self._tpage_arr
-        self.n_pages = 0
+        # The pool is zeroed lazily by the kernel (calloc): untouched slots cost no memory.
+        self.slots = max(page_budget_bytes // _BLOCK_BYTES, 4)
+        self._state_arr = np.zeros((self.slots, _BLOCK), dtype=np.uint8)
+        self._hash_arr = np.zeros((self.slots, _BLOCK, 2), dtype=np.uint64)
+        self._owner_arr = np.full(self.slots, -1, dtype=np.int64)
+        self._used_arr = np.zeros(self.slots, dtype=np.uint64)
+        self.state, self.hashes, self.owner, self.used = self._state_arr, self._hash_arr, self._owner_arr, self._used_arr
+        self.tick = 0
+        self.evictions = 0
+        self.n_blocks = 0
         self._grow(1024)
         self.n_sets = max(cache_bytes // _PAGE, 0) // 2
         self.cache_pages = 2 * self.n_sets
@@ -70,18 +92,53 @@ cdef class PeerIndex:
         self.set_baseline(np.zeros((0, 2), dtype=np.uint64))
 
     def _grow(self, Py_ssize_t pages):
-        cdef Py_ssize_t cap = self.n_pages
-        if pages <= cap:
+        """Make the block directory cover `pages` (8 bytes per 64 MiB of image)."""
+        cdef Py_ssize_t blocks = (pages + _BLOCK - 1) >> _BLOCK_SHIFT
+        if blocks <= self.n_blocks:
             return
-        cap = max(pages, 2 * cap)
-        state = np.zeros(cap, dtype=np.uint8)
-        hashes = np.zeros((cap, 2), dtype=np.uint64)
-        if self.n_pages:
-            state[: self.n_pages] = self._state_arr
-            hashes[: self.n_pages] = self._hash_arr
-        self._state_arr, self._hash_arr = state, hashes
-        self.state, self.hashes = state, hashes
-        self.n_pages = cap
+        blocks = max(blocks, 2 * self.n_blocks)
+        blockdir = np.full(blocks, -1, dtype=np.int64)
+        if self.n_blocks:
+            blockdir[: self.n_blocks] = self._dir_arr
+        self._dir_arr = blockdir
+        self.blockdir = blockdir
+        self.n_blocks = blocks
+
+    cdef inline int64_t _slot(self, int64_t page) noexcept nogil:
+        """The pool slot holding `page`'s block, or -1."""
+        cdef int64_t block = page >> _BLOCK_SHIFT
+        if page < 0 or block >= self.n_blocks:
+            return -1
+        return self.blockdir[block]
+
+    cdef int64_t _take_slot(self, int64_t page) noexcept nogil:
+        """The slot for `page`'s block, taking a free one or evicting the least recently used."""
+        cdef int64_t block = page >> _BLOCK_SHIFT, s = self.blockdir[block], victim = 0, i
+        self.tick += 1
+        if s >= 0:
+            self.used[s] = self.tick
+            return s
+        for i in range(self.slots):
+            if self.owner[i] < 0:
+                victim = i
+                break
+            if self.used[i] < self.used[victim]:
+                victim = i
+        if self.owner[victim] >= 0:
+            self.blockdir[self.owner[victim]] = -1
+            self.evictions += 1
+            for i in range(_BLOCK):
+                self.state[victim, i] = S_UNSENT
+                self.hashes[victim, i, 0] = 0
+                self.hashes[victim, i, 1] = 0
+        self.owner[victim] = block
+        self.blockdir[block] = victim
+        self.used[victim] = self.tick
+        return victim
+
+    cdef inline uint8_t _state(self, int64_t page) noexcept nogil:
+        cdef int64_t s = self._slot(page)
+        return S_UNSENT if s < 0 else self.state[s, page & (_BLOCK - 1)]
 
     def set_baseline(self, const uint64_t[:, ::1] have):
         """Install the peer's have-list: `have[i]` is the hash of its baseline page i (0,0 = none)."""
@@ -162,14 +219,15 @@ cdef class PeerIndex:
         else:
             slot = first
         if self.tpage[slot] >= 0 and self.tkey[slot, 0] == lo and self._holds(self.tpage[slot], lo, hi) \
-                and self.state[self.tpage[slot]] == S_ACKED:
+                and self._state(self.tpage[slot]) == S_ACKED:
             return   # keep a reference the peer can already resolve
         self.tkey[slot, 0] = lo
         self.tkey[slot, 1] = hi
         self.tpage[slot] = page
 
     cdef inline bint _holds(self, int64_t page, uint64_t lo, uint64_t hi) noexcept nogil:
-        return page < self.n_pages and self.hashes[page, 0] == lo and self.hashes[page, 1] == hi
+        cdef int64_t s = self._slot(page), i = page & (_BLOCK - 1)
+        return s >= 0 and self.hashes[s, i, 0] == lo and self.hashes[s, i, 1] == hi
 
     cdef inline int64_t _base_find(self, uint64_t lo, uint64_t hi) noexcept nogil:
         cdef Py_ssize_t slot, probe
@@ -219,11 +277,11 @@ cdef class PeerIndex:
                     refs[p] = <uint64_t>q
                     continue
                 q = self._table_find(lo, hi)
-                if q >= 0 and self.state[q] == S_ACKED and self._holds(q, lo, hi):
+                if q >= 0 and self._state(q) == S_ACKED and self._holds(q, lo, hi):
                     kinds[p] = K_DUP_X
                     refs[p] = <uint64_t>q
                     continue
-                if use_delta and self.state[P] == S_ACKED:
+                if use_delta and self._state(P) == S_ACKED:
                     q = self._cache_find(P)
                     if q >= 0:
                         kinds[p] = K_DELTA
@@ -242,15 +300,19 @@ cdef class PeerIndex:
             return
         cdef const uint8_t* base = &chunk[0]
         cdef bint resent
+        cdef int64_t s = -1, i
         with nogil:
             for p in range(pages):
                 P = page0 + p
+                i = P & (_BLOCK - 1)
+                if p == 0 or i == 0:
+                    s = self._take_slot(P)
                 # Like QEMU's xbzrle, the cache only takes pages sent a second time: the bulk
                 # first pass costs no copies, and pages that do change again are the ones kept.
-                resent = self.state[P] != S_UNSENT
-                self.state[P] = S_SENT
-                self.hashes[P, 0] = hashes[p, 0]
-                self.hashes[P, 1] = hashes[p, 1]
+                resent = self.state[s, i] != S_UNSENT
+                self.state[s, i] = S_SENT
+                self.hashes[s, i, 0] = hashes[p, 0]
+                self.hashes[s, i, 1] = hashes[p, 1]
                 if p >= full or kinds[p] == K_ZERO:
                     if self.n_sets:
                         self._cache_drop(P)
@@ -265,22 +327,27 @@ cdef class PeerIndex:
     def ack(self, Py_ssize_t page0, Py_ssize_t pages):
         """The peer holds the versions last sent for pages [page0, page0 + pages) durably."""
         cdef Py_ssize_t p
+        cdef int64_t s
         if page0 < 0 or pages < 0:
             raise ValueError("negative page range")
         self._grow(page0 + pages)
         with nogil:
             for p in range(page0, page0 + pages):
-                if self.state[p] == S_SENT:
-                    self.state[p] = S_ACKED
+                s = self._slot(p)   # an evicted block stays untracked: its pages are never referenced
+                if s >= 0 and self.state[s, p & (_BLOCK - 1)] == S_SENT:
+                    self.state[s, p & (_BLOCK - 1)] = S_ACKED
 
     def forget_acks(self):
         """The peer's state is unknown again (a reconnect): no page may be referenced until re-acked."""
-        cdef Py_ssize_t p
+        cdef Py_ssize_t s, i
         with nogil:
-            for p in range(self.n_pages):
-                if self.state[p] == S_ACKED:
-                    self.state[p] = S_SENT
+            for s in range(self.slots):
+                if self.owner[s] < 0:
+                    continue
+                for i in range(_BLOCK):
+                    if self.state[s, i] == S_ACKED:
+                        self.state[s, i] = S_SENT
 
     def page_state(self, Py_ssize_t page):
         """0 unsent, 1 sent, 2 acknowledged (for tests)."""
-        return self.state[page] if 0 <= page < self.n_pages else 0
+        return self._state(page)

@@ -269,7 +269,8 @@ class BedAgent:
                "--state-dir", str(state_dir), "--data-port", str(self.DATA_PORT), "--listen-host",
                bed.addr[side], "--admin-port", str(self.ADMIN_PORT), "--admin-host", "127.0.0.1",
                "--psk-file", str(psk_file), "--set", f"dest_dirs={self.images}", "--set",
-               f"source_dirs={self.images}", "--set", f"tls_auto_issue_ca_dir={ensure_ca(psk_file.parent / 'cluster-ca')}"]
+               f"source_dirs={self.images}",
+               "--set", f"tls_auto_issue_ca_dir={ensure_ca(psk_file.parent / 'cluster-ca')}"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = bed.popen(side, cmd, stdout=self._log, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})}, cwd=str(TOOLS.parent))
@@ -303,7 +304,8 @@ class BedAgent:
         """Run `dwcp-agent migrate --json` in this agent's namespace; returns the final record."""
         import json
 
-        done = self.bed.run(self.side, [self.python, "-m", "dwcp_agent", "migrate", "--agent",
+        token = ["--token-file", str(self.state_dir / "admin.token")]  # where the agent writes it
+        done = self.bed.run(self.side, [self.python, "-m", "dwcp_agent", *token, "migrate", "--agent",
                                         f"http://127.0.0.1:{self.ADMIN_PORT}", "--source", str(source),
                                         "--to", dest.address, "--dest-path", str(dest_path), "--json"],
                             check=False, timeout=timeout, cwd=str(TOOLS.parent))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from dwcp_agent.acp.auth import KeyRing
+from dwcp_agent.acp.auth import KeyConflict, KeyRing
 from dwcp_agent.acp.byzantine import ByzantineDetector, Detection
 from dwcp_agent.acp.messages import (
     ENTRY_CONF,
@@ -142,7 +142,16 @@ class Replica:
             self._pbft_low = seq
             self._pbft_view = view
         self._view_changes = 0
+        for member in self.registry.state.members.values():
+            self._pin(member.node_id, member.public_key)
         self._apply_quarantine_state()
+
+    def _pin(self, node_id: str, public_key: bytes) -> None:
+        """Pin a member's signing key from the registry or a membership change; a pinned key never
+        changes (a conflicting one is ignored: the first, admin-committed key stays)."""
+        if public_key and node_id != self.id:
+            with contextlib.suppress(KeyConflict, ValueError):
+                self.keys.add_peer(node_id, public_key)
 
     def _apply_quarantine_state(self) -> None:
         for peer in self.registry.state.reinstated:
@@ -159,6 +168,26 @@ class Replica:
         """Member id -> ACP address, as the registry knows them."""
         return {m.node_id: m.addr for m in self.registry.state.members.values()}
 
+    def is_member(self, node_id: str) -> bool:
+        """Only current members (of the registry, of this epoch, or appended to the Raft
+        configuration) may speak; anything from another name is dropped unread."""
+        if node_id in self.registry.state.members or node_id in self.start.members:
+            return True
+        return self.raft is not None and (node_id in self.raft.voters or node_id in self.raft.learners)
+
+    def _promote_caught_up_learners(self) -> None:
+        """Leader: a learner that holds every committed entry becomes a voter (one change at a time)."""
+        raft = self.raft
+        if raft is None or raft.role is not Role.LEADER:
+            return
+        for node_id in sorted(raft.learners):
+            member = self.registry.state.members.get(node_id)
+            if member is not None and raft.caught_up(node_id):
+                with contextlib.suppress(NotLeader, ProposalDropped):
+                    cc = ConfChange("add", node_id, member.addr, member.public_key)
+                    raft.propose(msgspec.msgpack.encode(cc), ENTRY_CONF)
+                return
+
     # ------------------------------------------------------------ input
     def tick(self) -> None:
         """Advance abstract time by one tick."""
@@ -166,12 +195,13 @@ class Replica:
         if self.raft is not None:
             self.raft.tick()
             self.detector.tick()
+            self._promote_caught_up_learners()
         elif self.pbft is not None:
             self.pbft.tick()
 
     def receive(self, env: Envelope) -> None:
         """One envelope from the authenticated link peer `env.frm`."""
-        if self.detector.is_quarantined(env.frm) or env.to != self.id:
+        if self.detector.is_quarantined(env.frm) or env.to != self.id or not self.is_member(env.frm):
             return
         body = env.body
         if isinstance(body, EpochFetch):
@@ -205,8 +235,9 @@ class Replica:
             self.pbft.receive(env.frm, body)
 
     def _on_epoch_state(self, frm: str, m: EpochState) -> None:
-        if m.epoch <= self.epoch:
-            return
+        member = self.registry.state.members.get(frm)
+        if m.epoch <= self.epoch or not (frm in self.start.members or (member is not None and member.voter)):
+            return  # only voters of this epoch vote on the next one's starting image
         votes = self._epoch_states.setdefault(m.epoch, {})
         votes[frm] = m
         digest = hashlib.sha256(m.data).digest()
@@ -219,7 +250,7 @@ class Replica:
         except (msgspec.DecodeError, msgspec.ValidationError):
             self.detector.report(frm, "malformed", "epoch state")
             return
-        members = {i: mb.addr for i, mb in state.members.items()}
+        members = {i: mb.addr for i, mb in state.members.items() if mb.voter}
         self._epoch_states = {e: v for e, v in self._epoch_states.items() if e > m.epoch}
         self._begin_epoch(EpochStart(m.epoch, m.protocol, members, m.data))
 
@@ -245,8 +276,9 @@ class Replica:
             self._send(self.raft.lead, Proposal(data, ENTRY_CONF))
         else:
             self.raft.propose(data, ENTRY_CONF)
-        if cc.op == "add":
+        if cc.op in ("add", "learner"):
             self._addrs[cc.node_id] = cc.addr
+            self._pin(cc.node_id, cc.public_key)
 
     def read_index(self, ctx: int) -> bool:
         """Start a linearizable read (Raft ReadIndex). False under PBFT: order a read command instead."""
@@ -267,7 +299,7 @@ class Replica:
             self.detector.reinstate(cmd.op.peer)
         if self.registry.state.epoch != self.epoch:
             st = self.registry.state
-            members = {i: m.addr for i, m in st.members.items()}
+            members = {i: m.addr for i, m in st.members.items() if m.voter}
             self._begin_epoch(EpochStart(st.epoch, st.protocol, members, self.registry.snapshot()))
             return True
         return False
@@ -283,8 +315,9 @@ class Replica:
         for entry in rd.entries:
             if entry.kind == ENTRY_CONF:
                 cc = decode_conf(entry.data)
-                if cc.op == "add":
+                if cc.op in ("add", "learner"):
                     self._addrs[cc.node_id] = cc.addr
+                    self._pin(cc.node_id, cc.public_key)
         self._out.extend(Envelope(self.epoch, self.id, m.to, m) for m in rd.messages)
         if rd.leader != self._leader:
             self._leader = rd.leader
@@ -298,7 +331,8 @@ class Replica:
                 switched = self._apply(cmd)
             elif entry.kind == ENTRY_CONF:
                 cc = decode_conf(entry.data)
-                op = AddMember(cc.node_id, cc.addr) if cc.op == "add" else RemoveMember(cc.node_id)
+                op = (AddMember(cc.node_id, cc.addr, cc.public_key, voter=cc.op == "add")
+                      if cc.op in ("add", "learner") else RemoveMember(cc.node_id))
                 switched = self._apply(Command("", 0, op))
             if switched:
                 return

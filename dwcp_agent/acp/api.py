@@ -2,6 +2,8 @@
 
 Refusals by the registry (stale fencing token, lease held elsewhere) answer 409 with the reason;
 an unknown outcome (no quorum before the deadline) answers 503 — the command may still commit, once.
+The rollout is read here but changed only through `POST /api/v3/rollout` (the rollout controller),
+so the frozen check and the audit trail cannot be skipped.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _guard(fn: Callable[[web.Request], Awaitable[Any]]) -> Handler:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    data = await request.json() if request.can_read_body else {}
+    data = await request.json() if request.body_exists else {}
     if not isinstance(data, dict):
         raise ValueError("body must be a JSON object")
     return data
@@ -57,8 +59,8 @@ def build_routes(svc: ConsensusService) -> list[web.RouteDef]:
 
     async def join(r: web.Request) -> Any:
         body = await _body(r)
-        await svc.join(str(body["node_id"]), str(body["addr"]))
-        return {"members": svc.members()}
+        voter = await svc.join(str(body["node_id"]), str(body["addr"]), bytes.fromhex(str(body.get("public_key", ""))))
+        return {"members": svc.members(), "node_id": body["node_id"], "role": "voter" if voter else "learner"}
 
     async def leave(r: web.Request) -> Any:
         body = await _body(r)
@@ -97,11 +99,6 @@ def build_routes(svc: ConsensusService) -> list[web.RouteDef]:
     async def get_rollout(_r: web.Request) -> Any:
         return await svc.rollout()
 
-    async def put_rollout(r: web.Request) -> Any:
-        body = await _body(r)
-        pct = body.get("percentage")
-        return await svc.set_rollout(None if pct is None else int(pct), body.get("frozen"), body.get("enable_v3"))
-
     return [
         web.get("/api/v3/cluster", _guard(cluster)),
         web.get("/api/v3/cluster/members", _guard(members)),
@@ -114,5 +111,4 @@ def build_routes(svc: ConsensusService) -> list[web.RouteDef]:
         web.post("/api/v3/vms/{vm_id}/lease", _guard(lease)),
         web.post("/api/v3/vms/{vm_id}/transfer", _guard(transfer)),
         web.get("/api/v3/cluster/rollout", _guard(get_rollout)),
-        web.put("/api/v3/cluster/rollout", _guard(put_rollout)),
     ]

@@ -3,9 +3,11 @@
 HMACs authenticate point-to-point PBFT traffic cheaply (about a microsecond); Ed25519 signatures
 are used where the protocol needs a proof a third replica can check (pre-prepare headers,
 prepares, checkpoints, view changes, new views, client requests). Each node's signing key is its
-own (generated once into the state directory); public keys travel in the authenticated transport
-handshake. Per-pair MAC keys are derived from the cluster secret, so they stop outsiders; the
-signatures are what stops a member from speaking for another member.
+own (generated once into the state directory). Members' public keys are pinned: from
+configuration (`acp_peer_keys`) or committed in the registry when an admin adds a member; the
+transport only checks that a peer proves possession of its pinned key, and never changes it.
+Per-pair MAC keys are derived from the cluster secret, so they stop outsiders; the signatures are
+what stops a member from speaking for another member.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["MAC_LEN", "KeyRing", "load_or_create_key"]
+__all__ = ["MAC_LEN", "KeyConflict", "KeyRing", "load_or_create_key", "parse_peer_keys", "public_key_hex"]
 
 MAC_LEN = 16
 
@@ -43,6 +45,30 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+class KeyConflict(ValueError):
+    """A connection or command tried to change a member's pinned signing key."""
+
+
+def public_key_hex(state_dir: Path) -> str:
+    """This node's public signing key (created on first use), as `acp_peer_keys` wants it."""
+    return public_bytes(load_or_create_key(Path(state_dir) / "acp" / "node.key")).hex()
+
+
+def parse_peer_keys(entries: list[str]) -> dict[str, bytes]:
+    """['a=<64 hex digits>', ...] -> {'a': 32-byte Ed25519 public key}."""
+    out: dict[str, bytes] = {}
+    for item in entries:
+        node, sep, text = item.partition("=")
+        try:
+            key = bytes.fromhex(text.strip())
+        except ValueError:
+            key = b""
+        if not sep or not node.strip() or len(key) != 32:
+            raise ValueError(f"acp_peer_keys entry {item!r} is not id=<64 hex digits>")
+        out[node.strip()] = key
+    return out
+
+
 def public_bytes(key: Ed25519PrivateKey) -> bytes:
     """Raw 32-byte public key."""
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -59,6 +85,7 @@ class KeyRing:
         self._pair = dict(pair_keys or {})
         self._secret = cluster_secret
         self._peers: dict[str, Ed25519PublicKey] = {node_id: signing_key.public_key()}
+        self._raw: dict[str, bytes] = {node_id: self.public_key}
         self._verified: dict[bytes, bool] = {}
 
     @classmethod
@@ -83,8 +110,19 @@ class KeyRing:
         return rings
 
     def add_peer(self, peer: str, public_key: bytes) -> None:
-        """Pin a peer's public key (from the authenticated handshake or a snapshot)."""
+        """Pin a member's public key (from configuration, or committed in the registry by an admin).
+        A pinned key is never replaced: a different one raises KeyConflict."""
+        pinned = self._raw.get(peer)
+        if pinned is not None:
+            if not hmac.compare_digest(pinned, public_key):
+                raise KeyConflict(f"{peer} already has a different pinned signing key")
+            return
         self._peers[peer] = Ed25519PublicKey.from_public_bytes(public_key)
+        self._raw[peer] = bytes(public_key)
+
+    def pinned(self, peer: str) -> bytes | None:
+        """The raw public key pinned for `peer`, if any."""
+        return self._raw.get(peer)
 
     def knows(self, peer: str) -> bool:
         """True when the peer's public key is known."""

@@ -1,18 +1,23 @@
-"""Byzantine behaviour detection: evidence per peer, a decaying score, quarantine and reinstatement.
+"""Byzantine behaviour detection: suspicion per peer, and quarantine on signed evidence only.
 
 Pure like the protocols: time is the tick count the caller drives. Protocol code calls `report`
-with a reason when it holds evidence (two signed pre-prepares with different digests for one view
-and sequence, a bad authenticator, a replayed frame, a malformed message, an invalid view change,
-a flood). Each reason weighs differently; a peer whose score crosses the threshold is quarantined
-(every message from it is dropped) until an operator reinstates it. Scores halve every
-`half_life_ticks`, so rare benign glitches (a duplicated datagram) never add up to a quarantine.
+with a reason. Without `evidence` a report is hearsay: a bad authenticator, a malformed or
+replayed frame or a flood may come from anyone who can reach the port or replay a link, so it
+only raises a suspicion score that halves every `half_life_ticks` and is counted and logged.
+A peer is quarantined (every message from it dropped) only when the report carries evidence a
+third party can check: messages signed by that peer which contradict each other, e.g. two
+pre-prepares for one view and sequence with different digests. The evidence is kept and
+reported with the quarantine, which lasts until an operator reinstates the peer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["REASONS", "WEIGHTS", "ByzantineDetector", "Detection"]
+import msgspec
+
+__all__ = ["REASONS", "WEIGHTS", "ByzantineDetector", "Detection", "signed_statement", "verify_evidence"]
 
 WEIGHTS: dict[str, float] = {
     "equivocation": 100.0,
@@ -26,15 +31,37 @@ WEIGHTS: dict[str, float] = {
 REASONS = tuple(WEIGHTS)
 
 
+def signed_statement(signer: str, data: bytes, sig: bytes) -> bytes:
+    """One item of evidence: what `signer` signed and its signature (msgpack [signer, data, sig])."""
+    return msgspec.msgpack.encode((signer, data, sig))
+
+
+def verify_evidence(verify: Callable[[str, bytes, bytes], bool], peer: str, evidence: tuple[bytes, ...]) -> bool:
+    """True when every item is a statement signed by `peer` (checked with `verify`, e.g. KeyRing.verify)
+    and the statements differ: what an operator or another replica re-checks before believing it."""
+    statements = []
+    for item in evidence:
+        try:
+            signer, data, sig = msgspec.msgpack.decode(item, type=tuple[str, bytes, bytes])
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        if signer != peer or not verify(signer, data, sig):
+            return False
+        statements.append(data)
+    return bool(statements) and len(set(statements)) == len(statements)
+
+
 @dataclass(frozen=True)
 class Detection:
-    """One piece of evidence against `peer`; `quarantined` tells whether it tipped the peer over."""
+    """One report against `peer`; `evidence` holds the signed messages proving it (empty: hearsay);
+    `quarantined` tells whether it put the peer in quarantine."""
 
     peer: str
     reason: str
     score: float
     quarantined: bool
     detail: str = ""
+    evidence: tuple[bytes, ...] = ()
 
 
 class ByzantineDetector:
@@ -50,23 +77,30 @@ class ByzantineDetector:
         self.replay_window = replay_window
         self.scores: dict[str, float] = {}
         self.quarantined: set[str] = set()
+        self.proofs: dict[str, Detection] = {}  # quarantined peer -> the report that carried the evidence
         self.events: list[Detection] = []
         self._counts: dict[str, int] = {}
         self._ticks = 0
         self._nonces: dict[str, tuple[int, set[int]]] = {}
 
-    def report(self, peer: str, reason: str, detail: str = "") -> Detection:
-        """Record evidence; returns the detection (also queued for `drain`)."""
+    def report(self, peer: str, reason: str, detail: str = "", evidence: tuple[bytes, ...] = ()) -> Detection:
+        """Record a report; returns the detection (also queued for `drain`). Only a report with
+        `evidence` (signed messages of `peer`, checked by the caller) quarantines."""
         if peer == self.node_id:
             return Detection(peer, reason, 0.0, False, detail)  # own messages echoed back: not evidence
         score = self.scores.get(peer, 0.0) + WEIGHTS[reason]
         self.scores[peer] = score
-        tipped = score >= self.threshold and peer not in self.quarantined
+        tipped = bool(evidence) and peer not in self.quarantined
+        event = Detection(peer, reason, score, tipped, detail, tuple(evidence))
         if tipped:
             self.quarantined.add(peer)
-        event = Detection(peer, reason, score, tipped, detail)
+            self.proofs[peer] = event
         self.events.append(event)
         return event
+
+    def suspected(self) -> list[str]:
+        """Peers whose (decaying, evidence-free) suspicion score is over the threshold: for alerts only."""
+        return sorted(p for p, s in self.scores.items() if s >= self.threshold and p not in self.quarantined)
 
     def is_quarantined(self, peer: str) -> bool:
         """Messages from a quarantined peer are dropped unread."""
@@ -75,6 +109,7 @@ class ByzantineDetector:
     def reinstate(self, peer: str) -> None:
         """Operator decision: clear the quarantine and the score."""
         self.quarantined.discard(peer)
+        self.proofs.pop(peer, None)
         self.scores.pop(peer, None)
 
     def admit(self, peer: str) -> bool:

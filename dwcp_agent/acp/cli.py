@@ -14,7 +14,7 @@ __all__ = ["register"]
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    from dwcp_agent.cli import api_call
+    from dwcp_agent.client import api_call
 
     return api_call(args.agent, method, path, body)
 
@@ -43,8 +43,18 @@ def cmd_members(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    data = _call(args, "POST", "/api/v3/cluster/join", {"node_id": args.node_id, "addr": args.addr})
-    return _print(args, data, f"{args.node_id} joined; members: {', '.join(sorted(data['members']))}")
+    data = _call(args, "POST", "/api/v3/cluster/join",
+                 {"node_id": args.node_id, "addr": args.addr, "public_key": args.public_key})
+    return _print(args, data, f"{args.node_id} joined as {data.get('role', 'voter')}; "
+                              f"members: {', '.join(sorted(data['members']))}")
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from dwcp_agent.acp.auth import public_key_hex
+
+    key = public_key_hex(args.state_dir)
+    print(json.dumps({"public_key": key}) if args.json else key)
+    return 0
 
 
 def cmd_leave(args: argparse.Namespace) -> int:
@@ -98,13 +108,24 @@ def register(subparsers: Any) -> None:
     _opts(p)
     p.set_defaults(func=cmd_members)
     p = csub.add_parser("join", help="add a member (single-server change, Raft)",
-                        description="Add NODE_ID at ADDR as a voting member. Start the new agent first with the "
-                                    "current members in acp_peers; it catches up from the leader's log or "
-                                    "snapshot. Needs Raft (switch first when running PBFT).")
+                        description="Add NODE_ID at ADDR with its signing key PUBLIC_KEY (pinned in the registry "
+                                    "from then on). Start the new agent first with the current members in "
+                                    "acp_peers and their keys in acp_peer_keys. It joins as a non-voting "
+                                    "learner and becomes a voter once it has caught up from the leader's log "
+                                    "or snapshot. Needs Raft (switch first when running PBFT).")
     p.add_argument("node_id", metavar="NODE_ID", help="id of the joining agent (its node_id)")
     p.add_argument("addr", metavar="HOST:PORT", help="ACP address of the joining agent (port 9877 by default)")
+    p.add_argument("public_key", metavar="PUBLIC_KEY",
+                   help="the joining agent's key: `dwcp-agent cluster key` run on it (64 hex digits)")
     _opts(p)
     p.set_defaults(func=cmd_join)
+    p = csub.add_parser("key", help="print this node's ACP signing key (for acp_peer_keys and join)",
+                        description="Print this node's Ed25519 public key as 64 hex digits, creating the key in "
+                                    "STATE_DIR/acp/node.key if it does not exist yet. Other members pin it with "
+                                    "acp_peer_keys (id=KEY), or an admin commits it with `cluster join`.")
+    p.add_argument("--state-dir", default="/var/lib/dwcp-agent", help="the agent's state_dir")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    p.set_defaults(func=cmd_key)
     p = csub.add_parser("leave", help="remove a member (single-server change, Raft)",
                         description="Remove NODE_ID from the voting members. A leader that removes itself steps "
                                     "down once the change commits.")

@@ -72,14 +72,16 @@ class Snapshot(msgspec.Struct, array_like=True, frozen=True):
     term: int = 0
     voters: list[str] = []
     data: bytes = b""
+    learners: list[str] = []
 
 
 class ConfChange(msgspec.Struct, array_like=True, frozen=True):
-    """Single-server membership change: add or remove one voter."""
+    """Single-server membership change; `public_key` is the member's Ed25519 key, pinned on append."""
 
-    op: str  # "add" | "remove"
+    op: str  # "learner" (non-voting, catching up) | "add" (voter) | "remove"
     node_id: str
     addr: str = ""
+    public_key: bytes = b""
 
 
 class RaftType(IntEnum):

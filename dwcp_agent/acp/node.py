@@ -130,7 +130,8 @@ class ConsensusNode:
             log.warning("byzantine behaviour: %s", det.reason,
                         extra={"component": "acp", "byzantine_detected": True, "peer_id": det.peer,
                                "reason": det.reason, "score": round(det.score, 1),
-                               "quarantined": det.quarantined, "detail": det.detail})
+                               "quarantined": det.quarantined, "detail": det.detail,
+                               "evidence": [item.hex() for item in det.evidence]})
         if rd.applied:
             m.acp_commits.labels(self.replica.protocol).inc(len(rd.applied))
         for _pos, cmd, result in rd.applied:
@@ -203,8 +204,8 @@ class ConsensusNode:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            present = cc.node_id in self.replica.members()
-            if present == (cc.op == "add"):
+            member = self.replica.registry.state.members.get(cc.node_id)
+            if (member is None) == (cc.op == "remove") and (cc.op != "add" or (member is not None and member.voter)):
                 return
             with contextlib.suppress(NotLeader, ProposalDropped):
                 self.replica.change_membership(cc)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from dwcp_agent.acp.auth import KeyRing
-from dwcp_agent.acp.byzantine import ByzantineDetector
+from dwcp_agent.acp.byzantine import ByzantineDetector, signed_statement
 from dwcp_agent.acp.messages import (
     Checkpoint,
     Commit,
@@ -269,7 +269,7 @@ class Pbft:
         slot = self._slot(m.seq)
         if slot.pp is not None:
             if slot.pp.digest != m.digest:
-                self._equivocation(sender, m.seq)
+                self._equivocation(sender, slot.pp, m.view, m.digest, m.sig)
             return
         self._adopt(slot, m)
 
@@ -288,10 +288,13 @@ class Pbft:
             self._bcast(prep)
         self._check_prepared(m.seq, slot)
 
-    def _equivocation(self, primary: str, seq: int) -> None:
+    def _equivocation(self, primary: str, pp: PrePrepare, view: int, digest: bytes, sig: bytes) -> None:
+        """Two pre-prepares signed by `primary` for one slot: the signed headers are the evidence."""
         if primary == self.id:
             return
-        self.det.report(primary, "equivocation", f"view {self.view} seq {seq}")
+        evidence = (signed_statement(primary, pp_header(pp.view, pp.seq, pp.digest), pp.sig),
+                    signed_statement(primary, pp_header(view, pp.seq, digest), sig)) if pp.view == view else ()
+        self.det.report(primary, "equivocation", f"view {self.view} seq {pp.seq}", evidence)
         self._start_view_change(self.view + 1)
 
     def _on_prepare(self, sender: str, m: Prepare) -> None:
@@ -308,7 +311,7 @@ class Pbft:
             return
         slot = self._slot(m.seq)
         if slot.pp is not None and slot.pp.digest != m.digest:
-            self._equivocation(self.primary, m.seq)
+            self._equivocation(self.primary, slot.pp, m.view, m.digest, m.pp_sig)
             return
         slot.prepares[sender] = m
         self._check_prepared(m.seq, slot)

@@ -127,7 +127,9 @@ class Raft:
         self.term, self.vote = hs.term, hs.vote
         self.log = RaftLog(snapshot, entries, hs.commit)
         self._base_voters = list(self.log.snap.voters) if self.log.snap.voters else list(voters)
+        self._base_learners = list(self.log.snap.learners)
         self.voters: set[str] = set()
+        self.learners: set[str] = set()  # replicated to, never counted: members that are catching up
         self._conf_index = 0
         self._recompute_conf()
         self.role = Role.FOLLOWER
@@ -146,21 +148,30 @@ class Raft:
 
     # ------------------------------------------------------------ configuration
     def _recompute_conf(self) -> None:
-        voters = set(self._base_voters)
+        voters, learners = set(self._base_voters), set(self._base_learners)
         self._conf_index = 0
         for entry in self.log.entries:
             if entry.kind == ENTRY_CONF:
-                _apply_conf(voters, decode_conf(entry.data))
+                _apply_conf(voters, learners, decode_conf(entry.data))
                 self._conf_index = entry.index
-        self.voters = voters
+        self.voters, self.learners = voters, learners
 
-    def voters_at(self, index: int) -> list[str]:
-        """Membership in force at `index` (used when taking a snapshot there)."""
-        voters = set(self._base_voters)
+    def conf_at(self, index: int) -> tuple[list[str], list[str]]:
+        """Voters and learners in force at `index` (used when taking a snapshot there)."""
+        voters, learners = set(self._base_voters), set(self._base_learners)
         for entry in self.log.slice(self.log.first_index(), index + 1):
             if entry.kind == ENTRY_CONF:
-                _apply_conf(voters, decode_conf(entry.data))
-        return sorted(voters)
+                _apply_conf(voters, learners, decode_conf(entry.data))
+        return sorted(voters), sorted(learners)
+
+    def voters_at(self, index: int) -> list[str]:
+        """Voters in force at `index`."""
+        return self.conf_at(index)[0]
+
+    def caught_up(self, peer: str) -> bool:
+        """Leader only: `peer` holds every committed entry (a learner may then be promoted)."""
+        pr = self.progress.get(peer)
+        return self.role is Role.LEADER and pr is not None and pr.match >= self.log.committed
 
     def quorum(self) -> int:
         """Acks needed to commit or win an election."""
@@ -243,7 +254,7 @@ class Raft:
         self.role = Role.LEADER
         self.lead = self.id
         last = self.log.last_index()
-        self.progress = {p: _Progress(next=last + 1) for p in self.voters}
+        self.progress = {p: _Progress(next=last + 1) for p in self.voters | self.learners}
         self.progress.setdefault(self.id, _Progress(next=last + 1))
         self.progress[self.id].match = self.log.stable
         self.progress[self.id].active = True
@@ -271,10 +282,10 @@ class Raft:
         if self.role is not Role.LEADER:
             return
         last = self.log.last_index()
-        for peer in self.voters:
+        for peer in self.voters | self.learners:
             self.progress.setdefault(peer, _Progress(next=last + 1, active=True))
         for peer in list(self.progress):
-            if peer not in self.voters and peer != self.id:
+            if peer not in self.voters and peer not in self.learners and peer != self.id:
                 del self.progress[peer]
 
     def read_index(self, ctx: int) -> None:
@@ -450,7 +461,7 @@ class Raft:
             self.log.commit_to(snap.index)
         else:
             self.log.restore(snap)
-            self._base_voters = list(snap.voters)
+            self._base_voters, self._base_learners = list(snap.voters), list(snap.learners)
             self._recompute_conf()
         self._send(RaftMsg(RaftType.APP_RESP, self.id, m.frm, self.term, index=snap.index))
 
@@ -553,20 +564,27 @@ class Raft:
         term = self.log.term(index)
         if term is None:
             raise ValueError(f"cannot snapshot at {index}")
-        snap = Snapshot(index, term, self.voters_at(index), data)
+        voters, learners = self.conf_at(index)
+        snap = Snapshot(index, term, voters, data, learners)
         self.log.compact(snap)
-        self._base_voters = list(snap.voters)
+        self._base_voters, self._base_learners = list(snap.voters), list(snap.learners)
         return snap
 
     def status(self) -> dict[str, object]:
         """Small JSON-able summary for health and the cluster API."""
         return {"id": self.id, "role": self.role.value, "term": self.term, "leader": self.lead,
                 "commit": self.log.committed, "applied": self.log.applied, "last_index": self.log.last_index(),
-                "voters": sorted(self.voters)}
+                "voters": sorted(self.voters), "learners": sorted(self.learners)}
 
 
-def _apply_conf(voters: set[str], cc: ConfChange) -> None:
-    if cc.op == "add":
+def _apply_conf(voters: set[str], learners: set[str], cc: ConfChange) -> None:
+    """'learner' adds a non-voting member, 'add' makes a member (or learner) a voter, 'remove' drops it."""
+    if cc.op == "learner":
+        if cc.node_id not in voters:
+            learners.add(cc.node_id)
+    elif cc.op == "add":
         voters.add(cc.node_id)
+        learners.discard(cc.node_id)
     elif cc.op == "remove":
         voters.discard(cc.node_id)
+        learners.discard(cc.node_id)

@@ -83,10 +83,12 @@ class TransferOwnership(msgspec.Struct, tag=True, frozen=True):
 
 
 class AddMember(msgspec.Struct, tag=True, frozen=True):
-    """A member joined (mirrors a committed Raft configuration change)."""
+    """A member joined, as a learner or a voter (mirrors a committed Raft configuration change)."""
 
     node_id: str
     addr: str
+    public_key: bytes = b""
+    voter: bool = True
 
 
 class RemoveMember(msgspec.Struct, tag=True, frozen=True):
@@ -152,10 +154,12 @@ class Lease(msgspec.Struct, frozen=True):
 
 
 class Member(msgspec.Struct, frozen=True):
-    """A cluster member and its ACP address."""
+    """A cluster member, its ACP address, its pinned signing key and whether it votes yet."""
 
     node_id: str
     addr: str
+    public_key: bytes = b""
+    voter: bool = True
 
 
 class RolloutSetting(msgspec.Struct, frozen=True):
@@ -291,7 +295,9 @@ class Registry:
         if isinstance(op, TransferOwnership):
             return self._transfer(op, now)
         if isinstance(op, AddMember):
-            st.members[op.node_id] = Member(op.node_id, op.addr)
+            known = st.members.get(op.node_id)
+            key = known.public_key if known is not None and known.public_key else op.public_key
+            st.members[op.node_id] = Member(op.node_id, op.addr, key, op.voter)
             return Result(True)
         if isinstance(op, RemoveMember):
             st.members.pop(op.node_id, None)

@@ -10,6 +10,7 @@ committed commands (`switch_protocol`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, bootstrap
-from dwcp_agent.acp.auth import KeyRing, load_or_create_key
+from dwcp_agent.acp.auth import KeyRing, load_or_create_key, parse_peer_keys
 from dwcp_agent.acp.messages import ConfChange, Envelope
 from dwcp_agent.acp.node import ConsensusNode, ConsensusTimeout
 from dwcp_agent.acp.pbft import PbftOptions
@@ -39,9 +40,9 @@ from dwcp_agent.acp.registry import (
 )
 from dwcp_agent.acp.storage import PersistOps
 from dwcp_agent.acp.transport import Transport
-from dwcp_agent.security import channels as channel_security
 from dwcp_agent.acp.wal import FileWAL
-from dwcp_agent.config import Config
+from dwcp_agent.config import Config, ConfigError
+from dwcp_agent.security import channels as channel_security
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["ConsensusError", "ConsensusService", "ConsensusTimeout", "Lease", "RolloutSetting", "parse_peers"]
@@ -94,6 +95,7 @@ class ConsensusService:
         self.transport: Transport | None = None
         self.wal: FileWAL | None = None
         self.started_at = 0.0
+        self._last_refusal_log = 0.0
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -107,6 +109,11 @@ class ConsensusService:
         assert rec is not None
         signing = load_or_create_key(acp_dir / "node.key")
         keys = KeyRing(self.node_id, signing, cluster_secret=self.config.psk_bytes or b"single-node")
+        try:
+            for node, key in parse_peer_keys(self.config.acp_peer_keys).items():
+                keys.add_peer(node, key)
+        except ValueError as exc:
+            raise ConfigError("acp_peer_keys", str(exc)) from None
         ticks_per_s = 1.0 / self.tick_s
         options = ReplicaOptions(
             raft=RaftOptions(election_ticks=max(4, int(0.5 * ticks_per_s)), heartbeat_ticks=1),
@@ -118,8 +125,13 @@ class ConsensusService:
         replica = Replica(self.node_id, rec, keys=keys, rng=random.Random(), options=options,
                           incarnation=incarnation)
         if not self.single:
+            unpinned = sorted(p for p in {**self.members0, **replica.members()}
+                              if p != self.node_id and keys.pinned(p) is None)
+            if unpinned:
+                raise ConfigError("acp_peer_keys", f"no pinned signing key for {', '.join(unpinned)}: list every "
+                                                   "member as id=<hex key> (`dwcp-agent cluster key` on that node)")
             self.transport = Transport(self.node_id, self.config.psk_bytes, keys, self._on_envelope,
-                                       self._on_bad_peer, connect_timeout=self.config.connect_timeout_s,
+                                       self._on_refused, connect_timeout=self.config.connect_timeout_s,
                                        channels=channel_security.for_config(self.config))
             host = self.config.listen_host or "0.0.0.0"
             await self.transport.start(host, self.config.acp_port)
@@ -148,10 +160,15 @@ class ConsensusService:
         if self.node is not None:
             self.node.deliver(env)
 
-    def _on_bad_peer(self, peer: str, reason: str) -> None:
-        if self.node is not None and peer != self.node_id:
-            self.node.replica.detector.report(peer, reason, "transport")
-            self.node._process()
+    def _on_refused(self, addr: str, reason: str) -> None:
+        """A handshake or frame refused: counted by reason, logged by source address (rate-limited).
+        Never reported to the Byzantine detector: the name a peer claims before proving it is hearsay."""
+        self.metrics.acp_refused.labels(reason).inc()
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 1.0:
+            self._last_refusal_log = now
+            log.warning("acp connection refused: %s", reason,
+                        extra={"component": "acp", "source_addr": addr[:64], "reason": reason})
 
     def _on_addrs(self, addrs: dict[str, str]) -> None:
         if self.transport is not None:
@@ -172,7 +189,12 @@ class ConsensusService:
         active = st.get("active", True)
         status = "ok" if leader and active else "degraded"
         out = {"status": status, "node_id": self.node_id, "single_node": self.single, **st}
-        out["quarantined"] = sorted(self.node.replica.detector.quarantined)
+        detector = self.node.replica.detector
+        out["quarantined"] = sorted(detector.quarantined)
+        out["quarantine_evidence"] = {peer: {"reason": d.reason, "detail": d.detail,
+                                             "evidence": [item.hex() for item in d.evidence]}
+                                      for peer, d in sorted(detector.proofs.items())}
+        out["suspected"] = detector.suspected()
         return out
 
     # ------------------------------------------------------------ registry operations
@@ -246,12 +268,33 @@ class ConsensusService:
         """Operator: clear a quarantined peer on every replica."""
         await self._command(Reinstate(peer))
 
-    async def join(self, node_id: str, addr: str) -> None:
-        """Add a member (Raft): single-server change, committed before returning."""
-        await self._require().change_membership(ConfChange("add", node_id, addr))
+    async def join(self, node_id: str, addr: str, public_key: bytes, promote_timeout: float = 10.0) -> bool:
+        """Add a member (Raft) with its signing key, pinned from then on. It joins as a non-voting
+        learner; the leader makes it a voter once it holds every committed entry. Returns True when
+        it became a voter within `promote_timeout` (a member that never catches up stays a learner
+        and never counts towards a quorum)."""
+        if len(public_key) != 32:
+            raise ValueError("public_key must be the joining node's 32-byte Ed25519 key (64 hex digits; "
+                             "`dwcp-agent cluster key` on that node)")
+        node = self._require()
+        await node.change_membership(ConfChange("learner", node_id, addr, public_key))
+        deadline = time.monotonic() + promote_timeout
+        while time.monotonic() < deadline:
+            member = node.replica.registry.state.members.get(node_id)
+            if member is not None and member.voter:
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     async def leave(self, node_id: str) -> None:
-        """Remove a member (Raft)."""
+        """Remove a member (Raft), checked against the voters and learners actually in force."""
+        raft = self._require().replica.raft
+        if raft is None:
+            raise ValueError("membership changes need Raft; switch protocol first")
+        if node_id not in raft.voters and node_id not in raft.learners:
+            raise ValueError(f"{node_id!r} is neither a voter nor a learner (voters: {', '.join(sorted(raft.voters))})")
+        if raft.voters == {node_id}:
+            raise ValueError(f"{node_id!r} is the last voter; removing it would leave no cluster")
         await self._require().change_membership(ConfChange("remove", node_id))
 
     def members(self) -> dict[str, str]:

@@ -1,8 +1,13 @@
 """Authenticated ACP links between agents (default port 9877): PSK handshake, then MAC'd frames.
 
 Handshake (the dialer speaks first), all msgspec structs over msgpack, length-prefixed:
-  dialer -> Hello(node, nonce_a, public_key); listener -> Hello(node, nonce_b, public_key, proof_b);
-  dialer -> Proof(proof_a); proofs are HMAC(PSK, role | nonces | ids | keys).
+  dialer -> Hello(node, nonce_a, public_key); listener -> Hello(node, nonce_b, public_key, proof_b, sig_b);
+  dialer -> Proof(proof_a, sig_a); proofs are HMAC(PSK, role | nonces | ids | keys), signatures are
+  Ed25519 over the same transcript by the node's signing key.
+Identity: a name is accepted only with the public key pinned for it (configuration or registry,
+see `auth.KeyRing`) and a signature proving its possession; the handshake never pins or changes
+a key. A failed handshake is counted against the source address, never the name it claimed, and
+an address with too many recent failures is refused at accept for a while.
 Neither side changes any state before the other has proven the key. Afterwards every frame is
 `length | body | HMAC(session_key, counter | body)[:16]` with a per-direction counter, so frames
 cannot be altered, reordered or replayed on the link. Each agent dials every peer once to send and
@@ -22,8 +27,8 @@ import contextlib
 import hmac
 import logging
 import os
-import ssl
 import struct
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -33,7 +38,7 @@ from dwcp_agent.acp.messages import Envelope, decode_envelope, encode
 from dwcp_agent.security.channels import ChannelSecurity, identity_from_peercert
 from dwcp_agent.security.preauth import ConnectionLimiter
 
-__all__ = ["Transport", "parse_addr"]
+__all__ = ["HandshakeFailures", "Transport", "parse_addr"]
 
 log = logging.getLogger("dwcp_agent.acp.transport")
 _LEN = struct.Struct(">I")
@@ -51,10 +56,45 @@ class _Hello(msgspec.Struct, array_like=True):
     nonce: bytes
     public_key: bytes
     proof: bytes = b""
+    sig: bytes = b""
 
 
 class _Proof(msgspec.Struct, array_like=True):
     proof: bytes
+    sig: bytes = b""
+
+
+class HandshakeFailures:
+    """Failed handshakes per source address: at most `limit` in `window_s`, then refused until the
+    window ends. Bounded in addresses, so a scan from many sources cannot grow it without end."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0, max_addrs: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window_s, self.max_addrs, self.clock = limit, window_s, max_addrs, clock
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def record(self, addr: str) -> int:
+        """Count one failure from `addr`; returns its count in the current window."""
+        now = self.clock()
+        start, count = self._seen.get(addr, (now, 0))
+        if now - start >= self.window_s:
+            start, count = now, 0
+        if addr not in self._seen and len(self._seen) >= self.max_addrs:
+            oldest = min(self._seen, key=lambda a: self._seen[a][0])
+            del self._seen[oldest]
+        self._seen[addr] = (start, count + 1)
+        return count + 1
+
+    def blocked(self, addr: str) -> bool:
+        """True while `addr` is over the limit in its window."""
+        entry = self._seen.get(addr)
+        if entry is None:
+            return False
+        start, count = entry
+        if self.clock() - start >= self.window_s:
+            del self._seen[addr]
+            return False
+        return count >= self.limit
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -70,9 +110,17 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> b
     return await reader.readexactly(length)
 
 
+def _transcript(role: bytes, a: _Hello, b: _Hello) -> bytes:
+    return role + a.nonce + b.nonce + a.node.encode() + b"\0" + b.node.encode() + a.public_key + b.public_key
+
+
 def _proof(psk: bytes, role: bytes, a: _Hello, b: _Hello) -> bytes:
-    return hmac.digest(psk, role + a.nonce + b.nonce + a.node.encode() + b"\0" + b.node.encode()
-                       + a.public_key + b.public_key, "sha256")
+    return hmac.digest(psk, _transcript(role, a, b), "sha256")
+
+
+def _source(writer: asyncio.StreamWriter) -> str:
+    peername = writer.get_extra_info("peername")
+    return str(peername[0]) if isinstance(peername, tuple) and peername else "?"
 
 
 class _Session:
@@ -99,15 +147,16 @@ class Transport:
     """Sends envelopes to peers by id and hands received ones to `on_envelope(peer, env)`."""
 
     def __init__(self, node_id: str, psk: bytes, keys: KeyRing, on_envelope: Callable[[str, Envelope], None],
-                 on_bad_peer: Callable[[str, str], None] | None = None, connect_timeout: float = 2.0,
-                 channels: ChannelSecurity | None = None) -> None:
+                 on_refused: Callable[[str, str], None] | None = None, connect_timeout: float = 2.0,
+                 failures: HandshakeFailures | None = None, channels: ChannelSecurity | None = None) -> None:
         if not psk:
             raise ValueError("ACP needs a pre-shared key (config psk or psk_file) for a multi-node cluster")
         self.id = node_id
         self.psk = psk
         self.keys = keys
         self.on_envelope = on_envelope
-        self.on_bad_peer = on_bad_peer or (lambda peer, reason: None)
+        self.on_refused = on_refused or (lambda addr, reason: None)
+        self.failures = failures or HandshakeFailures()
         self.connect_timeout = connect_timeout
         self.channels = channels
         self.inbound_limit = ConnectionLimiter(MAX_INBOUND, MAX_INBOUND_PER_SOURCE)
@@ -165,8 +214,19 @@ class Transport:
     def _hello(self, nonce: bytes) -> _Hello:
         return _Hello(VERSION, self.id, nonce, self.keys.public_key)
 
-    def _pin(self, hello: _Hello) -> None:
-        self.keys.add_peer(hello.node, hello.public_key)
+    def _sign(self, role: bytes, a: _Hello, b: _Hello) -> bytes:
+        return self.keys.sign(b"acp-handshake|" + _transcript(role, a, b))
+
+    def _identity_ok(self, hello: _Hello, role: bytes, a: _Hello, b: _Hello, sig: bytes) -> bool:
+        """The peer's name has a pinned key, it presented that key, and signed the transcript with it."""
+        pinned = self.keys.pinned(hello.node)
+        return (pinned is not None and hello.node != self.id and hmac.compare_digest(pinned, hello.public_key)
+                and self.keys.verify(hello.node, b"acp-handshake|" + _transcript(role, a, b), sig))
+
+    def _failed(self, addr: str, reason: str) -> None:
+        """Blame the source address (the only thing an unauthenticated peer cannot choose)."""
+        self.failures.record(addr)
+        self.on_refused(addr, reason)
 
     async def _dial(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, _Session]:
         host, port = parse_addr(self.addrs[peer])
@@ -185,12 +245,14 @@ class Transport:
             if theirs.version != VERSION or theirs.node != peer:
                 raise ConnectionError(f"peer at {self.addrs[peer]} is {theirs.node[:64]!r} v{theirs.version}")
             if not hmac.compare_digest(theirs.proof, _proof(self.psk, b"listener", mine, bare)):
-                self.on_bad_peer(peer, "invalid_mac")
+                self._failed(host, "invalid_mac")
                 raise ConnectionError("peer failed the pre-shared key proof")
-            body = encode(_Proof(_proof(self.psk, b"dialer", mine, bare)))
+            if not self._identity_ok(bare, b"listener", mine, bare, theirs.sig):
+                self._failed(host, "identity")
+                raise ConnectionError(f"peer at {self.addrs[peer]} did not prove the key pinned for {peer!r}")
+            body = encode(_Proof(_proof(self.psk, b"dialer", mine, bare), self._sign(b"dialer", mine, bare)))
             writer.write(_LEN.pack(len(body)) + body)
             await writer.drain()
-            self._pin(bare)
             key = hmac.digest(self.psk, b"session" + mine.nonce + bare.nonce, "sha256")
             return reader, writer, _Session(key)
         except BaseException:
@@ -225,9 +287,9 @@ class Transport:
             finally:
                 writer.close()
 
-    async def _handshake_in(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> tuple[_Hello, bytes] | None:
-        """The listener's side: (the dialer's Hello, our nonce) once it proved the key, else None."""
+    async def _handshake_in(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            addr: str) -> tuple[_Hello, bytes] | None:
+        """The listener's side: (the dialer's Hello, our nonce) once it proved key and identity, else None."""
         theirs = msgspec.msgpack.decode(await _read_frame(reader, MAX_HANDSHAKE_FRAME), type=_Hello)
         if theirs.version != VERSION:
             raise ConnectionError(f"unsupported ACP version {theirs.version}")
@@ -236,51 +298,63 @@ class Transport:
             if certified != theirs.node:
                 raise ConnectionError(f"hello names {theirs.node[:64]!r}, certificate {certified[:64]!r}")
         mine = self._hello(os.urandom(16))
-        mine.proof = _proof(self.psk, b"listener", theirs, self._hello(mine.nonce))
+        bare = self._hello(mine.nonce)
+        mine.proof = _proof(self.psk, b"listener", theirs, bare)
+        mine.sig = self._sign(b"listener", theirs, bare)
         body = encode(mine)
         writer.write(_LEN.pack(len(body)) + body)
         await writer.drain()
         proof = msgspec.msgpack.decode(await _read_frame(reader, MAX_HANDSHAKE_FRAME), type=_Proof)
-        if not hmac.compare_digest(proof.proof, _proof(self.psk, b"dialer", theirs, self._hello(mine.nonce))):
-            self.on_bad_peer(theirs.node, "invalid_mac")
+        if not hmac.compare_digest(proof.proof, _proof(self.psk, b"dialer", theirs, bare)):
+            self._failed(addr, "invalid_mac")
+            return None
+        if not self._identity_ok(theirs, b"dialer", theirs, bare, proof.sig):
+            self._failed(addr, "identity")
             return None
         return theirs, mine.nonce
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        peername = writer.get_extra_info("peername")
-        source = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
-        if self.inbound_limit.acquire(source):
+        addr = _source(writer)
+        if self.inbound_limit.acquire(addr):
+            self.on_refused(addr, "too_many_connections")
             writer.close()
             return
         if task is not None:
             self._inbound.add(task)
-        peer = "?"
+        authenticated = False
         try:
+            if self.failures.blocked(addr):
+                return
             # One deadline over the whole handshake: a peer trickling bytes cannot hold the slot.
-            proven = await asyncio.wait_for(self._handshake_in(reader, writer), self.connect_timeout)
+            proven = await asyncio.wait_for(self._handshake_in(reader, writer, addr), self.connect_timeout)
             if proven is None:
                 return
             theirs, my_nonce = proven
             peer = theirs.node
-            self._pin(theirs)
+            authenticated = True
             session = _Session(hmac.digest(self.psk, b"session" + theirs.nonce + my_nonce, "sha256"))
             while True:
                 body = session.open(await _read_frame(reader))
                 try:
                     env = decode_envelope(body)
                 except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError):
-                    self.on_bad_peer(peer, "malformed")
+                    self.on_refused(addr, "malformed")  # counted and logged; not evidence against anyone
                     continue
                 if env.frm != peer:
-                    self.on_bad_peer(peer, "malformed")
+                    self.on_refused(addr, "malformed")
                     continue
                 self.on_envelope(peer, env)
         except (TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError, msgspec.DecodeError,
-                msgspec.ValidationError, ssl.SSLError):
-            pass
+                msgspec.ValidationError) as exc:
+            if authenticated:
+                pass
+            elif isinstance(exc, (msgspec.DecodeError, msgspec.ValidationError)) or type(exc) is ConnectionError:
+                self._failed(addr, "bad_handshake")  # garbage or a wrong version: someone is probing
+            else:
+                self.on_refused(addr, "incomplete")  # a peer that went away mid-handshake: no limit
         finally:
             writer.close()
-            self.inbound_limit.release(source)
+            self.inbound_limit.release(addr)
             if task is not None:
                 self._inbound.discard(task)

@@ -27,6 +27,14 @@ def available_congestion_controls() -> list[str]:
         return []
 
 
+def default_congestion_control() -> str:
+    """The kernel's default congestion control in this network namespace ('' if unknown)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return ""
+
+
 def tune_socket(sock: socket.socket, buffer_bytes: int = 0, congestion: str = "", pacing_rate: int = 0,
                 receive_buffer: int = 0) -> None:
     """Set a stream's send buffer, congestion control, pacing and unsent cap; works on live sockets.

@@ -76,24 +76,37 @@ class HaveList:
         return cls(hashes)
 
 
+def header_pages(blob: bytes | memoryview) -> int:
+    """Pages a have-list claims, from its header alone (0 if it has none): checked against the
+    index budget before anything is decompressed."""
+    view = memoryview(blob)
+    if len(view) < _HEADER.size:
+        return 0
+    return int(_HEADER.unpack(view[: _HEADER.size])[3])
+
+
 def have_list(path: str | os.PathLike[str]) -> HaveList:
     """Hash every page of the file at `path` (the receiver's baseline); a short last page is
-    left out, since only whole pages are ever referenced."""
+    left out, since only whole pages are ever referenced. Holes are not read: their pages stay
+    (0, 0), the hash of a zero page."""
+    from dwcp_agent.migration.extents import data_extents
+
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         count = size // PAGE_SIZE
         hashes = np.zeros((count, 2), dtype=np.uint64)
         zero = np.empty(READ_BLOCK // PAGE_SIZE, dtype=np.uint8)
         buf = np.empty(READ_BLOCK, dtype=np.uint8)
-        done = 0
-        while done < count:
-            want = min(READ_BLOCK // PAGE_SIZE, count - done) * PAGE_SIZE
-            got = os.preadv(f.fileno(), [buf.data[:want]], done * PAGE_SIZE)
-            if got != want:
-                raise OSError(f"{path} shrank while its have-list was computed")
-            n = want // PAGE_SIZE
-            pages.page_hashes(buf[:want], zero[:n], hashes[done: done + n])
-            done += n
+        for start, end in data_extents(f.fileno(), count * PAGE_SIZE):
+            done, stop = start // PAGE_SIZE, (end + PAGE_SIZE - 1) // PAGE_SIZE
+            while done < stop:
+                want = min(READ_BLOCK // PAGE_SIZE, stop - done) * PAGE_SIZE
+                got = os.preadv(f.fileno(), [buf.data[:want]], done * PAGE_SIZE)
+                if got != want:
+                    raise OSError(f"{path} shrank while its have-list was computed")
+                n = want // PAGE_SIZE
+                pages.page_hashes(buf[:want], zero[:n], hashes[done: done + n])
+                done += n
     return HaveList(hashes)
 
 

@@ -56,6 +56,9 @@ __all__ = [
 _K = np.uint8
 _REF_KINDS = np.array([k in (PageKind.DUP_IN, PageKind.DUP_X, PageKind.BASELINE) for k in range(256)])
 _N_KINDS = len(PageKind)
+DEFAULT_INDEX_BUDGET = 256 << 20
+# A baseline page costs its hash (16 B) plus up to two fingerprint-table slots (2 x 16 B).
+BASELINE_BYTES_PER_PAGE = 48
 
 
 def checksum(data: memoryview | bytes) -> int:
@@ -133,7 +136,8 @@ class ChunkEncoder:
 
     def __init__(self, codec: Codec | None = None, metrics: Metrics | None = None, *,
                  selector: CodecSelector | None = None, delta_cache_bytes: int = 0,
-                 dedupe_entries: int = 1 << 18, dedupe: bool = True) -> None:
+                 dedupe_entries: int = 1 << 18, dedupe: bool = True,
+                 index_budget_bytes: int = DEFAULT_INDEX_BUDGET) -> None:
         if codec is None and selector is None:
             selector = CodecSelector()
         self.codec = codec
@@ -143,7 +147,9 @@ class ChunkEncoder:
         self.stats = EncoderStats()
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._index = index.PeerIndex(dedupe_entries, delta_cache_bytes)
+        # The budget (config index_budget_bytes) is split between per-page state and the baseline.
+        self.baseline_max_pages = index_budget_bytes // 2 // BASELINE_BYTES_PER_PAGE
+        self._index = index.PeerIndex(dedupe_entries, delta_cache_bytes, index_budget_bytes // 2)
         self._sent: dict[int, int] = {}   # chunk offset -> checksum of the version last encoded
         self._stats_lock = threading.Lock()
 
@@ -152,6 +158,9 @@ class ChunkEncoder:
     def set_peer_have_list(self, have: HaveList | None) -> None:
         """Use the receiver's baseline: pages it already holds go as references."""
         hashes = have.hashes if have is not None else np.zeros((0, 2), dtype=np.uint64)
+        if len(hashes) > self.baseline_max_pages:
+            raise ValueError(f"have-list of {len(hashes)} pages is over the index budget "
+                             f"({self.baseline_max_pages} pages)")
         with self._lock:
             self._index.set_baseline(np.ascontiguousarray(hashes, dtype=np.uint64))
 
@@ -343,7 +352,8 @@ def make_encoder(config: Any, metrics: Metrics | None = None, link: LinkSource =
     selector = CodecSelector(level, link=link, threads=workers, forced=None if algo == "auto" else algo)
     codec = None if algo == "auto" else codec_by_name(algo, level)
     return ChunkEncoder(codec, metrics, selector=selector,
-                        delta_cache_bytes=getattr(config, "delta_cache_bytes", 0))
+                        delta_cache_bytes=getattr(config, "delta_cache_bytes", 0),
+                        index_budget_bytes=getattr(config, "index_budget_bytes", DEFAULT_INDEX_BUDGET))
 
 
 class ChunkDecoder:

@@ -20,6 +20,9 @@ FLAG_ALL_ZERO = 0x01   # no payload: every page is zero
 FLAG_ZERO_MAP = 0x02   # first-cut layout: zero bitmap + codec(non-zero pages); still decoded
 FLAG_PAGE_MAP = 0x04   # page map (this module)
 KNOWN_FLAGS = FLAG_ALL_ZERO | FLAG_ZERO_MAP | FLAG_PAGE_MAP
+# A data-stream frame, not a chunk payload: no payload, and [offset, offset + raw_len) is a hole
+# at the source (whole chunks, the last possibly short). Never seen by the decoder.
+FLAG_HOLE = 0x08
 
 PAGE_MAP_HEADER = struct.Struct("<IQ")
 # A delta longer than this is not worth it: the literal page through the codec is about as small.

@@ -16,15 +16,18 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dwcp_agent import wire
 from dwcp_agent.amst.channel import DataChannel, TcpChannel
-from dwcp_agent.hde.baseline import HaveList
+from dwcp_agent.hde.baseline import HaveList, header_pages
 from dwcp_agent.hde.chunk import EncodedChunk, checksum
 from dwcp_agent.hde.codecs import CodecError
+from dwcp_agent.hde.layout import FLAG_HOLE
 from dwcp_agent.migration.digest import chunk_length
+from dwcp_agent.migration.extents import ChunkRun
 from dwcp_agent.migration.journal import unpack_have
 from dwcp_agent.migration.model import FATAL_ERRORS, POLL_S, MigrationError
 
@@ -34,18 +37,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("dwcp_agent.migration")
 
 
+# One hole frame covers at most this many bytes (its length field is 32 bits).
+HOLE_FRAME_BYTES = 1 << 30
+
+
 @dataclass
 class Item:
     index: int
-    buffer: bytearray
+    buffer: bytearray | None  # None for a hole run: nothing was read
     encoded: EncodedChunk
+
+    @property
+    def hole(self) -> bool:
+        return self.buffer is None
+
+
+def jobs(runs: list[ChunkRun], chunk_size: int) -> Iterator[int | ChunkRun]:
+    """Data chunk indexes to read, and hole runs (each fitting one hole frame) to announce."""
+    per_frame = max(1, HOLE_FRAME_BYTES // chunk_size)
+    for run in runs:
+        if run.data:
+            yield from range(run.start, run.start + run.count)
+            continue
+        for first in range(run.start, run.start + run.count, per_frame):
+            yield ChunkRun(first, min(per_frame, run.start + run.count - first), False)
 
 
 class Attempt:
     """One connected try: control connection, stream threads, encoder workers."""
 
     def __init__(self, session: SendSession, control: socket.socket, ready: wire.Ready,
-                 version: int) -> None:
+                 version: int, runs: list[ChunkRun] | None = None) -> None:
         self.s = session
         self.control = control
         self.session_id = ready.session
@@ -57,7 +79,8 @@ class Attempt:
         self.free: queue.SimpleQueue[bytearray] = session.buffers
         self.cond = threading.Condition()
         self.outstanding = 0
-        self.next_index = 0
+        self._jobs = jobs(runs if runs is not None else [ChunkRun(0, session.chunks, True)], session.chunk_size)
+        self._pending: int | ChunkRun | None = next(self._jobs, None)  # lookahead: None = all handed out
         self.live_streams = 0
         # Online stream tuning (PBA): ids below target_streams run; the tuner moves the target.
         self.target_streams = session.streams
@@ -73,7 +96,11 @@ class Attempt:
             if index < session.chunks:
                 session.encoder.acked(index * session.chunk_size,
                                       chunk_length(index, session.size, session.chunk_size), known)
-        if ready.baseline_have and session.cross_chunk:
+        if ready.baseline_have and session.cross_chunk \
+                and header_pages(ready.baseline_have) > session.encoder.baseline_max_pages:
+            log.warning("baseline of %d pages is over index_budget_bytes; sending without it",
+                        header_pages(ready.baseline_have), extra={"migration_id": session.request.migration_id})
+        elif ready.baseline_have and session.cross_chunk:
             try:
                 baseline = HaveList.from_bytes(ready.baseline_have, max_pages=session.size // 4096 + 1)
             except CodecError as exc:
@@ -94,21 +121,21 @@ class Attempt:
         self.committed_event.set()
 
     def _finished(self) -> bool:
-        return self.next_index >= self.s.chunks and self.outstanding == 0
+        return self._pending is None and self.outstanding == 0
 
     # -- encoder workers --------------------------------------------------------------------
 
-    def _next_job(self) -> Item | int | None:
-        """An orphaned chunk to encode again, else the next new chunk index; None when done."""
+    def _next_job(self) -> Item | int | ChunkRun | None:
+        """An orphaned chunk to encode again, else the next chunk index or hole run; None when done."""
         with self.cond:
             while not self.done.is_set():
                 if self.redo:
                     return self.redo.popleft()
-                if self.next_index < self.s.chunks:
-                    index = self.next_index
-                    self.next_index += 1
+                if self._pending is not None:
+                    job = self._pending
+                    self._pending = next(self._jobs, None)
                     self.outstanding += 1
-                    return index
+                    return job
                 self.cond.wait(POLL_S)
             return None
 
@@ -116,7 +143,13 @@ class Attempt:
         s = self.s
         try:
             while (job := self._next_job()) is not None:
+                if isinstance(job, ChunkRun):
+                    self.queue.put(self._hole_item(job))
+                    continue
                 if isinstance(job, Item):
+                    if job.buffer is None:  # a hole run: nothing to encode again
+                        self.queue.put(job)
+                        continue
                     # Never resend a stored payload: it may be a delta against a page the receiver
                     # has since overwritten. Encoding again follows the encoder's current view.
                     view = memoryview(job.buffer)[: job.encoded.raw_len]
@@ -149,6 +182,13 @@ class Attempt:
         except OSError as exc:
             self.abort(MigrationError(f"cannot read source {s.request.source}: {exc.strerror}", "source"))
 
+    def _hole_item(self, run: ChunkRun) -> Item:
+        """A hole frame: no read, no hash, no payload (its chunks' checksums are set by the plan)."""
+        s = self.s
+        offset = run.start * s.chunk_size
+        length = min(s.size, (run.start + run.count) * s.chunk_size) - offset
+        return Item(run.start, None, EncodedChunk(0, FLAG_HOLE, (), length, 0))
+
     def _get_buffer(self) -> bytearray | None:
         while not self.done.is_set():
             try:
@@ -159,7 +199,7 @@ class Attempt:
 
     def _settle(self, item: Item | None) -> None:
         """A chunk is no longer outstanding (acked, skipped, or abandoned)."""
-        if item is not None:
+        if item is not None and item.buffer is not None:
             self.free.put(item.buffer)
         with self.cond:
             self.outstanding -= 1
@@ -276,7 +316,8 @@ class Attempt:
                     while inflight and inflight[0][0] <= h.sequence:
                         acked.append(inflight.popleft()[1])
                 for item in acked:
-                    s.encoder.acked(item.index * s.chunk_size, item.encoded.raw_len, item.encoded.checksum)
+                    if not item.hole:  # holes are never referenced: the index does not track them
+                        s.encoder.acked(item.index * s.chunk_size, item.encoded.raw_len, item.encoded.checksum)
                     s.progress.add("acked_bytes", item.encoded.raw_len)
                     self._settle(item)
         except (wire.WireError, OSError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import numpy as np
 import xxhash
@@ -16,6 +17,24 @@ def chunk_count(size: int, chunk_size: int) -> int:
 
 def chunk_length(index: int, size: int, chunk_size: int) -> int:
     return min(chunk_size, size - index * chunk_size)
+
+
+@lru_cache(maxsize=4)
+def zero_checksum(length: int) -> int:
+    """Checksum of `length` zero bytes: what a hole chunk contributes to the object digest, so a
+    hole and written zeros give the same digest."""
+    return checksum(bytes(length))
+
+
+def hole_checksums(sums: np.ndarray, start: int, count: int, size: int, chunk_size: int) -> None:
+    """Set the checksums of hole chunks [start, start + count) (the last chunk may be short)."""
+    end = min(start + count, chunk_count(size, chunk_size))
+    if end <= start:
+        return
+    sums[start:end] = zero_checksum(chunk_size)
+    last = end - 1
+    if chunk_length(last, size, chunk_size) != chunk_size:
+        sums[last] = zero_checksum(chunk_length(last, size, chunk_size))
 
 
 def object_digest(checksums: np.ndarray) -> bytes:

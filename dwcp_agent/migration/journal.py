@@ -17,6 +17,10 @@ import threading
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dwcp_agent.migration.safe_files import DestinationDir
 
 _RECORD = struct.Struct("<QQI")
 
@@ -37,14 +41,21 @@ class Identity:
 class Journal:
     """Chunks durably written to `partial_path`; thread-safe `add`, group-committed by `flush`."""
 
-    def __init__(self, path: Path, identity: Identity) -> None:
+    def __init__(self, path: Path, identity: Identity, directory: DestinationDir | None = None) -> None:
+        """With `directory`, the journal is opened through the destination directory's descriptor
+        (O_NOFOLLOW, O_EXCL when new); `created` says whether this call made the file."""
         self.path = path
+        self.directory = directory
         self.identity = identity
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one group commit at a time; readers see none half-done
         self._pending: list[tuple[int, int]] = []
         self.have: dict[int, int] = {}
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if directory is not None:
+            self._fd, self.created = directory.open_file(path.name)
+        else:
+            self.created = not path.exists()
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,7 +131,10 @@ class Journal:
 
     def remove(self) -> None:
         """Delete the journal (after commit or cancel)."""
-        self.path.unlink(missing_ok=True)
+        if self.directory is not None:
+            self.directory.unlink(self.path.name)
+        else:
+            self.path.unlink(missing_ok=True)
         self.close()
 
 

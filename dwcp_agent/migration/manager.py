@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from opentelemetry import trace as otel_trace
@@ -21,6 +20,8 @@ from dwcp_agent.amst.select import Transports
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.model import Interrupted, MigrationError, MigrationRequest, Progress, SendResult
+from dwcp_agent.migration.outgoing import target_allowed
+from dwcp_agent.migration.safe_files import UnsafePath, open_source
 from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
@@ -82,10 +83,19 @@ class Migration:
             "attempts": p.attempts,
             "streams": p.streams,
             "streams_configured": self.session.streams if self.session else 0,
+            "streams_used": p.stream_stats(),
+            "mode": self.request.mode,
+            "mode_measured": self.request.mode_measured,
             "started": self.started,
             "duration_s": round(duration, 3),
-            "throughput_bytes_per_second": round(p.done_bytes / duration) if duration > 0 else 0,
+            # A rate needs bytes that arrived: none for a failed migration that moved nothing.
+            "throughput_bytes_per_second": round(p.done_bytes / duration) if duration > 0 and p.done_bytes else None,
         }
+        if self.session is not None and self.session.link is not None:
+            data["tcp_congestion"] = self.session.link.congestion
+            data["tcp_congestion_reason"] = self.session.link.congestion_reason
+        if p.retries:
+            data["retries"] = list(p.retries)
         if self.error:
             data["error"] = self.error
             data["error_type"] = self.error_type
@@ -122,15 +132,12 @@ class MigrationManager:
         unknown = set(body) - {"source", "to", "dest_path", "vm_id", "migration_id", "protocol"}
         if unknown:
             raise RequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
-        source = Path(body["source"]).resolve()
-        if not any(source.is_relative_to(d) for d in self.config.allowed_source_dirs):
-            raise RequestError(f"field 'source': {source} is outside the allowed directories "
-                               f"({', '.join(map(str, self.config.allowed_source_dirs))}; config key source_dirs)")
-        if not source.is_file():
-            raise RequestError(f"field 'source': {source} is not a readable file")
         host, sep, port = body["to"].rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise RequestError(f"field 'to': {body['to']!r} is not HOST:PORT")
+        if not target_allowed(host, int(port), self.config):
+            raise RequestError(f"field 'to': {body['to']!r} is neither a cluster member nor in "
+                               "migration_targets")
         migration_id = body.get("migration_id") or uuid.uuid4().hex[:16]
         if not isinstance(migration_id, str) or not migration_id.replace("-", "").isalnum():
             raise RequestError("field 'migration_id': letters, digits and dashes only")
@@ -141,11 +148,41 @@ class MigrationManager:
         protocol = body.get("protocol") or self.profile_for(migration_id)
         if protocol not in ("v1", "v3"):
             raise RequestError("field 'protocol': v1 or v3")
-        return MigrationRequest(migration_id, str(body.get("vm_id") or source.stem), source, host.strip("[]"),
-                                int(port), body["dest_path"], protocol)
+        try:  # opened once, here (O_NOFOLLOW); the migration reads this descriptor only
+            image = open_source(body["source"], self.config.allowed_source_dirs)
+        except UnsafePath as exc:
+            raise RequestError(f"field 'source': {exc} (config key source_dirs)") from exc
+        return MigrationRequest(migration_id, str(body.get("vm_id") or image.path.stem), image.path,
+                                host.strip("[]"), int(port), body["dest_path"], protocol, image=image)
 
     def start(self, request: MigrationRequest) -> Migration:
-        migration = Migration(request, Progress())
+        """Start a migration, or raise RequestError when max_outgoing_migrations are running."""
+        with self._lock:
+            self._expire()
+            running = sum(1 for m in self.migrations.values() if m.state not in TERMINAL)
+            if running >= self.config.max_outgoing_migrations:
+                if request.image is not None:
+                    request.image.close()
+                raise RequestError(f"{running} outgoing migrations are running, the limit "
+                                   f"(max_outgoing_migrations) is {self.config.max_outgoing_migrations}")
+            # Reserve the slot before the session opens anything.
+            self.migrations[request.migration_id] = placeholder = Migration(request, Progress())
+        try:
+            return self._start(request, placeholder)
+        except BaseException:
+            with self._lock:
+                self.migrations.pop(request.migration_id, None)
+            if request.image is not None:
+                request.image.close()
+            raise
+
+    def _expire(self) -> None:
+        """Forget finished migrations older than finished_record_ttl_s (caller holds the lock)."""
+        cutoff = time.time() - self.config.finished_record_ttl_s
+        for key in [k for k, m in self.migrations.items() if m.done.is_set() and m.finished < cutoff]:
+            del self.migrations[key]
+
+    def _start(self, request: MigrationRequest, migration: Migration) -> Migration:
         # One trace per migration: its context travels in every handshake to the destination.
         migration.span = tracing.get_tracer().start_span("migration", attributes={
             "dwcp.migration_id": request.migration_id, "dwcp.vm_id": request.vm_id,
@@ -153,8 +190,6 @@ class MigrationManager:
         trace_context = tracing.inject_context(otel_trace.set_span_in_context(migration.span))
         migration.session = SendSession(self.config, self.metrics, self.key, request, trace_context,
                                         migration.progress, pool=self.pool, transports=self.transports)
-        with self._lock:
-            self.migrations[request.migration_id] = migration
         self.metrics.active_migrations.inc()
         log.info("migration started", extra={
             "migration_id": request.migration_id, "migration_status": "started", "vm_id": request.vm_id,
@@ -236,10 +271,12 @@ class MigrationManager:
 
     def get(self, migration_id: str) -> Migration | None:
         with self._lock:
+            self._expire()
             return self.migrations.get(migration_id)
 
     def list(self) -> list[Migration]:
         with self._lock:
+            self._expire()
             return sorted(self.migrations.values(), key=lambda m: m.started)
 
     def cancel(self, migration_id: str) -> Migration | None:

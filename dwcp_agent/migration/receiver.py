@@ -16,6 +16,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +25,36 @@ from dwcp_agent import wire
 from dwcp_agent._native import stream as native_stream
 from dwcp_agent.amst.channel import FrameSource, TcpChannel
 from dwcp_agent.hde.baseline import FilePages, have_list
-from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, ChunkDecoder, check_all_zero, checksum
+from dwcp_agent.hde.chunk import (
+    BASELINE_BYTES_PER_PAGE,
+    DEFAULT_INDEX_BUDGET,
+    FLAG_ALL_ZERO,
+    ChunkDecoder,
+    check_all_zero,
+    checksum,
+)
 from dwcp_agent.hde.codecs import CodecError, CodecId
+from dwcp_agent.hde.layout import FLAG_HOLE
+from dwcp_agent.migration import space
 from dwcp_agent.migration.buffers import BufferPool
-from dwcp_agent.migration.digest import chunk_count, chunk_length, object_digest, reread_checksums
+from dwcp_agent.migration.digest import (
+    chunk_count,
+    chunk_length,
+    hole_checksums,
+    object_digest,
+    reread_checksums,
+)
+from dwcp_agent.migration.extents import MAX_RANGES
+from dwcp_agent.migration.holes import HoleSet
 from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
+from dwcp_agent.migration.safe_files import JOURNAL_SUFFIX, PARTIAL_SUFFIX, DestinationDir, UnsafePath
 from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.migration")
 
-PARTIAL_SUFFIX = ".dwcp-part"
-JOURNAL_SUFFIX = ".dwcp-journal"
+__all__ = ["JOURNAL_SUFFIX", "PARTIAL_SUFFIX", "ReceiveError", "ReceiveSession", "open_session"]
 FLUSH_INTERVAL_S = 0.05
+FreeBytes = Callable[[int], int]
 
 
 class ReceiveError(Exception):
@@ -51,35 +70,34 @@ def max_encoded_len(raw_len: int) -> int:
     return raw_len + raw_len // 16 + 4096
 
 
-def resolve_destination(dest_path: str, allowed: list[Path]) -> Path:
-    """The destination as an absolute path inside an allowed directory, or a ReceiveError."""
-    path = Path(dest_path)
-    if not path.is_absolute():
-        raise ReceiveError(f"destination {dest_path!r} must be an absolute path", "bad_request")
-    resolved = path.parent.resolve() / path.name
-    if not any(resolved.is_relative_to(d) for d in allowed):
-        raise ReceiveError(f"destination {resolved} is outside the allowed directories "
-                           f"({', '.join(map(str, allowed))}; see config key dest_dirs)", "forbidden")
-    if not resolved.parent.is_dir():
-        raise ReceiveError(f"destination directory {resolved.parent} does not exist", "bad_request")
-    if not os.access(resolved.parent, os.W_OK):
-        raise ReceiveError(f"destination directory {resolved.parent} is not writable", "unwritable")
-    return resolved
+def data_plan(start: wire.Start) -> tuple[int, list[tuple[int, int]]]:
+    """Bytes and (offset, length) ranges the source will write; the whole image when it sent no map."""
+    if start.data_bytes < 0:
+        return start.size, [(0, start.size)]
+    ranges = [(int(o), int(n)) for o, n in start.data_ranges]
+    if len(ranges) > MAX_RANGES or any(o < 0 or n < 0 or o + n > start.size for o, n in ranges) \
+            or sum(n for _, n in ranges) != start.data_bytes:
+        raise ReceiveError("data ranges do not fit the image or do not add up to data_bytes", "bad_request")
+    return start.data_bytes, ranges
 
 
 class ReceiveSession:
     """One incoming migration: partial file, journal, data streams, commit."""
 
-    def __init__(self, start: wire.Start, dest: Path, metrics: Metrics, mode: str = "datacenter",
-                 pool: BufferPool | None = None) -> None:
+    def __init__(self, start: wire.Start, directory: DestinationDir, metrics: Metrics, mode: str = "datacenter",
+                 pool: BufferPool | None = None, free: FreeBytes = space.free_bytes,
+                 index_budget_bytes: int = DEFAULT_INDEX_BUDGET) -> None:
         self.start = start
+        self.index_budget_bytes = index_budget_bytes
         self.pool = pool or BufferPool()
-        self.dest = dest
+        self.directory = directory
+        self.dest = dest = directory.path
         self.metrics = metrics
         self.mode = mode
         self.session_id = secrets.randbits(63) or 1
-        self.partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
+        self.partial = dest.with_name(directory.partial_name)
         self.chunks = chunk_count(start.size, start.chunk_size)
+        self.holes = HoleSet()  # chunk runs the source announced as holes in this session
         self.bytes_received = 0
         self._streams: set[FrameSource] = set()
         self._lock = threading.Lock()
@@ -87,12 +105,14 @@ class ReceiveSession:
         self._control: socket.socket | None = None
         self._control_lock = threading.Lock()
         self.failure: ReceiveError | None = None
-        self.journal = Journal(dest.with_name(dest.name + JOURNAL_SUFFIX),
-                               Identity(start.size, start.chunk_size, start.vm_id))
+        self.journal = Journal(dest.with_name(directory.journal_name),
+                               Identity(start.size, start.chunk_size, start.vm_id), directory)
         try:
-            self._fd, self.fresh = self._open_partial()
-        except BaseException:
+            self._fd, self.fresh = self._open_partial(free)
+        except BaseException:  # a refused Start leaves nothing behind
             self.journal.close()
+            if self.journal.created:
+                directory.unlink(directory.journal_name)
             raise
         self.resumed_chunks = set(self.journal.have)
         self._written: set[int] = set()  # chunks written by this session
@@ -102,23 +122,36 @@ class ReceiveSession:
                                          daemon=True)
         self._flusher.start()
 
-    def _open_partial(self) -> tuple[int, bool]:
-        resumed = self.journal.resumed and self.partial.exists()
-        if not resumed and self.journal.have:
-            self.journal.reset()
-        needed = self.start.size
-        if resumed:
-            needed -= os.stat(self.partial).st_blocks * 512
-        stats = os.statvfs(self.partial.parent)
-        free = stats.f_bavail * stats.f_frsize
-        if needed > free:
-            raise ReceiveError(f"not enough space in {self.partial.parent}: need {needed} bytes, "
-                               f"{free} free", "no_space")
+    def _open_partial(self, free: FreeBytes) -> tuple[int, bool]:
+        """Open (or create, O_EXCL) the partial file, check the space the data ranges still need,
+        and reserve it; a refusal removes what this call created."""
+        data_bytes, ranges = data_plan(self.start)
+        d = self.directory
         try:
-            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | (0 if resumed else os.O_TRUNC), 0o600)
-            os.ftruncate(fd, self.start.size)
+            fd, created = d.open_file(d.partial_name)
+        except UnsafePath as exc:
+            raise ReceiveError(str(exc), exc.error_type) from exc
         except OSError as exc:
             raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
+        resumed = self.journal.resumed and not created
+        try:
+            try:
+                space.check(fd, data_bytes, resumed, free)
+                if not resumed:
+                    if self.journal.have:
+                        self.journal.reset()
+                    os.ftruncate(fd, 0)
+                os.ftruncate(fd, self.start.size)
+                space.allocate(fd, ranges)
+            except space.NoSpace as exc:
+                raise ReceiveError(f"not enough space in {self.partial.parent}: {exc}", "no_space") from exc
+            except OSError as exc:
+                raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
+        except ReceiveError:
+            os.close(fd)
+            if created:
+                d.unlink(d.partial_name)
+            raise
         return fd, not resumed
 
     def _open_baseline(self) -> tuple[FilePages | None, bytes]:
@@ -126,19 +159,30 @@ class ReceiveSession:
 
         It stays unchanged until commit (we write beside it and rename), so pages the source
         references in it are stable for the whole migration."""
-        if self.start.protocol != "v3" or not self.dest.is_file():
+        if self.start.protocol != "v3":
+            return None, b""
+        fd = self.directory.open_baseline()  # only a regular file, never through a symlink
+        if fd is None:
+            return None, b""
+        pages = os.fstat(fd).st_size // 4096
+        if pages > self.index_budget_bytes // 2 // BASELINE_BYTES_PER_PAGE:
+            os.close(fd)
+            log.info("no baseline: %s has %d pages, over index_budget_bytes", self.dest, pages,
+                     extra={"migration_id": self.start.migration_id})
             return None, b""
         try:
-            blob = have_list(self.dest).to_bytes()
+            blob = have_list(f"/proc/self/fd/{fd}").to_bytes()
         except OSError as exc:
+            os.close(fd)
             log.warning("no baseline: cannot read %s: %s", self.dest, exc.strerror,
                         extra={"migration_id": self.start.migration_id})
             return None, b""
         if len(blob) > wire.MAX_CONTROL_PAYLOAD // 2:
+            os.close(fd)
             log.warning("no baseline: have-list of %d bytes is too large for one control message", len(blob),
                         extra={"migration_id": self.start.migration_id})
             return None, b""
-        return FilePages(self.dest), blob
+        return FilePages(fd), blob  # its descriptor is closed with the session
 
     # -- control connection ---------------------------------------------------------------
 
@@ -175,8 +219,14 @@ class ReceiveSession:
 
     def _commit(self, digest: bytes) -> None:
         self._stop_streams()
+        try:
+            self._commit_checked(digest)
+        except OSError as exc:  # reported to the source as Failed, never as a closed connection
+            self.fail(ReceiveError(f"commit of {self.dest} failed: {exc.strerror or exc}", "io"))
+
+    def _commit_checked(self, digest: bytes) -> None:
         self.journal.flush(self._fd)
-        missing = self.chunks - len(self.journal.have)
+        missing = self.chunks - self._covered()
         if self.failure is not None:
             self._send_control(wire.Failed(str(self.failure), self.failure.error_type))
             return
@@ -191,12 +241,7 @@ class ReceiveSession:
                                            "source; partial discarded", "digest_mismatch"))
             return
         os.fsync(self._fd)
-        os.rename(self.partial, self.dest)
-        dir_fd = os.open(self.dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self.directory.commit(self.directory.partial_name)
         self.journal.remove()
         log.info("image committed", extra={"migration_id": self.start.migration_id,
                                            "migration_status": "committed", "path": str(self.dest)})
@@ -206,17 +251,34 @@ class ReceiveSession:
         """Object digest from the verified chunk checksums. Chunks written by this session were
         hashed from the very buffer written; chunks resumed from an earlier session are re-read,
         so bytes that changed on disk since (or never made it) cannot pass."""
-        sums = np.fromiter((self.journal.have[i] for i in range(self.chunks)), dtype=np.uint64, count=self.chunks)
-        on_disk = reread_checksums(self._fd, self.start.size, self.start.chunk_size, sorted(self.resumed_chunks))
-        for i in self.resumed_chunks:
+        size, chunk_size = self.start.size, self.start.chunk_size
+        sums = np.zeros(self.chunks, dtype=np.uint64)
+        for i, c in self.journal.have.items():
+            if i < self.chunks:
+                sums[i] = c
+        holes = self.holes.merged()
+        for first, count in holes:
+            hole_checksums(sums, first, count, size, chunk_size)
+        resumed = sorted(i for i in self.resumed_chunks if not HoleSet.contains(holes, i))
+        on_disk = reread_checksums(self._fd, size, chunk_size, resumed)
+        for i in resumed:
             if on_disk[i] != sums[i]:
                 self.metrics.error("migration", "resumed_chunk_mismatch")
                 sums[i] = on_disk[i]
         return object_digest(sums)
 
+    def _covered(self) -> int:
+        """Chunks the destination holds: journaled data chunks and announced holes."""
+        covered = np.zeros(self.chunks, dtype=bool)
+        have = np.fromiter((i for i in self.journal.have if i < self.chunks), dtype=np.int64)
+        covered[have] = True
+        for first, count in self.holes.merged():
+            covered[first:first + count] = True
+        return int(covered.sum())
+
     def _discard(self) -> None:
         self._stop_streams()
-        self.partial.unlink(missing_ok=True)
+        self.directory.unlink(self.directory.partial_name)
         self.journal.remove()
 
     def fail(self, error: ReceiveError) -> None:
@@ -332,6 +394,9 @@ class ReceiveSession:
         """Check, receive, decode, verify, write and journal one frame (the caller acknowledges it)."""
         size, chunk_size = self.start.size, self.start.chunk_size
         index = self._check_header(h, stream_id, version, expected_seq)
+        if h.flags == FLAG_HOLE:
+            self._receive_hole(h, index)
+            return
         expected_len = chunk_length(index, size, chunk_size)
         if h.raw_len != expected_len:
             raise wire.FrameError(f"chunk {index} announces {h.raw_len} bytes, expected {expected_len}",
@@ -364,12 +429,25 @@ class ReceiveSession:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
         if data is not None and holes and zero_pages is not None:
             native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
+            space.release_zero_pages(self._fd, zero_pages, h.offset, h.raw_len)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
             _pwrite_all(self._fd, data, h.offset)
         self._written.add(index)
         self.journal.add(index, h.checksum)
         self.resumed_chunks.discard(index)
         self.bytes_received += h.raw_len
+
+    def _receive_hole(self, h: wire.FrameHeader, index: int) -> None:
+        """A run of hole chunks: nothing to read; punch it in case the file held older bytes."""
+        size, chunk_size = self.start.size, self.start.chunk_size
+        end = h.offset + h.raw_len
+        if h.encoded_len or h.raw_len == 0 or end > size or (h.raw_len % chunk_size and end != size):
+            raise wire.FrameError(f"hole at {h.offset} of {h.raw_len} bytes is not whole chunks of this image",
+                                  "bad_length")
+        count = chunk_count(h.raw_len, chunk_size)
+        space.punch_hole(self._fd, h.offset, h.raw_len)
+        self.holes.add(index, count)
+        self.resumed_chunks.difference_update(range(index, index + count))
 
     def _check_header(self, h: wire.FrameHeader, stream_id: int, version: int, expected_seq: int) -> int:
         if h.version != version:
@@ -416,10 +494,11 @@ class ReceiveSession:
         deadline = time.monotonic() + timeout
         self._flusher.join(max(0.0, deadline - time.monotonic()))
         if self.baseline is not None:
-            self.baseline.close()
+            os.close(self.baseline.fd)
         os.close(self._fd)
         self._fd = -1
         self.journal.close()
+        self.directory.close()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -429,14 +508,23 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def open_session(start: wire.Start, allowed: list[Path], metrics: Metrics,
-                 pool: BufferPool | None = None) -> ReceiveSession:
+                 pool: BufferPool | None = None, free: FreeBytes = space.free_bytes,
+                 index_budget_bytes: int = DEFAULT_INDEX_BUDGET) -> ReceiveSession:
     """Validate a Start and open its session, mapping every refusal to a ReceiveError."""
     if start.size < 0 or start.chunk_size <= 0 or start.chunk_size % 4096 or start.chunk_size > 64 << 20:
         raise ReceiveError(f"invalid geometry: size {start.size}, chunk size {start.chunk_size}", "bad_request")
-    dest = resolve_destination(start.dest_path, allowed)
     try:
-        return ReceiveSession(start, dest, metrics, pool=pool)
-    except JournalBusy as exc:
-        raise ReceiveError(str(exc), "busy") from exc
-    except PermissionError as exc:
-        raise ReceiveError(f"cannot write beside {dest}: {exc.strerror}", "unwritable") from exc
+        directory = DestinationDir(start.dest_path, allowed)
+    except UnsafePath as exc:
+        raise ReceiveError(str(exc), exc.error_type) from exc
+    try:
+        return ReceiveSession(start, directory, metrics, pool=pool, free=free, index_budget_bytes=index_budget_bytes)
+    except BaseException as exc:
+        directory.close()
+        if isinstance(exc, JournalBusy):
+            raise ReceiveError(str(exc), "busy") from exc
+        if isinstance(exc, UnsafePath):
+            raise ReceiveError(str(exc), exc.error_type) from exc
+        if isinstance(exc, PermissionError):
+            raise ReceiveError(f"cannot write beside {directory.path}: {exc.strerror}", "unwritable") from exc
+        raise

@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -28,7 +29,8 @@ from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, make_encoder
 from dwcp_agent.hde.codecs import codec_by_name
 from dwcp_agent.migration.attempt import Attempt
 from dwcp_agent.migration.buffers import BufferPool
-from dwcp_agent.migration.digest import chunk_count, object_digest
+from dwcp_agent.migration.digest import chunk_count, hole_checksums, object_digest
+from dwcp_agent.migration.extents import ChunkRun, chunk_runs, data_ranges, holes_moved
 from dwcp_agent.migration.model import (
     FATAL_ERRORS,
     POLL_S,
@@ -38,6 +40,8 @@ from dwcp_agent.migration.model import (
     Progress,
     SendResult,
 )
+from dwcp_agent.migration.remote_errors import describe_handshake_failure, handshake_error_type
+from dwcp_agent.migration.safe_files import UnsafePath, open_source
 from dwcp_agent.pba.active import ProbeError, run_probe
 from dwcp_agent.pba.link import LinkController
 from dwcp_agent.security import channels as channel_security
@@ -70,11 +74,15 @@ class SendSession:
         self.progress = progress or Progress()
         self.chunk_size = config.chunk_size
         self.streams = config.stream_count or 4
-        # stream_count 0 (v3): PBA measures the path and the tuner sets streams and chunk size.
-        self.link = LinkController(config, metrics) if config.stream_count == 0 and request.protocol == "v3" else None
+        # v3: PBA always measures the path (probe, prediction, mode). With stream_count 0 the tuner
+        # also sets streams and chunk size; a fixed stream_count keeps its count and chunk_size.
+        self.link = LinkController(config, metrics) if request.protocol == "v3" else None
         if self.link is not None:
             self.streams = self.link.plan.streams
-            self.chunk_size = self.link.plan.chunk_size
+            if config.stream_count == 0:
+                self.chunk_size = self.link.plan.chunk_size
+            if self.link.forced_mode and self.link.mode is not None:
+                request.mode = self.link.mode
         self.workers = config.encode_threads or (os.cpu_count() or 1)
         # v1 is the static profile rollouts compare against: one codec, no cross-chunk state.
         self.cross_chunk = request.protocol == "v3"
@@ -85,20 +93,39 @@ class SendSession:
         else:
             codec = "lz4" if config.compression_algo == "auto" else config.compression_algo
             self.encoder = ChunkEncoder(codec_by_name(codec, config.zstd_level), metrics, dedupe=False)
-        try:
-            self.fd = os.open(request.source, os.O_RDONLY)
-        except OSError as exc:
-            raise MigrationError(f"cannot open source {request.source}: {exc.strerror}", "source") from exc
-        self.size = os.fstat(self.fd).st_size
+        # Opened once (O_NOFOLLOW) and read only through this descriptor (migration/safe_files.py).
+        if request.image is None:
+            try:
+                request.image = open_source(request.source, [Path(request.source).parent.resolve()])
+            except UnsafePath as exc:
+                raise MigrationError(str(exc), "source") from exc
+        self.fd = request.image.fd
+        self.size = request.image.size
         self.chunks = chunk_count(self.size, self.chunk_size)
         self.checksums = np.zeros(self.chunks, dtype=np.uint64)
         self.progress.total_bytes = self.size
-        slots = max(2 * self.streams + self.workers, config.max_inflight_bytes // self.chunk_size)
+        self.holes: list[ChunkRun] = []  # hole runs announced by the current attempt
         self.pool = pool or BufferPool()
-        self._lent = self.pool.take(self.chunk_size, min(slots, max(self.chunks, 1)))
+        self._lent: list[bytearray] = []  # taken when sending starts, returned when the migration ends
         self.buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+
+    def _lend_buffers(self) -> None:
+        """Chunk buffers, once the destination has accepted: a migration that never gets that far
+        (unreachable, refused) holds no memory."""
+        if self._lent:
+            return
+        slots = max(2 * self.streams + self.workers, self.config.max_inflight_bytes // self.chunk_size)
+        self._lent = self.pool.take(self.chunk_size, min(slots, max(self.chunks, 1)))
         for buf in self._lent:
             self.buffers.put(buf)
+
+    def plan(self) -> list[ChunkRun]:
+        """This attempt's walk of the source: data runs to read, hole runs to announce."""
+        runs = chunk_runs(self.fd, self.size, self.chunk_size)
+        self.holes = [r for r in runs if not r.data]
+        for run in self.holes:
+            hole_checksums(self.checksums, run.start, run.count, self.size, self.chunk_size)
+        return runs
 
     def _probe(self, control: socket.socket) -> None:
         """One short active probe (RTT pings and a bounded burst) before the first Start, so the
@@ -113,15 +140,17 @@ class SendSession:
             raise MigrationError(f"active probe failed: {exc}", "probe", retryable=True) from exc
         plan = self.link.start(result.rtt_min_s, result.bandwidth_bps)
         self.streams = plan.streams
-        log.info("probe: rtt %.2f ms, %.0f Mbit/s -> %d streams", result.rtt_min_s * 1e3,
-                 result.bandwidth_bps * 8e-6, plan.streams,
-                 extra={"migration_id": self.request.migration_id, "component": "pba"})
+        if self.link.mode is not None and not self.link.forced_mode:
+            self.request.mode = self.link.mode
+            self.request.mode_measured = True
+        log.info("probe: rtt %.2f ms, %.0f Mbit/s -> %d streams, mode %s", result.rtt_min_s * 1e3,
+                 result.bandwidth_bps * 8e-6, plan.streams, self.request.mode,
+                 extra={"migration_id": self.request.migration_id, "component": "pba", "mode": self.request.mode})
 
     def _predicted_bandwidth(self) -> float | None:
-        """Bytes/s PBA expects on the next interval (None until it has measured something)."""
+        """Bytes/s PBA expects on the next interval, else the probe's (None before either)."""
         assert self.link is not None
-        prediction = self.link.predictor.predict()
-        return prediction.value if prediction is not None else None
+        return self.link.bandwidth()
 
     def encode(self, view: memoryview, index: int) -> EncodedChunk:
         """Encode one chunk; v3 passes its offset so baseline, dedupe and delta apply."""
@@ -194,8 +223,10 @@ class SendSession:
                                          expect_peer=channel_security.peer_identity(sock))
         except wire.WireError as exc:
             sock.close()
-            raise MigrationError(f"{self.request.host}:{self.request.port}: {exc}", exc.error_type,
-                                 retryable=exc.error_type not in FATAL_ERRORS) from exc
+            # The peer is not authenticated yet: say what failed, never repeat what it sent.
+            error_type = handshake_error_type(exc)
+            raise MigrationError(f"{self.request.host}:{self.request.port}: {describe_handshake_failure(exc)}",
+                                 error_type, retryable=error_type not in FATAL_ERRORS) from exc
         except OSError as exc:
             sock.close()
             raise MigrationError(f"handshake with {self.request.host}:{self.request.port} failed: {exc}",
@@ -224,12 +255,15 @@ class SendSession:
                     if failures > self.config.retry_limit:
                         raise MigrationError(f"gave up after {failures} attempts: {exc}", exc.error_type) from exc
                     self.metrics.error("migration", "retry")
+                    self.progress.retries.append(f"attempt {self.progress.attempts}: {exc} [{exc.error_type}]")
                     log.warning("attempt %d failed (%s); resuming", self.progress.attempts, exc, extra={
                         "migration_id": self.request.migration_id, "migration_status": "retrying"})
                     self._sleep(min(0.2 * 2 ** failures, 5.0))
         finally:
-            os.close(self.fd)
+            if self.request.image is not None:
+                self.request.image.close()
             self.pool.give(self._lent)
+            self._lent = []
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -262,9 +296,12 @@ class SendSession:
                  extra={"migration_id": r.migration_id, "component": "amst"})
         if self.link is not None and not self.probed:
             self._probe(control)
+        runs = self.plan()
+        ranges = data_ranges(runs, self.size, self.chunk_size)
         try:
             wire.send_message(control, wire.Start(r.migration_id, r.vm_id, r.dest_path, self.size,
-                                                  self.chunk_size, self.streams, r.protocol))
+                                                  self.chunk_size, self.streams, r.protocol,
+                                                  sum(n for _, n in ranges), ranges))
             ready = wire.recv_message(control, wire.Ready)
         except wire.WireError as exc:
             control.close()
@@ -273,7 +310,8 @@ class SendSession:
         except OSError as exc:
             control.close()
             raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
-        attempt = Attempt(self, control, ready, wire.PROTOCOL_VERSION)
+        self._lend_buffers()
+        attempt = Attempt(self, control, ready, wire.PROTOCOL_VERSION, runs)
         self._current = attempt
         self.progress.acked_bytes = 0
         self.progress.skipped_bytes = 0
@@ -293,6 +331,8 @@ class SendSession:
                 if self.cancel.is_set():
                     attempt.abort(Interrupted("migration was stopped", "cancelled"))
             if attempt.error is None:
+                self._check_holes()
+                self.progress.end_transfer()
                 digest = object_digest(self.checksums)
                 with tracing.get_tracer().start_as_current_span("commit"):
                     wire.send_message(control, wire.Commit(digest))
@@ -321,6 +361,15 @@ class SendSession:
                 t.join(timeout=self.config.io_timeout_s)
             self._reclaim(attempt)
 
+    def _check_holes(self) -> None:
+        """Holes announced must still be holes: a source written meanwhile is re-sent by the next
+        attempt (which walks the file again), never committed with zeros where data now is."""
+        moved = holes_moved(self.fd, self.size, self.chunk_size, self.holes)
+        if moved:
+            self.metrics.error("migration", "source_changed")
+            raise MigrationError(f"{sum(r.count for r in moved)} chunks announced as holes gained data during "
+                                 "the migration; re-sending them", "source_changed", retryable=True)
+
     def _reclaim(self, attempt: Attempt) -> None:
         """Return buffers still held by queued chunks so the next attempt has its full pool."""
         while True:
@@ -328,8 +377,10 @@ class SendSession:
                 item = attempt.queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None:
+            if item is not None and item.buffer is not None:
                 self.buffers.put(item.buffer)
         while attempt.redo:
-            self.buffers.put(attempt.redo.popleft().buffer)
+            buffer = attempt.redo.popleft().buffer
+            if buffer is not None:
+                self.buffers.put(buffer)
 

@@ -23,6 +23,7 @@ from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.receiver import ReceiveError, ReceiveSession, open_session
+from dwcp_agent.migration.safe_files import sweep_abandoned
 from dwcp_agent.pba.active import ProbeError, serve_probe
 from dwcp_agent.security import channels as channel_security
 from dwcp_agent.security.preauth import ConnectionLimiter, DeadlineReaper, RateLimitedLog, truncate
@@ -57,6 +58,12 @@ class DataServer:
         self._sock = tcp.listen(config.listen_host, config.data_port, config.socket_buffer_bytes)
         self.port: int = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, name="data-accept", daemon=True)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove partial images and journals abandoned longer than partial_ttl_s."""
+        for path in sweep_abandoned(self.config.allowed_dest_dirs, self.config.partial_ttl_s):
+            log.info("removed abandoned %s (older than partial_ttl_s)", path)
 
     def start(self) -> None:
         self._thread.start()
@@ -156,8 +163,10 @@ class DataServer:
             self.metrics.error("amst", getattr(exc, "error_type", "disconnected"))
             conn.close()
             return
+        self._sweep()
         try:
-            session = open_session(start, self.config.allowed_dest_dirs, self.metrics, self.pool)
+            session = open_session(start, self.config.allowed_dest_dirs, self.metrics, self.pool,
+                                   index_budget_bytes=self.config.index_budget_bytes)
         except ReceiveError as exc:
             self.metrics.error("migration", exc.error_type)
             refusals.warning("refused migration %s from %s: %s", truncate(start.migration_id), truncate(peer.node_id),

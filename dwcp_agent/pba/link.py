@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from dwcp_agent.amst.tcp import tune_socket
-from dwcp_agent.amst.tuning import StreamPlan, StreamTuner
+from dwcp_agent.amst.tcp import default_congestion_control, tune_socket
+from dwcp_agent.amst.tuning import StreamPlan, StreamTuner, congestion_decision
 from dwcp_agent.config import Config
 from dwcp_agent.pba.mode import ModeDetector
 from dwcp_agent.pba.predictor import Prediction, Predictor
@@ -51,7 +52,12 @@ class LinkController:
         self.detector = ModeDetector(initial=forced, metrics=metrics)
         self.forced_mode = forced is not None
         self.tuner = StreamTuner(config, available_cc)
+        self.metrics = metrics
+        self.congestion, self.congestion_reason = congestion_decision(
+            config.tcp_congestion, self.tuner.congestion, default_congestion_control())
         self.last: LinkSample | None = None
+        self.probe_rtt_s = 0.0
+        self.probe_bandwidth_bps = 0.0
         self._lock = threading.Lock()
         self._applied: dict[Hashable, int] = {}
 
@@ -63,9 +69,32 @@ class LinkController:
     def mode(self) -> str | None:
         return self.detector.mode
 
-    def start(self, rtt_s: float, bandwidth_bps: float) -> StreamPlan:
-        """Initial plan from an active probe (or from nothing: rtt 0, bandwidth 0)."""
+    def start(self, rtt_s: float, bandwidth_bps: float, now: float | None = None) -> StreamPlan:
+        """Initial plan from an active probe (or from nothing: rtt 0, bandwidth 0); the probe's
+        RTT also names a first mode, and its bandwidth stands in until PBA predicts one."""
+        self.probe_rtt_s, self.probe_bandwidth_bps = rtt_s, bandwidth_bps
+        self.publish_congestion()
+        if not self.forced_mode:
+            self.detector.seed(rtt_s, time.monotonic() if now is None else now)
         return self.tuner.initial(rtt_s, bandwidth_bps)
+
+    def publish_congestion(self) -> None:
+        """Say which congestion control the data streams run and why (log line and info metric)."""
+        log.info("tcp congestion control: %s (%s)", self.congestion, {
+            "config": "forced by tcp_congestion",
+            "agent": "chosen by the agent: paces to the measured path instead of backing off on random loss",
+            "kernel_default": "kernel default; BBR is not offered by this kernel"}[self.congestion_reason],
+            extra={"component": "amst", "tcp_congestion": self.congestion, "reason": self.congestion_reason})
+        if self.metrics is not None:
+            self.metrics.tcp_congestion_info.clear()
+            self.metrics.tcp_congestion_info.labels(self.congestion, self.congestion_reason).set(1)
+
+    def bandwidth(self) -> float | None:
+        """Bytes/s the codec selector should plan for: PBA's prediction, else the probe's estimate."""
+        prediction = self.predictor.predict()
+        if prediction is not None:
+            return prediction.value
+        return self.probe_bandwidth_bps or None
 
     def tick(self, sockets: Iterable[tuple[Hashable, socket.socket]], now: float) -> StreamPlan:
         """Measure every live data socket, learn, and return the plan to run from now on."""

@@ -82,10 +82,19 @@ class ModeDetector:
         self.switches = 0
         self._last_switch = float("-inf")
         self._candidate: str | None = None
+        self._provisional = False
         self._since = 0.0
         self._window: deque[tuple[float, float, float | None, float, float]] = deque()
         if initial is not None:
             self._set(initial, 0.0, count=False)
+
+    def seed(self, rtt_s: float, now: float) -> str | None:
+        """Name a first mode from the active probe's RTT alone (capacity unknown), so a migration
+        is labelled by its path from its first byte; measurements under load confirm or change it."""
+        if self.mode is None and rtt_s > 0:
+            self._set(classify(rtt_s, None, 0.0, th=self.th), now, count=False)
+            self._provisional = True  # the first measured decision may replace it without dwell
+        return self.mode
 
     def update(self, sample: LinkSample) -> str | None:
         """Take one LinkSample (its `t` is the time); returns the mode after it.
@@ -112,13 +121,15 @@ class ModeDetector:
         raw = classify(*self._aggregate(), current=self.mode, th=self.th)
         if raw == self.mode:
             self._candidate = None
+            self._provisional = False
             return self.mode
         if raw != self._candidate:
             self._candidate, self._since = raw, now
-        needed = self.first_s if self.mode is None else self.confirm_s
-        dwell_ok = self.mode is None or now - self._last_switch >= self.min_dwell_s
+        first = self.mode is None or self._provisional
+        needed = self.first_s if first else self.confirm_s
+        dwell_ok = first or now - self._last_switch >= self.min_dwell_s
         if now - self._since >= needed and dwell_ok:
-            self._set(raw, now, count=self.mode is not None)
+            self._set(raw, now, count=not first)
         return self.mode
 
     def _aggregate(self) -> tuple[float, float | None, float]:
@@ -134,7 +145,7 @@ class ModeDetector:
             self.metrics.mode_switches.labels(self.mode, mode).inc()
         if count:
             self.switches += 1
-        self.mode, self._last_switch, self._candidate = mode, now, None
+        self.mode, self._last_switch, self._candidate, self._provisional = mode, now, None, False
         if self.metrics is not None:
             for name in MODES:
                 self.metrics.current_mode.labels(name).set(1 if name == mode else 0)

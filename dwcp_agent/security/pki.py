@@ -49,7 +49,7 @@ class NodeFiles:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -98,6 +98,12 @@ class Metrics:
         self.amst_retransmits = Counter(
             "dwcp_v3_amst_retransmits", "TCP segments retransmitted on data streams.", registry=r
         )
+        self.tcp_congestion_info = Gauge(
+            "dwcp_v3_tcp_congestion_info",
+            "Congestion control of the latest migration's data streams: 1 for the one in effect; "
+            "reason config (forced), agent (chosen by the agent) or kernel_default.",
+            ["algorithm", "reason"], registry=r,
+        )
         self.transport_info = Gauge(
             "dwcp_v3_transport_info", "Transport in use: 1 for the active one.", ["transport"], registry=r
         )
@@ -154,6 +160,10 @@ class Metrics:
         self.acp_byzantine_detections = Counter(
             "dwcp_v3_acp_byzantine_detections", "Byzantine behaviour detected, by reason.", ["reason"],
             registry=r,
+        )
+        self.acp_refused = Counter(
+            "dwcp_v3_acp_refused_connections", "ACP handshakes or frames refused, by reason "
+            "(counted per source address, never against the name a peer claims).", ["reason"], registry=r,
         )
 
         # SLA and rollout

@@ -19,7 +19,7 @@ __all__ = ["register"]
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    from dwcp_agent.cli import api_call
+    from dwcp_agent.client import api_call
 
     return api_call(args.agent, method, path, body, timeout=10.0)
 

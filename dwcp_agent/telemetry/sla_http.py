@@ -37,7 +37,7 @@ def _from_loopback(request: web.Request) -> bool:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
+    if not request.body_exists:
         return {}
     try:
         data = await request.json()

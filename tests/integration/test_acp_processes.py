@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from dwcp_agent.acp.auth import public_key_hex
 from dwcp_agent.acp.linearizability import UNKNOWN, Model, Operation, check_per_key
-from dwcp_agent.cli import ApiError, api_call
+from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent, free_port
 
 pytestmark = pytest.mark.slow
@@ -37,8 +38,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     def start(n: int, protocol: str) -> list[LocalAgent]:
         ports = [free_port() for _ in range(n)]
         peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
+        keys = ",".join(f"a{i + 1}={public_key_hex(tmp_path / f'a{i + 1}')}" for i in range(n))
         agents = [LocalAgent(f"a{i + 1}", tmp_path, psk, None,
-                             {"acp_port": port, "acp_peers": peers, "acp_protocol": protocol,
+                             {"acp_port": port, "acp_peers": peers, "acp_peer_keys": keys, "acp_protocol": protocol,
                               "acp_snapshot_entries": 40})
                   for i, port in enumerate(ports)]
         started.extend(agents)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dwcp_agent.amst.pyverbs_adapter import PyverbsProvider
-from dwcp_agent.cli import api_call
+from dwcp_agent.client import api_call
 from dwcp_agent.demo import LocalAgent
 
 HOST_RDMA_PROBLEM = PyverbsProvider().discover()[1]

@@ -1,4 +1,5 @@
-"""Fixtures for the security regression tests: agents on loopback and an in-process data server."""
+"""Security test fixtures: a shared guarded agent (admin API tests), fresh agents and an in-process
+data server (channel and pre-auth tests), all on loopback."""
 
 from __future__ import annotations
 
@@ -8,12 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from security_support import PSK, tls_overrides
 
 from dwcp_agent.config import load_config
 from dwcp_agent.demo import LocalAgent
 from dwcp_agent.migration.server import DataServer
 from dwcp_agent.telemetry.metrics import Metrics
+from tests.security.security_support import PSK, tls_overrides
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAgent]:
+    root = tmp_path_factory.mktemp("sec-api")
+    psk = root / "psk"
+    psk.write_text(secrets.token_hex(32))
+    node = LocalAgent("guarded", root, psk)
+    try:
+        node.wait_ready()
+        yield node
+    finally:
+        node.stop(timeout=5)
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from security_support import CA_DIRNAME, PSK, FrameRewriter, Relay, attacker_context, open_raw
 
 from dwcp_agent import wire
 from dwcp_agent.cli import api_call, follow
 from dwcp_agent.demo import LocalAgent
 from dwcp_agent.migration.server import DataServer
+from tests.security.security_support import CA_DIRNAME, PSK, FrameRewriter, Relay, attacker_context, open_raw
 
 IMAGE_BYTES = 4 << 20
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dwcp_agent.cli import api_call, follow
+from dwcp_agent.client import api_call, follow
 from dwcp_agent.demo import LocalAgent, free_port
 from dwcp_agent.migration.images import generate
 from dwcp_agent.telemetry.metrics import contract_names

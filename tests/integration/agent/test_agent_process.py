@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dwcp_agent.cli import ApiError, api_call, follow
+from dwcp_agent.client import ApiError, api_call, follow
 from dwcp_agent.demo import LocalAgent
 
 StartAgent = Callable[..., LocalAgent]

@@ -47,7 +47,8 @@ class Receiver:
 
     def peer_channels(self, node_id: str) -> ChannelSecurity:
         """TLS for a hand-driven test peer: a certificate from the same cluster CA."""
-        return channel_security.for_config(make_config(self.tmp, node_id=node_id, tls_dir=str(self.tmp / f"tls-{node_id}")))
+        config = make_config(self.tmp, node_id=node_id, tls_dir=str(self.tmp / f"tls-{node_id}"))
+        return channel_security.for_config(config)
 
     def errors(self, component: str, error_type: str) -> float:
         value = self.metrics.registry.get_sample_value(

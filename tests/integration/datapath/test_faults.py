@@ -18,6 +18,8 @@ from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
 from dwcp_agent import wire
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, checksum
 from dwcp_agent.migration.model import MigrationError, SendResult
+from dwcp_agent.migration.receiver import open_session
+from dwcp_agent.telemetry.metrics import Metrics
 
 MiB = 1 << 20
 
@@ -250,25 +252,23 @@ def test_destination_without_space_refuses_before_sending(small_tmpfs: Path, mig
         receiver.stop()
 
 
-def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, migrate: Migrate,
-                                                           src_dir: Path, tmp_path: Path) -> None:
+def test_space_reserved_at_start_is_not_taken_by_a_later_writer(small_tmpfs: Path, src_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """The destination reserves the image's bytes at Start (issue 13 finding 8): a writer that
+    grabs space afterwards gets ENOSPC instead of failing the migration mid-transfer."""
     receiver = Receiver(tmp_path)
-    filler = small_tmpfs / "filler"
     try:
-        source = _random_image(src_dir, 3 * MiB)
-        before = source.read_bytes()
-        # Preflight sees 4 MiB free; a writer grabbing space meanwhile makes the writes fail.
-        def fill() -> None:
+        start = wire.Start("m-reserve", "vm", str(small_tmpfs / "out.img"), 3 * MiB, MiB, 1, "v3",
+                           3 * MiB, [(0, 3 * MiB)])
+        session = open_session(start, receiver.config.allowed_dest_dirs, Metrics())
+        try:
+            filler = small_tmpfs / "filler"
             with open(filler, "wb") as f, contextlib.suppress(OSError):
                 f.write(os.urandom(3 * MiB + MiB // 2))
-
-        threading.Timer(0.0, fill).start()
-        with pytest.raises(MigrationError) as err:
-            migrate(receiver, source, compression_algo="none", stream_count=1, pacing_rate_bytes="2MiB")
-        assert err.value.error_type in ("no_space", "io")
-        assert source.read_bytes() == before
-        assert not (small_tmpfs / "out.img").exists()
-        assert receiver.wait_errors("migration", err.value.error_type) >= 1
+            assert filler.stat().st_size < 2 * MiB, "the reserved 3 MiB must stay with the migration"
+            assert session.partial.stat().st_blocks * 512 >= 3 * MiB
+        finally:
+            session.close()
     finally:
         receiver.stop()
 

@@ -154,3 +154,30 @@ def test_zero_pages_stay_holes_in_the_destination(receiver: Receiver, migrate: M
     _assert_identical(source, dest, result.digest)
     allocated = dest.stat().st_blocks * 512
     assert allocated <= 0.55 * len(pages.tobytes()), f"{allocated} bytes allocated for a half-zero image"
+
+
+def test_pba_measures_the_path_also_with_a_fixed_stream_count(receiver: Receiver, src_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """A fixed stream_count keeps its count and chunk size, but PBA still probes and names the mode."""
+    from datapath_support import PSK, make_config
+
+    from dwcp_agent.migration.model import MigrationRequest
+    from dwcp_agent.migration.sender import SendSession
+    from dwcp_agent.telemetry.metrics import Metrics
+
+    source = _image(src_dir, 16 * MiB, "random")
+    request = MigrationRequest("m-fixed", "vm", source, "127.0.0.1", receiver.port, str(receiver.dir / "out.img"))
+    metrics = Metrics()
+    session = SendSession(make_config(tmp_path, stream_count=3, chunk_size="512KiB"), metrics, PSK, request)
+    result = session.run()
+    _assert_identical(source, receiver.dir / "out.img", result.digest, 512 * 1024)
+    assert session.probed and session.link is not None
+    assert (session.streams, session.chunk_size) == (3, 512 * 1024)
+    assert session.link.probe_rtt_s > 0 and session.link.probe_bandwidth_bps > 0
+    # Loopback: sub-millisecond RTT names the datacenter mode from the probe on, measured.
+    assert request.mode == "datacenter" and request.mode_measured
+    assert metrics.current_mode.labels("datacenter")._value.get() == 1
+    selector = session.encoder.selector
+    assert selector is not None and selector.link_bytes_per_s() == session.link.bandwidth()
+    stats = session.progress.stream_stats()
+    assert stats["peak"] == 3 and stats["final"] == 3 and 0 < stats["mean"] <= 3

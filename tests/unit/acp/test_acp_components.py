@@ -168,16 +168,19 @@ def test_wal_replays_records_after_snapshot_and_cuts_a_torn_tail(tmp_path: Path)
 # ------------------------------------------------------------------ Byzantine detector
 
 
-def test_detector_quarantines_over_threshold_decays_and_reinstates() -> None:
+def test_detector_quarantines_on_evidence_only_decays_and_reinstates() -> None:
     det = ByzantineDetector("me", threshold=100, half_life_ticks=10)
     det.report("p", "replay")
     for _ in range(100):
         det.tick()
     assert det.scores.get("p", 0) < 1
-    event = det.report("p", "equivocation")
-    assert event.quarantined and det.is_quarantined("p")
+    for _ in range(5):  # hearsay, however much of it, never quarantines
+        assert not det.report("p", "equivocation").quarantined
+    assert not det.is_quarantined("p") and det.suspected() == ["p"]
+    event = det.report("p", "equivocation", evidence=(b"signed-a", b"signed-b"))
+    assert event.quarantined and det.is_quarantined("p") and det.proofs["p"].evidence == (b"signed-a", b"signed-b")
     det.reinstate("p")
-    assert not det.is_quarantined("p")
+    assert not det.is_quarantined("p") and "p" not in det.proofs
 
 
 def test_detector_flags_replayed_nonces_and_floods() -> None:
@@ -217,6 +220,8 @@ def test_transport_delivers_between_keyed_peers_and_refuses_a_wrong_key() -> Non
         got: list[Envelope] = []
         bad: list[tuple[str, str]] = []
         ring = {n: KeyRing(n, Ed25519PrivateKey.generate()) for n in ("a", "b", "x")}
+        for me, other in (("a", "b"), ("b", "a"), ("x", "b")):  # pinned keys, as from acp_peer_keys
+            ring[me].add_peer(other, ring[other].public_key)
         a = Transport("a", b"k" * 32, ring["a"], lambda p, e: None)
         b = Transport("b", b"k" * 32, ring["b"], lambda p, e: got.append(e))
         x = Transport("x", b"wrong-key" * 4, ring["x"], lambda p, e: None, lambda p, r: bad.append((p, r)))
@@ -236,4 +241,4 @@ def test_transport_delivers_between_keyed_peers_and_refuses_a_wrong_key() -> Non
 
     got, bad = asyncio.run(scenario())
     assert [e.body for e in got] == [EpochFetch(3)]
-    assert ("b", "invalid_mac") in bad  # the listener's key proof fails for x: nothing from x gets through
+    assert ("127.0.0.1", "invalid_mac") in bad  # the listener's key proof fails for x: nothing from x gets through

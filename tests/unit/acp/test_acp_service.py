@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dwcp_agent.acp.service import ConsensusError, ConsensusService
+from dwcp_agent.acp.service import ConsensusError, ConsensusService, RolloutSetting
 from dwcp_agent.config import load_config
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -68,12 +68,15 @@ def test_admin_routes_answer_owner_rollout_and_refusals(tmp_path: Path) -> None:
                                  json={"from_host": "h1", "to_host": "h2", "fencing_token": 7}) as r:
                 assert r.status == 409 and (await r.json())["error"] == "stale token"
             async with http.put(f"{base}/cluster/rollout", json={"percentage": 10, "frozen": True}) as r:
+                assert r.status == 405  # changes go through the rollout controller's checks only
+            assert (await svc.set_rollout(10, True)) == RolloutSetting(10, True, True)
+            async with http.get(f"{base}/cluster/rollout") as r:
                 assert (await r.json()) == {"percentage": 10, "frozen": True, "enable_v3": True}
             async with http.get(f"{base}/cluster") as r:
                 body = await r.json()
                 assert body["status"] == "ok" and body["protocol"] == "raft" and body["leader"] == "solo"
-            async with http.put(f"{base}/cluster/rollout", json={"percentage": 170}) as r:
-                assert r.status == 409
+            with pytest.raises(ConsensusError):
+                await svc.set_rollout(170)
         await runner.cleanup()
         await svc.stop()
 
@@ -84,7 +87,10 @@ def test_byzantine_detection_is_counted_and_logged(tmp_path: Path, caplog: pytes
     async def scenario() -> Metrics:
         svc = _service(tmp_path)
         await svc.start()
-        svc._on_bad_peer("mallory", "invalid_mac")
+        svc._on_refused("10.0.0.9", "invalid_mac")  # a handshake failure: counted, never blamed on a name
+        assert svc.node is not None
+        svc.node.replica.detector.report("mallory", "invalid_mac", "pbft frame")
+        svc.node._process()
         await svc.stop()
         return svc.metrics
 
@@ -92,5 +98,6 @@ def test_byzantine_detection_is_counted_and_logged(tmp_path: Path, caplog: pytes
         metrics = asyncio.run(scenario())
     sample = metrics.registry.get_sample_value("dwcp_v3_acp_byzantine_detections_total", {"reason": "invalid_mac"})
     assert sample == 1
+    assert metrics.registry.get_sample_value("dwcp_v3_acp_refused_connections_total", {"reason": "invalid_mac"}) == 1
     record = next(r for r in caplog.records if getattr(r, "byzantine_detected", False))
     assert record.peer_id == "mallory"  # type: ignore[attr-defined]

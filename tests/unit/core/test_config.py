@@ -14,7 +14,8 @@ from dwcp_agent.config import ConfigError, load_config
 def test_layers_defaults_file_environment_flags(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.yaml"
     cfg.write_text("stream_count: 8\nchunk_size: 2MiB\ncompression_algo: zstd\nlog_level: debug\n")
-    assert load_config(environ={}).stream_count == 4
+    assert load_config(environ={}).stream_count == 0  # tuned online by default
+    assert load_config(environ={"STREAM_COUNT": "auto"}).stream_count == 0
     from_file = load_config(cfg, environ={})
     assert (from_file.stream_count, from_file.chunk_size, from_file.compression_algo) == (8, 2 << 20, "zstd")
     env = {"STREAM_COUNT": "12", "DWCP_LOG_LEVEL": "warning", "DWCP_CONFIG": str(cfg)}

@@ -84,3 +84,15 @@ def test_idle_intervals_keep_the_mode() -> None:
 
 def test_forced_initial_mode() -> None:
     assert ModeDetector(initial=HYBRID).mode == HYBRID
+
+
+def test_probe_seed_names_a_mode_that_the_first_measurements_may_replace_without_dwell() -> None:
+    metrics = Metrics()
+    det = ModeDetector(metrics=metrics, min_dwell_s=60.0)
+    assert det.seed(0.0002, 100.0) == DATACENTER
+    assert metrics.current_mode.labels(DATACENTER)._value.get() == 1
+    # Under load the path shows < 1 Gbit/s: internet, well inside the 60 s dwell, and not a switch.
+    feed(det, 100.0, 3.0, 0.0002, 0.3 * GBIT)
+    assert det.mode == INTERNET and det.switches == 0
+    assert metrics.mode_switches.labels(DATACENTER, INTERNET)._value.get() == 0
+    assert det.seed(0.050, 104.0) == INTERNET  # a second seed never overrides a named mode

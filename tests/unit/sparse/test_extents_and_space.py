@@ -1,0 +1,117 @@
+"""The source's hole walk, the hole set, the space decision and the hole digest rule."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dwcp_agent.hde.chunk import checksum
+from dwcp_agent.migration import space
+from dwcp_agent.migration.digest import chunk_count, hole_checksums, object_digest, reread_checksums
+from dwcp_agent.migration.extents import ChunkRun, chunk_runs, data_ranges, holes_moved
+from dwcp_agent.migration.holes import HoleSet
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+def _sparse(path: Path, size: int, writes: list[tuple[int, bytes]]) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, size)
+    for offset, data in writes:
+        os.pwrite(fd, data, offset)
+    return fd
+
+
+def test_chunk_runs_follow_the_filesystem_holes(tmp_path: Path) -> None:
+    chunk = 1 * MiB
+    fd = _sparse(tmp_path / "img", 64 * MiB + 4 * KiB, [(3 * MiB + 100, b"x" * 10), (40 * MiB, b"y" * (2 * MiB + 1)),
+                                                         (64 * MiB, b"z")])
+    try:
+        runs = chunk_runs(fd, 64 * MiB + 4 * KiB, chunk)
+    finally:
+        os.close(fd)
+    assert runs == [ChunkRun(0, 3, False), ChunkRun(3, 1, True), ChunkRun(4, 36, False), ChunkRun(40, 3, True),
+                    ChunkRun(43, 21, False), ChunkRun(64, 1, True)]
+    assert sum(r.count for r in runs) == chunk_count(64 * MiB + 4 * KiB, chunk)
+    ranges = data_ranges(runs, 64 * MiB + 4 * KiB, chunk)
+    assert ranges == [(3 * MiB, MiB), (40 * MiB, 3 * MiB), (64 * MiB, 4 * KiB)]
+    merged = data_ranges(runs, 64 * MiB + 4 * KiB, chunk, max_ranges=2)
+    assert len(merged) <= 2 and sum(n for _, n in merged) >= sum(n for _, n in ranges)
+
+
+def test_a_one_tebibyte_hole_walk_reads_nothing(tmp_path: Path) -> None:
+    fd = _sparse(tmp_path / "big", 1 << 40, [(512 * GiB, b"d" * 4096)])
+    try:
+        runs = chunk_runs(fd, 1 << 40, MiB)
+    finally:
+        os.close(fd)
+    assert [r for r in runs if r.data] == [ChunkRun(512 * 1024, 1, True)]
+    assert len(runs) == 3
+
+
+def test_holes_that_gained_data_are_found(tmp_path: Path) -> None:
+    fd = _sparse(tmp_path / "img", 16 * MiB, [(0, b"a" * MiB)])
+    try:
+        holes = [r for r in chunk_runs(fd, 16 * MiB, MiB) if not r.data]
+        assert holes_moved(fd, 16 * MiB, MiB, holes) == []
+        os.pwrite(fd, b"new", 9 * MiB)
+        assert holes_moved(fd, 16 * MiB, MiB, holes) == holes
+    finally:
+        os.close(fd)
+
+
+def test_hole_set_merges_out_of_order_runs() -> None:
+    holes = HoleSet()
+    for first, count in [(10, 5), (0, 3), (3, 2), (14, 4), (30, 1)]:
+        holes.add(first, count)
+    merged = holes.merged()
+    assert merged == [(0, 5), (10, 8), (30, 1)]
+    assert [i for i in range(32) if HoleSet.contains(merged, i)] == [*range(5), *range(10, 18), 30]
+
+
+def test_a_hole_and_written_zeros_give_the_same_digest(tmp_path: Path) -> None:
+    size, chunk = 5 * MiB + 8 * KiB, MiB
+    fd = _sparse(tmp_path / "zeros", size, [])
+    os.pwrite(fd, bytes(size), 0)  # written zeros, allocated
+    try:
+        written = object_digest(reread_checksums(fd, size, chunk, range(chunk_count(size, chunk))))
+    finally:
+        os.close(fd)
+    sums = np.zeros(chunk_count(size, chunk), dtype=np.uint64)
+    hole_checksums(sums, 0, chunk_count(size, chunk), size, chunk)
+    assert object_digest(sums) == written
+    assert int(sums[-1]) == checksum(bytes(8 * KiB))
+
+
+def test_space_is_decided_by_the_bytes_to_write_not_the_logical_size() -> None:
+    # Issue 16's refusal: 128 GiB image, 16 GiB of data, 50 GiB free.
+    needed = space.missing_bytes(16 * GiB, 0)
+    assert space.fits(needed, 50 * GiB)
+    assert not space.fits(space.missing_bytes(128 * GiB, 0), 50 * GiB)
+    # A resumed partial that already holds 12 GiB needs the remaining 4 GiB only.
+    assert space.missing_bytes(16 * GiB, 12 * GiB) == 4 * GiB
+    assert space.fits(space.missing_bytes(16 * GiB, 12 * GiB), 5 * GiB)
+
+
+def test_reservation_allocates_only_the_data_ranges(tmp_path: Path) -> None:
+    fd = _sparse(tmp_path / "part", 256 * MiB, [])
+    try:
+        assert space.check(fd, 8 * MiB, resumed=False, free=lambda _fd: 10 * MiB) == 8 * MiB
+        space.allocate(fd, [(0, 4 * MiB), (200 * MiB, 4 * MiB)])
+        allocated = space.allocated_bytes(fd)
+        assert 8 * MiB <= allocated < 9 * MiB
+        # Resumed: what is allocated already is not needed again.
+        assert space.check(fd, 8 * MiB, resumed=True, free=lambda _fd: 0) == 0
+        try:
+            space.check(fd, 8 * MiB, resumed=False, free=lambda _fd: 7 * MiB)
+            raise AssertionError("7 MiB free must refuse 8 MiB")
+        except space.NoSpace as exc:
+            assert exc.needed == 8 * MiB and exc.free == 7 * MiB
+        os.pwrite(fd, b"q" * MiB, 100 * MiB)
+        space.punch_hole(fd, 100 * MiB, MiB)
+        assert os.pread(fd, MiB, 100 * MiB) == bytes(MiB)
+        assert space.allocated_bytes(fd) == allocated
+    finally:
+        os.close(fd)
