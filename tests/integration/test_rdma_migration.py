@@ -39,7 +39,8 @@ def make_config(tmp: Path, **overrides: Any) -> Config:
     base: dict[str, Any] = dict(psk=PSK.decode(), data_port=0, listen_host="127.0.0.1", state_dir=str(tmp / "state"),
                                 dest_dirs=[str(tmp / "dst")], source_dirs=[str(tmp / "src")], io_timeout_s=10.0,
                                 connect_timeout_s=2.0, retry_limit=3, chunk_size=CHUNK, stream_count=3,
-                                rdma_slots=4, node_id="source", tls_auto_issue_ca_dir=str(ensure_ca(tmp / "cluster-ca")))
+                                rdma_slots=4, node_id="source",
+                                tls_auto_issue_ca_dir=str(ensure_ca(tmp / "cluster-ca")))
     base.update(overrides)
     return load_config(environ={}, overrides=base)
 

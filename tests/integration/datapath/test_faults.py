@@ -147,7 +147,8 @@ def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: 
         frame = bytearray(_data_frame(ready, payload, offset=8 * MiB))
     else:
         frame = bytearray(_data_frame(ready, payload, sequence=5))
-    with contextlib.suppress(ConnectionResetError, BrokenPipeError, ssl.SSLError):  # the receiver may close before we finish
+    # the receiver may close before we finish
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError, ssl.SSLError):
         stream.sendall(frame)
     assert _closed_by_peer(stream)
     assert receiver.wait_errors("amst", error_type) == 1
