@@ -8,6 +8,7 @@ loop in the way. Admission, TLS and the handshake deadline are security/{preauth
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -31,7 +32,8 @@ from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.amst")
-refusals = RateLimitedLog(log)
+# The listener is gone (closed under us): accepting again cannot succeed.
+_LISTENER_GONE = (errno.EBADF, errno.EINVAL, errno.ENOTSOCK)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -55,6 +57,7 @@ class DataServer:
         self.limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_source)
         self._workers = ThreadPoolExecutor(max_workers=config.max_connections, thread_name_prefix="data-conn")
         self._deadlines = DeadlineReaper()
+        self.refusals = RateLimitedLog(log)
         self._sock = tcp.listen(config.listen_host, config.data_port, config.socket_buffer_bytes)
         self.port: int = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, name="data-accept", daemon=True)
@@ -83,14 +86,19 @@ class DataServer:
             except OSError as exc:
                 if self._stopping.is_set():
                     return
-                refusals.warning("data port accept failed: %s", exc, extra={"error_type": "accept"})
+                if exc.errno in _LISTENER_GONE:
+                    self.metrics.error("amst", "accept")
+                    log.error("data port listener failed, no longer accepting: %s", exc,
+                              extra={"error_type": "accept"})
+                    return
+                self.refusals.warning("data port accept failed: %s", exc, extra={"error_type": "accept"})
                 time.sleep(0.05)  # EMFILE and friends: do not spin, keep serving
                 continue
             try:
                 self._admit(conn, addr)
             except Exception as exc:  # the loop outlives any one connection's failure
                 self.metrics.error("amst", "accept")
-                refusals.warning("data port could not serve a connection: %s", exc, extra={"error_type": "accept"})
+                self.refusals.warning("data port could not serve a connection: %s", exc, extra={"error_type": "accept"})
                 with contextlib.suppress(OSError):
                     conn.close()
 
@@ -98,7 +106,7 @@ class DataServer:
         refused = self.limiter.acquire(addr[0])
         if refused:
             self.metrics.error("amst", refused)
-            refusals.warning("refused connection from %s: %s", addr[0], refused, extra={"error_type": refused})
+            self.refusals.warning("refused connection from %s: %s", addr[0], refused, extra={"error_type": refused})
             conn.close()
             return
         try:
@@ -134,7 +142,7 @@ class DataServer:
             error_type = exc.error_type if isinstance(exc, wire.WireError) else (
                 "tls" if isinstance(exc, channel_security.ssl.SSLError) else "disconnected")
             self.metrics.error("amst", error_type)
-            refusals.warning("refused connection from %s: %s", addr[0], truncate(exc, 300),
+            self.refusals.warning("refused connection from %s: %s", addr[0], truncate(exc, 300),
                              extra={"error_type": error_type})
             conn.close()
             return
@@ -169,7 +177,7 @@ class DataServer:
                                    index_budget_bytes=self.config.index_budget_bytes)
         except ReceiveError as exc:
             self.metrics.error("migration", exc.error_type)
-            refusals.warning("refused migration %s from %s: %s", truncate(start.migration_id), truncate(peer.node_id),
+            self.refusals.warning("refused migration %s from %s: %s", truncate(start.migration_id), truncate(peer.node_id),
                              exc, extra={
                 "migration_id": start.migration_id, "migration_status": "refused", "error_type": exc.error_type})
             with contextlib.suppress(OSError):

@@ -25,10 +25,12 @@ PSK = b"security-test-key-0123456789abcdef"
 
 def tls_overrides(root: Path) -> dict[str, Any]:
     """Certificates for an in-process server, on code that has channel encryption."""
-    try:
-        from dwcp_agent.security.pki import ensure_ca
-    except ImportError:
+    from dwcp_agent.config import FIELDS
+
+    if "tls_auto_issue_ca_dir" not in FIELDS:
         return {}
+    from dwcp_agent.security.pki import ensure_ca
+
     return {"tls_auto_issue_ca_dir": str(ensure_ca(root / CA_DIRNAME))}
 
 
@@ -193,3 +195,14 @@ class FrameRewriter:
                                  h.raw_len, h.encoded_len, xxhash.xxh3_64_intdigest(payload))
         self.checksums[index] = h.checksum
         return h.pack() + payload
+
+
+def first_flight(ctx: ssl.SSLContext | None) -> bytes:
+    """The first bytes a client sends: a TLS ClientHello, or (plaintext code) a DWCP Hello frame."""
+    if ctx is None:
+        return wire.encode_message(wire.Hello([wire.PROTOCOL_VERSION], "trickler", b"n" * wire.NONCE_BYTES, "control"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=False)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
