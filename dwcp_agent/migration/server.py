@@ -177,9 +177,10 @@ class DataServer:
                                    index_budget_bytes=self.config.index_budget_bytes)
         except ReceiveError as exc:
             self.metrics.error("migration", exc.error_type)
-            self.refusals.warning("refused migration %s from %s: %s", truncate(start.migration_id), truncate(peer.node_id),
-                             exc, extra={
-                "migration_id": start.migration_id, "migration_status": "refused", "error_type": exc.error_type})
+            self.refusals.warning("refused migration %s from %s: %s", truncate(start.migration_id),
+                                  truncate(peer.node_id), exc, extra={
+                                      "migration_id": truncate(start.migration_id), "migration_status": "refused",
+                                      "error_type": exc.error_type})
             with contextlib.suppress(OSError):
                 wire.send_message(conn, wire.Refuse(str(exc), exc.error_type))
             conn.close()
