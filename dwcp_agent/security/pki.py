@@ -153,10 +153,7 @@ def issue_node(ca_dir: Path, node_id: str, out: NodeFiles, days: int = NODE_DAYS
                            critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    bundle = load_certs(out.ca) if out.ca.exists() else []
-    known = {c.fingerprint(hashes.SHA256()) for c in bundle}
-    bundle += [c for c in ca_certs if c.fingerprint(hashes.SHA256()) not in known]
-    _write_atomic(out.ca, b"".join(_cert_pem(c) for c in bundle), 0o644)
+    trust_cas(ca_dir, out.ca)
     # Key first: an agent that loads between the two renames sees the new key with the old
     # certificate, fails that one load and keeps the context it has (channels.py).
     _write_atomic(out.key, _key_pem(key), 0o600)
@@ -164,11 +161,23 @@ def issue_node(ca_dir: Path, node_id: str, out: NodeFiles, days: int = NODE_DAYS
     return cert
 
 
+def trust_cas(ca_dir: Path, bundle: Path) -> int:
+    """Add to `bundle` every CA certificate of `ca_dir` it lacks; returns how many were added."""
+    ca_certs = load_certs(ca_dir / CA_CERT)
+    held = load_certs(bundle) if bundle.exists() else []
+    known = {c.fingerprint(hashes.SHA256()) for c in held}
+    added = [c for c in ca_certs if c.fingerprint(hashes.SHA256()) not in known]
+    if added or not bundle.exists():
+        _write_atomic(bundle, b"".join(_cert_pem(c) for c in held + added), 0o644)
+    return len(added)
+
+
 def rotate_ca(ca_dir: Path, name: str = "dwcp cluster CA") -> None:
     """Start a CA rotation: a new CA key signs from now on; ca.pem holds new and old certificates.
 
-    Re-issue every node (`pki issue`), which puts both CAs in its trust bundle; once all nodes
-    run on new certificates, `retire_ca` drops the old CA from the bundles.
+    Then, in this order: add the new CA to every node's bundle (`pki trust`), re-issue every node
+    (`pki rotate`), and once all run on new certificates drop the old CA (`pki retire`). Agents
+    pick up each step for their next connection, so the cluster keeps running throughout.
     """
     old = load_certs(ca_dir / CA_CERT)
     key, cert = _new_ca(name)

@@ -1,4 +1,4 @@
-"""`dwcp-agent pki init|issue|rotate|retire`: the cluster CA and node certificates, made offline.
+"""`dwcp-agent pki init|issue|rotate|trust|retire`: the cluster CA and node certificates, made offline.
 
 An operator runs `pki init` once (the CA key stays on that machine), `pki issue` per node (copy
 node.pem, node.key and ca.pem into the node's tls_dir), and `pki rotate` to renew: agents load
@@ -38,7 +38,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
 def cmd_rotate(args: argparse.Namespace) -> int:
     if args.ca:
         pki.rotate_ca(Path(args.ca_dir))
-        print(f"new CA in {args.ca_dir}; ca.pem trusts the old one too: re-issue every node, then `pki retire`")
+        print(f"new CA in {args.ca_dir}: `pki trust` it on every node, then `pki rotate` each node, "
+              "then `pki retire` the old CA")
         return 0
     if not args.node_id or not args.out:
         print("dwcp-agent pki rotate: --node-id and --out are required (or --ca)", file=sys.stderr)
@@ -46,6 +47,12 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     cert = pki.issue_node(Path(args.ca_dir), args.node_id, _out(args), args.days)
     print(f"rotated {args.node_id}: new key and certificate in {args.out}, valid until "
           f"{cert.not_valid_after_utc:%Y-%m-%d}; running agents use it for new connections")
+    return 0
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    added = pki.trust_cas(Path(args.ca_dir), Path(args.bundle))
+    print(f"added {added} CA certificate(s) to {args.bundle}")
     return 0
 
 
@@ -87,6 +94,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if name == "rotate":
             q.add_argument("--ca", action="store_true", help="start a CA rotation instead")
         q.set_defaults(func=_run(func))
+
+    q = pki_sub.add_parser("trust", help="add the CA certificates of a CA directory to a node's trust bundle")
+    q.add_argument("--ca-dir", required=True, help="directory made by `pki init`")
+    q.add_argument("--bundle", required=True, help="a node's ca.pem")
+    q.set_defaults(func=_run(cmd_trust))
 
     q = pki_sub.add_parser("retire", help="drop CAs other than the current one from a trust bundle")
     q.add_argument("--ca-dir", required=True, help="directory made by `pki init`")
