@@ -20,6 +20,7 @@ from opentelemetry import trace as otel_trace
 
 from dwcp_agent import wire
 from dwcp_agent.amst import tcp
+from dwcp_agent.amst.channel import TcpChannel
 from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
@@ -221,7 +222,8 @@ class DataServer:
                         extra={"migration_id": session.start.migration_id, "error_type": "rdma_setup"})
             conn.close()
             return
-        conn.settimeout(None)
+        # A TCP stream may now be on a new socket object (sealed streams, security/sealed.py).
+        (source.sock if isinstance(source, TcpChannel) else conn).settimeout(None)
         session.run_stream(source, peer.stream, peer.version)
 
     def stop(self, timeout: float) -> None:

@@ -16,9 +16,11 @@ import pytest
 from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
 
 from dwcp_agent import wire
+from dwcp_agent.amst.channel import TcpChannel
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, checksum
 from dwcp_agent.migration.model import MigrationError, SendResult
 from dwcp_agent.migration.receiver import open_session
+from dwcp_agent.security.sealed import TAG_BYTES
 from dwcp_agent.telemetry.metrics import Metrics
 
 MiB = 1 << 20
@@ -85,6 +87,16 @@ def _connect(receiver: Receiver, role: str, key: bytes = PSK, session: int = 0, 
     return sock
 
 
+def _data_stream(receiver: Receiver, session: int) -> TcpChannel:
+    """A data stream as the source opens it (sealed after TLS), driven frame by frame."""
+    return TcpChannel(_connect(receiver, "data", session=session))
+
+
+def _send_raw_frame(stream: TcpChannel, frame: bytes | bytearray) -> None:
+    """Any bytes as one frame: the first 56 as its header, the rest as its payload."""
+    stream.send_frame(bytes(frame[:wire.HEADER_SIZE]), bytes(frame[wire.HEADER_SIZE:]))
+
+
 def _open_session(receiver: Receiver, size: int = 2 * MiB) -> tuple[socket.socket, wire.Ready]:
     control = _connect(receiver, "control")
     wire.send_message(control, wire.Start("m-hostile", "vm-x", str(receiver.dir / "out.img"), size, MiB, 1))
@@ -98,8 +110,8 @@ def _closed_by_peer(sock: socket.socket) -> bool:
             data = sock.recv(4096)
             if not data:
                 return True
-            # ACKs may arrive before the close; anything else is not expected
-            assert len(data) % wire.HEADER_SIZE == 0
+            # ACKs (sealed: header + tag) may arrive before the close; anything else is not expected
+            assert len(data) % (wire.HEADER_SIZE + TAG_BYTES) == 0
     except ConnectionResetError:
         return True
 
@@ -124,7 +136,7 @@ def _data_frame(ready: wire.Ready, payload: bytes, **changes: int) -> bytes:
 def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: Receiver, mutate: str,
                                                                      error_type: str) -> None:
     control, ready = _open_session(receiver)
-    stream = _connect(receiver, "data", session=ready.session)
+    stream = _data_stream(receiver, ready.session)
     payload = os.urandom(MiB)
     if mutate == "flip_payload_bit":
         frame = bytearray(_data_frame(ready, payload))
@@ -149,8 +161,8 @@ def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: 
         frame = bytearray(_data_frame(ready, payload, sequence=5))
     # the receiver may close before we finish
     with contextlib.suppress(ConnectionResetError, BrokenPipeError, ssl.SSLError):
-        stream.sendall(frame)
-    assert _closed_by_peer(stream)
+        _send_raw_frame(stream, frame)
+    assert _closed_by_peer(stream.sock)
     assert receiver.wait_errors("amst", error_type) == 1
     control.close()
     stream.close()
@@ -161,11 +173,11 @@ def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: 
 def test_all_zero_frame_with_a_payload_or_a_codec_is_refused(receiver: Receiver, codec: int, payload: bytes) -> None:
     """The receiver neither decodes nor writes an all-zero chunk of a fresh file, but still checks it."""
     control, ready = _open_session(receiver)
-    stream = _connect(receiver, "data", session=ready.session)
+    stream = _data_stream(receiver, ready.session)
     frame = _data_frame(ready, payload, flags=FLAG_ALL_ZERO, codec=codec, raw_len=MiB, checksum=checksum(bytes(MiB)))
     with contextlib.suppress(ConnectionResetError, BrokenPipeError, ssl.SSLError):
-        stream.sendall(frame)
-    assert _closed_by_peer(stream)
+        _send_raw_frame(stream, frame)
+    assert _closed_by_peer(stream.sock)
     assert receiver.wait_errors("hde", "decode") == 1
     control.close()
     stream.close()
@@ -174,10 +186,10 @@ def test_all_zero_frame_with_a_payload_or_a_codec_is_refused(receiver: Receiver,
 
 def test_good_frame_is_acked_then_commit_with_missing_chunks_fails(receiver: Receiver) -> None:
     control, ready = _open_session(receiver, size=2 * MiB)
-    stream = _connect(receiver, "data", session=ready.session)
+    stream = _data_stream(receiver, ready.session)
     payload = os.urandom(MiB)
-    stream.sendall(_data_frame(ready, payload))
-    ack = wire.recv_header(stream)
+    _send_raw_frame(stream, _data_frame(ready, payload))
+    ack = stream.recv_ack(bytearray(wire.HEADER_SIZE))
     assert ack.type == wire.FrameType.ACK and ack.sequence == 0
     wire.send_message(control, wire.Commit(b"\0" * 16))
     with pytest.raises(wire.WireError, match="1 chunks are missing"):
