@@ -1,9 +1,9 @@
-"""Sealed TCP data streams: AES-256-GCM per frame, keyed inside the stream's mutual-TLS session.
+"""Sealed TCP data streams: AES-128-GCM per frame, keyed inside the stream's mutual-TLS session.
 
 Python's ssl cuts data into 16 KiB records, one Python call and two system calls each, and no
 scatter-gather send: measured on loopback, a TCP data stream over ssl ran at about 0.4x its
 plaintext speed (docs/security-channels.md). So a data stream, once TLS has authenticated both
-ends, exchanges fresh X25519 keys over that TLS session, derives one AES-256-GCM key per
+ends, exchanges fresh X25519 keys over that TLS session, derives one AES-128-GCM key per
 direction (HKDF-SHA256 over both public keys), ends TLS (close_notify both ways) and carries
 every later frame as
 
@@ -29,11 +29,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dwcp_agent import wire
 
 TAG_BYTES = 16
+# AES-128-GCM: ~15 % less CPU per byte than AES-256 here (openssl speed: 4.4 vs 3.7 GB/s per core).
+KEY_BYTES = 16
 _INFO = b"dwcp data stream v1"
 
 
 class FrameKey:
-    """One direction of a sealed stream: AES-256-GCM with a counter nonce."""
+    """One direction of a sealed stream: AES-GCM with a counter nonce."""
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
@@ -68,8 +70,8 @@ def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, FrameKey, FrameKey]:
         wire.recv_exact_into(tls, memoryview(theirs))
     shared = mine.exchange(X25519PublicKey.from_public_bytes(bytes(theirs)))
     client_pub, server_pub = (bytes(theirs), my_public) if tls.server_side else (my_public, bytes(theirs))
-    keys = HKDF(hashes.SHA256(), 64, salt=client_pub + server_pub, info=_INFO).derive(shared)
-    to_server, to_client = FrameKey(keys[:32]), FrameKey(keys[32:])
+    keys = HKDF(hashes.SHA256(), 2 * KEY_BYTES, salt=client_pub + server_pub, info=_INFO).derive(shared)
+    to_server, to_client = FrameKey(keys[:KEY_BYTES]), FrameKey(keys[KEY_BYTES:])
     tls.unwrap()
     # A plain socket object on the same descriptor: ssl's socket refuses sendmsg even unwrapped.
     timeout = tls.gettimeout()
