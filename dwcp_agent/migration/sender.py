@@ -213,6 +213,15 @@ class SendSession:
         except (channel_security.PeerIdentityError, ssl.SSLCertVerificationError) as exc:
             sock.close()
             raise MigrationError(f"{self.request.host}:{self.request.port}: TLS peer refused: {exc}", "tls") from exc
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:  # closed mid-handshake (a restart): retry
+            sock.close()
+            raise MigrationError(f"TLS handshake with {self.request.host}:{self.request.port} was cut: {exc.reason}",
+                                 "disconnected", retryable=True) from exc
+        except ssl.SSLError as exc:  # the reason only: never the remote's bytes
+            sock.close()
+            raise MigrationError(f"{self.request.host}:{self.request.port} is not a DWCP agent "
+                                 f"(TLS handshake failed: {exc.reason or exc.library or 'protocol error'})",
+                                 "tls") from exc
         except OSError as exc:
             sock.close()
             raise MigrationError(f"TLS handshake with {self.request.host}:{self.request.port} failed: {exc}",

@@ -54,13 +54,18 @@ class DataServer:
         self.sessions: dict[int, ReceiveSession] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self.channels = channel_security.for_config(config)
         self.limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_source)
         self._workers = ThreadPoolExecutor(max_workers=config.max_connections, thread_name_prefix="data-conn")
         self._deadlines = DeadlineReaper()
         self.refusals = RateLimitedLog(log)
         self._sock = tcp.listen(config.listen_host, config.data_port, config.socket_buffer_bytes)
         self.port: int = self._sock.getsockname()[1]
+        try:
+            self.channels = channel_security.for_config(config)
+        except BaseException:
+            self._sock.close()
+            self._deadlines.stop()
+            raise
         self._thread = threading.Thread(target=self._accept_loop, name="data-accept", daemon=True)
         self._sweep()
 

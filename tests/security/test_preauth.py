@@ -149,7 +149,7 @@ def test_accept_loop_survives_a_failed_thread_start(tmp_path: Path, monkeypatch:
 def test_health_reports_a_stopped_accept_loop(data_server: Callable[..., DataServer]) -> None:
     server = data_server()
     assert server.accepting and server.health()["accepting"] is True
-    server._sock.close()  # the listener dies under the loop (as with a fatal accept error)
+    server._sock.shutdown(socket.SHUT_RDWR)  # the listener dies under the loop (as with a fatal accept error)
     deadline = time.monotonic() + 3
     while server.accepting and time.monotonic() < deadline:
         time.sleep(0.05)
