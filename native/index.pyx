@@ -8,7 +8,8 @@ One `PeerIndex` per migration. It keeps, in preallocated arrays (no per-page Pyt
     page is sent, so holes cost nothing, and when the pool is full the least recently used block
     is evicted: its pages become UNSENT, which only means they are no longer referenced;
   * a content table, fingerprint -> page, for dedupe across chunks;
-  * the peer's baseline (its have-list): per-page hashes plus a fingerprint -> page table;
+  * the peer's baseline (its have-list): the hashes of its non-zero pages, with their page
+    indexes in ascending order (holes and zero pages cost nothing), plus a fingerprint -> row table;
   * the XOR-delta cache: versions of pages sent more than once, two-way set associative, LRU
     within a set.
 A reference is only emitted to a page whose content the peer is known to hold: a baseline page
@@ -41,7 +42,8 @@ cdef inline Py_ssize_t _pow2_at_least(Py_ssize_t n):
 
 cdef class PeerIndex:
     cdef public object _state_arr, _hash_arr, _tkey_arr, _tpage_arr, _dir_arr, _owner_arr, _used_arr
-    cdef public object _base_arr, _bkey_arr, _bpage_arr, _cache_arr, _ctag_arr, _clru_arr
+    cdef public object _base_arr, _bkey_arr, _bpage_arr, _bidx_arr, _cache_arr, _ctag_arr, _clru_arr
+    cdef int64_t[::1] bidx            # baseline row -> page index (ascending)
     cdef uint8_t[:, ::1] state        # [slot, page in block]
     cdef uint64_t[:, :, ::1] hashes   # [slot, page in block, 2]
     cdef int64_t[::1] blockdir        # block -> slot, -1 when not tracked
@@ -89,7 +91,7 @@ cdef class PeerIndex:
         self.cache = self._cache_arr
         self.ctag = self._ctag_arr
         self.clru = self._clru_arr
-        self.set_baseline(np.zeros((0, 2), dtype=np.uint64))
+        self.set_baseline(np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.uint64))
 
     def _grow(self, Py_ssize_t pages):
         """Make the block directory cover `pages` (8 bytes per 64 MiB of image)."""
@@ -140,15 +142,24 @@ cdef class PeerIndex:
         cdef int64_t s = self._slot(page)
         return S_UNSENT if s < 0 else self.state[s, page & (_BLOCK - 1)]
 
-    def set_baseline(self, const uint64_t[:, ::1] have):
-        """Install the peer's have-list: `have[i]` is the hash of its baseline page i (0,0 = none)."""
-        if have.shape[0] and have.shape[1] != 2:
-            raise ValueError("have-list rows must be (fingerprint, confirmation)")
+    def set_baseline(self, const int64_t[::1] pages, const uint64_t[:, ::1] have):
+        """Install the peer's have-list: `have[r]` is the hash of its baseline page `pages[r]`;
+        `pages` ascending, rows of zero pages left out (a zero page is never referenced)."""
         cdef Py_ssize_t n = have.shape[0], cap = _pow2_at_least(2 * n), i, slot, probe
+        if n and have.shape[1] != 2:
+            raise ValueError("have-list rows must be (fingerprint, confirmation)")
+        if pages.shape[0] != n:
+            raise ValueError("one page index per have-list row")
+        for i in range(1, n):
+            if pages[i] <= pages[i - 1]:
+                raise ValueError("have-list page indexes must ascend")
+        if n and pages[0] < 0:
+            raise ValueError("negative have-list page index")
         self._base_arr = np.ascontiguousarray(have, dtype=np.uint64).reshape(n, 2)
+        self._bidx_arr = np.ascontiguousarray(pages, dtype=np.int64)
         self._bkey_arr = np.zeros(cap, dtype=np.uint64)
         self._bpage_arr = np.full(cap, -1, dtype=np.int64)
-        self.base, self.bkey, self.bpage = self._base_arr, self._bkey_arr, self._bpage_arr
+        self.base, self.bkey, self.bpage, self.bidx = self._base_arr, self._bkey_arr, self._bpage_arr, self._bidx_arr
         self.n_base, self.bmask = n, cap - 1
         with nogil:
             for i in range(n):
@@ -163,6 +174,17 @@ cdef class PeerIndex:
                     if self.bkey[slot] == self.base[i, 0]:
                         break
                     slot = (slot + 1) & self.bmask
+
+    cdef inline Py_ssize_t _base_row_from(self, int64_t page) noexcept nogil:
+        """The first baseline row whose page is >= `page` (binary search)."""
+        cdef Py_ssize_t lo = 0, hi = self.n_base, mid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.bidx[mid] < page:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     @property
     def baseline_pages(self):
@@ -240,7 +262,7 @@ cdef class PeerIndex:
             if q < 0:
                 return -1
             if self.bkey[slot] == lo:
-                return q if self.base[q, 1] == hi else -1
+                return self.bidx[q] if self.base[q, 1] == hi else -1
             slot = (slot + 1) & self.bmask
         return -1
 
@@ -256,11 +278,13 @@ cdef class PeerIndex:
         cdef Py_ssize_t pages = (raw_len + _PAGE - 1) // _PAGE, full = raw_len // _PAGE, p
         cdef int64_t P, q
         cdef uint64_t lo, hi
+        cdef Py_ssize_t row
         if page0 < 0 or hashes.shape[0] < pages or kinds.shape[0] < pages or refs.shape[0] < pages \
                 or slots.shape[0] < pages:
             raise ValueError("page arrays shorter than the chunk")
         self._grow(page0 + pages)
         with nogil:
+            row = self._base_row_from(page0)   # the chunk's pages ascend: walk the rows with them
             for p in range(full):
                 slots[p] = -1
                 if kinds[p] != K_LITERAL:
@@ -268,7 +292,10 @@ cdef class PeerIndex:
                 P = page0 + p
                 lo = hashes[p, 0]
                 hi = hashes[p, 1]
-                if P < self.n_base and self.base[P, 0] == lo and self.base[P, 1] == hi:
+                while row < self.n_base and self.bidx[row] < P:
+                    row += 1
+                if row < self.n_base and self.bidx[row] == P and self.base[row, 0] == lo \
+                        and self.base[row, 1] == hi:
                     kinds[p] = K_SAME
                     continue
                 q = self._base_find(lo, hi)

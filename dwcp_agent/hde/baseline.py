@@ -23,80 +23,134 @@ from dwcp_agent._native import pages
 from dwcp_agent.hde.codecs import CodecError
 from dwcp_agent.hde.layout import PAGE_SIZE
 
-HAVE_MAGIC = b"DWHL"
+HAVE_MAGIC = b"DWHL"          # dense: one row per page (still read)
+SPARSE_MAGIC = b"DWHS"        # sparse: rows of non-zero pages only, with their page indexes
 # Bump when the page hash in native/pages.pyx changes: hashes of two versions never match.
 HASH_VERSION = 1
 _HEADER = struct.Struct("<4sHHQ")   # magic, version, page size / 1024, pages
+_SPARSE = struct.Struct("<4sHHQQ")  # magic, version, page size / 1024, pages, rows
 READ_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
 class HaveList:
-    """Per-page (fingerprint, confirmation) hashes of the receiver's baseline, shape (pages, 2)."""
+    """(fingerprint, confirmation) hashes of the receiver's baseline pages.
+
+    Dense (`index` None): row i is page i, shape (pages, 2). Sparse: row r is page `index[r]`
+    (ascending) and pages without a row are zero or holes; `total` is the page count either way.
+    """
 
     hashes: np.ndarray
+    index: np.ndarray | None = None
+    total: int = -1
 
     @property
     def pages(self) -> int:
+        """Pages of the baseline file (holes included)."""
+        return self.total if self.total >= 0 else int(self.hashes.shape[0])
+
+    @property
+    def entries(self) -> int:
+        """Rows held: what the have-list costs in memory (about 24 bytes each)."""
         return int(self.hashes.shape[0])
 
+    def sparse(self) -> tuple[np.ndarray, np.ndarray]:
+        """(page indexes, rows) of the non-zero pages, ascending."""
+        hashes = np.ascontiguousarray(self.hashes, dtype=np.uint64).reshape(-1, 2)
+        index = (np.arange(len(hashes), dtype=np.int64) if self.index is None
+                 else np.ascontiguousarray(self.index, dtype=np.int64))
+        keep = (hashes != 0).any(axis=1)
+        return np.ascontiguousarray(index[keep]), np.ascontiguousarray(hashes[keep])
+
     def to_bytes(self) -> bytes:
-        """Wire form: header, then zstd of the little-endian u64 pairs (about 16 B per page before
-        compression; zero and repeated pages compress away)."""
-        body = np.ascontiguousarray(self.hashes, dtype="<u8").tobytes()
+        """Wire form: sparse header, then zstd of the row page indexes (delta-coded u64) and the
+        little-endian u64 pairs: 24 bytes a non-zero page before compression, nothing for holes."""
+        index, rows = self.sparse()
+        deltas = np.diff(index, prepend=np.int64(0)).astype("<u8")
+        body = deltas.tobytes() + np.ascontiguousarray(rows, dtype="<u8").tobytes()
         packed = zstandard.ZstdCompressor(level=1).compress(body)
-        return _HEADER.pack(HAVE_MAGIC, HASH_VERSION, PAGE_SIZE // 1024, self.pages) + packed
+        return _SPARSE.pack(SPARSE_MAGIC, HASH_VERSION, PAGE_SIZE // 1024, self.pages, len(index)) + packed
 
     @classmethod
     def from_bytes(cls, blob: bytes | memoryview, max_pages: int = 1 << 32) -> HaveList:
         """Parse a have-list from a peer; anything malformed is a CodecError, never a bigger allocation
-        than max_pages * 16 bytes."""
+        than max_pages * 24 bytes."""
         view = memoryview(blob)
+        if len(view) >= 4 and bytes(view[:4]) == SPARSE_MAGIC:
+            return cls._sparse_from(view, max_pages)
         if len(view) < _HEADER.size:
             raise CodecError("have-list is shorter than its header")
         magic, version, page_k, count = _HEADER.unpack(view[: _HEADER.size])
         if magic != HAVE_MAGIC:
             raise CodecError("have-list has a bad magic")
-        if version != HASH_VERSION or page_k * 1024 != PAGE_SIZE:
-            raise CodecError(f"have-list hash version {version} / page {page_k} KiB is not ours")
+        _check_version(version, page_k)
         if count > max_pages:
             raise CodecError(f"have-list of {count} pages exceeds the limit of {max_pages}")
-        size = count * 16
-        packed = bytes(view[_HEADER.size:])
-        try:
-            claimed = zstandard.frame_content_size(packed)
-            if claimed not in (-1, size):
-                raise CodecError(f"have-list body claims {claimed} bytes, header says {size}")
-            body = zstandard.ZstdDecompressor().decompress(packed, max_output_size=max(size, 1))
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"have-list body does not decode: {exc}") from exc
-        if len(body) != size:
-            raise CodecError(f"have-list body holds {len(body)} bytes, header says {size}")
+        body = _decompress(view[_HEADER.size:], count * 16)
         hashes = np.frombuffer(body, dtype="<u8").astype(np.uint64).reshape(count, 2)
         return cls(hashes)
 
+    @classmethod
+    def _sparse_from(cls, view: memoryview, max_pages: int) -> HaveList:
+        if len(view) < _SPARSE.size:
+            raise CodecError("have-list is shorter than its header")
+        _, version, page_k, total, rows = _SPARSE.unpack(view[: _SPARSE.size])
+        _check_version(version, page_k)
+        if rows > max_pages or rows > total or total > 1 << 50:
+            raise CodecError(f"have-list of {rows} rows / {total} pages exceeds the limit of {max_pages}")
+        body = _decompress(view[_SPARSE.size:], rows * 24)
+        index = np.cumsum(np.frombuffer(body[: rows * 8], dtype="<u8").astype(np.uint64)).astype(np.int64)
+        if rows and (index[-1] >= total or (np.diff(index) <= 0).any() or index[0] < 0):
+            raise CodecError("have-list page indexes do not ascend within the baseline")
+        hashes = np.frombuffer(body[rows * 8:], dtype="<u8").astype(np.uint64).reshape(rows, 2)
+        return cls(hashes, index, int(total))
+
+
+def _check_version(version: int, page_k: int) -> None:
+    if version != HASH_VERSION or page_k * 1024 != PAGE_SIZE:
+        raise CodecError(f"have-list hash version {version} / page {page_k} KiB is not ours")
+
+
+def _decompress(packed_view: memoryview, size: int) -> bytes:
+    packed = bytes(packed_view)
+    try:
+        claimed = zstandard.frame_content_size(packed)
+        if claimed not in (-1, size):
+            raise CodecError(f"have-list body claims {claimed} bytes, header says {size}")
+        body = zstandard.ZstdDecompressor().decompress(packed, max_output_size=max(size, 1))
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"have-list body does not decode: {exc}") from exc
+    if len(body) != size:
+        raise CodecError(f"have-list body holds {len(body)} bytes, header says {size}")
+    return body
+
 
 def header_pages(blob: bytes | memoryview) -> int:
-    """Pages a have-list claims, from its header alone (0 if it has none): checked against the
-    index budget before anything is decompressed."""
+    """Rows a have-list carries (pages for the dense form), from its header alone (0 if it has
+    none): checked against the index budget before anything is decompressed."""
     view = memoryview(blob)
+    if len(view) >= _SPARSE.size and bytes(view[:4]) == SPARSE_MAGIC:
+        return int(_SPARSE.unpack(view[: _SPARSE.size])[4])
     if len(view) < _HEADER.size:
         return 0
     return int(_HEADER.unpack(view[: _HEADER.size])[3])
 
 
-def have_list(path: str | os.PathLike[str]) -> HaveList:
-    """Hash every page of the file at `path` (the receiver's baseline); a short last page is
-    left out, since only whole pages are ever referenced. Holes are not read: their pages stay
-    (0, 0), the hash of a zero page."""
+def have_list(path: str | os.PathLike[str], max_entries: int = 1 << 40) -> HaveList | None:
+    """Hash the pages of the file at `path` (the receiver's baseline), sparse: holes are not read
+    and zero pages get no row. A short last page is left out, since only whole pages are ever
+    referenced. None when it would hold more than `max_entries` rows (the index budget)."""
     from dwcp_agent.migration.extents import data_extents
 
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         count = size // PAGE_SIZE
-        hashes = np.zeros((count, 2), dtype=np.uint64)
         zero = np.empty(READ_BLOCK // PAGE_SIZE, dtype=np.uint8)
+        block = np.empty((READ_BLOCK // PAGE_SIZE, 2), dtype=np.uint64)
         buf = np.empty(READ_BLOCK, dtype=np.uint8)
+        indexes: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        held = 0
         for start, end in data_extents(f.fileno(), count * PAGE_SIZE):
             done, stop = start // PAGE_SIZE, (end + PAGE_SIZE - 1) // PAGE_SIZE
             while done < stop:
@@ -105,9 +159,17 @@ def have_list(path: str | os.PathLike[str]) -> HaveList:
                 if got != want:
                     raise OSError(f"{path} shrank while its have-list was computed")
                 n = want // PAGE_SIZE
-                pages.page_hashes(buf[:want], zero[:n], hashes[done: done + n])
+                pages.page_hashes(buf[:want], zero[:n], block[:n])
+                keep = np.flatnonzero(zero[:n] == 0)
+                held += len(keep)
+                if held > max_entries:
+                    return None
+                indexes.append(keep.astype(np.int64) + done)
+                rows.append(block[keep].copy())
                 done += n
-    return HaveList(hashes)
+    if not rows:
+        return HaveList(np.zeros((0, 2), dtype=np.uint64), np.zeros(0, dtype=np.int64), count)
+    return HaveList(np.concatenate(rows), np.concatenate(indexes), count)
 
 
 class FilePages:

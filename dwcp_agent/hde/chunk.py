@@ -57,8 +57,9 @@ _K = np.uint8
 _REF_KINDS = np.array([k in (PageKind.DUP_IN, PageKind.DUP_X, PageKind.BASELINE) for k in range(256)])
 _N_KINDS = len(PageKind)
 DEFAULT_INDEX_BUDGET = 256 << 20
-# A baseline page costs its hash (16 B) plus up to two fingerprint-table slots (2 x 16 B).
-BASELINE_BYTES_PER_PAGE = 48
+# A non-zero baseline page costs its hash (16 B), its page index (8 B) and up to two
+# fingerprint-table slots (2 x 16 B); holes and zero pages cost nothing.
+BASELINE_BYTES_PER_PAGE = 56
 
 
 def checksum(data: memoryview | bytes) -> int:
@@ -157,12 +158,15 @@ class ChunkEncoder:
 
     def set_peer_have_list(self, have: HaveList | None) -> None:
         """Use the receiver's baseline: pages it already holds go as references."""
-        hashes = have.hashes if have is not None else np.zeros((0, 2), dtype=np.uint64)
-        if len(hashes) > self.baseline_max_pages:
-            raise ValueError(f"have-list of {len(hashes)} pages is over the index budget "
+        if have is None:
+            index, rows = np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.uint64)
+        else:
+            index, rows = have.sparse()  # zero pages and holes are never referenced: no row
+        if len(rows) > self.baseline_max_pages:
+            raise ValueError(f"have-list of {len(rows)} non-zero pages is over the index budget "
                              f"({self.baseline_max_pages} pages)")
         with self._lock:
-            self._index.set_baseline(np.ascontiguousarray(hashes, dtype=np.uint64))
+            self._index.set_baseline(index, rows)
 
     def acked(self, offset: int, length: int, checksum: int | None = None) -> None:
         """The receiver has durably written the chunk at `offset`; its pages may now be referenced.

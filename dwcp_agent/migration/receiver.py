@@ -134,21 +134,32 @@ class ReceiveSession:
         except OSError as exc:
             raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
         resumed = self.journal.resumed and not created
+        reserve_fd = -1
         try:
             try:
-                space.check(fd, data_bytes, resumed, free)
+                reserve_fd, _ = d.open_file(d.reserve_name)
+                os.ftruncate(reserve_fd, 0)  # a reservation left by a crash is void
+                needed = space.check(fd, ranges, free) if resumed else data_bytes
                 if not resumed:
+                    if not space.fits(needed, free(fd)):
+                        raise space.NoSpace(needed, free(fd))
                     if self.journal.have:
                         self.journal.reset()
                     os.ftruncate(fd, 0)
                 os.ftruncate(fd, self.start.size)
-                space.allocate(fd, ranges)
+                self.reservation = space.Reservation(reserve_fd, needed)
+                self._reserved = needed
             except space.NoSpace as exc:
                 raise ReceiveError(f"not enough space in {self.partial.parent}: {exc}", "no_space") from exc
+            except UnsafePath as exc:
+                raise ReceiveError(str(exc), exc.error_type) from exc
             except OSError as exc:
                 raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
         except ReceiveError:
             os.close(fd)
+            if reserve_fd >= 0:
+                os.close(reserve_fd)
+                d.unlink(d.reserve_name)
             if created:
                 d.unlink(d.partial_name)
             raise
@@ -164,19 +175,21 @@ class ReceiveSession:
         fd = self.directory.open_baseline()  # only a regular file, never through a symlink
         if fd is None:
             return None, b""
-        pages = os.fstat(fd).st_size // 4096
-        if pages > self.index_budget_bytes // 2 // BASELINE_BYTES_PER_PAGE:
-            os.close(fd)
-            log.info("no baseline: %s has %d pages, over index_budget_bytes", self.dest, pages,
-                     extra={"migration_id": self.start.migration_id})
-            return None, b""
-        try:
-            blob = have_list(f"/proc/self/fd/{fd}").to_bytes()
+        budget = self.index_budget_bytes // 2 // BASELINE_BYTES_PER_PAGE  # rows: non-zero pages
+        allocated_pages = os.fstat(fd).st_blocks * 512 // 4096
+        try:  # far more allocated pages than the budget has rows: not worth reading to find out
+            have = None if allocated_pages > 8 * budget else have_list(f"/proc/self/fd/{fd}", budget)
         except OSError as exc:
             os.close(fd)
             log.warning("no baseline: cannot read %s: %s", self.dest, exc.strerror,
                         extra={"migration_id": self.start.migration_id})
             return None, b""
+        if have is None:
+            os.close(fd)
+            log.info("no baseline: %s holds more non-zero pages than index_budget_bytes allows", self.dest,
+                     extra={"migration_id": self.start.migration_id})
+            return None, b""
+        blob = have.to_bytes()
         if len(blob) > wire.MAX_CONTROL_PAYLOAD // 2:
             os.close(fd)
             log.warning("no baseline: have-list of %d bytes is too large for one control message", len(blob),
@@ -429,7 +442,6 @@ class ReceiveSession:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
         if data is not None and holes and zero_pages is not None:
             native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
-            space.release_zero_pages(self._fd, zero_pages, h.offset, h.raw_len)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
             _pwrite_all(self._fd, data, h.offset)
         self._written.add(index)
@@ -472,6 +484,8 @@ class ReceiveSession:
     def _flush(self) -> None:
         try:
             self.journal.flush(self._fd)
+            # Written chunks hold their bytes now: give that much of the reservation back.
+            self.reservation.shrink_to(self._reserved - len(self._written) * self.start.chunk_size)
         except OSError as exc:
             if self._fd >= 0:
                 self.fail(ReceiveError(f"cannot persist {self.partial}: {exc.strerror}", "io"))
@@ -497,6 +511,8 @@ class ReceiveSession:
             os.close(self.baseline.fd)
         os.close(self._fd)
         self._fd = -1
+        self.reservation.close()
+        self.directory.unlink(self.directory.reserve_name)  # a later Start reserves what is missing then
         self.journal.close()
         self.directory.close()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 PARTIAL_SUFFIX = ".dwcp-part"
 JOURNAL_SUFFIX = ".dwcp-journal"
+RESERVE_SUFFIX = ".dwcp-reserve"  # disk space held for the partial (migration/space.py)
 _NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _EXISTING = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -142,6 +143,10 @@ class DestinationDir:
     def journal_name(self) -> str:
         return self.name + JOURNAL_SUFFIX
 
+    @property
+    def reserve_name(self) -> str:
+        return self.name + RESERVE_SUFFIX
+
     def open_file(self, name: str) -> tuple[int, bool]:
         """(descriptor, created): an existing regular single-link file, or a new one (O_EXCL)."""
         try:
@@ -189,7 +194,7 @@ class DestinationDir:
 
 
 def sweep_abandoned(dirs: list[Path], ttl_s: float, now: float | None = None) -> list[str]:
-    """Remove partials and journals untouched for `ttl_s` whose journal no migration holds;
+    """Remove partials, journals and reservations untouched for `ttl_s` whose journal no migration holds;
     returns the names removed."""
     now = time.time() if now is None else now
     removed: list[str] = []
@@ -218,7 +223,7 @@ def sweep_abandoned(dirs: list[Path], ttl_s: float, now: float | None = None) ->
 
 
 def _base_name(name: str) -> str | None:
-    for suffix in (PARTIAL_SUFFIX, JOURNAL_SUFFIX):
+    for suffix in (PARTIAL_SUFFIX, JOURNAL_SUFFIX, RESERVE_SUFFIX):
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return None

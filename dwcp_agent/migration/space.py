@@ -1,8 +1,9 @@
 """Disk space of an incoming image: check and reserve the bytes that will be written, not the logical size.
 
 The destination keeps the source's holes, so a 128 GiB image holding 16 GiB of data needs 16 GiB.
-The Start message names the data ranges; the destination reserves exactly those with
-`posix_fallocate` (holes stay holes), and a resumed partial reserves only what it lacks.
+The Start message names the data ranges; the destination reserves the bytes of those it does
+not hold yet (`posix_fallocate` of a reservation file beside the partial, shrunk as chunks are
+written), so holes and zero pages stay holes and a resumed partial reserves only what it lacks.
 Holes announced into a file that may hold older bytes are punched (`FALLOC_FL_PUNCH_HOLE`).
 """
 
@@ -13,8 +14,6 @@ import ctypes.util
 import errno
 import os
 from collections.abc import Callable
-
-import numpy as np
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -40,13 +39,23 @@ def free_bytes(fd: int) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def allocated_bytes(fd: int) -> int:
-    return os.fstat(fd).st_blocks * 512
+def missing_bytes(fd: int, ranges: list[tuple[int, int]]) -> int:
+    """Bytes of `ranges` (non-overlapping) that `fd` holds no data for yet."""
+    from dwcp_agent.migration.extents import data_extents
 
-
-def missing_bytes(data_bytes: int, already_allocated: int) -> int:
-    """What a (possibly resumed) partial file still has to allocate."""
-    return max(0, data_bytes - already_allocated)
+    extents = data_extents(fd, os.fstat(fd).st_size)
+    extent = next(extents, None)
+    missing = 0
+    for offset, length in sorted(ranges):
+        end = offset + length
+        covered = 0
+        while extent is not None and extent[0] < end:
+            covered += max(0, min(end, extent[1]) - max(offset, extent[0]))
+            if extent[1] > end:  # it continues into the next range
+                break
+            extent = next(extents, None)
+        missing += length - covered
+    return missing
 
 
 def fits(needed: int, free: int) -> bool:
@@ -54,28 +63,49 @@ def fits(needed: int, free: int) -> bool:
     return needed <= free
 
 
-def check(fd: int, data_bytes: int, resumed: bool, free: Callable[[int], int] = free_bytes) -> int:
-    """The bytes still to allocate for this image in `fd`'s filesystem, or NoSpace. A resumed
-    partial counts what it already holds; a fresh one starts from nothing."""
-    needed = missing_bytes(data_bytes, allocated_bytes(fd) if resumed else 0)
+def check(fd: int, ranges: list[tuple[int, int]], free: Callable[[int], int] = free_bytes) -> int:
+    """The bytes the data ranges still need in `fd` (a resumed partial counts what it holds), or
+    NoSpace when the filesystem has less free."""
+    needed = missing_bytes(fd, ranges)
     available = free(fd)
     if not fits(needed, available):
         raise NoSpace(needed, available)
     return needed
 
 
-def allocate(fd: int, ranges: list[tuple[int, int]]) -> None:
-    """Reserve the data ranges (holes stay holes); ranges already allocated cost nothing."""
-    for offset, length in ranges:
-        if length <= 0:
-            continue
+class Reservation:
+    """`needed` bytes held for an incoming image in a file of their own beside the partial,
+    allocated with posix_fallocate at Start and given back as the image's chunks are written.
+
+    The reservation is not taken in the partial itself: its zero pages are never written and
+    stay holes, and punching them out of a preallocated range costs a journal transaction each.
+    """
+
+    def __init__(self, fd: int, needed: int) -> None:
+        self.fd = fd
+        self.held = 0
         try:
-            os.posix_fallocate(fd, offset, length)
+            if needed > 0:
+                os.posix_fallocate(fd, 0, needed)
+            self.held = needed
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(length, free_bytes(fd)) from exc
+                raise NoSpace(needed, free_bytes(fd)) from exc
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
+
+    def shrink_to(self, remaining: int) -> None:
+        """Keep only `remaining` bytes reserved (the rest has been written into the partial)."""
+        remaining = max(0, remaining)
+        if remaining < self.held and self.fd >= 0:
+            os.ftruncate(self.fd, remaining)
+            self.held = remaining
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.held = 0
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -92,16 +122,3 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     while done < length:
         n = min(len(_ZEROS), length - done)
         done += os.pwrite(fd, _ZEROS[:n], offset + done)
-
-
-def release_zero_pages(fd: int, zero: np.ndarray, offset: int, length: int) -> None:
-    """Give back the reserved blocks of a chunk's zero pages (`zero`: 1 per all-zero page), so
-    zero pages inside data ranges end up as holes, as they would without the reservation."""
-    pages = (length + 4095) // 4096
-    mask = np.asarray(zero, dtype=np.uint8)[:pages]
-    if not mask.any():
-        return
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], (mask != 0).astype(np.int8), [0]))))
-    for first, end in edges.reshape(-1, 2):
-        start = int(first) * 4096
-        punch_hole(fd, offset + start, min(int(end) * 4096, length) - start)

@@ -75,7 +75,10 @@ def image(tmp_path: Path) -> Path:
     src.mkdir()
     path = src / "vm.img"
     rng = os.urandom(4 * 1024 * 1024)
-    path.write_bytes(rng + bytes(2 * 1024 * 1024) + rng[: 1024 * 1024])  # random, zero pages, repeats
+    with open(path, "wb") as f:  # random, a 2 MiB hole (a HOLE frame), repeats
+        f.write(rng)
+        f.seek(2 * 1024 * 1024, os.SEEK_CUR)
+        f.write(rng[: 1024 * 1024])
     return path
 
 

@@ -91,7 +91,8 @@ def test_a_128_gib_image_with_16_gib_of_data_fits_in_50_gib(receiver: Receiver) 
     try:
         partial = receiver.dir / "big.img.dwcp-part"
         assert partial.stat().st_size == 128 * MiB
-        assert 16 * MiB <= partial.stat().st_blocks * 512 < 17 * MiB, "reserve the data ranges, not the image"
+        reserved = (receiver.dir / "big.img.dwcp-reserve").stat().st_blocks * 512
+        assert 16 * MiB <= reserved < 17 * MiB, "reserve the data ranges' bytes, not the image"
     finally:
         session.close()
     # The same image with the logical size as its data (a pre-sparse source) is refused, and
@@ -130,3 +131,20 @@ def test_holes_that_move_during_the_migration_are_resent(receiver: Receiver, src
     assert metrics.registry.get_sample_value(
         "dwcp_v3_errors_total", {"component": "migration", "error_type": "source_changed"}) == 1
     assert same_content(source, receiver.dir / "out.img")
+
+
+def test_a_large_sparse_baseline_is_offered_within_the_budget(receiver: Receiver, src_dir: Path,
+                                                             migrate: Any) -> None:
+    """A repeat migration of a 64 GiB image holding 32 MiB: the destination's earlier copy goes as a
+    sparse have-list (rows for data pages only, holes free), so only the changed MiB travels.
+    A dense have-list would be 16 M pages (256 MiB), over the budget, and everything would go."""
+    size = 64 * GiB
+    regions = [(i * 16 * GiB + 5 * MiB, 8 * MiB) for i in range(4)]
+    sparse_image(receiver.dir / "out.img", size, regions)  # the earlier image, at the destination
+    source = sparse_image(src_dir / "vm.img", size, regions)
+    with open(source, "r+b") as f:
+        f.seek(16 * GiB + 6 * MiB)
+        f.write(os.urandom(MiB))
+    result = migrate(receiver, source, compression_algo="none")
+    assert same_content(source, receiver.dir / "out.img")
+    assert result.wire_bytes < 4 * MiB, f"{result.wire_bytes} wire bytes: the baseline was not used"

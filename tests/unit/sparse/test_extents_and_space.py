@@ -85,33 +85,44 @@ def test_a_hole_and_written_zeros_give_the_same_digest(tmp_path: Path) -> None:
     assert int(sums[-1]) == checksum(bytes(8 * KiB))
 
 
-def test_space_is_decided_by_the_bytes_to_write_not_the_logical_size() -> None:
+def test_space_is_decided_by_the_bytes_to_write_not_the_logical_size(tmp_path: Path) -> None:
     # Issue 16's refusal: 128 GiB image, 16 GiB of data, 50 GiB free.
-    needed = space.missing_bytes(16 * GiB, 0)
-    assert space.fits(needed, 50 * GiB)
-    assert not space.fits(space.missing_bytes(128 * GiB, 0), 50 * GiB)
-    # A resumed partial that already holds 12 GiB needs the remaining 4 GiB only.
-    assert space.missing_bytes(16 * GiB, 12 * GiB) == 4 * GiB
-    assert space.fits(space.missing_bytes(16 * GiB, 12 * GiB), 5 * GiB)
-
-
-def test_reservation_allocates_only_the_data_ranges(tmp_path: Path) -> None:
-    fd = _sparse(tmp_path / "part", 256 * MiB, [])
+    assert space.fits(16 * GiB, 50 * GiB)
+    assert not space.fits(128 * GiB, 50 * GiB)
+    # A resumed partial needs only the data ranges it does not hold yet.
+    fd = _sparse(tmp_path / "part", 64 * MiB, [(0, b"a" * 3 * MiB), (40 * MiB, b"b" * MiB)])
     try:
-        assert space.check(fd, 8 * MiB, resumed=False, free=lambda _fd: 10 * MiB) == 8 * MiB
-        space.allocate(fd, [(0, 4 * MiB), (200 * MiB, 4 * MiB)])
-        allocated = space.allocated_bytes(fd)
-        assert 8 * MiB <= allocated < 9 * MiB
-        # Resumed: what is allocated already is not needed again.
-        assert space.check(fd, 8 * MiB, resumed=True, free=lambda _fd: 0) == 0
+        ranges = [(0, 4 * MiB), (40 * MiB, 2 * MiB), (60 * MiB, 4 * MiB)]
+        assert space.missing_bytes(fd, ranges) == MiB + MiB + 4 * MiB
+        assert space.check(fd, ranges, free=lambda _fd: 6 * MiB) == 6 * MiB
         try:
-            space.check(fd, 8 * MiB, resumed=False, free=lambda _fd: 7 * MiB)
-            raise AssertionError("7 MiB free must refuse 8 MiB")
+            space.check(fd, ranges, free=lambda _fd: 5 * MiB)
+            raise AssertionError("5 MiB free must refuse 6 MiB")
         except space.NoSpace as exc:
-            assert exc.needed == 8 * MiB and exc.free == 7 * MiB
-        os.pwrite(fd, b"q" * MiB, 100 * MiB)
-        space.punch_hole(fd, 100 * MiB, MiB)
-        assert os.pread(fd, MiB, 100 * MiB) == bytes(MiB)
-        assert space.allocated_bytes(fd) == allocated
+            assert exc.needed == 6 * MiB and exc.free == 5 * MiB
+    finally:
+        os.close(fd)
+
+
+def test_a_reservation_holds_space_and_gives_it_back_as_chunks_land(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "reserve", os.O_RDWR | os.O_CREAT, 0o600)
+    reservation = space.Reservation(fd, 8 * MiB)
+    try:
+        assert os.fstat(fd).st_blocks * 512 >= 8 * MiB
+        reservation.shrink_to(3 * MiB)
+        assert 3 * MiB <= os.fstat(fd).st_blocks * 512 < 4 * MiB
+        reservation.shrink_to(5 * MiB)  # never grows back
+        assert reservation.held == 3 * MiB
+    finally:
+        reservation.close()
+
+
+def test_a_punched_hole_reads_as_zeros_and_frees_its_blocks(tmp_path: Path) -> None:
+    fd = _sparse(tmp_path / "part", 16 * MiB, [(4 * MiB, b"q" * MiB)])
+    try:
+        before = os.fstat(fd).st_blocks
+        space.punch_hole(fd, 4 * MiB, MiB)
+        assert os.pread(fd, MiB, 4 * MiB) == bytes(MiB)
+        assert os.fstat(fd).st_blocks < before
     finally:
         os.close(fd)
