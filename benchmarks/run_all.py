@@ -22,7 +22,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-BENCHMARKS = ("kernels", "datapath", "crypto", "hde", "repeat_migration", "acp", "prediction", "wan", "sparse")
+BENCHMARKS = ("kernels", "datapath", "pipeline", "crypto", "hde", "repeat_migration", "acp", "prediction", "wan",
+              "sparse")
 
 
 def _markdown(name: str, module: Any, result: dict[str, Any]) -> str:

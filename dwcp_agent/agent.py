@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from dwcp_agent import __version__, admin_guard, api
-from dwcp_agent._native import pages
+from dwcp_agent.acp.api import build_routes as consensus_routes
 from dwcp_agent.acp.node import ConsensusTimeout
 from dwcp_agent.acp.ownership import RegistryOwnership
 from dwcp_agent.acp.rollout_store import RegistryRolloutStore
@@ -30,9 +30,9 @@ from dwcp_agent.acp.service import ConsensusError, ConsensusService
 from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
+from dwcp_agent.kernels import pages
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.manager import Migration, MigrationManager
-from dwcp_agent.migration.model import MigrationRequest
 from dwcp_agent.migration.server import DataServer
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.health import Health
@@ -120,9 +120,6 @@ class Agent:
         """What the systemd watchdog pings for: not stopping, and the data port still accepting."""
         return not self.health.stopping and self.data_server is not None and self.data_server.accepting
 
-    def start_migration(self, request: MigrationRequest) -> Migration:
-        return self.manager.start(request)
-
     def _migration_finished(self, migration: Migration) -> None:
         self.guard.record_migration(migration.state, migration.duration_s, migration.progress.total_bytes,
                                     migration.request.protocol)
@@ -202,7 +199,7 @@ class Agent:
             log.warning("rollout not synchronised with the cluster yet: %s", exc, extra={"component": "acp"})
         self.manager.ownership = RegistryOwnership(self.consensus, self.config.node_id, asyncio.get_running_loop())
         self.health.register("acp", self.consensus.health)
-        routes = [*api.routes(self), *sla_routes(self.guard), *self.consensus.routes()]
+        routes = [*api.routes(self), *sla_routes(self.guard), *consensus_routes(self.consensus)]
         self._runner = await self._serve("admin_port", self.config.admin_host, self.config.admin_port, routes)
         self.admin_port = self._runner.addresses[0][1]
         if self.config.metrics_port >= 0:  # probes and scrapes only, for networks the admin port is not on

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from dwcp_agent.config import Config
 from dwcp_agent.http_json import error_response, json_response
-from dwcp_agent.migration.manager import RequestError
+from dwcp_agent.migration.manager import MigrationManager, RequestError
+from dwcp_agent.telemetry.health import Health
+from dwcp_agent.telemetry.metrics import Metrics
 
-if TYPE_CHECKING:
-    from dwcp_agent.agent import Agent
+
+class AdminHost(Protocol):
+    """What the routes read of the agent (agent.Agent has it; the agent imports this module)."""
+
+    config: Config
+    health: Health
+    metrics: Metrics
+    manager: MigrationManager
 
 
-def routes(agent: Agent) -> list[web.RouteDef]:
+def routes(agent: AdminHost) -> list[web.RouteDef]:
     """The agent's own routes; components add theirs beside these."""
 
     async def health(_: web.Request) -> web.Response:
@@ -44,7 +53,7 @@ def routes(agent: Agent) -> list[web.RouteDef]:
             return error_response(400, str(exc))
         try:
             migration = await asyncio.get_running_loop().run_in_executor(
-                None, agent.start_migration, migration_request)
+                None, agent.manager.start, migration_request)
         except Exception as exc:
             return error_response(400, f"cannot start migration: {exc}")
         return json_response(migration.to_dict(), 201)

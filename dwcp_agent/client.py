@@ -2,7 +2,8 @@
 
 Every call carries the admin bearer token: from the `token` argument, else the file named by
 `DWCP_ADMIN_TOKEN_FILE` (the same variable sets the agent's `admin_token_file`), else the file
-the CLI's `--token-file` chose, else the agent's default `/var/lib/dwcp-agent/admin.token`.
+the CLI's `--token-file` chose, else `admin_token_file` (or `state_dir`/admin.token) of the YAML
+config in `DWCP_CONFIG` or /etc/dwcp-agent/config.yaml, else `/var/lib/dwcp-agent/admin.token`.
 A missing file means no token: open routes (/health, /metrics) still answer.
 """
 
@@ -16,12 +17,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dwcp_agent.progress import ProgressBar
 
-__all__ = ["DEFAULT_TOKEN_FILE", "TOKEN_ENV", "ApiError", "api_call", "follow", "read_token", "use_token_file"]
+__all__ = ["DEFAULT_TOKEN_FILE", "TOKEN_ENV", "ApiError", "api_call", "follow", "read_token", "token_file",
+           "use_token_file"]
 
 TOKEN_ENV = "DWCP_ADMIN_TOKEN_FILE"
 DEFAULT_TOKEN_FILE = "/var/lib/dwcp-agent/admin.token"
+DEFAULT_CONFIG_FILE = "/etc/dwcp-agent/config.yaml"
 _chosen_token_file: str | None = None
 
 
@@ -41,7 +46,21 @@ def use_token_file(path: str | None) -> None:
 
 def token_file() -> str:
     """Which file the token is read from (see the module docstring)."""
-    return os.environ.get(TOKEN_ENV) or _chosen_token_file or DEFAULT_TOKEN_FILE
+    return os.environ.get(TOKEN_ENV) or _chosen_token_file or _configured_token_file() or DEFAULT_TOKEN_FILE
+
+
+def _configured_token_file() -> str | None:
+    """admin_token_file (or state_dir/admin.token) of the agent's YAML config on this host."""
+    path = os.environ.get("DWCP_CONFIG") or DEFAULT_CONFIG_FILE
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("admin_token_file"):
+        return str(data["admin_token_file"])
+    return str(Path(str(data["state_dir"])) / "admin.token") if data.get("state_dir") else None
 
 
 def read_token(path: str | None = None) -> str | None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, follow
+from dwcp_agent.config import FIELDS
 from dwcp_agent.migration.images import generate
 from dwcp_agent.progress import human_bytes, summary
 from dwcp_agent.security import pki
@@ -57,6 +58,12 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _harness_knob(name: str) -> bool:
+    """DWCP_ variables of test and benchmark harnesses (DWCP_FUZZ_ITERATIONS, DWCP_SIM_SCHEDULES...):
+    not config keys, so an agent would refuse to start with them in its environment."""
+    return name.startswith("DWCP_") and name != "DWCP_CONFIG" and name[5:].lower() not in FIELDS
+
+
 def _shared_token_file(root: Path) -> Path:
     """One admin token for the agents this process starts, and for its own `api_call`s.
 
@@ -85,7 +92,8 @@ class LocalAgent:
         self.admin_port = free_port()
         self.log_path = self.state_dir / "agent.log"
         self.token_file = _shared_token_file(root)
-        self.env = {**os.environ, **(env or {}), TOKEN_ENV: str(self.token_file)}
+        inherited = {k: v for k, v in os.environ.items() if not _harness_knob(k)}
+        self.env = {**inherited, **(env or {}), TOKEN_ENV: str(self.token_file)}
         self.cmd = [sys.executable, "-m", "dwcp_agent", "serve", "--node-id", name, "--state-dir", str(self.state_dir),
                     "--data-port", str(self.data_port), "--admin-port", str(self.admin_port),
                     "--listen-host", "127.0.0.1", "--admin-host", "127.0.0.1", "--psk-file", str(psk_file),

@@ -13,7 +13,10 @@ raises ValueError, which the Python layer reports as CodecError.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 
-cdef Py_ssize_t _PAGE = 4096
+from layout cimport PAGE
+
+PAGE_SIZE = PAGE
+cdef Py_ssize_t _PAGE = PAGE
 
 # Page kinds, mirrored in dwcp_agent/hde/layout.py.
 cdef uint8_t K_LITERAL = 0, K_ZERO = 1, K_DUP_IN = 2, K_DUP_X = 3, K_BASELINE = 4, K_SAME = 5

@@ -23,7 +23,10 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-cdef Py_ssize_t _PAGE = 4096
+from layout cimport PAGE
+
+PAGE_SIZE = PAGE
+cdef Py_ssize_t _PAGE = PAGE
 cdef uint8_t K_LITERAL = 0, K_ZERO = 1, K_DUP_IN = 2, K_DUP_X = 3, K_BASELINE = 4, K_SAME = 5
 cdef uint8_t K_DELTA = 6
 cdef uint8_t S_UNSENT = 0, S_SENT = 1, S_ACKED = 2

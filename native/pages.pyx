@@ -9,9 +9,11 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
-PAGE_SIZE = 4096
-cdef Py_ssize_t _PAGE = 4096
-cdef Py_ssize_t _WORDS = 4096 // 8
+from layout cimport PAGE, PAGE_DUP_IN, PAGE_LITERAL, PAGE_ZERO
+
+PAGE_SIZE = PAGE
+cdef Py_ssize_t _PAGE = PAGE
+cdef Py_ssize_t _WORDS = PAGE // 8
 
 
 cdef inline bint _page_is_zero(const uint8_t* page) noexcept nogil:
@@ -222,10 +224,10 @@ def hash128(const uint8_t[::1] data):
 
 
 # Page kinds of the chunk page map (mirrored in dwcp_agent/hde/layout.py).
-KIND_LITERAL = 0
-KIND_ZERO = 1
-KIND_DUP_IN = 2
-cdef uint8_t _LITERAL = 0, _ZERO = 1, _DUP_IN = 2
+KIND_LITERAL = PAGE_LITERAL
+KIND_ZERO = PAGE_ZERO
+KIND_DUP_IN = PAGE_DUP_IN
+cdef uint8_t _LITERAL = PAGE_LITERAL, _ZERO = PAGE_ZERO, _DUP_IN = PAGE_DUP_IN
 
 
 def dedupe_in_chunk(const uint8_t[::1] chunk, const uint8_t[::1] zero, const uint64_t[:, ::1] hashes,

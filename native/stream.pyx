@@ -52,11 +52,18 @@ CHECKSUM = _CHECKSUM
 CLOSED = _CLOSED
 OS_ERROR = _OS_ERROR
 
-HEADER_SIZE = 56
-cdef uint32_t _MAGIC = 0x33435744
-cdef Py_ssize_t _HEADER_LEN = 56
-cdef Py_ssize_t _CRC_SPAN = 52
-cdef uint8_t _DATA = 2, _ACK = 3
+from layout cimport CRC_SPAN, FRAME_ACK, FRAME_DATA, HEADER_LEN, MAGIC, PAGE
+
+HEADER_SIZE = HEADER_LEN
+HEADER_CRC_SPAN = CRC_SPAN
+FRAME_MAGIC = MAGIC
+DATA_FRAME = FRAME_DATA
+ACK_FRAME = FRAME_ACK
+PAGE_SIZE = PAGE
+cdef uint32_t _MAGIC = MAGIC
+cdef Py_ssize_t _HEADER_LEN = HEADER_LEN
+cdef Py_ssize_t _CRC_SPAN = CRC_SPAN
+cdef uint8_t _DATA = FRAME_DATA, _ACK = FRAME_ACK
 
 cdef uint32_t _CRC_TABLE[256]
 
@@ -148,7 +155,7 @@ def write_except_zero_pages(int fd, const uint8_t[::1] data, const uint8_t[::1] 
     per run of the others, without the GIL. For a file whose unwritten ranges read as zeros (a
     fresh sparse file): the zero pages stay holes, costing neither a copy nor space."""
     cdef Py_ssize_t n = data.shape[0]
-    cdef Py_ssize_t pages = (n + 4095) // 4096
+    cdef Py_ssize_t pages = (n + PAGE - 1) // PAGE
     cdef Py_ssize_t p = 0, start
     cdef int rc = 0
     if zero.shape[0] < pages:
@@ -163,7 +170,7 @@ def write_except_zero_pages(int fd, const uint8_t[::1] data, const uint8_t[::1] 
             start = p
             while p < pages and not zero[p]:
                 p += 1
-            rc = _pwrite_all(fd, &data[start * 4096], min(p * 4096, n) - start * 4096, offset + start * 4096)
+            rc = _pwrite_all(fd, &data[start * PAGE], min(p * PAGE, n) - start * PAGE, offset + start * PAGE)
     if rc:
         raise OSError(errno, f"writing the chunk at {offset}: errno {errno}")
 
@@ -190,7 +197,7 @@ cdef class RawFrameReceiver:
     cdef readonly uint32_t raw_len
     cdef readonly int error
     cdef readonly bint partial
-    cdef uint8_t ack[56]
+    cdef uint8_t ack[HEADER_LEN]
 
     def __init__(self, int sock_fd, int file_fd, uint8_t[::1] header, uint8_t[::1] payload,
                  uint64_t session, int stream, int version, uint64_t size, uint64_t chunk_size,
@@ -211,7 +218,7 @@ cdef class RawFrameReceiver:
         self.expected_seq = expected_seq
         self.error = 0
         self.partial = False
-        memset(self.ack, 0, 56)
+        memset(self.ack, 0, HEADER_LEN)
 
     def skip(self):
         """The caller handled the frame whose header it was given: expect the next sequence."""
@@ -227,7 +234,7 @@ cdef class RawFrameReceiver:
 
     cdef void _pack_ack(self, uint64_t sequence, uint64_t offset) noexcept nogil:
         cdef uint8_t* h = self.ack
-        memset(h, 0, 56)
+        memset(h, 0, HEADER_LEN)
         _put(h, _MAGIC, 4)
         h[4] = self.version
         h[5] = _ACK
@@ -235,7 +242,7 @@ cdef class RawFrameReceiver:
         _put(h + 16, self.stream, 2)
         _put(h + 20, sequence, 8)
         _put(h + 28, offset, 8)
-        _put(h + 52, _crc32(h, _CRC_SPAN), 4)
+        _put(h + CRC_SPAN, _crc32(h, _CRC_SPAN), 4)
 
     cdef int _next(self, bint ack_last) noexcept nogil:
         cdef uint8_t* h = self.header_ptr
@@ -247,7 +254,7 @@ cdef class RawFrameReceiver:
         self.error = 0
         if ack_last:
             self._pack_ack(self.sequence, self.offset)
-            if _send_all(self.sock_fd, self.ack, 56):
+            if _send_all(self.sock_fd, self.ack, HEADER_LEN):
                 self.error = errno
                 return _OS_ERROR
         rc = _recv_all(self.sock_fd, h, _HEADER_LEN, &got)
@@ -256,7 +263,7 @@ cdef class RawFrameReceiver:
             self.error = errno if rc == _OS_ERROR else 0
             return rc
         # Everything wire.unpack_header and the receive loop check; a doubt goes to Python.
-        if <uint32_t>_le(h, 4) != _MAGIC or <uint32_t>_le(h + 52, 4) != _crc32(h, _CRC_SPAN):
+        if <uint32_t>_le(h, 4) != _MAGIC or <uint32_t>_le(h + CRC_SPAN, 4) != _crc32(h, _CRC_SPAN):
             return _HEADER
         if h[4] != self.version or h[5] != _DATA or h[6] != 0 or h[7] != 0 or _le(h + 18, 2) != 0:
             return _HEADER

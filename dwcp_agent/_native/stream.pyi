@@ -1,14 +1,21 @@
 """Type stubs of native/stream.pyx."""
 
+from dwcp_agent._native._buffers import ReadBytes, WriteBytes
+
 WRITTEN: int
 HEADER: int
 CHECKSUM: int
 CLOSED: int
 OS_ERROR: int
 HEADER_SIZE: int
+HEADER_CRC_SPAN: int
+FRAME_MAGIC: int
+DATA_FRAME: int
+ACK_FRAME: int
+PAGE_SIZE: int
 
-def crc32(data: bytes | bytearray | memoryview) -> int: ...
-def write_except_zero_pages(fd: int, data: memoryview | bytearray | bytes, zero: object, offset: int) -> None: ...
+def crc32(data: ReadBytes) -> int: ...
+def write_except_zero_pages(fd: int, data: ReadBytes, zero: ReadBytes, offset: int) -> None: ...
 
 class RawFrameReceiver:
     expected_seq: int
@@ -19,7 +26,7 @@ class RawFrameReceiver:
     raw_len: int
     error: int
     partial: bool
-    def __init__(self, sock_fd: int, file_fd: int, header: bytearray | memoryview, payload: bytearray | memoryview,
+    def __init__(self, sock_fd: int, file_fd: int, header: WriteBytes, payload: WriteBytes,
                  session: int, stream: int, version: int, size: int, chunk_size: int,
                  expected_seq: int = 0) -> None: ...
     def skip(self) -> None: ...

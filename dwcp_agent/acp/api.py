@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from dwcp_agent.acp.node import ConsensusTimeout
+from dwcp_agent.acp.service import ConsensusError, ConsensusService
 from dwcp_agent.http_json import json_response
-
-if TYPE_CHECKING:
-    from dwcp_agent.acp.service import ConsensusService
 
 __all__ = ["build_routes"]
 
@@ -27,8 +25,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _guard(fn: Callable[[web.Request], Awaitable[Any]]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        from dwcp_agent.acp.service import ConsensusError
-
         try:
             return json_response(await fn(request))
         except ConsensusError as exc:

@@ -29,6 +29,7 @@ WEIGHTS: dict[str, float] = {
     "replay": 5.0,
 }
 REASONS = tuple(WEIGHTS)
+MAX_PENDING_EVENTS = 1024  # detections kept between two drains; hearsay beyond it is scored, not queued
 
 
 def signed_statement(signer: str, data: bytes, sig: bytes) -> bytes:
@@ -95,7 +96,8 @@ class ByzantineDetector:
         if tipped:
             self.quarantined.add(peer)
             self.proofs[peer] = event
-        self.events.append(event)
+        if len(self.events) < MAX_PENDING_EVENTS or tipped:  # a flood of hearsay cannot grow memory
+            self.events.append(event)
         return event
 
     def suspected(self) -> list[str]:

@@ -47,13 +47,17 @@ class RegistryOwnership:
             raise OwnershipError(f"registry: {exc or type(exc).__name__}") from exc
 
     def begin(self, vm_id: str) -> int:
-        """Check (or claim) ownership and take the migration lease; returns its fencing token."""
-        owner = self._call(self.consensus.owner(vm_id))
+        """Check (or claim) ownership and take the migration lease; returns its fencing token.
+        One hand-over to the event loop for the three registry steps."""
+        return self._call(self._begin(vm_id))
+
+    async def _begin(self, vm_id: str) -> int:
+        owner = await self.consensus.owner(vm_id)
         if owner is None:
-            owner = self._call(self.consensus.claim(vm_id, self.node_id))
+            owner = await self.consensus.claim(vm_id, self.node_id)
         if owner != self.node_id:
             raise OwnershipError(f"VM {vm_id} is owned by {owner}, not this host ({self.node_id})")
-        return self._call(self.consensus.acquire_lease(vm_id, self.node_id, LEASE_TTL_S)).token
+        return (await self.consensus.acquire_lease(vm_id, self.node_id, LEASE_TTL_S)).token
 
     def finish(self, vm_id: str, destination: str, token: int) -> None:
         """Commit the new owner; refused if the lease was superseded meanwhile."""

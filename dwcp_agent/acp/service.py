@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, bootstrap
 from dwcp_agent.acp.auth import KeyRing, load_or_create_key, parse_peer_keys
 from dwcp_agent.acp.messages import ConfChange, Envelope
@@ -300,9 +298,3 @@ class ConsensusService:
     def members(self) -> dict[str, str]:
         """Member id -> ACP address (local view)."""
         return self._require().replica.members()
-
-    def routes(self) -> list[web.RouteDef]:
-        """Admin HTTP routes (see `acp.api`)."""
-        from dwcp_agent.acp.api import build_routes
-
-        return build_routes(self)

@@ -244,11 +244,12 @@ class Transport:
             bare = _Hello(theirs.version, theirs.node, theirs.nonce, theirs.public_key)
             if theirs.version != VERSION or theirs.node != peer:
                 raise ConnectionError(f"peer at {self.addrs[peer]} is {theirs.node[:64]!r} v{theirs.version}")
+            # Counted, not rate-limited: the accept-side limit is for sources that connect to us.
             if not hmac.compare_digest(theirs.proof, _proof(self.psk, b"listener", mine, bare)):
-                self._failed(host, "invalid_mac")
+                self.on_refused(host, "invalid_mac")
                 raise ConnectionError("peer failed the pre-shared key proof")
             if not self._identity_ok(bare, b"listener", mine, bare, theirs.sig):
-                self._failed(host, "identity")
+                self.on_refused(host, "identity")
                 raise ConnectionError(f"peer at {self.addrs[peer]} did not prove the key pinned for {peer!r}")
             body = encode(_Proof(_proof(self.psk, b"dialer", mine, bare), self._sign(b"dialer", mine, bare)))
             writer.write(_LEN.pack(len(body)) + body)

@@ -24,7 +24,7 @@ from dwcp_agent.amst.channel import DataChannel, FrameSource, TcpChannel
 from dwcp_agent.amst.rdma import RdmaDeclined, RdmaError, accept_destination, connect_source, slot_size_for
 from dwcp_agent.amst.verbs import PortInfo, VerbsContext, VerbsError, VerbsProvider, memlock_error
 from dwcp_agent.config import Config
-from dwcp_agent.migration.receiver import max_encoded_len
+from dwcp_agent.hde.layout import max_encoded_len
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["CAPABILITY", "Selection", "TransportUnavailable", "Transports", "pool_bytes"]

@@ -15,9 +15,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from dwcp_agent.amst.samples import LinkSample
 from dwcp_agent.amst.tcp import available_congestion_controls
 from dwcp_agent.config import PAGE_SIZE, Config, KiB, MiB
-from dwcp_agent.pba.probe import LinkSample
 
 __all__ = ["StreamPlan", "StreamTuner", "TuningLimits", "choose_congestion", "congestion_decision",
            "loss_limited_rate"]

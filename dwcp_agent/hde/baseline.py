@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from dwcp_agent._native import pages
 from dwcp_agent.hde.codecs import CodecError
 from dwcp_agent.hde.layout import PAGE_SIZE
+from dwcp_agent.kernels import pages
 
 HAVE_MAGIC = b"DWHL"          # dense: one row per page (still read)
 SPARSE_MAGIC = b"DWHS"        # sparse: rows of non-zero pages only, with their page indexes

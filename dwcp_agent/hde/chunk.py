@@ -28,7 +28,6 @@ from typing import Any, Protocol
 import numpy as np
 import xxhash
 
-from dwcp_agent._native import delta, index, pages
 from dwcp_agent.hde.baseline import FilePages, HaveList
 from dwcp_agent.hde.codecs import Codec, CodecError, CodecId, codec_by_id, codec_by_name
 from dwcp_agent.hde.layout import (
@@ -46,6 +45,7 @@ from dwcp_agent.hde.layout import (
     pages_in,
 )
 from dwcp_agent.hde.selector import SAMPLE_PAGES, CodecSelector, LinkSource
+from dwcp_agent.kernels import delta, index, pages
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = [

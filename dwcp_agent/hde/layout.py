@@ -60,3 +60,9 @@ def max_body_len(raw_len: int) -> int:
     """Largest page-map body a chunk of raw_len bytes can have: every page's map and ref entries
     plus the raw bytes (a delta is never longer than the page it replaces)."""
     return pages_in(raw_len) * (1 + 8 + 2) + raw_len
+
+
+def max_encoded_len(raw_len: int) -> int:
+    """Largest payload a sender may announce for a chunk (codec framing and page maps included);
+    receivers size their buffers and refuse frames by it."""
+    return raw_len + raw_len // 16 + 4096

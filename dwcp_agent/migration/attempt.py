@@ -1,10 +1,11 @@
 """One connected try of a migration: encoder workers, data streams, ACKs, control watcher.
 
-Threads, not coroutines: reading (preadv), encoding (codecs release the GIL) and sending
-(sendmsg) are blocking calls that run in parallel. Encoder workers read a chunk into a pooled
-buffer, encode it and queue it; each stream thread takes the next queued chunk, so faster streams
-carry more. A chunk stays owned by its stream until the receiver ACKs it; if the stream dies its
-unacknowledged chunks are encoded again and go back to the queue.
+The protocol decisions (which chunk next, on which stream; what is acknowledged; what goes again
+after a lost stream; when to commit) are the pure `core.ImageSender`'s. This module is its
+threaded driver: encoder workers read and encode chunks into pooled buffers, each stream thread
+sends the frames the core assigns to it (faster streams carry more), an ACK reader per stream
+feeds acknowledgements back. Threads, not coroutines: preadv, the codecs and sendmsg release the
+GIL, so they run in parallel.
 """
 
 from __future__ import annotations
@@ -16,71 +17,74 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+import numpy as np
 
 from dwcp_agent import wire
 from dwcp_agent.amst.channel import DataChannel, TcpChannel
+from dwcp_agent.config import Config
 from dwcp_agent.hde.baseline import HaveList, header_pages
-from dwcp_agent.hde.chunk import EncodedChunk, checksum
+from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum
 from dwcp_agent.hde.codecs import CodecError
 from dwcp_agent.hde.layout import FLAG_HOLE
+from dwcp_agent.migration.core import Action, CloseStream, Commit, ImageSender, OutChunk, Reencode, Release
+from dwcp_agent.migration.core.image import HoleRun, Run
 from dwcp_agent.migration.digest import chunk_length
-from dwcp_agent.migration.extents import ChunkRun
 from dwcp_agent.migration.journal import unpack_have
-from dwcp_agent.migration.model import FATAL_ERRORS, POLL_S, MigrationError
-
-if TYPE_CHECKING:
-    from dwcp_agent.migration.sender import SendSession
+from dwcp_agent.migration.model import POLL_S, MigrationError, MigrationRequest, Progress
+from dwcp_agent.pba.link import LinkController
+from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.migration")
 
 
-# One hole frame covers at most this many bytes (its length field is 32 bits).
-HOLE_FRAME_BYTES = 1 << 30
+def _held(chunk: OutChunk) -> tuple[bytearray, EncodedChunk]:
+    """A queued chunk's pooled buffer (raw bytes) and its encoding (segments alias the buffer)."""
+    return cast(tuple[bytearray, EncodedChunk], chunk.handle)
 
 
-@dataclass
-class Item:
-    index: int
-    buffer: bytearray | None  # None for a hole run: nothing was read
-    encoded: EncodedChunk
+class AttemptSession(Protocol):
+    """What an attempt uses of its migration (sender.SendSession, which creates attempts)."""
 
-    @property
-    def hole(self) -> bool:
-        return self.buffer is None
+    config: Config
+    metrics: Metrics
+    request: MigrationRequest
+    progress: Progress
+    encoder: ChunkEncoder
+    link: LinkController | None
+    buffers: queue.SimpleQueue[bytearray]
+    checksums: np.ndarray
+    fd: int
+    size: int
+    chunks: int
+    chunk_size: int
+    streams: int
+    cross_chunk: bool
 
+    def encode(self, view: memoryview, index: int) -> EncodedChunk: ...
 
-def jobs(runs: list[ChunkRun], chunk_size: int) -> Iterator[int | ChunkRun]:
-    """Data chunk indexes to read, and hole runs (each fitting one hole frame) to announce."""
-    per_frame = max(1, HOLE_FRAME_BYTES // chunk_size)
-    for run in runs:
-        if run.data:
-            yield from range(run.start, run.start + run.count)
-            continue
-        for first in range(run.start, run.start + run.count, per_frame):
-            yield ChunkRun(first, min(per_frame, run.start + run.count - first), False)
+    def open_channel(self, session: int, stream: int) -> DataChannel: ...
 
 
 class Attempt:
     """One connected try: control connection, stream threads, encoder workers."""
 
-    def __init__(self, session: SendSession, control: socket.socket, ready: wire.Ready,
-                 version: int, runs: list[ChunkRun] | None = None) -> None:
+    def __init__(self, session: AttemptSession, control: socket.socket, ready: wire.Ready,
+                 version: int, runs: Sequence[Run] | None = None) -> None:
         self.s = session
         self.control = control
         self.session_id = ready.session
         self.version = version
         self.have = unpack_have(ready.have)
-        # Encoded chunks for the stream threads; None is the wake-up that the attempt is over.
-        self.queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
-        self.redo: collections.deque[Item] = collections.deque()  # orphaned by a broken stream
+        # `runs`: the source's data/hole plan (SEEK_DATA walk); holes go as FLAG_HOLE frames.
+        self.core = ImageSender(session.size, session.chunk_size, self.have, session.checksums, runs=runs)
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)   # encoder workers wait here
+        self.ready_to_send = threading.Condition(self.lock)  # stream threads wait here
+        self.redo: collections.deque[OutChunk] = collections.deque()  # to encode again (lost stream)
         self.free: queue.SimpleQueue[bytearray] = session.buffers
-        self.cond = threading.Condition()
-        self.outstanding = 0
-        self._jobs = jobs(runs if runs is not None else [ChunkRun(0, session.chunks, True)], session.chunk_size)
-        self._pending: int | ChunkRun | None = next(self._jobs, None)  # lookahead: None = all handed out
         self.live_streams = 0
         # Online stream tuning (PBA): ids below target_streams run; the tuner moves the target.
         self.target_streams = session.streams
@@ -106,61 +110,103 @@ class Attempt:
             except CodecError as exc:
                 raise MigrationError(f"destination sent a malformed have-list: {exc}", "malformed") from exc
             session.encoder.set_peer_have_list(baseline)
-        if session.chunks == 0:
-            self.done.set()
+        self._apply(self.core.take_ready())  # an empty image commits at once
+
+    # -- the core's actions -----------------------------------------------------------------
+
+    def _step(self, event: object, *args: object) -> None:
+        """Feed one event to the core under the lock, then carry out its actions outside it."""
+        with self.lock:
+            getattr(self.core, str(event))(*args)
+            actions = self.core.take_ready()
+        self._apply(actions)
+
+    def _apply(self, actions: list[Action]) -> None:
+        s = self.s
+        for action in actions:
+            if isinstance(action, Release):
+                chunk = action.chunk
+                if chunk.acked:
+                    s.progress.add("acked_bytes", chunk.raw_len)
+                    if not chunk.flags & FLAG_HOLE:  # holes are never referenced: the index does not track them
+                        s.encoder.acked(chunk.offset, chunk.raw_len, chunk.checksum)
+                if chunk.handle is not None:
+                    self.free.put(_held(chunk)[0])
+                    chunk.handle = None
+            elif isinstance(action, Reencode):
+                with self.lock:
+                    self.redo.append(action.chunk)
+                    self.work.notify()
+            elif isinstance(action, Commit):
+                s.progress.end_transfer()  # every chunk is acknowledged: before the streams wind down
+                self._finish()
+            elif isinstance(action, CloseStream):
+                log.warning("stream %d: %s", action.stream, action.reason,
+                            extra={"migration_id": s.request.migration_id, "error_type": action.kind})
+
+    def _finish(self) -> None:
+        self.done.set()
+        with self.lock:
+            self.work.notify_all()
+            self.ready_to_send.notify_all()
 
     # -- outcome ----------------------------------------------------------------------------
 
     def abort(self, error: MigrationError) -> None:
-        with self.cond:
+        with self.lock:
             if self.error is None:
                 self.error = error
-            self.cond.notify_all()
-        self.done.set()
-        self.queue.put(None)
+        self._finish()
         self.committed_event.set()
 
-    def _finished(self) -> bool:
-        return self._pending is None and self.outstanding == 0
+    def reclaim(self) -> list[bytearray]:
+        """Buffers still held by queued, in-flight or re-encode chunks (the attempt is over)."""
+        with self.lock:
+            self.core.fail("done", "attempt over")
+            actions = self.core.take_ready()
+            chunks = list(self.redo)
+            self.redo.clear()
+        held = []
+        for chunk in chunks + [a.chunk for a in actions if isinstance(a, Release | Reencode)]:
+            if chunk.handle is not None:
+                held.append(_held(chunk)[0])
+                chunk.handle = None
+        return held
 
     # -- encoder workers --------------------------------------------------------------------
 
-    def _next_job(self) -> Item | int | ChunkRun | None:
-        """An orphaned chunk to encode again, else the next chunk index or hole run; None when done."""
-        with self.cond:
+    def _next_job(self) -> OutChunk | int | None:
+        """A chunk to encode again, else the next new chunk index; None when done. Hole runs are
+        handed to the core here: they need no read and no encoding."""
+        with self.lock:
             while not self.done.is_set():
                 if self.redo:
                     return self.redo.popleft()
-                if self._pending is not None:
-                    job = self._pending
-                    self._pending = next(self._jobs, None)
-                    self.outstanding += 1
+                job = self.core.next_job()
+                if isinstance(job, HoleRun):
+                    self.core.hole_ready(job)
+                    self.ready_to_send.notify()
+                    continue
+                if job is not None:
                     return job
-                self.cond.wait(POLL_S)
+                self.work.wait(POLL_S)
             return None
 
     def worker(self) -> None:
         s = self.s
         try:
             while (job := self._next_job()) is not None:
-                if isinstance(job, ChunkRun):
-                    self.queue.put(self._hole_item(job))
-                    continue
-                if isinstance(job, Item):
-                    if job.buffer is None:  # a hole run: nothing to encode again
-                        self.queue.put(job)
-                        continue
+                if isinstance(job, OutChunk):
                     # Never resend a stored payload: it may be a delta against a page the receiver
                     # has since overwritten. Encoding again follows the encoder's current view.
-                    view = memoryview(job.buffer)[: job.encoded.raw_len]
+                    raw = _held(job)[0]
                     with s.metrics.operation("hde"):
-                        job.encoded = s.encode(view, job.index)
-                    self.queue.put(job)
+                        encoded = s.encode(memoryview(raw)[: job.raw_len], job.index)
+                    self._queued(job.index, raw, encoded, job)
                     continue
                 index = job
                 buf = self._get_buffer()
                 if buf is None:
-                    self._settle(None)
                     return
                 length = chunk_length(index, s.size, s.chunk_size)
                 view = memoryview(buf)[:length]
@@ -168,26 +214,25 @@ class Attempt:
                     raise MigrationError(f"source {s.request.source} changed size during migration", "source")
                 known = self.have.get(index)
                 if known is not None and known == checksum(view):
-                    s.checksums[index] = known
                     s.progress.add("skipped_bytes", length)
                     self.free.put(buf)
-                    self._settle(None)
+                    self._step("chunk_skipped", index, known)
                     continue
                 with s.metrics.operation("hde"):
                     encoded = s.encode(view, index)
-                s.checksums[index] = encoded.checksum
-                self.queue.put(Item(index, buf, encoded))
+                self._queued(index, buf, encoded, None)
         except MigrationError as exc:
             self.abort(exc)
         except OSError as exc:
             self.abort(MigrationError(f"cannot read source {s.request.source}: {exc.strerror}", "source"))
 
-    def _hole_item(self, run: ChunkRun) -> Item:
-        """A hole frame: no read, no hash, no payload (its chunks' checksums are set by the plan)."""
-        s = self.s
-        offset = run.start * s.chunk_size
-        length = min(s.size, (run.start + run.count) * s.chunk_size) - offset
-        return Item(run.start, None, EncodedChunk(0, FLAG_HOLE, (), length, 0))
+    def _queued(self, index: int, buf: bytearray, encoded: EncodedChunk, chunk: OutChunk | None) -> None:
+        with self.lock:
+            self.core.chunk_encoded(index, encoded.checksum, encoded.codec, encoded.flags, encoded.payload_len,
+                                    (buf, encoded), chunk=chunk)
+            actions = self.core.take_ready()
+            self.ready_to_send.notify()
+        self._apply(actions)
 
     def _get_buffer(self) -> bytearray | None:
         while not self.done.is_set():
@@ -197,30 +242,19 @@ class Attempt:
                 continue
         return None
 
-    def _settle(self, item: Item | None) -> None:
-        """A chunk is no longer outstanding (acked, skipped, or abandoned)."""
-        if item is not None and item.buffer is not None:
-            self.free.put(item.buffer)
-        with self.cond:
-            self.outstanding -= 1
-            if self._finished():
-                self.done.set()
-                self.queue.put(None)
-                self.cond.notify_all()
-
     # -- streams ----------------------------------------------------------------------------
 
     def stream(self, stream_id: int) -> None:
         s = self.s
         failures = 0
-        with self.cond:
+        with self.lock:
             self.running.add(stream_id)
         while not self.done.is_set() and stream_id < self.target_streams:
             try:
                 channel = s.open_channel(self.session_id, stream_id)
             except MigrationError as exc:
                 failures += 1
-                if exc.error_type in FATAL_ERRORS:
+                if not exc.retryable:
                     self.abort(exc)
                     return
                 if failures > s.config.retry_limit:
@@ -234,21 +268,29 @@ class Attempt:
                 s.metrics.error("amst", "stream_lost")
                 if failures > s.config.retry_limit:
                     break
-        with self.cond:
+        with self.lock:
             self.running.discard(stream_id)
             self.live_streams -= 1
             if self.live_streams == 0 and not self.done.is_set():
-                self.error = self.error or MigrationError("every data stream failed", "streams", retryable=True)
+                self.error = self.error or MigrationError("every data stream failed", "streams")
                 self.done.set()
-            self.cond.notify_all()
+            self.work.notify_all()
+
+    def _next_frame(self, stream_id: int, broken: threading.Event) -> OutChunk | None:
+        with self.lock:
+            while not self.done.is_set() and not broken.is_set() and stream_id < self.target_streams:
+                chunk = self.core.next_frame(stream_id)
+                if chunk is not None:
+                    return chunk
+                self.ready_to_send.wait(POLL_S)
+            return None
 
     def _run_stream(self, channel: DataChannel, stream_id: int) -> bool:
-        """Send until done; False when the stream broke (its unacked chunks are requeued)."""
+        """Send until done; False when the stream broke (its unacked chunks are encoded again)."""
         s = self.s
-        inflight: collections.deque[tuple[int, Item]] = collections.deque()
-        lock = threading.Lock()
         broken = threading.Event()
-        acker = threading.Thread(target=self._read_acks, args=(channel, inflight, lock, broken),
+        self._step("stream_up", stream_id)
+        acker = threading.Thread(target=self._read_acks, args=(channel, stream_id, broken),
                                  name=f"acks-{stream_id}", daemon=True)
         acker.start()
         if s.link is not None and isinstance(channel, TcpChannel):
@@ -258,33 +300,23 @@ class Attempt:
         s.metrics.active_streams.inc()
         s.metrics.amst_active_streams.inc()
         sent_counter = s.metrics.bytes_transferred.labels("sent", s.request.mode, channel.transport)
-        seq = 0
         try:
-            while not self.done.is_set() and not broken.is_set() and stream_id < self.target_streams:
+            while (chunk := self._next_frame(stream_id, broken)) is not None:
+                segments = _held(chunk)[1].segments if chunk.handle is not None else ()  # a hole: none
+                header = wire.pack_header(wire.FrameType.DATA, chunk.flags, chunk.codec, self.session_id, stream_id,
+                                          chunk.seq, chunk.offset, chunk.raw_len, chunk.payload_len, chunk.checksum,
+                                          self.version)
                 try:
-                    item = self.queue.get(timeout=POLL_S)
-                except queue.Empty:
-                    continue
-                if item is None:  # done: pass the wake-up on to the next stream thread
-                    self.queue.put(None)
-                    continue
-                enc = item.encoded
-                header = wire.pack_header(wire.FrameType.DATA, enc.flags, enc.codec, self.session_id, stream_id,
-                                          seq, item.index * s.chunk_size, enc.raw_len, enc.payload_len,
-                                          enc.checksum, self.version)
-                with lock:
-                    inflight.append((seq, item))
-                try:
-                    channel.send_frame(header, *enc.segments)  # its time is the link's, not an operation's
+                    channel.send_frame(header, *segments)  # its time is the link's, not an operation's
                 except OSError:
                     broken.set()
                     break
-                seq += 1
-                wire_len = wire.HEADER_SIZE + enc.payload_len
+                wire_len = wire.HEADER_SIZE + chunk.payload_len
                 s.progress.add("wire_bytes", wire_len)
                 sent_counter.inc(wire_len)
             # Retired by the tuner: let the chunks on the wire be acked instead of resending them.
-            while inflight and stream_id >= self.target_streams and not broken.is_set() and not self.done.is_set():
+            while (stream_id >= self.target_streams and not broken.is_set() and not self.done.is_set()
+                   and self.core.in_flight(stream_id)):
                 time.sleep(POLL_S)
         finally:
             self.socks.pop(stream_id, None)
@@ -294,32 +326,22 @@ class Attempt:
             s.progress.add("streams", -1)
             s.metrics.active_streams.dec()
             s.metrics.amst_active_streams.dec()
-            with lock:
-                orphans = [item for _, item in inflight]
-                inflight.clear()
-            with self.cond:
-                self.redo.extend(orphans)
-                self.cond.notify_all()
+            self._step("stream_lost", stream_id)
         return not broken.is_set() or self.done.is_set()
 
-    def _read_acks(self, channel: DataChannel, inflight: collections.deque[tuple[int, Item]],
-                   lock: threading.Lock, broken: threading.Event) -> None:
+    def _read_acks(self, channel: DataChannel, stream_id: int, broken: threading.Event) -> None:
         header_buf = bytearray(wire.HEADER_SIZE)
-        s = self.s
         try:
             while True:
                 h = channel.recv_ack(header_buf)
                 if h.type != wire.FrameType.ACK:
                     raise wire.FrameError(f"unexpected frame type {h.type} from receiver", "unexpected_frame")
-                acked: list[Item] = []
-                with lock:
-                    while inflight and inflight[0][0] <= h.sequence:
-                        acked.append(inflight.popleft()[1])
-                for item in acked:
-                    if not item.hole:  # holes are never referenced: the index does not track them
-                        s.encoder.acked(item.index * s.chunk_size, item.encoded.raw_len, item.encoded.checksum)
-                    s.progress.add("acked_bytes", item.encoded.raw_len)
-                    self._settle(item)
+                with self.lock:
+                    self.core.acked(stream_id, h.sequence)
+                    actions = self.core.take_ready()
+                self._apply(actions)
+                if any(isinstance(a, CloseStream) for a in actions):
+                    raise wire.FrameError("acknowledgement of a frame never sent", "sequence")
         except (wire.WireError, OSError):
             if not self.done.is_set():
                 broken.set()
@@ -333,7 +355,7 @@ class Attempt:
             if link.mode is not None and not link.forced_mode:
                 self.s.request.mode = link.mode  # metric label of this migration's bytes and outcome
                 self.s.request.mode_measured = True
-            with self.cond:
+            with self.lock:
                 if plan.streams != self.target_streams:
                     log.info("streams %d -> %d: %s", self.target_streams, plan.streams, plan.reason,
                              extra={"migration_id": self.s.request.migration_id, "component": "amst"})
@@ -355,7 +377,6 @@ class Attempt:
             self.committed = msg
             self.committed_event.set()
         except wire.WireError as exc:
-            fatal = exc.error_type in FATAL_ERRORS or exc.error_type == "digest_mismatch"
-            self.abort(MigrationError(f"destination: {exc}", exc.error_type, retryable=not fatal))
+            self.abort(MigrationError(f"destination: {exc}", exc.error_type))
         except OSError as exc:
-            self.abort(MigrationError(f"control connection lost: {exc}", "disconnected", retryable=True))
+            self.abort(MigrationError(f"control connection lost: {exc}", "disconnected"))

@@ -10,22 +10,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dwcp_agent.migration.core.kinds import is_retryable
 from dwcp_agent.migration.safe_files import SourceImage
 
-# Refusals that another attempt cannot fix.
-FATAL_ERRORS = frozenset({"version", "auth", "forbidden", "bad_request", "unwritable", "no_space", "busy",
-                          "rdma_unavailable",
-                          "io", "malformed", "identity"})
 POLL_S = 0.1
 
 
 class MigrationError(Exception):
-    """A migration could not complete; the source is untouched and the destination path too."""
+    """A migration could not complete; the source is untouched and the destination path too.
 
-    def __init__(self, message: str, error_type: str, retryable: bool = False) -> None:
+    Whether another attempt may help follows from the kind alone (core.kinds.is_retryable)."""
+
+    def __init__(self, message: str, error_type: str) -> None:
         super().__init__(message)
         self.error_type = error_type
-        self.retryable = retryable
+
+    @property
+    def retryable(self) -> bool:
+        return is_retryable(self.error_type)
 
 
 class Interrupted(MigrationError):

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from dwcp_agent import wire
-from dwcp_agent._native import stream as native_stream
 from dwcp_agent.amst.channel import FrameSource, TcpChannel
 from dwcp_agent.hde.baseline import FilePages, have_list
 from dwcp_agent.hde.chunk import (
@@ -34,16 +33,21 @@ from dwcp_agent.hde.chunk import (
     checksum,
 )
 from dwcp_agent.hde.codecs import CodecError, CodecId
-from dwcp_agent.hde.layout import FLAG_HOLE
+from dwcp_agent.hde.layout import FLAG_HOLE, max_encoded_len
+from dwcp_agent.kernels import stream as native_stream
 from dwcp_agent.migration import space
 from dwcp_agent.migration.buffers import BufferPool
-from dwcp_agent.migration.digest import (
-    chunk_count,
-    chunk_length,
-    hole_checksums,
-    object_digest,
-    reread_checksums,
+from dwcp_agent.migration.core import (
+    FrameFault,
+    ImageAssembler,
+    JournalAdd,
+    JournalReset,
+    Rename,
+    Reply,
+    VerifyDigest,
 )
+from dwcp_agent.migration.core.image import check_image_frame
+from dwcp_agent.migration.digest import chunk_count, hole_checksums, object_digest, reread_checksums
 from dwcp_agent.migration.extents import MAX_RANGES
 from dwcp_agent.migration.holes import HoleSet
 from dwcp_agent.migration.journal import Identity, Journal, JournalBusy, pack_have
@@ -63,11 +67,6 @@ class ReceiveError(Exception):
     def __init__(self, message: str, error_type: str) -> None:
         super().__init__(message)
         self.error_type = error_type
-
-
-def max_encoded_len(raw_len: int) -> int:
-    """Largest payload a sender may announce for a chunk (codec framing and page maps included)."""
-    return raw_len + raw_len // 16 + 4096
 
 
 def data_plan(start: wire.Start) -> tuple[int, list[tuple[int, int]]]:
@@ -97,7 +96,6 @@ class ReceiveSession:
         self.session_id = secrets.randbits(63) or 1
         self.partial = dest.with_name(directory.partial_name)
         self.chunks = chunk_count(start.size, start.chunk_size)
-        self.holes = HoleSet()  # chunk runs the source announced as holes in this session
         self.bytes_received = 0
         self._streams: set[FrameSource] = set()
         self._lock = threading.Lock()
@@ -114,8 +112,11 @@ class ReceiveSession:
             if self.journal.created:
                 directory.unlink(directory.journal_name)
             raise
-        self.resumed_chunks = set(self.journal.have)
-        self._written: set[int] = set()  # chunks written by this session
+        # The protocol decisions (frame checks, what is held and written, commit) are the core's.
+        self.core = ImageAssembler(self.session_id, wire.PROTOCOL_VERSION, start.size, start.chunk_size,
+                                   self.journal.have, self.fresh)
+        self.holes = self.core.holes
+        self._core_lock = threading.Lock()
         self.partial_pages = FilePages(self._fd)
         self.baseline, self.baseline_have = self._open_baseline()
         self._flusher = threading.Thread(target=self._flush_loop, name=f"journal-{self.session_id:x}",
@@ -238,27 +239,31 @@ class ReceiveSession:
             self.fail(ReceiveError(f"commit of {self.dest} failed: {exc.strerror or exc}", "io"))
 
     def _commit_checked(self, digest: bytes) -> None:
+        """The core decides (failure, missing chunks, digest); this carries its actions out."""
         self.journal.flush(self._fd)
-        missing = self.chunks - self._covered()
-        if self.failure is not None:
-            self._send_control(wire.Failed(str(self.failure), self.failure.error_type))
-            return
-        if missing:
-            self._send_control(wire.Failed(f"{missing} chunks are missing at commit", "incomplete"))
-            return
-        actual = self._digest()
-        if actual != digest:
-            self.metrics.error("migration", "digest_mismatch")
-            self.journal.reset()
-            self._send_control(wire.Failed("object digest of the written image does not match the "
-                                           "source; partial discarded", "digest_mismatch"))
-            return
-        os.fsync(self._fd)
-        self.directory.commit(self.directory.partial_name)
-        self.journal.remove()
-        log.info("image committed", extra={"migration_id": self.start.migration_id,
-                                           "migration_status": "committed", "path": str(self.dest)})
-        self._send_control(wire.Committed(actual, str(self.dest)))
+        with self._core_lock:
+            self.core.commit_requested(digest)
+            actions = self.core.take_ready()
+        while actions:
+            action = actions.pop(0)
+            if isinstance(action, VerifyDigest):
+                actual = self._digest()
+                with self._core_lock:
+                    self.core.digest_computed(action.expected, actual)
+                    actions += self.core.take_ready()
+            elif isinstance(action, JournalReset):
+                self.metrics.error("migration", "digest_mismatch")
+                self.journal.reset()
+            elif isinstance(action, Rename):
+                os.fsync(self._fd)
+                self.directory.commit(self.directory.partial_name)
+                self.journal.remove()
+                log.info("image committed", extra={"migration_id": self.start.migration_id,
+                                                   "migration_status": "committed", "path": str(self.dest)})
+            elif isinstance(action, Reply) and action.verdict == "committed":
+                self._send_control(wire.Committed(digest, str(self.dest)))
+            elif isinstance(action, Reply):
+                self._send_control(wire.Failed(action.reason, action.kind))
 
     def _digest(self) -> bytes:
         """Object digest from the verified chunk checksums. Chunks written by this session were
@@ -272,22 +277,13 @@ class ReceiveSession:
         holes = self.holes.merged()
         for first, count in holes:
             hole_checksums(sums, first, count, size, chunk_size)
-        resumed = sorted(i for i in self.resumed_chunks if not HoleSet.contains(holes, i))
+        resumed = sorted(i for i in self.core.resumed if not HoleSet.contains(holes, i))
         on_disk = reread_checksums(self._fd, size, chunk_size, resumed)
         for i in resumed:
             if on_disk[i] != sums[i]:
                 self.metrics.error("migration", "resumed_chunk_mismatch")
                 sums[i] = on_disk[i]
         return object_digest(sums)
-
-    def _covered(self) -> int:
-        """Chunks the destination holds: journaled data chunks and announced holes."""
-        covered = np.zeros(self.chunks, dtype=bool)
-        have = np.fromiter((i for i in self.journal.have if i < self.chunks), dtype=np.int64)
-        covered[have] = True
-        for first, count in self.holes.merged():
-            covered[first:first + count] = True
-        return int(covered.sum())
 
     def _discard(self) -> None:
         self._stop_streams()
@@ -298,6 +294,9 @@ class ReceiveSession:
         """A fatal destination error (disk full, unwritable): tell the source, stop the streams."""
         if self.failure is None:
             self.failure = error
+            with self._core_lock:
+                self.core.fail(error.error_type, str(error))
+                self.core.take_ready()
             self.metrics.error("migration", error.error_type)
             log.error("destination failed: %s", error, extra={
                 "migration_id": self.start.migration_id, "migration_status": "failed",
@@ -368,9 +367,7 @@ class ReceiveSession:
                 outcome = fast.next_frame(ack_last)
                 ack_last = False
                 if outcome == native_stream.WRITTEN:
-                    self._written.add(fast.index)
-                    self.journal.add(fast.index, fast.checksum)
-                    self.resumed_chunks.discard(fast.index)
+                    self._chunk_written(fast.index, fast.checksum)
                     ack_last = True  # sent by the next call, after the journal has the chunk
                     self.bytes_received += fast.raw_len
                     bytes_counter.inc(wire.HEADER_SIZE + fast.raw_len)
@@ -405,22 +402,14 @@ class ReceiveSession:
                        expected_seq: int, payload: memoryview, raw: memoryview, decoder: ChunkDecoder,
                        zero_sums: dict[int, int]) -> None:
         """Check, receive, decode, verify, write and journal one frame (the caller acknowledges it)."""
-        size, chunk_size = self.start.size, self.start.chunk_size
         index = self._check_header(h, stream_id, version, expected_seq)
         if h.flags == FLAG_HOLE:
             self._receive_hole(h, index)
             return
-        expected_len = chunk_length(index, size, chunk_size)
-        if h.raw_len != expected_len:
-            raise wire.FrameError(f"chunk {index} announces {h.raw_len} bytes, expected {expected_len}",
-                                  "bad_length")
-        if h.encoded_len > max_encoded_len(h.raw_len):
-            raise wire.FrameError(f"chunk {index} payload of {h.encoded_len} bytes exceeds the bound",
-                                  "bad_length")
         body = source.recv_payload(payload[: h.encoded_len])
         # Zero pages need no write where the partial file still has its holes: a file created by
         # this session, in a chunk this session has not written yet (a resent chunk is written whole).
-        holes = self.fresh and index not in self._written
+        holes = self.core.file_has_holes_at(index)
         data: memoryview | None = None
         zero_pages = None
         if h.flags == FLAG_ALL_ZERO and holes:  # nothing to decode or write
@@ -444,35 +433,31 @@ class ReceiveSession:
             native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
             _pwrite_all(self._fd, data, h.offset)
-        self._written.add(index)
-        self.journal.add(index, h.checksum)
-        self.resumed_chunks.discard(index)
+        self._chunk_written(index, h.checksum)
         self.bytes_received += h.raw_len
 
+    def _chunk_written(self, index: int, checksum: int) -> None:
+        with self._core_lock:
+            self.core.chunk_written(index, checksum)
+            actions = self.core.take_ready()
+        for action in actions:
+            if isinstance(action, JournalAdd):
+                self.journal.add(action.index, action.checksum)
+
     def _receive_hole(self, h: wire.FrameHeader, index: int) -> None:
-        """A run of hole chunks: nothing to read; punch it in case the file held older bytes."""
-        size, chunk_size = self.start.size, self.start.chunk_size
-        end = h.offset + h.raw_len
-        if h.encoded_len or h.raw_len == 0 or end > size or (h.raw_len % chunk_size and end != size):
-            raise wire.FrameError(f"hole at {h.offset} of {h.raw_len} bytes is not whole chunks of this image",
-                                  "bad_length")
-        count = chunk_count(h.raw_len, chunk_size)
+        """A run of hole chunks (checked by the core): nothing to read; punch it in case the file
+        held older bytes."""
+        count = chunk_count(h.raw_len, self.start.chunk_size)
         space.punch_hole(self._fd, h.offset, h.raw_len)
-        self.holes.add(index, count)
-        self.resumed_chunks.difference_update(range(index, index + count))
+        with self._core_lock:
+            self.core.hole_received(index, count)
 
     def _check_header(self, h: wire.FrameHeader, stream_id: int, version: int, expected_seq: int) -> int:
-        if h.version != version:
-            raise wire.FrameError(f"frame version {h.version}, stream negotiated {version}", "version")
-        if h.type != wire.FrameType.DATA:
-            raise wire.FrameError(f"unexpected frame type {h.type} on a data stream", "unexpected_frame")
-        if h.session != self.session_id or h.stream != stream_id:
-            raise wire.FrameError("frame for another session or stream", "bad_header")
-        if h.sequence != expected_seq:
-            raise wire.FrameError(f"sequence {h.sequence}, expected {expected_seq}", "sequence")
-        if h.offset % self.start.chunk_size or h.offset >= max(self.start.size, 1):
-            raise wire.FrameError(f"offset {h.offset} is not a chunk of this image", "bad_offset")
-        return h.offset // self.start.chunk_size
+        try:
+            return check_image_frame(h, self.session_id, stream_id, version, expected_seq, self.start.size,
+                                     self.start.chunk_size)
+        except FrameFault as exc:
+            raise wire.FrameError(str(exc), exc.kind) from exc
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -485,7 +470,7 @@ class ReceiveSession:
         try:
             self.journal.flush(self._fd)
             # Written chunks hold their bytes now: give that much of the reservation back.
-            self.reservation.shrink_to(self._reserved - len(self._written) * self.start.chunk_size)
+            self.reservation.shrink_to(self._reserved - len(self.core.written_here) * self.start.chunk_size)
         except OSError as exc:
             if self._fd >= 0:
                 self.fail(ReceiveError(f"cannot persist {self.partial}: {exc.strerror}", "io"))

@@ -32,7 +32,6 @@ from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.digest import chunk_count, hole_checksums, object_digest
 from dwcp_agent.migration.extents import ChunkRun, chunk_runs, data_ranges, holes_moved
 from dwcp_agent.migration.model import (
-    FATAL_ERRORS,
     POLL_S,
     Interrupted,
     MigrationError,
@@ -137,7 +136,7 @@ class SendSession:
             result = run_probe(control)
         except (ProbeError, OSError) as exc:
             control.close()
-            raise MigrationError(f"active probe failed: {exc}", "probe", retryable=True) from exc
+            raise MigrationError(f"active probe failed: {exc}", "probe") from exc
         plan = self.link.start(result.rtt_min_s, result.bandwidth_bps)
         self.streams = plan.streams
         if self.link.mode is not None and not self.link.forced_mode:
@@ -175,11 +174,10 @@ class SendSession:
         except RdmaError as exc:
             sock.close()
             self._rdma_failed(exc)
-            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "rdma", retryable=True) from exc
+            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "rdma") from exc
         except (wire.WireError, OSError) as exc:
             sock.close()
-            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "disconnected",
-                                 retryable=True) from exc
+            raise MigrationError(f"RDMA setup of stream {stream} failed: {exc}", "disconnected") from exc
 
     def _rdma_offer(self) -> tuple[str, ...]:
         return () if self.rdma_disabled else self.transports.capabilities()
@@ -192,7 +190,7 @@ class SendSession:
         attempt = self._current
         if attempt is not None:
             attempt.abort(MigrationError(f"RDMA failed ({error}); resuming from the destination journal"
-                                         + (" over TCP" if self.rdma_disabled else ""), "rdma", retryable=True))
+                                         + (" over TCP" if self.rdma_disabled else ""), "rdma"))
 
     def open_connection(self, role: str, session: int = 0, stream: int = 0) -> socket.socket:
         """Connect and authenticate one connection; failures become MigrationErrors."""
@@ -205,7 +203,7 @@ class SendSession:
             sock = tcp.connect(self.request.host, self.request.port, c.connect_timeout_s, c.socket_buffer_bytes,
                                c.tcp_congestion, c.pacing_rate_bytes)
         except (ConnectionError, OSError) as exc:
-            raise MigrationError(str(exc), "connect", retryable=True) from exc
+            raise MigrationError(str(exc), "connect") from exc
         except ValueError as exc:
             raise MigrationError(str(exc), "config") from exc
         try:
@@ -216,7 +214,7 @@ class SendSession:
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:  # closed mid-handshake (a restart): retry
             sock.close()
             raise MigrationError(f"TLS handshake with {self.request.host}:{self.request.port} was cut: {exc.reason}",
-                                 "disconnected", retryable=True) from exc
+                                 "disconnected") from exc
         except ssl.SSLError as exc:  # the reason only: never the remote's bytes
             sock.close()
             raise MigrationError(f"{self.request.host}:{self.request.port} is not a DWCP agent "
@@ -225,7 +223,7 @@ class SendSession:
         except OSError as exc:
             sock.close()
             raise MigrationError(f"TLS handshake with {self.request.host}:{self.request.port} failed: {exc}",
-                                 "disconnected", retryable=True) from exc
+                                 "disconnected") from exc
         try:
             peer = wire.client_handshake(sock, self.key, c.node_id, role, session, stream, self.trace,
                                          capabilities=capabilities,
@@ -235,11 +233,11 @@ class SendSession:
             # The peer is not authenticated yet: say what failed, never repeat what it sent.
             error_type = handshake_error_type(exc)
             raise MigrationError(f"{self.request.host}:{self.request.port}: {describe_handshake_failure(exc)}",
-                                 error_type, retryable=error_type not in FATAL_ERRORS) from exc
+                                 error_type) from exc
         except OSError as exc:
             sock.close()
             raise MigrationError(f"handshake with {self.request.host}:{self.request.port} failed: {exc}",
-                                 "disconnected", retryable=True) from exc
+                                 "disconnected") from exc
         if peer.node_id == c.node_id:  # a connection reflected back to this agent's own port
             sock.close()
             raise MigrationError(f"{self.request.host}:{self.request.port} is this agent itself "
@@ -314,11 +312,10 @@ class SendSession:
             ready = wire.recv_message(control, wire.Ready)
         except wire.WireError as exc:
             control.close()
-            raise MigrationError(f"destination refused: {exc}", exc.error_type,
-                                 retryable=exc.error_type not in FATAL_ERRORS) from exc
+            raise MigrationError(f"destination refused: {exc}", exc.error_type) from exc
         except OSError as exc:
             control.close()
-            raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
+            raise MigrationError(f"control connection failed: {exc}", "disconnected") from exc
         self._lend_buffers()
         attempt = Attempt(self, control, ready, wire.PROTOCOL_VERSION, runs)
         self._current = attempt
@@ -356,7 +353,7 @@ class SendSession:
             assert attempt.error is not None
             raise attempt.error
         except OSError as exc:
-            raise MigrationError(f"control connection failed: {exc}", "disconnected", retryable=True) from exc
+            raise MigrationError(f"control connection failed: {exc}", "disconnected") from exc
         finally:
             self._current = None
             attempt.abort(attempt.error or Interrupted("attempt finished", "done"))
@@ -377,19 +374,9 @@ class SendSession:
         if moved:
             self.metrics.error("migration", "source_changed")
             raise MigrationError(f"{sum(r.count for r in moved)} chunks announced as holes gained data during "
-                                 "the migration; re-sending them", "source_changed", retryable=True)
+                                 "the migration; re-sending them", "source_changed")
 
     def _reclaim(self, attempt: Attempt) -> None:
         """Return buffers still held by queued chunks so the next attempt has its full pool."""
-        while True:
-            try:
-                item = attempt.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None and item.buffer is not None:
-                self.buffers.put(item.buffer)
-        while attempt.redo:
-            buffer = attempt.redo.popleft().buffer
-            if buffer is not None:
-                self.buffers.put(buffer)
-
+        for buf in attempt.reclaim():
+            self.buffers.put(buf)

@@ -15,6 +15,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from dwcp_agent.amst.samples import LinkSample
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["TCP_INFO_LEN", "LinkMeter", "LinkSample", "TcpSample", "parse_tcp_info", "read_tcp_info"]
@@ -108,31 +109,6 @@ def parse_tcp_info(raw: bytes, t: float) -> TcpSample:
 def read_tcp_info(sock: _HasFileno | socket.socket, t: float) -> TcpSample:
     """TCP_INFO of a connected TCP socket, stamped with the caller's time `t`."""
     return parse_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO_OPT, TCP_INFO_LEN), t)
-
-
-@dataclass(frozen=True)
-class LinkSample:
-    """The path as seen over one interval by all streams together.
-
-    `bandwidth_bps` is goodput (bytes acknowledged per second); `capacity_bps` is the larger of
-    that and the streams' summed delivery rates, a better guess of what the path could carry when
-    the streams were not always busy. `loss` is retransmitted / sent data segments;
-    `utilization` the share of the interval the streams had data queued (TCP busy time).
-    """
-
-    t: float
-    interval_s: float
-    streams: int
-    bandwidth_bps: float
-    capacity_bps: float
-    rtt_s: float
-    rttvar_s: float
-    min_rtt_s: float
-    loss: float
-    retransmits: int
-    acked_bytes: int
-    app_limited: float
-    utilization: float = 0.0
 
 
 class LinkMeter:

@@ -3,11 +3,14 @@ let anyone join a ghost voter, and `PUT /cluster/rollout` skipped the rollout ch
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 import pytest
 
-from dwcp_agent.client import ApiError, api_call
+from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, token_file, use_token_file
 from dwcp_agent.config import load_config
-from dwcp_agent.demo import LocalAgent
+from dwcp_agent.demo import LocalAgent, free_port
 from tests.security.admin_support import jbody, raw
 
 MUTATING = [
@@ -84,3 +87,53 @@ def test_cli_sends_the_token_and_explains_a_missing_one(agent: LocalAgent) -> No
     with pytest.raises(ApiError, match="no token") as err:
         api_call(agent.url, "GET", "/api/v3/cluster", token="")
     assert err.value.status == 401
+
+
+def test_a_ghost_joins_as_a_learner_and_the_single_node_registry_keeps_working(agent: LocalAgent) -> None:
+    ghost_key = "ab" * 32
+    joined = api_call(agent.url, "POST", "/api/v3/cluster/join",
+                      {"node_id": "ghost", "addr": "127.0.0.1:1", "public_key": ghost_key}, timeout=30)
+    assert joined["role"] == "learner"
+    cluster = api_call(agent.url, "GET", "/api/v3/cluster")
+    assert cluster["voters"] == ["guarded"] and cluster["learners"] == ["ghost"]
+    assert api_call(agent.url, "POST", "/api/v3/vms/after-ghost/claim", {"host": "h"}, timeout=10)["owner"] == "h"
+    with pytest.raises(ApiError) as err:  # leave checks the voters and learners in force
+        api_call(agent.url, "POST", "/api/v3/cluster/leave", {"node_id": "nobody"})
+    assert err.value.status == 400
+    with pytest.raises(ApiError) as err:
+        api_call(agent.url, "POST", "/api/v3/cluster/leave", {"node_id": "guarded"})
+    assert err.value.status == 400 and "last voter" in str(err.value)
+    api_call(agent.url, "POST", "/api/v3/cluster/leave", {"node_id": "ghost"}, timeout=30)
+    assert api_call(agent.url, "GET", "/api/v3/cluster")["learners"] == []
+
+
+def test_metrics_port_serves_probes_only_and_the_switch_protects_them(tmp_path: Path) -> None:
+    psk = tmp_path / "psk"
+    psk.write_text(secrets.token_hex(32))
+    metrics_port = free_port()
+    node = LocalAgent("probed", tmp_path, psk,
+                      settings={"metrics_port": str(metrics_port), "admin_auth_health": "true"})
+    try:
+        node.wait_ready()  # with the session token
+        assert raw(metrics_port, "GET", "/health")[0] == 200
+        assert raw(metrics_port, "GET", "/metrics", token=None)[0] == 401  # admin_auth_health=true
+        assert raw(metrics_port, "GET", "/metrics")[0] == 200
+        assert raw(metrics_port, "POST", "/api/v3/vms/v/claim", jbody({"host": "h"}))[0] == 404  # not served there
+        assert raw(node.admin_port, "GET", "/health", token=None)[0] == 401
+    finally:
+        node.stop(timeout=5)
+
+
+def test_cli_finds_the_token_file_of_the_agents_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    monkeypatch.delenv(TOKEN_ENV)
+    monkeypatch.setenv("DWCP_CONFIG", str(config))
+    assert token_file() == str(tmp_path / "state" / "admin.token")
+    config.write_text(f"admin_token_file: {tmp_path / 'tok'}\n")
+    assert token_file() == str(tmp_path / "tok")
+    use_token_file(str(tmp_path / "flag"))
+    try:
+        assert token_file() == str(tmp_path / "flag")  # --token-file wins over the config
+    finally:
+        use_token_file(None)

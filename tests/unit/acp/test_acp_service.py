@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from dwcp_agent.acp.api import build_routes
 from dwcp_agent.acp.service import ConsensusError, ConsensusService, RolloutSetting
 from dwcp_agent.config import load_config
 from dwcp_agent.telemetry.metrics import Metrics
@@ -52,7 +53,7 @@ def test_admin_routes_answer_owner_rollout_and_refusals(tmp_path: Path) -> None:
         svc = _service(tmp_path)
         await svc.start()
         app = web.Application()
-        app.add_routes(svc.routes())
+        app.add_routes(build_routes(svc))
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

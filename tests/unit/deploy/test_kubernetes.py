@@ -53,21 +53,24 @@ def test_pieces_fit_together():
     assert "IPC_LOCK" in agent["securityContext"]["capabilities"]["add"]
     assert agent["securityContext"]["allowPrivilegeEscalation"] is False
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
-    assert ports == {"admin": 8080, "data": 9876, "acp": 9877}
+    assert ports == {"admin": 8080, "metrics": 9878, "data": 9876, "acp": 9877}
+    assert agent["readinessProbe"]["httpGet"]["port"] == "metrics" == agent["livenessProbe"]["httpGet"]["port"]
 
     service = d[("Service", "dwcp-agent")]["spec"]
     assert service["clusterIP"] == "None"
     assert service["selector"].items() <= ds["template"]["metadata"]["labels"].items()
-    assert {p["targetPort"] for p in service["ports"]} <= set(ports)
+    assert {p["targetPort"] for p in service["ports"]} <= set(ports) - {"admin"}  # admin is loopback-only
 
     monitor = d[("ServiceMonitor", "dwcp-agent")]["spec"]
     service_labels = d[("Service", "dwcp-agent")]["metadata"]["labels"]
     assert monitor["selector"]["matchLabels"].items() <= service_labels.items()
     # The job label becomes "dwcp-agent", which DWCPv3AllReplicasDown counts.
     assert service_labels[monitor["jobLabel"]] == "dwcp-agent"
-    assert monitor["endpoints"][0]["port"] == "admin" and monitor["endpoints"][0]["path"] == "/metrics"
+    assert monitor["endpoints"][0]["port"] == "metrics" and monitor["endpoints"][0]["path"] == "/metrics"
 
     assert pod["serviceAccountName"] == d[("ServiceAccount", "dwcp-agent")]["metadata"]["name"]
     config = d[("ConfigMap", "dwcp-agent-config")]["data"]
     assert agent["envFrom"][0]["configMapRef"]["name"] == "dwcp-agent-config"
     assert {"FEATURE_FLAG_ROLLOUT", "ENABLE_V3", "TRACE_SAMPLING", "config.yaml"} <= set(config)
+    agent_config = yaml.safe_load(config["config.yaml"])
+    assert agent_config["admin_host"] == "127.0.0.1" and agent_config["metrics_port"] == ports["metrics"]

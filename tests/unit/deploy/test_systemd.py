@@ -63,7 +63,7 @@ def test_unit_has_what_the_agent_relies_on():
 
 def test_example_config_and_env_file_use_real_keys():
     config = load_config(ROOT / "systemd" / "config.yaml", environ={})
-    assert config.admin_port == 8080
+    assert config.admin_port == 8080 and config.admin_host == "127.0.0.1" and config.metrics_port == 9878
     env = {}
     for line in (ROOT / "systemd" / "dwcp-agent.env").read_text().splitlines():
         line = line.lstrip("#").strip()

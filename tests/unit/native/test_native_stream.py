@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from dwcp_agent import wire
 from dwcp_agent._native import stream
 from dwcp_agent.hde.codecs import CodecId
+from dwcp_agent.hde.layout import max_encoded_len
 from dwcp_agent.migration.digest import chunk_length
-from dwcp_agent.migration.receiver import ReceiveSession, max_encoded_len
+from dwcp_agent.migration.receiver import ReceiveSession
 
 SESSION, STREAM, VERSION = 0x1234_5678_9ABC, 3, wire.PROTOCOL_VERSION
 CHUNK = 8192

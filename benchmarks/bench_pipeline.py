@@ -1,0 +1,184 @@
+"""Per-core throughput of each side of the data path alone, before and after a change, in one run.
+
+Source pipeline: the real SendSession (read -> HDE encode -> frame -> socket) pinned to one core,
+into a destination on the other core that acknowledges and discards. Destination pipeline: the
+real DataServer (receive -> verify -> decode -> write -> journal -> digest) pinned to one core,
+fed frames recorded beforehand by a feeder on the other core. Cases: random and vm-mix images,
+codecs none / lz4 / zstd. Beside them, per core: the bare C file copy
+(benchmarks/reference/filecopy.c, both of its ends on one core) and memcpy.
+
+"before" is a `git worktree` of DWCP_PIPELINE_BASELINE (default 73d0f58, the tree before the
+migration-core refactor) with its own kernels built; "after" is this tree. The same worker script
+(benchmarks/pipeline_worker.py) runs against both through PYTHONPATH.
+
+    .venv/bin/python -m benchmarks.bench_pipeline [--quick]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "pipeline_worker.py"
+REFERENCE = Path(__file__).resolve().parent / "reference"
+BASELINE = os.environ.get("DWCP_PIPELINE_BASELINE", "73d0f58")
+CODECS = ("none", "lz4", "zstd")
+IMAGES = ("random", "vm-mix")
+CHUNK = 1 << 20
+
+
+def _cpus() -> tuple[int, int]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[0], cpus[-1]
+
+
+def _env(tree: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree)
+    return env
+
+
+def _worker(tree: Path, role: str, args: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, str(WORKER), role, json.dumps(args)], env=_env(tree), cwd=tree,
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode:
+        raise RuntimeError(f"{role} failed: {out.stderr.strip()[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _server(tree: Path, role: str, args: dict[str, Any]) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, str(WORKER), role, json.dumps(args)], env=_env(tree), cwd=tree,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.strip():
+        proc.kill()
+        raise RuntimeError(f"{role} did not start: {proc.communicate(timeout=10)[1][-2000:]}")
+    return proc, int(line)
+
+
+def measure(tree: Path, work: Path, image: Path, codec: str, side: str, repeats: int) -> float:
+    """Bytes per second of one side of the pipeline on one core."""
+    near, far = _cpus()
+    common = {"work": str(work), "codec": codec, "chunk": CHUNK, "image": str(image), "repeats": repeats}
+    if side == "source":
+        server, port = _server(tree, "sink", dict(common, cpu=far))
+        role = "source"
+        args = dict(common, cpu=near, port=port)
+    else:
+        server, port = _server(tree, "dest", dict(common, cpu=near))
+        role = "feeder"
+        args = dict(common, cpu=far, port=port)
+    try:
+        return float(_worker(tree, role, args)["bytes_per_second"])
+    finally:
+        server.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a loaded disk can hold a killed writer
+            server.communicate(timeout=60)
+
+
+def baseline_tree(work: Path) -> Path:
+    """A worktree of the baseline commit with its native kernels built."""
+    tree = work / "before"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), BASELINE], check=True,
+                   capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, check=True,
+                   capture_output=True, timeout=1800)
+    return tree
+
+
+def c_filecopy_one_core(image: Path, work: Path) -> float:
+    """The bare verified file copy (sender and receiver) on one core."""
+    binary = work / "filecopy"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(REFERENCE / "filecopy.c"), "-lxxhash", "-lpthread"],
+                   check=True, capture_output=True, timeout=120)
+    near, _ = _cpus()
+    best = 0.0
+    for _ in range(3):
+        out = subprocess.run([str(binary), str(image), str(work / "filecopy.out"), "1", str(CHUNK)],
+                             capture_output=True, text=True, check=True, timeout=600,
+                             preexec_fn=lambda: os.sched_setaffinity(0, {near}))
+        best = max(best, float(out.stdout.split()[0]))
+    (work / "filecopy.out").unlink(missing_ok=True)
+    return best
+
+
+def memcpy_one_core(size: int = 256 << 20) -> float:
+    code = f"""
+import os, time, numpy as np
+os.sched_setaffinity(0, {{{_cpus()[0]}}})
+a = np.ones({size}, dtype=np.uint8); b = np.empty_like(a); best = 0.0
+for _ in range(5):
+    t = time.perf_counter(); np.copyto(b, a); best = max(best, {size} / (time.perf_counter() - t))
+print(best)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    return float(out.stdout.strip())
+
+
+def run(quick: bool) -> dict[str, Any]:
+    from dwcp_agent.migration.images import generate
+
+    size = (64 if quick else 512) << 20
+    repeats = 1 if quick else 3
+    work = Path(tempfile.mkdtemp(prefix=f"dwcp-pipeline-{os.getpid()}-"))
+    results: dict[str, Any] = {"image_bytes": size, "chunk_bytes": CHUNK, "baseline": BASELINE, "cases": []}
+    trees: dict[str, Path] = {"after": ROOT}
+    try:
+        images = {name: generate(work / f"{name}.img", size, name, seed=7) for name in IMAGES}
+        results["c_filecopy_one_core_bytes_per_second"] = c_filecopy_one_core(images["random"], work)
+        results["memcpy_one_core_bytes_per_second"] = memcpy_one_core()
+        try:
+            trees["before"] = baseline_tree(work)
+        except (subprocess.SubprocessError, OSError) as exc:
+            results["baseline_error"] = f"no baseline tree for {BASELINE}: {exc}"
+        for image_name, image in images.items():
+            for codec in CODECS:
+                for side in ("source", "dest"):
+                    row: dict[str, Any] = {"image": image_name, "codec": codec, "side": side}
+                    for label, tree in trees.items():
+                        row[f"{label}_bytes_per_second"] = measure(tree, work, image, codec, side, repeats)
+                    if "before_bytes_per_second" in row:
+                        row["after_over_before"] = row["after_bytes_per_second"] / row["before_bytes_per_second"]
+                    results["cases"].append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        if "before" in trees:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees["before"])],
+                           capture_output=True, timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    copy = results["c_filecopy_one_core_bytes_per_second"] / 1e9
+    mem = results["memcpy_one_core_bytes_per_second"] / 1e9
+    lines = [f"### Per-core pipeline throughput (GB/s per core; C file copy {copy:.2f}, memcpy {mem:.2f})", "",
+             "| image | codec | side | before | after | after/before |", "|---|---|---|---|---|---|"]
+    for r in results["cases"]:
+        before = r.get("before_bytes_per_second")
+        lines.append(f"| {r['image']} | {r['codec']} | {r['side']} | "
+                     f"{before / 1e9 if before else float('nan'):.2f} | {r['after_bytes_per_second'] / 1e9:.2f} | "
+                     f"{r.get('after_over_before', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    result = run(quick)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
