@@ -16,7 +16,7 @@ APT_PKGS := iperf3 zstd lz4 iproute2 iptables ethtool gcc libnetfilter-queue-dev
 	        qemu-system-x86 qemu-utils rsync busybox-static cpio kmod
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all demo test test-fast bench bench-quick lint fuzz soak native clean apt venv
+.PHONY: all demo demo-live test test-fast bench bench-quick lint fuzz soak native clean apt venv
 
 all: native
 
@@ -49,6 +49,10 @@ venv: native
 
 demo: native
 	$(BIN)/dwcp-agent demo
+
+# A real QEMU guest (Debian kernel + busybox, built and cached on first use) moved live between two agents.
+demo-live: native
+	$(BIN)/dwcp-agent demo --live
 
 test: native
 	$(BIN)/python -m pytest -q -ra

@@ -4,13 +4,15 @@ Two agent processes (own ports and state), images and destinations on tmpfs (/de
 exists, because a VM's memory lands in RAM and a disk would measure the disk. Two references,
 measured in the same run: `iperf3 -P 4` (the socket alone) and benchmarks/reference/filecopy.c, a
 bare C program doing the verified file-to-file copy over 4 loopback streams (socket + the file read
-and file write every migration makes). Cases:
-  * random image, codec none, 4 streams: raw AMST throughput, quoted as a ratio to iperf3 -P 4;
-  * vm-mix image, COMPRESSION_ALGO=auto (HDE): logical throughput and wire ratio;
-  * vm-mix image, protocol v1 (the first-cut encoding: zero pages + lz4), for comparison.
+and file write every migration makes). Cases, 4 streams each, protocol and codec varied one at a
+time:
+  * protocol, same codec: v1 against v3 on the random image with codec none (raw AMST, quoted
+    as a ratio to iperf3 -P 4), and on the vm-mix image with lz4 (the first-cut codec);
+  * codec, same protocol (v3) on the vm-mix image: none, lz4, zstd, auto (HDE's choice per chunk).
 Each case migrates once unmeasured first: on a VM guest, the first write to never-touched memory
 costs a host page fault per page (seen here: 0.4-0.5 GB/s for fresh tmpfs pages against ~4 GB/s
-for reused ones), which would measure the hypervisor rather than the agent.
+for reused ones), which would measure the hypervisor rather than the agent. Then every case and
+both references run RUNS times; tables give the median and min-max of the runs.
 
     .venv/bin/python -m benchmarks.bench_datapath [--quick]
 """
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import standalone
+from benchmarks.harness import cell, spread, standalone
 from dwcp_agent.client import api_call, follow
 from dwcp_agent.demo import LocalAgent, free_port
 from dwcp_agent.migration.images import generate
@@ -35,6 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE = ROOT / "benchmarks" / "reference"
 GiB = 1 << 30
+RUNS = 3
+# (name, image profile, codec, protocol); agents are started once per codec
+CASES = (("random_none_v1", "random", "none", "v1"), ("random_none_v3", "random", "none", "v3"),
+         ("vmmix_lz4_v1", "vm-mix", "lz4", "v1"), ("vmmix_lz4_v3", "vm-mix", "lz4", "v3"),
+         ("vmmix_none_v3", "vm-mix", "none", "v3"), ("vmmix_zstd_v3", "vm-mix", "zstd", "v3"),
+         ("vmmix_auto_v3", "vm-mix", "auto", "v3"))
+PROTOCOL_ROWS = ("random_none_v1", "random_none_v3", "vmmix_lz4_v1", "vmmix_lz4_v3")
+CODEC_ROWS = ("vmmix_none_v3", "vmmix_lz4_v3", "vmmix_zstd_v3", "vmmix_auto_v3")
 
 
 def iperf3(streams: int, seconds: int) -> float:
@@ -53,20 +63,20 @@ def iperf3(streams: int, seconds: int) -> float:
         server.wait()
 
 
-def filecopy(image: Path, work: Path, streams: int, chunk: int) -> float:
-    """Throughput in bytes/s of benchmarks/reference/filecopy.c (the bare verified file-to-file
-    copy over loopback TCP), compiled and measured now; the second of two runs (warm pages)."""
+def filecopy(image: Path, work: Path, streams: int, chunk: int, runs: int) -> list[float]:
+    """Throughputs in bytes/s of benchmarks/reference/filecopy.c (the bare verified file-to-file
+    copy over loopback TCP), compiled and measured now: `runs` runs after one warm-up."""
     binary = work / "filecopy"
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(REFERENCE / "filecopy.c"), "-lxxhash", "-lpthread"],
                    check=True, capture_output=True, timeout=120)
     out = work / "filecopy-out.img"
-    rate = 0.0
-    for _ in range(2):
+    rates = []
+    for _ in range(runs + 1):
         run = subprocess.run([str(binary), str(image), str(out), str(streams), str(chunk)], capture_output=True,
                              text=True, check=True, timeout=300)
-        rate = float(run.stdout)
+        rates.append(float(run.stdout))
         out.unlink()
-    return rate
+    return rates[1:]
 
 
 def _workdir() -> Path:
@@ -91,40 +101,42 @@ def _migrate(source: LocalAgent, dest: LocalAgent, image: Path, protocol: str | 
 
 
 def run(quick: bool) -> dict[str, Any]:
-    size = (512 << 20) if quick else 2 * GiB
+    size = (256 << 20) if quick else 2 * GiB
     work = _workdir()
     psk = work / "psk"
     psk.write_text(secrets.token_hex(32))
-    results: dict[str, Any] = {"image_bytes": size, "workdir": str(work)}
+    results: dict[str, Any] = {"image_bytes": size, "workdir": str(work), "runs": RUNS, "streams": 4}
     agents: list[LocalAgent] = []
     try:
-        reference = iperf3(4, 3 if quick else 5)
-        results["iperf3_P4_bytes_per_second"] = reference
-        images: dict[str, Path] = {"random": generate(work / "random.img", size, "random", seed=7)}
-        floor = filecopy(images["random"], work, 4, 1 << 20)
-        results["c_filecopy_4streams_bytes_per_second"] = floor
-        cases = [("random_none_4streams", "random", {"COMPRESSION_ALGO": "none"}, "v1"),
-                 ("random_none_4streams_hde", "random", {"COMPRESSION_ALGO": "none"}, None),
-                 ("vmmix_auto_v3", "vm-mix", {"COMPRESSION_ALGO": "auto"}, None),
-                 ("vmmix_first_cut_v1", "vm-mix", {"COMPRESSION_ALGO": "lz4"}, "v1")]
-        for name, profile, env, protocol in cases:
-            source = LocalAgent(f"src-{name}", work, psk, {"STREAM_COUNT": "4", **env})
-            dest = LocalAgent(f"dst-{name}", work, psk, {"STREAM_COUNT": "4", **env},
-                              {"acp_port": str(free_port())})
+        iperf = [iperf3(4, 3 if quick else 5) for _ in range(RUNS)]
+        results["iperf3_P4"] = spread([r / 1e9 for r in iperf])
+        reference = float(results["iperf3_P4"]["median"]) * 1e9
+        images: dict[str, Path] = {"random": generate(work / "random.img", size, "random", seed=7),
+                                   "vm-mix": generate(work / "vm-mix.img", size, "vm-mix", seed=7)}
+        results["c_filecopy_4streams"] = spread([r / 1e9 for r in filecopy(images["random"], work, 4, 1 << 20, RUNS)])
+        floor = float(results["c_filecopy_4streams"]["median"]) * 1e9
+        for codec in dict.fromkeys(c[2] for c in CASES):
+            env = {"STREAM_COUNT": "4", "COMPRESSION_ALGO": codec}
+            source = LocalAgent(f"src-{codec}", work, psk, env)
+            dest = LocalAgent(f"dst-{codec}", work, psk, env, {"acp_port": str(free_port())})
             agents += [source, dest]
-            if profile not in images:
-                images[profile] = generate(work / f"{profile}.img", size, profile, seed=7)
-            image = source.images / f"{profile}.img"
-            if not image.exists():
-                image.hardlink_to(images[profile])
             source.wait_ready()
             dest.wait_ready()
-            _migrate(source, dest, image, protocol)  # warm-up, see the module docstring
-            final = _migrate(source, dest, image, protocol)
-            rate = size / final["duration_s"]
-            results[name] = {"logical_bytes_per_second": rate, "wire_bytes": final["wire_bytes"],
-                             "compression_ratio": size / final["wire_bytes"], "duration_s": final["duration_s"],
-                             "ratio_to_iperf3_P4": rate / reference, "ratio_to_c_filecopy": rate / floor}
+            for name, profile, case_codec, protocol in CASES:
+                if case_codec != codec:
+                    continue
+                image = source.images / f"{profile}.img"
+                if not image.exists():
+                    image.hardlink_to(images[profile])
+                _migrate(source, dest, image, protocol)  # warm-up, see the module docstring
+                finals = [_migrate(source, dest, image, protocol) for _ in range(RUNS)]
+                rates = [size / f["duration_s"] for f in finals]
+                results[name] = {"codec": codec, "protocol": protocol, "image": profile,
+                                 "logical_gbps": spread([r / 1e9 for r in rates]),
+                                 "wire_bytes": finals[-1]["wire_bytes"],
+                                 "compression_ratio": round(size / finals[-1]["wire_bytes"], 3),
+                                 "ratio_to_iperf3_P4": spread([r / reference for r in rates]),
+                                 "ratio_to_c_filecopy": spread([r / floor for r in rates])}
             for agent in (source, dest):
                 agent.stop()
     finally:
@@ -135,17 +147,21 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    ref = results["iperf3_P4_bytes_per_second"]
-    floor = results["c_filecopy_4streams_bytes_per_second"]
-    lines = [f"### Data path ({results['image_bytes'] >> 20} MiB images, loopback)", "",
-             "| case | logical GB/s | x iperf3 -P 4 | x C file copy | wire ratio |", "|---|---|---|---|---|",
-             f"| iperf3 -P 4 (reference: the socket alone) | {ref / 1e9:.2f} | 1.00 | {ref / floor:.2f} | - |",
-             f"| C file copy, 4 streams (reference: socket + file copies) | {floor / 1e9:.2f} | {floor / ref:.2f} "
-             "| 1.00 | 1.00 |"]
-    for name in ("random_none_4streams", "random_none_4streams_hde", "vmmix_auto_v3", "vmmix_first_cut_v1"):
+    ref, floor = results["iperf3_P4"], results["c_filecopy_4streams"]
+    head = ["| case | logical GB/s | x iperf3 -P 4 | x C file copy | wire ratio |", "|---|---|---|---|---|"]
+    lines = [f"### Data path ({results['image_bytes'] >> 20} MiB images, loopback, 4 streams, median (min-max) "
+             f"of {results['runs']} runs)", "",
+             f"References: iperf3 -P 4 (the socket alone) {cell(ref)} GB/s; C file copy, 4 streams (socket + "
+             f"file copies) {cell(floor)} GB/s.", "", "Protocol, same codec:", "", *head]
+
+    def row(name: str) -> str:
         r = results[name]
-        lines.append(f"| {name} | {r['logical_bytes_per_second'] / 1e9:.2f} | {r['ratio_to_iperf3_P4']:.2f} | "
-                     f"{r['ratio_to_c_filecopy']:.2f} | {r['compression_ratio']:.2f} |")
+        return (f"| {r['image']}, {r['codec']}, {r['protocol']} | {cell(r['logical_gbps'])} | "
+                f"{cell(r['ratio_to_iperf3_P4'])} | {cell(r['ratio_to_c_filecopy'])} | {r['compression_ratio']} |")
+
+    lines += [row(n) for n in PROTOCOL_ROWS]
+    lines += ["", "Codec, same protocol (v3):", "", *head]
+    lines += [row(n) for n in CODEC_ROWS]
     return "\n".join(lines)
 
 

@@ -28,3 +28,24 @@ def standalone(name: str, run: Callable[[bool], dict[str, Any]], doc: str | None
     result = run(parser.parse_args().quick)
     save(name, result)
     print(render(result) if render else json.dumps(result, indent=2, default=str))
+
+
+def spread(samples: list[float], digits: int = 3) -> dict[str, Any]:
+    """Median and spread of repeated runs: {runs, median, min, max, spread_pct ((max-min)/median)}."""
+    values = sorted(samples)
+    if not values:
+        return {"runs": 0}
+    n = len(values)
+    median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+    pct = (values[-1] - values[0]) / median * 100 if median else 0.0
+    return {"runs": n, "median": round(median, digits), "min": round(values[0], digits),
+            "max": round(values[-1], digits), "spread_pct": round(pct, 1)}
+
+
+def cell(stats: dict[str, Any]) -> str:
+    """A table cell for `spread` output: 'median (min-max)'."""
+    if not stats.get("runs"):
+        return "n/a"
+    if stats["runs"] == 1:
+        return f"{stats['median']}"
+    return f"{stats['median']} ({stats['min']}-{stats['max']})"

@@ -31,6 +31,7 @@ from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.kernels import pages
+from dwcp_agent.live.service import LiveService
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.manager import Migration, MigrationManager
 from dwcp_agent.migration.server import DataServer
@@ -80,6 +81,7 @@ class Agent:
         self.buffers = BufferPool()  # chunk buffers shared by outgoing and incoming migrations
         self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
                                         on_finished=self._migration_finished, pool=self.buffers)
+        self.live = LiveService(config, self.metrics, self.key, self.state_dir / "live", ownership=self.consensus)
         self.data_server: DataServer | None = None
         self.transports: Transports | None = None
         self.admin_port = 0
@@ -182,6 +184,8 @@ class Agent:
         with _listening("data_port", self.config.listen_host, self.config.data_port):
             self.data_server = DataServer(self.config, self.metrics, self.key, transports=self.transports,
                                           pool=self.buffers)
+        self.live.loop = asyncio.get_running_loop()
+        self.data_server.live_handler = self.live.accept
         self.data_server.start()
         self._register_health()
         self._loop = asyncio.get_running_loop()
@@ -255,6 +259,7 @@ class Agent:
         log.info("agent stopping", extra={"component": "agent"})
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.manager.stop_all, timeout * 0.6)
+        await self.live.stop(timeout * 0.3)
         if self.data_server is not None:
             remaining = max(0.1, timeout - (time.monotonic() - started))
             await loop.run_in_executor(None, self.data_server.stop, remaining * 0.8)

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from dwcp_agent.config import Config
 from dwcp_agent.http_json import error_response, json_response
+from dwcp_agent.live.service import LiveRequestError, LiveService, parse_live_request
 from dwcp_agent.migration.manager import MigrationManager, RequestError
 from dwcp_agent.telemetry.health import Health
 from dwcp_agent.telemetry.metrics import Metrics
@@ -23,6 +24,7 @@ class AdminHost(Protocol):
     health: Health
     metrics: Metrics
     manager: MigrationManager
+    live: LiveService
 
 
 def routes(agent: AdminHost) -> list[web.RouteDef]:
@@ -47,6 +49,12 @@ def routes(agent: AdminHost) -> list[web.RouteDef]:
             return error_response(400, "request body must be a JSON object")
         if not isinstance(body, dict):
             return error_response(400, "request body must be a JSON object")
+        if body.get("kind") == "live":
+            try:
+                record = await agent.live.start(parse_live_request(body, agent.config))
+            except LiveRequestError as exc:
+                return error_response(exc.status, str(exc))
+            return json_response(record.to_dict(), 201)
         try:
             migration_request = agent.manager.parse_request(body)
         except RequestError as exc:
@@ -59,15 +67,22 @@ def routes(agent: AdminHost) -> list[web.RouteDef]:
         return json_response(migration.to_dict(), 201)
 
     async def list_migrations(_: web.Request) -> web.Response:
-        return json_response({"migrations": [m.to_dict() for m in agent.manager.list()]})
+        image = [{"kind": "image", **m.to_dict()} for m in agent.manager.list()]
+        return json_response({"migrations": image + [r.to_dict() for r in agent.live.list()]})
 
     async def get_migration(request: web.Request) -> web.Response:
+        live = agent.live.get(request.match_info["id"])
+        if live is not None:
+            return json_response(live.to_dict())
         migration = agent.manager.get(request.match_info["id"])
         if migration is None:
             return error_response(404, f"no migration {request.match_info['id']}")
-        return json_response(migration.to_dict())
+        return json_response({"kind": "image", **migration.to_dict()})
 
     async def cancel_migration(request: web.Request) -> web.Response:
+        live = await agent.live.cancel(request.match_info["id"], agent.config.shutdown_timeout_s)
+        if live is not None:
+            return json_response(live.to_dict())
         migration = agent.manager.cancel(request.match_info["id"])
         if migration is None:
             return error_response(404, f"no migration {request.match_info['id']}")

@@ -19,6 +19,7 @@ from dwcp_agent import __version__
 from dwcp_agent.acp import cli as acp_cli
 from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, follow, use_token_file
 from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
+from dwcp_agent.live.cli import add_live_arguments
 from dwcp_agent.progress import human_bytes, human_rate, summary
 from dwcp_agent.security import pki_cli
 from dwcp_agent.telemetry import rollout_cli
@@ -63,6 +64,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # migrate / status / cancel
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.live_vm:
+        from dwcp_agent.live.cli import migrate_live
+
+        return migrate_live(args)
+    if not args.source or not args.dest_path:
+        print("dwcp-agent migrate: either --vm (live) or --source and --dest-path (image) are required",
+              file=sys.stderr)
+        return EXIT_USAGE
     body: dict[str, Any] = {"source": args.source, "to": args.to, "dest_path": args.dest_path}
     if args.vm_id:
         body["vm_id"] = args.vm_id
@@ -128,6 +137,10 @@ def cmd_gen_image(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.live:
+        from dwcp_agent.live.demo import run_live_demo
+
+        return run_live_demo(args.dirty_mbps)
     from dwcp_agent.demo import run_demo
 
     return run_demo(args.size, args.state_dir, args.streams, args.codec, args.profile)
@@ -199,13 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Ask the local agent to migrate SOURCE to the agent at HOST:PORT, show "
                                    "progress (bytes, rate, ETA), then a summary. Exit 0 only when the "
                                    "destination committed the image with a verified digest.")
-    p.add_argument("--source", required=True, metavar="PATH", help="image file on this host")
+    p.add_argument("--source", metavar="PATH", help="image file on this host")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="data address of the destination agent")
-    p.add_argument("--dest-path", required=True, metavar="PATH", help="absolute path on the destination host")
+    p.add_argument("--dest-path", metavar="PATH", help="absolute path on the destination host (images)")
     p.add_argument("--vm-id", metavar="ID", help="VM identifier (default: source file name)")
     p.add_argument("--migration-id", metavar="ID", help="migration identifier (default: random)")
     p.add_argument("--protocol", choices=("v1", "v3"), help="force a protocol profile (default: rollout)")
     p.add_argument("--no-wait", action="store_true", help="start the migration and return its id")
+    add_live_arguments(p)
     _agent_opts(p)
     p.set_defaults(func=cmd_migrate)
 
@@ -242,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="auto", choices=("auto", "none", "lz4", "zstd", "snappy"),
                    help="compression (default auto)")
     p.add_argument("--state-dir", default="demo-state", help="where the demo keeps images and state")
+    p.add_argument("--live", action="store_true",
+                   help="instead: boot the test guest (tools/guest) and live-migrate it between two agents")
+    p.add_argument("--dirty-mbps", type=int, default=0, help="with --live: guest dirties memory at this rate")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run the benchmarks (results in benchmarks/results/)",

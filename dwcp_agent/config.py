@@ -82,6 +82,8 @@ class Config:
     transport_mode: str = _spec("auto", choices=("auto", "tcp", "rdma_only"), doc="Data transport.")
     rdma_device: str = _spec("", doc="RDMA device to use, e.g. mlx5_0 ('' = first with an active port).")
     rdma_slots: int = _spec(8, lo=1, hi=256, doc="Registered chunk slots per RDMA stream (credits in flight).")
+    rdma_gid_index: int = _spec(-1, lo=-1, hi=255, doc="RoCE GID table index (-1 = first RoCE v2 IPv4 GID, else 0).")
+    rdma_hop_limit: int = _spec(64, lo=1, hi=255, doc="RoCE v2 IP hop limit (TTL); 1 stops at the first router.")
     network_mode: str = _spec(
         "auto", choices=("auto", "datacenter", "internet", "hybrid"), doc="Force a mode, or detect it."
     )
@@ -129,6 +131,16 @@ class Config:
                                          doc="Finished migration records are forgotten after this.")
     index_budget_bytes: int = _spec(256 * MiB, lo=16 * MiB, hi=64 * GiB, size=True,
                                     doc="Memory of the dedupe index and baseline have-list per migration.")
+    # Live migration of running QEMU VMs (dwcp_agent/live, docs/live-migration.md).
+    qmp_dir: str = _spec("/run/dwcp-agent/qmp", doc="QMP sockets of local VMs, as <vm_id>.sock.")
+    live_qemu_command: str = _spec(
+        "", doc="Destination QEMU command template ({vm_id} substituted); the agent adds QMP and "
+                "'-incoming defer -S'. '' = the management layer starts it and passes dest_qmp.")
+    live_downtime_ms: int = _spec(300, lo=1, hi=600_000, doc="Live migration downtime target (ms).")
+    live_policy: str = _spec(
+        "auto-converge", doc="Convergence: precopy | auto-converge | postcopy-after:<N>s|<N>i. "
+                             "Once postcopy starts the destination runs: a broken link then means "
+                             "postcopy recovery or a lost VM, never a rollback.")
 
     @property
     def allowed_dest_dirs(self) -> list[Path]:

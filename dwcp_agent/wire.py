@@ -134,7 +134,8 @@ class Hello(msgspec.Struct, tag="hello"):
     versions: _Versions
     node_id: _NodeId
     nonce: _Nonce
-    role: Annotated[str, msgspec.Meta(max_length=16)]  # "control" | "data"
+    # "control" | "data" | "live" (a live-migration tunnel, dwcp_agent/live)
+    role: Annotated[str, msgspec.Meta(max_length=16)]
     session: int = 0
     stream: int = 0
     trace: _Trace = {}
@@ -393,7 +394,7 @@ def server_handshake(sock: socket.socket, key: bytes, node_id: str,
                   f"{', '.join(map(str, versions))}")
         send_message(sock, Refuse(reason, "version"))
         raise HandshakeError(f"refused {peer_name}: {reason}", "version")
-    if hello.role not in ("control", "data") or len(hello.nonce) != NONCE_BYTES:
+    if hello.role not in ("control", "data", "live") or len(hello.nonce) != NONCE_BYTES:
         send_message(sock, Refuse(f"bad hello (role {_short(hello.role, 16)!r})", "malformed"))
         raise HandshakeError(f"refused {peer_name}: bad hello", "malformed")
     version = common[-1]

@@ -251,6 +251,7 @@ class RdmaFrameSource:
         self._aborted = False
         self._closed = False
         self._error: RdmaError | None = None
+        self._payload: memoryview | None = None  # the slot view handed out by recv_payload
 
     def recv_header(self, header_buf: bytearray) -> wire.FrameHeader:
         deadline = None if self.wait_timeout is None else time.monotonic() + self.wait_timeout
@@ -267,12 +268,22 @@ class RdmaFrameSource:
         if current is None or len(out) != current[1].encoded_len:
             raise wire.FrameError("payload read does not match the delivered frame", "bad_length")
         start = current[0] * self.slot_size + wire.HEADER_SIZE
-        return self.mr.view[start: start + len(out)]
+        self._release_payload()
+        self._payload = self.mr.view[start: start + len(out)]
+        return self._payload
+
+    def _release_payload(self) -> None:
+        """The slot is being reused or freed: the view of it handed out must not outlive it."""
+        if self._payload is not None:
+            with contextlib.suppress(BufferError):  # something still exports it: deregistration reports it
+                self._payload.release()
+            self._payload = None
 
     def send_ack(self, header: bytes) -> None:
         try:
             slot = self.ring.release()
-            self.qp.post_recv(slot)
+            self._release_payload()
+            self.qp.post_recv(slot, self.mr)
             self._posted.append(slot)
         except (CreditError, VerbsError) as exc:
             error_type = getattr(exc, "error_type", "post_recv")
@@ -311,7 +322,8 @@ class RdmaFrameSource:
             raise self._fail(RdmaError(f"write of {byte_len} bytes into a {self.slot_size}-byte slot", "bad_length"))
         offset = slot * self.slot_size
         try:
-            header = wire.unpack_header(self.mr.view[offset: offset + wire.HEADER_SIZE])
+            # a copy: an error's traceback must not hold a view of the region (it could not be freed)
+            header = wire.unpack_header(bytes(self.mr.view[offset: offset + wire.HEADER_SIZE]))
         except wire.FrameError as exc:
             raise self._fail(RdmaError(f"slot {slot} holds no valid frame header: {exc}", "bad_frame")) from exc
         if wire.HEADER_SIZE + header.encoded_len != byte_len:
@@ -360,6 +372,8 @@ def _close_stream(stream: RdmaDataChannel | RdmaFrameSource) -> None:
         return
     stream._closed = True
     stream.abort()
+    if isinstance(stream, RdmaFrameSource):
+        stream._release_payload()
     _teardown(stream.ctx, stream.qp, stream.mr)
     stream.sock.close()
 
@@ -372,8 +386,10 @@ def _teardown(ctx: VerbsContext, qp: QueuePair | None, mr: MemoryRegion | None) 
         with contextlib.suppress(OSError):
             qp.close()
     if mr is not None:
-        with contextlib.suppress(OSError):
+        try:
             ctx.deregister(mr)
+        except OSError as exc:
+            log.warning("RDMA memory region not freed: %s", exc, extra={"component": "amst", "error_type": "dereg"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +452,7 @@ def accept_destination(ctx: VerbsContext, sock: socket.socket, max_frame: int, m
         qp = ctx.create_qp(send_depth=1, recv_depth=slots)
         qp.connect(QpEndpoint(offer.qp_num, offer.gid, offer.lid, offer.psn, offer.mtu))
         for slot in range(slots):
-            qp.post_recv(slot)
+            qp.post_recv(slot, mr)
     except VerbsError as exc:
         _teardown(ctx, qp, mr)
         wire.send_message(sock, wire.RdmaDecline(f"destination: {exc}"))

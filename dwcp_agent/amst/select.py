@@ -68,7 +68,7 @@ def pool_bytes(config: Config, chunk_size: int | None = None) -> int:
 def default_provider(config: Config) -> VerbsProvider:
     from dwcp_agent.amst.pyverbs_adapter import PyverbsProvider
 
-    return PyverbsProvider(config.rdma_device)
+    return PyverbsProvider(config.rdma_device, config.rdma_gid_index, config.rdma_hop_limit)
 
 
 def select_local(config: Config, provider: VerbsProvider) -> Selection:

@@ -138,8 +138,8 @@ class QueuePair(Protocol):
         """RESET -> INIT -> RTR -> RTS towards `remote`; allows remote writes into our regions."""
         ...
 
-    def post_recv(self, wr_id: int) -> None:
-        """Post a zero-length receive: one RDMA WRITE WITH IMMEDIATE from the peer consumes it."""
+    def post_recv(self, wr_id: int, mr: MemoryRegion) -> None:
+        """Post a receive with one zero-length SGE in `mr`: one WRITE WITH IMMEDIATE consumes it."""
         ...
 
     def post_write_imm(self, wr_id: int, mr: MemoryRegion, offset: int, length: int, remote_addr: int,
@@ -171,7 +171,9 @@ class VerbsContext(Protocol):
         """Allocate and register `length` bytes with local and remote write access."""
         ...
 
-    def deregister(self, mr: MemoryRegion) -> None: ...
+    def deregister(self, mr: MemoryRegion) -> None:
+        """Deregister and free; VerbsError (EBUSY) while memoryviews of `mr.view` are still held."""
+        ...
 
     def create_qp(self, send_depth: int, recv_depth: int) -> QueuePair: ...
 

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from opentelemetry import context as otel_context
@@ -29,6 +30,7 @@ from dwcp_agent.migration.safe_files import sweep_abandoned
 from dwcp_agent.pba.active import ProbeError, serve_probe
 from dwcp_agent.security import channels as channel_security
 from dwcp_agent.security.preauth import ConnectionLimiter, DeadlineReaper, RateLimitedLog, truncate
+from dwcp_agent.security.sealed import end_tls
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -52,6 +54,8 @@ class DataServer:
         self.transports = transports or Transports(config, metrics)
         self.pool = pool or BufferPool()
         self.sessions: dict[int, ReceiveSession] = {}
+        # Connections that asked for the "live" role go to the live-migration service.
+        self.live_handler: Callable[[socket.socket, wire.PeerInfo], None] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_source)
@@ -154,7 +158,15 @@ class DataServer:
             return
         if peer.role != "control":
             self._deadlines.done(token)
-        if peer.role == "control":
+        if peer.role == "live":
+            if self.live_handler is None:
+                conn.close()
+                return
+            if isinstance(conn, channel_security.ssl.SSLSocket):
+                # Authenticated by TLS above; the QEMU tunnel itself runs in the clear (docs/security-channels.md).
+                conn = end_tls(conn)
+            self.live_handler(conn, peer)
+        elif peer.role == "control":
             self._serve_control(conn, peer, token)
         else:
             self._serve_data(conn, peer)

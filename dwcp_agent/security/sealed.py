@@ -72,9 +72,16 @@ def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, FrameKey, FrameKey]:
     client_pub, server_pub = (bytes(theirs), my_public) if tls.server_side else (my_public, bytes(theirs))
     keys = HKDF(hashes.SHA256(), 2 * KEY_BYTES, salt=client_pub + server_pub, info=_INFO).derive(shared)
     to_server, to_client = FrameKey(keys[:KEY_BYTES]), FrameKey(keys[KEY_BYTES:])
+    server_side = tls.server_side
+    raw = end_tls(tls)
+    return (raw, to_client, to_server) if server_side else (raw, to_server, to_client)
+
+
+def end_tls(tls: ssl.SSLSocket) -> socket.socket:
+    """close_notify both ways, then a plain socket object on the same descriptor (ssl's socket
+    refuses sendmsg even unwrapped, and asyncio refuses an SSLSocket)."""
     tls.unwrap()
-    # A plain socket object on the same descriptor: ssl's socket refuses sendmsg even unwrapped.
     timeout = tls.gettimeout()
     raw = socket.socket(tls.family, tls.type, tls.proto, fileno=tls.detach())
     raw.settimeout(timeout)
-    return (raw, to_client, to_server) if tls.server_side else (raw, to_server, to_client)
+    return raw

@@ -30,6 +30,9 @@ MIGRATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 1
 COMPONENT_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 )
+# 1 ms ... 60 s: postcopy's switch up to a pre-copy that could not converge.
+DOWNTIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60)
+CONVERGENCE_ACTIONS = ("set-downtime-limit", "set-max-bandwidth", "throttle", "start-postcopy")
 CONSENSUS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -195,6 +198,28 @@ class Metrics:
             ["protocol"], registry=r,
         )
 
+        # Live migration of running QEMU VMs (dwcp_agent/live)
+        self.live_migrations = Counter(
+            "dwcp_v3_live_migrations", "Live VM migrations ended, by network mode and outcome.",
+            ["mode", "status"], registry=r,
+        )
+        self.migration_downtime = Histogram(
+            "dwcp_v3_migration_downtime_seconds", "Guest downtime of a completed live migration, as QEMU reports it.",
+            ["mode"], buckets=DOWNTIME_BUCKETS, registry=r,
+        )
+        self.live_dirty_rate = Gauge(
+            "dwcp_v3_live_dirty_rate_bytes_per_second", "Guest dirty rate QEMU measured in the latest poll.",
+            registry=r,
+        )
+        self.live_iterations = Gauge(
+            "dwcp_v3_live_precopy_iterations", "Pre-copy iterations of the latest live migration so far.",
+            registry=r,
+        )
+        self.convergence_actions = Counter(
+            "dwcp_v3_convergence_actions", "Convergence decisions carried out on live migrations.",
+            ["action"], registry=r,
+        )
+
         self._prime()
 
     def _prime(self) -> None:
@@ -222,6 +247,12 @@ class Metrics:
             self.sla_compliance.labels(sla)
         for reason in ROLLBACK_REASONS:
             self.rollbacks.labels(reason)
+        for mode in MODES:
+            self.migration_downtime.labels(mode)
+            for status in MIGRATION_STATUSES:
+                self.live_migrations.labels(mode, status)
+        for action in CONVERGENCE_ACTIONS:
+            self.convergence_actions.labels(action)
 
     def error(self, component: str, error_type: str) -> None:
         """Count one error in both the error and the per-component error series."""

@@ -132,19 +132,19 @@ class FailingProvider(SoftProvider):
 
         def create_qp(send_depth: int, recv_depth: int) -> SoftQP:
             qp = create(send_depth, recv_depth)
-            execute = qp._execute
+            post = qp.post_write_imm
 
-            def counted(*args: Any) -> int:
+            def counted(*args: Any) -> None:
                 self.total += 1
-                if self.total == self.after:
+                if self.total == self.after:  # waits in the posting thread, outside the fabric
                     deadline = time.monotonic() + 10.0
                     while not self.delivered() and time.monotonic() < deadline:
                         time.sleep(0.005)
                     qp.fail_after_writes = qp.writes  # this very write is the one that fails
                     self.failed.append(qp)
-                return execute(*args)
+                post(*args)
 
-            qp._execute = counted  # type: ignore[method-assign]
+            qp.post_write_imm = counted  # type: ignore[method-assign]
             return qp
 
         ctx.create_qp = create_qp  # type: ignore[method-assign]

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
@@ -223,18 +228,79 @@ def test_sender_with_wrong_key_fails_without_retrying(receiver: Receiver, migrat
 
 # -- destination problems ------------------------------------------------------------------
 
-def test_unwritable_destination_is_a_clear_error_and_source_untouched(receiver: Receiver, migrate: Migrate,
-                                                                      src_dir: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("running as root: directory permissions do not stop root from writing "
-                    "(the read-only mount test below covers this case as root)")
-    source = _random_image(src_dir, MiB)
-    receiver.dir.chmod(0o500)
+UNPRIVILEGED = 65534  # nobody: the receiving agent as a non-root service user
+
+
+@contextlib.contextmanager
+def unprivileged_receiver(tmp_path: Path) -> Iterator[SimpleNamespace]:
+    """A receiver whose destination directory it may not write to, running as an unprivileged uid.
+
+    Root ignores directory permissions, so under root the receiver runs in a forked child that
+    drops to uid/gid `nobody` before it starts (the sender stays here); otherwise in process."""
+    if os.geteuid() != 0:
+        receiver = Receiver(tmp_path)
+        receiver.dir.chmod(0o500)
+        try:
+            yield SimpleNamespace(dir=receiver.dir, port=receiver.port, uid=os.geteuid())
+        finally:
+            receiver.dir.chmod(0o700)
+            receiver.stop()
+        return
+    base = Path(tempfile.mkdtemp(prefix=f"dwcp-refs-perm-{os.getpid()}-"))
+    os.chown(base, UNPRIVILEGED, UNPRIVILEGED)
+    report_r, report_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges for good, then serve until told to stop
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(UNPRIVILEGED)
+            os.setuid(UNPRIVILEGED)
+            receiver = Receiver(base)
+            receiver.dir.chmod(0o500)
+            writable = os.access(receiver.dir, os.W_OK)
+            os.write(report_w, f"{receiver.port} {os.geteuid()} {int(writable)}\n".encode())
+            os.read(stop_r, 1)
+            receiver.stop()
+            code = 0
+        except BaseException as exc:
+            os.write(report_w, f"error {exc!r}\n".encode())
+        finally:
+            os._exit(code)
     try:
-        with pytest.raises(MigrationError, match="not writable"):
-            migrate(receiver, source)
+        ready, _, _ = select.select([report_r], [], [], 20)
+        assert ready, "the unprivileged receiver did not start"
+        line = os.read(report_r, 4096).decode().split()
+        assert line[0] != "error", " ".join(line)
+        port, uid, writable = map(int, line)
+        assert not writable, "the receiver's uid can still write its destination directory"
+        yield SimpleNamespace(dir=base / "dst", port=port, uid=uid)
     finally:
-        receiver.dir.chmod(0o700)
+        os.write(stop_w, b"x")
+        deadline = time.monotonic() + 10
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.02)
+        for fd in (report_r, report_w, stop_r, stop_w):
+            os.close(fd)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_unwritable_destination_is_a_clear_error_and_source_untouched(migrate: Migrate, src_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    source = _random_image(src_dir, MiB)
+    before = source.read_bytes()
+    with unprivileged_receiver(tmp_path / "receiver") as receiver:
+        assert receiver.uid != 0
+        with pytest.raises(MigrationError, match="not writable") as err:
+            migrate(receiver, source)
+        assert err.value.error_type == "unwritable"
+        assert not (receiver.dir / "out.img").exists()
+    assert source.read_bytes() == before
 
 
 @pytest.fixture
@@ -261,6 +327,49 @@ def test_destination_without_space_refuses_before_sending(small_tmpfs: Path, mig
         assert err.value.error_type == "no_space"
         assert source.read_bytes() == before
         assert not (small_tmpfs / "out.img").exists()
+        assert not any(s.bytes_received for s in receiver.server.sessions.values()), "refused before any data"
+    finally:
+        receiver.stop()
+
+
+def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, migrate: Migrate,
+                                                           src_dir: Path, tmp_path: Path) -> None:
+    """Start checks and reserves the image's data bytes (below), but the journal beside the image
+    grows as chunks arrive, and the reservation is handed over as they land: another writer taking
+    the rest of the disk once data flows makes a write fail (ENOSPC) mid-transfer, which must be
+    reported as such, not as the up-front refusal."""
+    receiver = Receiver(tmp_path)
+    filler = small_tmpfs / "filler"
+    received_before_fill: list[int] = []
+
+    def fill_once_data_flows() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            received = sum(s.bytes_received for s in list(receiver.server.sessions.values()))
+            if received:
+                received_before_fill.append(received)
+                break
+            time.sleep(0.002)
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            f.write(os.urandom(4 * MiB))
+
+    try:
+        source = _random_image(src_dir, 3 * MiB)
+        before = source.read_bytes()
+        filling = threading.Thread(target=fill_once_data_flows, daemon=True)
+        filling.start()
+        with pytest.raises(MigrationError) as err:
+            migrate(receiver, source, compression_algo="none", stream_count=1, pacing_rate_bytes="1MiB",
+                    chunk_size="4KiB")
+        filling.join(20)
+        assert received_before_fill and received_before_fill[0] < 3 * MiB, "the fill came after the transfer"
+        message = str(err.value)
+        assert "No space left on device" in message, message  # a write failed (image or journal) ...
+        assert "not enough space" not in message, message  # ... not the refusal at Start
+        assert message.removeprefix("destination: peer failed: ").startswith(("cannot write", "cannot persist"))
+        assert source.read_bytes() == before
+        assert not (small_tmpfs / "out.img").exists()
+        assert receiver.wait_errors("migration", err.value.error_type) >= 1
     finally:
         receiver.stop()
 

@@ -52,8 +52,9 @@ def test_frames_arrive_intact_in_order_through_a_ring_smaller_than_the_transfer(
     assert result.received == sent
     assert result.acked[-1] == 63
     assert sample(pair, "dwcp_v3_rdma_work_requests_posted_total") == 64 + 4 + 64  # writes, initial + reposted recvs
-    # 64 receive completions; write completions are reaped lazily, the last one by the next send
-    assert sample(pair, "dwcp_v3_rdma_completions_total", {"status": "success"}) >= 127
+    # 64 receive completions; write completions are reaped lazily by the next sends, and each one
+    # arrives a step after its data landed, so the last two may still be on their way
+    assert sample(pair, "dwcp_v3_rdma_completions_total", {"status": "success"}) >= 64 + 62
     assert pair.failures == []
 
 
@@ -121,10 +122,10 @@ def test_write_with_a_wrong_rkey_is_a_remote_access_error_and_nothing_lands(pair
 
 def test_write_past_the_ring_end_is_refused_by_the_region_bounds(pair: Pair) -> None:
     ring = pair.src.ring
-    pair.src.ring = rdma.RemoteRing(ring.addr + ring.slot_size, ring.rkey, ring.slot_size, ring.slots)
+    pair.src.ring = rdma.RemoteRing(ring.addr + ring.slots * ring.slot_size, ring.rkey, ring.slot_size, ring.slots)
     _sent, result = transfer(pair, 8, seed=4)
     assert any(getattr(e, "error_type", "") == "wc_rem_access_err" for e in result.errors)
-    assert len(result.received) < 8
+    assert result.received == []
 
 
 def test_destination_failure_reaches_the_source_with_its_reason(pair: Pair) -> None:
@@ -141,8 +142,19 @@ def test_teardown_deregisters_every_region_and_destroys_the_queue_pairs(provider
     assert provider.locked > 0
     transfer(p, 5, seed=6)
     p.close()
-    assert provider.locked == 0
+    assert provider.locked == 0 and provider.still_mapped == 0
     assert all(not ctx.qps for ctx in provider.fabric.contexts.values())
+
+
+def test_a_failed_stream_leaves_no_view_that_keeps_its_memory_mapped(provider: SoftProvider) -> None:
+    """Errors carry tracebacks: none may hold a view of a region, or deregistration fails (EBUSY)."""
+    p = open_pair(provider, slots=4)
+    ring = p.src.ring
+    p.src.ring = rdma.RemoteRing(ring.addr + ring.slot_size, ring.rkey, ring.slot_size, ring.slots)
+    _sent, result = transfer(p, 8, seed=4)  # frames land one slot off: the destination fails the stream
+    p.close()
+    assert any(getattr(e, "error_type", "") == "bad_frame" for e in result.errors), result.errors
+    assert provider.locked == 0 and provider.still_mapped == 0
 
 
 # -- mutations: break the protocol on purpose, the exchange must fail ------------------------------
@@ -200,18 +212,43 @@ def test_greedy_source_never_outruns_the_credits(provider: SoftProvider) -> None
         p.close()
 
 
-@pytest.mark.parametrize("window", [EagerWindow, NoCreditWindow])
-def test_credit_bug_is_caught_as_an_overwritten_slot_or_receiver_not_ready(provider: SoftProvider,
-                                                                          monkeypatch: pytest.MonkeyPatch,
-                                                                          window: type) -> None:
-    monkeypatch.setattr(rdma, "CreditWindow", window)
+def _caught_as(errors: list[BaseException]) -> set[str]:
+    kinds = set()
+    for e in errors:
+        kind = getattr(e, "error_type", "")
+        kinds.add("overwritten" if "overwritten" in str(e) else kind or type(e).__name__)
+    return kinds
+
+
+def test_early_credit_is_caught_as_an_overwritten_slot(provider: SoftProvider,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With rnr_retry=7 a write finding no receive waits for one, so a credit bug cannot show up as
+    receiver-not-ready (a real NIC never reports that here): the early write's first packets
+    overwrite a frame still waiting in its slot, and that frame's own checksum catches it."""
+    monkeypatch.setattr(rdma, "CreditWindow", EagerWindow)
+    p = open_pair(provider, slots=2, timeout=1.0)
+    try:
+        errors = drive_greedy(p, 12)
+        rnr_naks = p.src.qp.rnr_naks  # type: ignore[attr-defined]
+    finally:
+        p.close()
+    assert errors, "the credit bug went unnoticed"
+    assert _caught_as(errors) <= {"overwritten", "slot_overrun", "credit_window"}, errors
+    assert rnr_naks > 0, "the early write met a slot whose receive was not reposted yet"
+
+
+def test_ignoring_credits_and_completions_is_caught_before_a_slot_is_reused(
+        provider: SoftProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Posting without waiting for completions overflows the send queue (ENOMEM from ibv_post_send
+    on a NIC), or, where it does not, the overwritten slot is caught; never receiver-not-ready."""
+    monkeypatch.setattr(rdma, "CreditWindow", NoCreditWindow)
     p = open_pair(provider, slots=2, timeout=1.0)
     try:
         errors = drive_greedy(p, 12)
     finally:
         p.close()
-    kinds = {getattr(e, "error_type", type(e).__name__) for e in errors}
-    assert kinds & {"slot_overrun", "credit_window", "wc_rnr_retry_exc_err"}, errors
+    assert errors, "the credit bug went unnoticed"
+    assert _caught_as(errors) <= {"post_send", "overwritten", "slot_overrun", "credit_window"}, errors
 
 
 def test_lost_receive_completion_is_detected_not_silently_skipped(provider: SoftProvider,

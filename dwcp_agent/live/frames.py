@@ -1,0 +1,71 @@
+"""The tunnel's framing between two agents: control messages, QEMU's stream, its return path.
+
+One authenticated connection carries, in both directions, frames of
+    type u8 | codec u8 | raw_len u32 | payload_len u32 | payload
+`DATA` frames hold a chunk of the source QEMU's migration stream, encoded with the HDE codec the
+sender chose (`codec`, `raw_len` let the receiver decode it); `RETURN` frames carry the
+destination QEMU's return path back verbatim; `*_END` mark the end of either byte stream, and
+`CONTROL` frames hold one msgspec message (messages.py). A frame that does not parse is a
+`TunnelError`, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from enum import IntEnum
+
+__all__ = ["Frame", "FrameKind", "TunnelError", "read_frame", "write_frame"]
+
+_HEADER = struct.Struct("<BBII")
+MAX_PAYLOAD = 16 * 1024 * 1024
+
+
+class TunnelError(RuntimeError):
+    """The tunnel broke or carried something that is not a frame."""
+
+
+class FrameKind(IntEnum):
+    CONTROL = 1
+    DATA = 2
+    RETURN = 3
+    DATA_END = 4
+    RETURN_END = 5
+
+
+class Frame:
+    """One decoded frame header and its (still encoded) payload."""
+
+    __slots__ = ("codec", "kind", "payload", "raw_len")
+
+    def __init__(self, kind: FrameKind, codec: int, raw_len: int, payload: bytes) -> None:
+        self.kind = kind
+        self.codec = codec
+        self.raw_len = raw_len
+        self.payload = payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    try:
+        header = await reader.readexactly(_HEADER.size)
+        kind, codec, raw_len, payload_len = _HEADER.unpack(header)
+        if payload_len > MAX_PAYLOAD or raw_len > MAX_PAYLOAD:
+            raise TunnelError(f"frame of {payload_len} bytes exceeds {MAX_PAYLOAD}")
+        payload = await reader.readexactly(payload_len) if payload_len else b""
+    except asyncio.IncompleteReadError as exc:
+        raise TunnelError("peer agent closed the tunnel") from exc
+    except (ConnectionError, OSError) as exc:
+        raise TunnelError(f"tunnel connection lost: {exc}") from exc
+    try:
+        return Frame(FrameKind(kind), codec, raw_len, payload)
+    except ValueError as exc:
+        raise TunnelError(f"unknown frame type {kind}") from exc
+
+
+def write_frame(writer: asyncio.StreamWriter, kind: FrameKind, payload: bytes | memoryview = b"",
+                codec: int = 0, raw_len: int | None = None) -> None:
+    """Queue one frame; callers `await writer.drain()` to respect the in-flight bound."""
+    n = len(payload)
+    writer.write(_HEADER.pack(kind, codec, n if raw_len is None else raw_len, n))
+    if n:
+        writer.write(payload)

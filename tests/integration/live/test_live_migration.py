@@ -1,0 +1,160 @@
+"""Live migration of a real QEMU guest between two real agents on loopback.
+
+Each test checks the two things a live migration promises: the guest went on (its heartbeat
+sequence continues on the destination, same boot id) and exactly one copy runs afterwards,
+with ACP naming the host that runs it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+
+def test_idle_guest_moves_keeps_beating_and_ownership_follows(make_bed) -> None:
+    bed = make_bed()
+    started = bed.start()
+    assert started["kind"] == "live" and started["phase"] in ("setup", "precopy")
+    done = bed.wait_end(started["id"])
+    assert done["phase"] == "completed", done["error"]
+    assert done["committed"] and done["switchover"] and done["iteration"] >= 1
+    assert done["downtime_ms"] is not None and done["wire_bytes"] > 0 and done["return_bytes"] > 0
+    gap = bed.assert_moved()
+    assert gap.gap_s < 10
+    assert bed.owner(bed.src) == "dst"
+    listed = bed.record(started["id"])
+    assert listed["kind"] == "live"
+
+
+def test_dirtying_guest_moves_with_auto_converge(make_bed) -> None:
+    bed = make_bed(dirty_mbps=25)
+    done = bed.wait_end(bed.start(policy="auto-converge")["id"])
+    assert done["phase"] == "completed", done["error"]
+    assert done["stream_bytes"] > 64 << 20  # at least the dirtied area went, non-zero data
+    bed.assert_moved()
+    assert bed.owner(bed.src) == "dst"
+
+
+def test_postcopy_commits_before_the_switch_and_the_guest_runs_on_the_destination(make_bed) -> None:
+    bed = make_bed(dirty_mbps=25)
+    # Postcopy from the first poll in pre-copy on: the policy commits, then switches.
+    done = bed.wait_end(bed.start(policy="postcopy-after:0s", downtime_ms=1)["id"])
+    assert done["phase"] == "completed", done["error"]
+    assert done["postcopy_used"] and done["committed"]
+    kinds = [a["action"] for a in done["actions"]]
+    assert "start-postcopy" in kinds
+    bed.assert_moved()
+    assert bed.owner(bed.src) == "dst"
+
+
+def test_cancel_leaves_the_source_running_and_kills_the_destination_copy(make_bed) -> None:
+    bed = make_bed(dirty_mbps=25)
+    # precopy with a 1 ms target under a dirtying guest never converges: it is still running.
+    started = bed.start(policy="precopy", downtime_ms=1)
+    bed.wait_phase(started["id"], ("precopy",))
+    assert len(bed.qemus()) == 2  # the paused destination copy exists
+    from dwcp_agent.client import api_call
+
+    cancelled = api_call(bed.src.url, "DELETE", f"/api/v3/migrations/{started['id']}")
+    assert cancelled["phase"] == "cancelled", cancelled
+    bed.assert_runs_on_source_only()
+    assert bed.owner(bed.src) == "src"
+
+
+@pytest.mark.parametrize("victim", ["dst", "src"])
+def test_agent_killed_during_precopy_leaves_exactly_the_source_running(make_bed, victim: str) -> None:
+    bed = make_bed(dirty_mbps=25)
+    started = bed.start(policy="precopy", downtime_ms=1)
+    bed.wait_phase(started["id"], ("precopy",))
+    (bed.dst if victim == "dst" else bed.src).kill()
+    if victim == "dst":
+        done = bed.wait_end(started["id"], timeout=60)
+        assert done["phase"] == "failed" and not done["committed"], done
+        assert bed.owner(bed.src) == "src"
+    bed.assert_runs_on_source_only()
+
+
+def test_missing_qmp_socket_unknown_vm_and_incompatible_qemu_are_clear_4xx_and_change_nothing(make_bed) -> None:
+    bed = make_bed(dest_mem_mib=512)
+    missing = bed.refused(qmp=str(bed.root / "nope.sock"))
+    assert missing.status == 400 and "no QMP socket" in str(missing)
+    unknown = bed.refused(vm_id="vm-unknown")
+    assert unknown.status == 404 and "unknown VM 'vm-unknown'" in str(unknown)
+    incompatible = bed.refused()
+    assert incompatible.status == 409 and "RAM size differs" in str(incompatible)
+    bad_policy = bed.refused(policy="sometimes")
+    assert bad_policy.status == 400 and "unknown convergence policy" in str(bad_policy)
+    bed.assert_runs_on_source_only()
+    assert bed.owner(bed.src) == "src"
+
+
+@pytest.mark.parametrize("victim", ["dst", "src"])
+def test_agent_killed_during_setup_leaves_exactly_the_source_running(make_bed, victim: str) -> None:
+    import threading
+
+    from dwcp_agent.client import ApiError
+
+    bed = make_bed()
+    outcome: list[object] = []
+
+    def start() -> None:
+        try:
+            outcome.append(bed.start())
+        except ApiError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(bed.qemus()) < 2 and time.monotonic() < deadline:  # the destination QEMU is starting
+        time.sleep(0.01)
+    (bed.dst if victim == "dst" else bed.src).kill()
+    thread.join(90)
+    if victim == "dst":
+        assert outcome and isinstance(outcome[0], ApiError), outcome
+    bed.assert_runs_on_source_only()
+
+
+@pytest.mark.parametrize(("hold", "victim", "runs_on"), [
+    ("before-commit", "dst", "source"),
+    ("before-commit", "src", "source"),
+    ("after-commit", "dst", "destination"),
+    ("after-commit", "src", "destination"),
+])
+def test_agent_killed_around_the_commit_leaves_exactly_one_copy_running(make_bed, hold: str, victim: str,
+                                                                        runs_on: str) -> None:
+    """QEMU has reported completed (source paused); the source agent is held just before the ACP
+    commit, or just after it sent Commit, and one agent is SIGKILLed there."""
+    bed = make_bed(src_env={"LIVE_MIGRATION_TEST_HOLD": f"{hold}:8"})
+    started = bed.start()
+    record = bed.wait_phase(started["id"], ("commit", "completed", "failed"), timeout=120)
+    assert record["phase"] == "commit", record
+    if hold == "after-commit":
+        deadline = time.monotonic() + 20
+        while not bed.record(started["id"])["committed"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the destination has the Commit and runs the VM
+    (bed.dst if victim == "dst" else bed.src).kill()
+    if runs_on == "source":
+        bed.assert_runs_on_source_only()
+    else:
+        bed.assert_runs_on_destination_only()
+        assert len(bed.qemus()) <= 2
+
+
+def test_destination_qemu_started_by_the_management_layer_is_used_through_its_qmp_socket(make_bed) -> None:
+    from guest.build import guest_command
+    from guest.vm import GuestVm
+
+    bed = make_bed(dst_settings={"live_qemu_command": ""})  # this destination agent starts no QEMU
+    dest = GuestVm(bed.guest, bed.root / "mgmt-dest.qmp", bed.dest_serial, 256)
+    dest.argv = guest_command(bed.guest, dest.qmp_socket, dest.serial_log, 256, incoming=True)
+    dest.start()
+    deadline = time.monotonic() + 30
+    while not dest.qmp_socket.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = bed.wait_end(bed.start(dest_qmp=str(dest.qmp_socket))["id"])
+    assert done["phase"] == "completed", done["error"]
+    bed.assert_moved()
+    assert dest.alive()
