@@ -25,6 +25,8 @@ from dwcp_agent.amst.channel import TcpChannel
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, checksum
 from dwcp_agent.migration.model import MigrationError, SendResult
 from dwcp_agent.migration.receiver import open_session
+from dwcp_agent.security import pki
+from dwcp_agent.security.pki import ensure_ca
 from dwcp_agent.security.sealed import TAG_BYTES
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -247,7 +249,12 @@ def unprivileged_receiver(tmp_path: Path) -> Iterator[SimpleNamespace]:
             receiver.stop()
         return
     base = Path(tempfile.mkdtemp(prefix=f"dwcp-refs-perm-{os.getpid()}-"))
-    os.chown(base, UNPRIVILEGED, UNPRIVILEGED)
+    # The sender's cluster CA (make_config of the test's tmp_path), and the receiver's certificate
+    # issued now, readable by the unprivileged child.
+    shutil.copytree(ensure_ca(tmp_path.parent / "cluster-ca"), base / "cluster-ca")
+    pki.issue_node(base / "cluster-ca", "receiver", pki.NodeFiles.in_dir(base / "tls-receiver"))
+    for path in [base, *base.rglob("*")]:
+        os.chown(path, UNPRIVILEGED, UNPRIVILEGED)
     report_r, report_w = os.pipe()
     stop_r, stop_w = os.pipe()
     pid = os.fork()
