@@ -101,7 +101,9 @@ class Agent:
     def _register_health(self) -> None:
         def amst() -> dict[str, Any]:
             transport = self.transports.selection.as_health() if self.transports else {"transport": "tcp"}
-            return {"status": "ok" if self.data_server else "down", **transport,
+            accepting = self.data_server is not None and self.data_server.accepting
+            return {"status": "ok" if accepting else "down", **transport,
+                    **(self.data_server.health() if self.data_server else {}),
                     "transport_mode": self.config.transport_mode,
                     "data_port": self.data_server.port if self.data_server else None,
                     "incoming_sessions": len(self.data_server.sessions) if self.data_server else 0}
@@ -139,6 +141,10 @@ class Agent:
         self.health.register("pba", pba)
         self.health.register("hde", hde)
         self.health.register("migration", migration)
+
+    def _alive(self) -> bool:
+        """What the systemd watchdog pings for: not stopping, and the data port still accepting."""
+        return not self.health.stopping and self.data_server is not None and self.data_server.accepting
 
     def _migration_finished(self, migration: Migration) -> None:
         self.guard.record_migration(migration.state, migration.duration_s, migration.progress.total_bytes,
@@ -236,7 +242,7 @@ class Agent:
         self.metrics.ready.set(1)
         self.transports.publish()
         self._tasks = [asyncio.create_task(self._tick_guard()),
-                       asyncio.create_task(self.notifier.run_watchdog(lambda: not self.health.stopping))]
+                       asyncio.create_task(self.notifier.run_watchdog(self._alive))]
         self.notifier.ready(f"serving: data :{self.data_server.port}, admin :{self.admin_port}")
         log.info("agent ready", extra={"component": "agent", "version": __version__,
                                        "data_port": self.data_server.port, "admin_port": self.admin_port,

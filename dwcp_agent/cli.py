@@ -22,6 +22,7 @@ from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
 from dwcp_agent.live.cli import add_live_arguments
 from dwcp_agent.progress import human_bytes, human_rate, summary
 from dwcp_agent.rollout import cli as rollout_cli
+from dwcp_agent.security import pki_cli
 
 DEFAULT_AGENT = "http://127.0.0.1:8080"
 EXIT_FAILED = 1
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     acp_cli.register(sub)
     rollout_cli.register(sub)
+    pki_cli.register(sub)
     return parser
 
 

@@ -125,6 +125,14 @@ class Config:
     acp_peer_keys: list[str] = _spec([], doc="Pinned member signing keys as id=<64 hex digits> (Ed25519 public "
                                              "key; `dwcp-agent cluster key` prints this node's).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")
+    tls_dir: str = _spec("", doc="Holds this node's TLS node.pem, node.key and CA bundle ca.pem ('' = state_dir/tls).")
+    tls_ca_file: str = _spec("", doc="Cluster CA bundle peers are verified against ('' = tls_dir/ca.pem).")
+    tls_auto_issue_ca_dir: str = _spec("", doc="CA directory (pki init) to issue this node's certificate from "
+                                               "at start when missing or expiring (demo/tests; '' = never).")
+    insecure_datacenter_plaintext: bool = _spec(False, doc="Data and consensus traffic unencrypted, PSK only "
+                                                           "(trusted networks only; warned and shown in /health).")
+    max_connections: int = _spec(512, lo=1, hi=65536, doc="Data-port connections served at once (worker pool size).")
+    max_connections_per_source: int = _spec(64, lo=1, hi=65536, doc="Data-port connections from one address.")
     # Files and outgoing limits (sparse: issue 13 items 5-6, issue 16)
     partial_ttl_s: float = _spec(86400.0, lo=1.0, hi=365 * 86400,
                                  doc="Abandoned partial images and journals are removed after this.")

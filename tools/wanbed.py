@@ -268,6 +268,8 @@ class BedAgent:
                  env: dict[str, str] | None = None, python: str | None = None) -> None:
         import sys
 
+        from dwcp_agent.security.pki import ensure_ca
+
         self.bed, self.side = bed, side
         self.state_dir = state_dir
         self.images = state_dir / "images"
@@ -280,7 +282,8 @@ class BedAgent:
                "--psk-file", str(psk_file), "--set", f"dest_dirs={self.images}", "--set",
                f"source_dirs={self.images}",
                # the other side of the bed is this agent's one migration target (not loopback)
-               "--set", f"migration_targets={bed.addr['b' if side == 'a' else 'a']}:{self.DATA_PORT}"]
+               "--set", f"migration_targets={bed.addr['b' if side == 'a' else 'a']}:{self.DATA_PORT}",
+               "--set", f"tls_auto_issue_ca_dir={ensure_ca(psk_file.parent / 'cluster-ca')}"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = bed.popen(side, cmd, stdout=self._log, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})}, cwd=str(TOOLS.parent))
