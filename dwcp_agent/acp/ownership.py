@@ -30,6 +30,10 @@ class OwnershipError(RuntimeError):
     """The registry refused (VM owned elsewhere, stale lease) or did not answer in time."""
 
 
+class OwnedElsewhere(OwnershipError):
+    """Another host owns the VM: the request was wrong, the service is fine."""
+
+
 class RegistryOwnership:
     """Opens the ownership session of each migration (MigrationManager's `ownership`)."""
 
@@ -50,7 +54,7 @@ class RegistryOwnership:
         if owner is None:
             owner = await self.consensus.claim(vm_id, self.node_id)
         if owner != self.node_id:
-            raise OwnershipError(f"VM {vm_id} is owned by {owner}, not this host ({self.node_id})")
+            raise OwnedElsewhere(f"VM {vm_id} is owned by {owner}, not this host ({self.node_id})")
         return (await self.consensus.acquire_lease(vm_id, self.node_id, LEASE_TTL_S)).token
 
     def cross(self, coro: Coroutine[Any, Any, T], steps: int = 1) -> T:

@@ -41,6 +41,7 @@ from dwcp_agent.acp.storage import PersistOps
 from dwcp_agent.acp.transport import Transport
 from dwcp_agent.acp.wal import FileWAL
 from dwcp_agent.config import Config, ConfigError
+from dwcp_agent.security import channels as channel_security
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["ConsensusError", "ConsensusService", "ConsensusTimeout", "Lease", "RolloutSetting", "parse_peers"]
@@ -137,7 +138,8 @@ class ConsensusService:
                 raise ConfigError("acp_peer_keys", f"no pinned signing key for {', '.join(unpinned)}: list every "
                                                    "member as id=<hex key> (`dwcp-agent cluster key` on that node)")
             self.transport = Transport(self.node_id, self.config.psk_bytes, keys, self._on_envelope,
-                                       self._on_refused, connect_timeout=self.config.connect_timeout_s)
+                                       self._on_refused, connect_timeout=self.config.connect_timeout_s,
+                                       channels=channel_security.for_config(self.config))
             host = self.config.listen_host or "0.0.0.0"
             await self.transport.start(host, self.config.acp_port)
             self.transport.set_peers({**self.members0, **replica.members()})

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 
 from dwcp_agent.acp import ownership
-from dwcp_agent.acp.ownership import OwnershipError, RegistryOwnership
+from dwcp_agent.acp.ownership import OwnedElsewhere, OwnershipError, RegistryOwnership
 from dwcp_agent.acp.service import ConsensusService
 from dwcp_agent.config import load_config
 from dwcp_agent.telemetry.metrics import Metrics
@@ -87,6 +87,6 @@ def test_refused_complete_leaves_the_source_the_owner(cluster: Cluster,
 
 def test_begin_refuses_a_vm_owned_elsewhere(cluster: Cluster) -> None:
     cluster.run(cluster.service.claim("vm-9", "host-b"))
-    with pytest.raises(OwnershipError, match="owned by host-b"):
+    with pytest.raises(OwnedElsewhere, match="owned by host-b"):
         cluster.registry.begin("vm-9")
     assert cluster.run(cluster.service.owner("vm-9")) == "host-b"
