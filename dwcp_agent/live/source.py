@@ -370,6 +370,7 @@ class OutgoingLive:
         r.wire_bytes = self.tunnel.wire_bytes_out
         r.stream_bytes = self.tunnel.raw_bytes_out
         r.return_bytes = self.tunnel.return_bytes
+        r.resent_chunks = self.tunnel.resent_chunks
         if info.throttle_percentage:
             r.throttle_used = True
         self.metrics.live_dirty_rate.set(info.dirty_bytes_per_s)

@@ -90,6 +90,10 @@ class Tunnel:
         return self._return_read
 
     @property
+    def resent_chunks(self) -> int:
+        return self.stream.sender.requeued if isinstance(self.stream, ByteStreamSource) else 0
+
+    @property
     def ratio(self) -> float:
         return self.raw_bytes_out / self.wire_bytes_out if self.wire_bytes_out else 1.0
 
