@@ -273,7 +273,7 @@ class OutgoingLive:
         self._listener.settimeout(CONTROL_TIMEOUT_S)
         try:
             data_socks = [await loop.run_in_executor(None, self._handshake, stream)
-                          for stream in range(1, DATA_STREAMS + 1)]
+                          for stream in range(1, (self.config.stream_count or DATA_STREAMS) + 1)]
         except (OSError, ValueError, wire.WireError) as exc:
             raise TunnelError(f"data connections to {self.peer_node}: {exc}") from exc
         # From here QEMU may pause the source; if this agent dies before the handover is decided,
