@@ -79,6 +79,7 @@ fuzz: native
 
 soak: native
 	DWCP_SIM_SCHEDULES=50000 $(BIN)/python -m pytest -q tests -k simulation
+	DWCP_NEMESIS_SECONDS=600 $(BIN)/python -m pytest -q -s --timeout=3600 tests/nemesis
 
 clean:
 	rm -rf build dwcp_agent/_native/*.so native/*.c

@@ -26,7 +26,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ("kernels", "datapath", "pipeline", "hde", "repeat_migration", "acp", "prediction", "wan", "sparse", "live")
+ORDER = ("kernels", "datapath", "pipeline", "crypto", "hde", "repeat_migration", "acp", "prediction", "wan", "sparse",
+         "live")
 FOUND = sorted(p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py"))
 BENCHMARKS = tuple(n for n in ORDER if n in FOUND) + tuple(n for n in FOUND if n not in ORDER)
 

@@ -33,15 +33,16 @@ from dwcp_agent.hde.codecs import NAMES
 from dwcp_agent.kernels import pages
 from dwcp_agent.live.service import LiveService
 from dwcp_agent.migration.buffers import BufferPool
+from dwcp_agent.migration.history import MigrationHistory
 from dwcp_agent.migration.manager import Migration, MigrationManager
 from dwcp_agent.migration.server import DataServer
+from dwcp_agent.rollout.controller import FileRolloutStore, RolloutController, RolloutError
+from dwcp_agent.rollout.http import sla_routes
+from dwcp_agent.rollout.sla import SlaGuard
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.health import Health
 from dwcp_agent.telemetry.metrics import Metrics
-from dwcp_agent.telemetry.rollout import FileRolloutStore, RolloutController, RolloutError
 from dwcp_agent.telemetry.sdnotify import Notifier
-from dwcp_agent.telemetry.sla import SlaGuard
-from dwcp_agent.telemetry.sla_http import sla_routes
 
 log = logging.getLogger("dwcp_agent.agent")
 CONSENSUS_READY_S = 5.0
@@ -79,8 +80,11 @@ class Agent:
         self.notifier = Notifier()
         self._tasks: list[asyncio.Task[None]] = []
         self.buffers = BufferPool()  # chunk buffers shared by outgoing and incoming migrations
+        history = MigrationHistory(self.state_dir / "migrations.jsonl", config.history_max_entries,
+                                   config.history_max_age_s)
         self.manager = MigrationManager(config, self.metrics, self.key, profile_for=rollout.profile_for,
-                                        on_finished=self._migration_finished, pool=self.buffers)
+                                        on_finished=self._migration_finished, pool=self.buffers,
+                                        history=history)
         self.live = LiveService(config, self.metrics, self.key, self.state_dir / "live", ownership=self.consensus)
         self.data_server: DataServer | None = None
         self.transports: Transports | None = None
@@ -97,7 +101,9 @@ class Agent:
     def _register_health(self) -> None:
         def amst() -> dict[str, Any]:
             transport = self.transports.selection.as_health() if self.transports else {"transport": "tcp"}
-            return {"status": "ok" if self.data_server else "down", **transport,
+            accepting = self.data_server is not None and self.data_server.accepting
+            return {"status": "ok" if accepting else "down", **transport,
+                    **(self.data_server.health() if self.data_server else {}),
                     "transport_mode": self.config.transport_mode,
                     "data_port": self.data_server.port if self.data_server else None,
                     "incoming_sessions": len(self.data_server.sessions) if self.data_server else 0}
@@ -112,13 +118,37 @@ class Agent:
                 states[m.state] = states.get(m.state, 0) + 1
             return {"status": "ok", "outgoing": states}
 
+        def pba() -> dict[str, Any]:
+            """The last path PBA measured (the latest v3 migration's), or that none was yet."""
+            for m in reversed(self.manager.list()):
+                link = m.session.link if m.session is not None else None
+                if link is None:
+                    continue
+                snap = link.snapshot()
+                sample = snap.sample
+                return {"status": "ok", "measured": True, "migration_id": m.request.migration_id,
+                        "mode": snap.mode, "mode_forced": link.forced_mode,
+                        "probe_rtt_s": link.probe_rtt_s, "probe_bandwidth_bytes_per_second": link.probe_bandwidth_bps,
+                        "bandwidth_bytes_per_second": sample.bandwidth_bps if sample else None,
+                        "rtt_s": sample.rtt_s if sample else None, "min_rtt_s": sample.min_rtt_s if sample else None,
+                        "loss": sample.loss if sample else None,
+                        "predicted_bytes_per_second": snap.prediction.value if snap.prediction else None,
+                        "prediction_accuracy": snap.accuracy, "streams": snap.plan.streams,
+                        "tcp_congestion": link.congestion, "tcp_congestion_reason": link.congestion_reason}
+            return {"status": "ok", "measured": False, "detail": "no v3 migration has measured a path yet"}
+
         self.health.register("amst", amst)
+        self.health.register("pba", pba)
         self.health.register("hde", hde)
         self.health.register("migration", migration)
 
+    def _alive(self) -> bool:
+        """What the systemd watchdog pings for: not stopping, and the data port still accepting."""
+        return not self.health.stopping and self.data_server is not None and self.data_server.accepting
+
     def _migration_finished(self, migration: Migration) -> None:
         self.guard.record_migration(migration.state, migration.duration_s, migration.progress.total_bytes,
-                                    migration.request.protocol)
+                                    migration.request.protocol, migration.request.mode)
         # The consensus protocol follows the network mode PBA measured (datacenter -> Raft,
         # internet -> PBFT; ACP rate-limits switches itself).
         if self._loop is not None and migration.request.mode_measured:
@@ -132,6 +162,7 @@ class Agent:
             except (ConsensusError, ConsensusTimeout) as exc:
                 log.warning("rollout not refreshed from the cluster: %s", exc, extra={"component": "acp"})
             self.guard.tick()
+            self.metrics.ready.set(1 if self.health.snapshot()[0] else 0)
             await asyncio.sleep(1.0)
 
     def reload(self) -> None:
@@ -151,6 +182,7 @@ class Agent:
             old, self.config = self.config, new
             logging.getLogger("dwcp_agent").setLevel(new.log_level.upper())
             self.guard.config = new
+            self.guard.publish_slos()
             try:
                 if new.enable_v3 != old.enable_v3:
                     self.guard.rollout.set_enable_v3(new.enable_v3, by="config")
@@ -207,9 +239,10 @@ class Agent:
             self.metrics_port = self._metrics_runner.addresses[0][1]
         self._write_runtime_file()
         self.health.started = True
+        self.metrics.ready.set(1)
         self.transports.publish()
         self._tasks = [asyncio.create_task(self._tick_guard()),
-                       asyncio.create_task(self.notifier.run_watchdog(lambda: not self.health.stopping))]
+                       asyncio.create_task(self.notifier.run_watchdog(self._alive))]
         self.notifier.ready(f"serving: data :{self.data_server.port}, admin :{self.admin_port}")
         log.info("agent ready", extra={"component": "agent", "version": __version__,
                                        "data_port": self.data_server.port, "admin_port": self.admin_port,
@@ -247,6 +280,7 @@ class Agent:
         timeout = self.config.shutdown_timeout_s
         started = time.monotonic()
         self.health.stopping = True
+        self.metrics.ready.set(0)
         self.notifier.stopping()
         for task in self._tasks:
             task.cancel()

@@ -36,6 +36,8 @@ def routes(agent: AdminHost) -> list[web.RouteDef]:
 
     async def health_component(request: web.Request) -> web.Response:
         name = request.match_info["component"]
+        if not agent.health.knows(name):
+            return error_response(404, f"no component {name!r} (known: {', '.join(agent.health.names())})")
         body = agent.health.component(name)
         return json_response({"component": name, **body}, 503 if body["status"] == "down" else 200)
 
@@ -46,8 +48,9 @@ def routes(agent: AdminHost) -> list[web.RouteDef]:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response(400, "request body must be a JSON object")
+            body = None
         if not isinstance(body, dict):
+            agent.metrics.error("migration", "bad_request")
             return error_response(400, "request body must be a JSON object")
         if body.get("kind") == "live":
             try:
@@ -58,26 +61,30 @@ def routes(agent: AdminHost) -> list[web.RouteDef]:
         try:
             migration_request = agent.manager.parse_request(body)
         except RequestError as exc:
+            agent.metrics.error("migration", exc.error_type)  # a client's mistake: not an SLA error
             return error_response(400, str(exc))
         try:
             migration = await asyncio.get_running_loop().run_in_executor(
                 None, agent.manager.start, migration_request)
+        except RequestError as exc:  # a local policy (max_outgoing_migrations) refused it
+            agent.metrics.error("migration", exc.error_type)
+            return error_response(400, str(exc))
         except Exception as exc:
             return error_response(400, f"cannot start migration: {exc}")
         return json_response(migration.to_dict(), 201)
 
     async def list_migrations(_: web.Request) -> web.Response:
-        image = [{"kind": "image", **m.to_dict()} for m in agent.manager.list()]
+        image = [{"kind": "image", **r} for r in agent.manager.records()]
         return json_response({"migrations": image + [r.to_dict() for r in agent.live.list()]})
 
     async def get_migration(request: web.Request) -> web.Response:
         live = agent.live.get(request.match_info["id"])
         if live is not None:
             return json_response(live.to_dict())
-        migration = agent.manager.get(request.match_info["id"])
-        if migration is None:
+        record = agent.manager.record(request.match_info["id"])
+        if record is None:
             return error_response(404, f"no migration {request.match_info['id']}")
-        return json_response({"kind": "image", **migration.to_dict()})
+        return json_response({"kind": "image", **record})
 
     async def cancel_migration(request: web.Request) -> web.Response:
         live = await agent.live.cancel(request.match_info["id"], agent.config.shutdown_timeout_s)

@@ -21,7 +21,8 @@ from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, follow, use_token_f
 from dwcp_agent.config import FIELDS, ConfigError, load_config, parse_size
 from dwcp_agent.live.cli import add_live_arguments
 from dwcp_agent.progress import human_bytes, human_rate, summary
-from dwcp_agent.telemetry import rollout_cli
+from dwcp_agent.rollout import cli as rollout_cli
+from dwcp_agent.security import pki_cli
 
 DEFAULT_AGENT = "http://127.0.0.1:8080"
 EXIT_FAILED = 1
@@ -92,24 +93,75 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0 if final["state"] == "completed" else EXIT_FAILED
 
 
+def _emit(data: Any, output: str) -> bool:
+    """Print `data` as JSON or YAML when asked; False for the human formats."""
+    if output == "json":
+        print(json.dumps(data, indent=1))
+    elif output == "yaml":
+        import yaml
+
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    else:
+        return False
+    return True
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    output = "json" if args.json else args.output
     if args.id:
         data = api_call(args.agent, "GET", f"/api/v3/migrations/{args.id}")
-        print(json.dumps(data, indent=1) if args.json else summary(data))
+        if not _emit(data, output):
+            print(summary(data))
         return 0
     data = api_call(args.agent, "GET", "/api/v3/migrations")
-    if args.json:
-        print(json.dumps(data, indent=1))
+    if _emit(data, output):
         return 0
     rows = data["migrations"]
     if not rows:
         print("no migrations")
         return 0
-    print(f"{'ID':<18} {'STATE':<11} {'VM':<16} {'DONE':>20} {'RATE':>12}  DESTINATION")
+    wide = output == "wide"
+    header = f"{'ID':<18} {'STATE':<11} {'VM':<16} {'DONE':>20} {'RATE':>12}"
+    if wide:
+        header += f" {'MODE':<10} {'STREAMS':>14} {'CC':<6} {'DURATION':>9} {'ATTEMPTS':>8} {'ERROR':<14}"
+    print(header + "  DESTINATION")
     for m in rows:
         done = f"{human_bytes(m['done_bytes'])}/{human_bytes(m['total_bytes'])}"
-        print(f"{m['id']:<18} {m['state']:<11} {m['vm_id'][:16]:<16} {done:>20} "
-              f"{human_rate(m['throughput_bytes_per_second']):>12}  {m['destination']}:{m['dest_path']}")
+        rate = human_rate(m["throughput_bytes_per_second"]) if m.get("throughput_bytes_per_second") else "-"
+        line = f"{m['id']:<18} {m['state']:<11} {m['vm_id'][:16]:<16} {done:>20} {rate:>12}"
+        if wide:
+            used = m.get("streams_used") or {}
+            streams = f"{used.get('peak', 0)}/{used.get('final', 0)}/{used.get('mean', 0):g}" if used else "-"
+            line += (f" {m.get('mode') or '-':<10} {streams:>14} {m.get('tcp_congestion') or '-':<6} "
+                     f"{m.get('duration_s', 0):>8.1f}s {m.get('attempts', 0):>8} {m.get('error_type') or '-':<14}")
+        print(f"{line}  {m['destination']}:{m['dest_path']}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate a configuration (file < environment) exactly as `serve` would, starting nothing."""
+    config = load_config(args.config)
+    problems = []
+    try:
+        if len(config.psk_bytes) < 16:
+            problems.append("psk: a pre-shared key of at least 16 bytes is required (psk_file or psk)")
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if problems:
+        for problem in problems:
+            print(f"dwcp-agent: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        import dataclasses
+
+        values = dataclasses.asdict(config)
+        values["psk"] = "<set>" if values["psk"] else ""
+        print(json.dumps(values, indent=1))
+    else:
+        source = args.config or "defaults and environment"
+        print(f"configuration OK ({source}): stream_count {config.stream_count or 'auto'}, "
+              f"compression {config.compression_algo}, transport {config.transport_mode}, "
+              f"network mode {config.network_mode}, state_dir {config.state_dir}")
     return 0
 
 
@@ -209,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="migrate an image to another agent, with a progress bar",
                        description="Ask the local agent to migrate SOURCE to the agent at HOST:PORT, show "
-                                   "progress (bytes, rate, ETA), then a summary. Exit 0 only when the "
-                                   "destination committed the image with a verified digest.")
+                                   "progress (bytes, rate, ETA, live streams), then a summary. Exit 0 only when the "
+                                   "destination committed the image with a verified digest.",
+                       epilog="Ctrl-C cancels the running migration (the agent stops it and the destination "
+                              "discards its partial image; the source is never modified), then exits 1. "
+                              "With --no-wait, Ctrl-C has nothing to cancel: use `dwcp-agent cancel ID`.")
     p.add_argument("--source", metavar="PATH", help="image file on this host")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="data address of the destination agent")
     p.add_argument("--dest-path", metavar="PATH", help="absolute path on the destination host (images)")
@@ -223,10 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("status", help="list migrations, or show one",
-                       description="List this agent's migrations, or show one migration in detail.")
+                       description="List this agent's migrations (also those ended before a restart), or show "
+                                   "one migration in detail.")
     p.add_argument("id", nargs="?", help="migration id")
+    p.add_argument("-o", "--output", choices=("text", "wide", "json", "yaml"), default="text",
+                   help="output format: text (default), wide (mode, streams peak/final/mean, congestion control, "
+                        "duration, attempts, error), json or yaml")
     _agent_opts(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("config", help="configuration tools (config check)",
+                       description="Configuration tools that start nothing.")
+    config_sub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    c = config_sub.add_parser("check", help="validate a configuration without starting anything",
+                              description="Load the configuration as `serve` would (defaults < YAML file < "
+                                          "environment), validate every key and the pre-shared key, and report. "
+                                          "Exit 0 when valid, 2 naming the first bad key otherwise.")
+    c.add_argument("--config", metavar="FILE", help="YAML configuration file (default $DWCP_CONFIG)")
+    c.add_argument("--json", action="store_true", help="print the resulting configuration as JSON")
+    c.set_defaults(func=cmd_config_check)
 
     p = sub.add_parser("cancel", help="cancel a running migration",
                        description="Cancel a migration: the destination discards its partial image; the source "
@@ -271,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     acp_cli.register(sub)
     rollout_cli.register(sub)
+    pki_cli.register(sub)
     return parser
 
 

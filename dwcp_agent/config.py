@@ -104,14 +104,35 @@ class Config:
     enable_v3: bool = _spec(True, doc="Master switch for protocol profile v3.")
     sla_availability: float = _spec(0.999, lo=0.0, hi=1.0, doc="GO needs at least this availability.")
     sla_latency_p99_s: float = _spec(0.1, lo=0.0, hi=3600, doc="GO needs P99 latency at most this.")
+    sla_latency_p99_internet_s: float = _spec(0.5, lo=0.0, hi=3600, doc="P99 operation latency SLO in internet mode.")
+    sla_latency_p99_hybrid_s: float = _spec(0.25, lo=0.0, hi=3600, doc="P99 operation latency SLO in hybrid mode.")
     sla_error_rate: float = _spec(0.01, lo=0.0, hi=1.0, doc="GO needs error rate at most this.")
-    sla_throughput_bytes: float = _spec(2.4e9, lo=0.0, hi=1e13, doc="Throughput SLA (bytes/s).")
+    sla_throughput_bytes: float = _spec(2.4e9, lo=0.0, hi=1e13, doc="Throughput SLA in datacenter mode (bytes/s).")
+    sla_throughput_internet_bytes: float = _spec(12.5e6, lo=0.0, hi=1e13,
+                                                 doc="Throughput SLO in internet mode (bytes/s; 100 Mbit/s).")
+    sla_throughput_hybrid_bytes: float = _spec(125e6, lo=0.0, hi=1e13,
+                                               doc="Throughput SLO in hybrid mode (bytes/s; 1 Gbit/s).")
+    runbook_base_url: str = _spec("docs/runbooks", doc="Where alert runbook_url links point (base URL).")
     sla_nogo_hold_s: float = _spec(30.0, lo=0.0, hi=86400, doc="NO-GO held this long rolls back.")
+    sla_min_samples: int = _spec(20, lo=1, hi=1_000_000,
+                                 doc="An SLI needs this many samples in the 5 min window to call NO-GO.")
+    history_max_entries: int = _spec(1000, lo=1, hi=1_000_000,
+                                     doc="Ended migrations remembered across restarts (state_dir/migrations.jsonl).")
+    history_max_age_s: float = _spec(7 * 86400.0, lo=60, hi=365 * 86400.0,
+                                     doc="Remembered migrations older than this are forgotten.")
     acp_protocol: str = _spec("auto", choices=("auto", "raft", "pbft"), doc="Consensus protocol.")
     acp_peers: list[str] = _spec([], doc="Cluster members as id=host:port (empty = single node).")
     acp_peer_keys: list[str] = _spec([], doc="Pinned member signing keys as id=<64 hex digits> (Ed25519 public "
                                              "key; `dwcp-agent cluster key` prints this node's).")
     acp_snapshot_entries: int = _spec(2000, lo=8, hi=10_000_000, doc="Raft log entries between snapshots.")
+    tls_dir: str = _spec("", doc="Holds this node's TLS node.pem, node.key and CA bundle ca.pem ('' = state_dir/tls).")
+    tls_ca_file: str = _spec("", doc="Cluster CA bundle peers are verified against ('' = tls_dir/ca.pem).")
+    tls_auto_issue_ca_dir: str = _spec("", doc="CA directory (pki init) to issue this node's certificate from "
+                                               "at start when missing or expiring (demo/tests; '' = never).")
+    insecure_datacenter_plaintext: bool = _spec(False, doc="Data and consensus traffic unencrypted, PSK only "
+                                                           "(trusted networks only; warned and shown in /health).")
+    max_connections: int = _spec(512, lo=1, hi=65536, doc="Data-port connections served at once (worker pool size).")
+    max_connections_per_source: int = _spec(64, lo=1, hi=65536, doc="Data-port connections from one address.")
     # Files and outgoing limits (sparse: issue 13 items 5-6, issue 16)
     partial_ttl_s: float = _spec(86400.0, lo=1.0, hi=365 * 86400,
                                  doc="Abandoned partial images and journals are removed after this.")

@@ -22,6 +22,7 @@ from dwcp_agent.client import TOKEN_ENV, ApiError, api_call, follow
 from dwcp_agent.config import FIELDS
 from dwcp_agent.migration.images import generate
 from dwcp_agent.progress import human_bytes, summary
+from dwcp_agent.security import pki
 
 READY_TIMEOUT_S = 30.0
 
@@ -96,7 +97,9 @@ class LocalAgent:
         self.cmd = [sys.executable, "-m", "dwcp_agent", "serve", "--node-id", name, "--state-dir", str(self.state_dir),
                     "--data-port", str(self.data_port), "--admin-port", str(self.admin_port),
                     "--listen-host", "127.0.0.1", "--admin-host", "127.0.0.1", "--psk-file", str(psk_file),
-                    "--set", f"dest_dirs={self.images}", "--set", f"source_dirs={self.images}"]
+                    "--set", f"dest_dirs={self.images}", "--set", f"source_dirs={self.images}",
+                    # Agents under one root share a cluster CA and get node certificates from it.
+                    "--set", f"tls_auto_issue_ca_dir={pki.ensure_ca(root / 'cluster-ca')}"]
         for key, value in (settings or {}).items():
             self.cmd += ["--set", f"{key}={value}"]
         self.proc: subprocess.Popen[bytes] | None = None

@@ -46,10 +46,14 @@ class ProgressBar:
         rate = m.get("throughput_bytes_per_second") or 0
         frac = done / total if total else 1.0
         filled = int(frac * self.width)
-        eta = (total - done) / rate if rate else 0
+        eta = human_duration((total - done) / rate) if rate else "unknown"  # no rate yet, no guess
+        live = m.get("streams") or 0
+        streams = str(live) if live else "connecting"
         line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}%  "
-                f"{human_bytes(done)} / {human_bytes(total)}  {human_rate(rate)}  ETA {human_duration(eta)}"
-                f"  streams {m.get('streams', 0)}")
+                f"{human_bytes(done)} / {human_bytes(total)}  {human_rate(rate) if rate else '-'}  ETA {eta}"
+                f"  streams {streams}")
+        if m.get("mode"):
+            line += f"  {m['mode']}"
         if m.get("attempts", 1) > 1:
             line += f"  attempt {m['attempts']}"
         if self.tty:
@@ -76,17 +80,28 @@ def summary(m: dict[str, Any]) -> str:
     total = m.get("total_bytes", 0)
     wire = m.get("wire_bytes", 0)
     duration = m.get("duration_s", 0) or 0
+    completed = m["state"] == "completed"
+    used = m.get("streams_used") or {}
+    streams = (f"peak {used['peak']}, final {used['final']}, mean {used['mean']:g}" if used
+               else str(m.get("streams_configured", m.get("streams", ""))))
     lines = [
         f"migration {m['id']} {m['state']}",
         f"  vm:              {m.get('vm_id', '')}",
         f"  destination:     {m.get('destination', '')}:{m.get('dest_path', '')}",
         f"  logical bytes:   {human_bytes(total)} ({total} B)",
         f"  wire bytes:      {human_bytes(wire)} ({wire} B)",
-        f"  ratio:           {total / wire:.2f}x" if wire else "  ratio:           -",
+        f"  ratio:           {total / wire:.2f}x" if wire and completed else "  ratio:           -",
         f"  duration:        {duration:.2f} s",
-        f"  throughput:      {human_rate(total / duration) if duration else '-'} (logical)",
-        f"  streams:         {m.get('streams_configured', m.get('streams', ''))}  attempts: {m.get('attempts', 1)}",
+        # A throughput only for what arrived: a failed migration moved no image.
+        f"  throughput:      {human_rate(total / duration) if duration and completed else '-'} (logical)",
+        f"  streams:         {streams}  attempts: {m.get('attempts', 1)}",
     ]
+    if m.get("mode"):
+        lines.append(f"  network mode:    {m['mode']}{'' if m.get('mode_measured', True) else ' (not measured)'}")
+    if m.get("tcp_congestion"):
+        lines.append(f"  tcp congestion:  {m['tcp_congestion']} ({m.get('tcp_congestion_reason', '')})")
+    for retry in m.get("retries") or []:
+        lines.append(f"  retried:         {retry}")
     if m.get("skipped_bytes"):
         lines.append(f"  already at dest: {human_bytes(m['skipped_bytes'])} (resumed)")
     if m["state"] == "completed":

@@ -16,7 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import xxhash
@@ -25,6 +25,8 @@ MAGIC = 0x33435744  # b"DWC3" little-endian
 PROTOCOL_VERSION = 3
 SUPPORTED_VERSIONS = (3,)
 MAX_CONTROL_PAYLOAD = 64 * 1024 * 1024
+# Before the peer has proven its key, a control frame is at most this (Hello, Challenge, Auth are < 1 KiB).
+MAX_HANDSHAKE_PAYLOAD = 4 * 1024
 NONCE_BYTES = 32
 
 # magic, version, type, flags, codec, session, stream, reserved, sequence, offset,
@@ -119,27 +121,37 @@ def unpack_header(data: bytes | bytearray | memoryview) -> FrameHeader:
 # ---------------------------------------------------------------------------------------------
 # Control messages
 
+# Pre-auth bounds on decoded sizes: a handshake message cannot decode into more than a few KiB.
+_Versions = Annotated[list[int], msgspec.Meta(max_length=8)]
+_NodeId = Annotated[str, msgspec.Meta(max_length=256)]
+_Nonce = Annotated[bytes, msgspec.Meta(max_length=64)]
+_Caps = Annotated[list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=16)]
+_Trace = Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+                   msgspec.Meta(max_length=8)]
+
+
 class Hello(msgspec.Struct, tag="hello"):
-    versions: list[int]
-    node_id: str
-    nonce: bytes
-    role: str  # "control" | "data" | "live" (a live-migration tunnel, dwcp_agent/live)
+    versions: _Versions
+    node_id: _NodeId
+    nonce: _Nonce
+    # "control" | "data" | "live" (a live-migration tunnel, dwcp_agent/live)
+    role: Annotated[str, msgspec.Meta(max_length=16)]
     session: int = 0
     stream: int = 0
-    trace: dict[str, str] = {}
-    capabilities: list[str] = []
+    trace: _Trace = {}
+    capabilities: _Caps = []
 
 
 class Challenge(msgspec.Struct, tag="challenge"):
     version: int
-    node_id: str
-    nonce: bytes
-    mac: bytes
-    capabilities: list[str] = []
+    node_id: _NodeId
+    nonce: _Nonce
+    mac: _Nonce
+    capabilities: _Caps = []
 
 
 class Auth(msgspec.Struct, tag="auth"):
-    mac: bytes
+    mac: _Nonce
 
 
 class Welcome(msgspec.Struct, tag="welcome"):
@@ -258,7 +270,7 @@ def decode_message(header: FrameHeader, payload: bytes) -> Any:
     try:
         return _decoder.decode(payload)
     except msgspec.DecodeError as exc:
-        raise FrameError(f"malformed control message: {exc}", "malformed") from exc
+        raise FrameError(f"malformed control message: {str(exc)[:200]}", "malformed") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,18 +297,20 @@ def send_message(sock: socket.socket, msg: Any) -> None:
     sock.sendall(encode_message(msg))
 
 
-def recv_message(sock: socket.socket, expect: type | tuple[type, ...] | None = None) -> Any:
-    """Receive one control message; a Refuse/Failed from the peer becomes a WireError here."""
+def recv_message(sock: socket.socket, expect: type | tuple[type, ...] | None = None,
+                 limit: int = MAX_CONTROL_PAYLOAD) -> Any:
+    """Receive one control message of at most `limit` payload bytes (checked before allocating);
+    a Refuse/Failed from the peer becomes a WireError here."""
     header = recv_header(sock)
-    if header.encoded_len > MAX_CONTROL_PAYLOAD:
+    if header.encoded_len > limit:
         raise FrameError(f"control payload of {header.encoded_len} bytes is over the limit", "bad_length")
     payload = bytearray(header.encoded_len)
     recv_exact_into(sock, memoryview(payload))
     msg = decode_message(header, bytes(payload))
     if isinstance(msg, Refuse):
-        raise HandshakeError(f"peer refused: {msg.reason}", msg.error_type)
+        raise HandshakeError(f"peer refused: {_short(msg.reason, 400)}", _short(msg.error_type, 32))
     if isinstance(msg, Failed):
-        raise WireError(f"peer failed: {msg.reason}", msg.error_type)
+        raise WireError(f"peer failed: {_short(msg.reason, 400)}", _short(msg.error_type, 32))
     if expect is not None and not isinstance(msg, expect):
         raise WireError(f"expected {expect}, got {type(msg).__name__}", "unexpected_message")
     return msg
@@ -304,6 +318,12 @@ def recv_message(sock: socket.socket, expect: type | tuple[type, ...] | None = N
 
 # ---------------------------------------------------------------------------------------------
 # Handshake: version negotiation and mutual HMAC challenge-response (the key never travels)
+
+def _short(text: str, limit: int = 64) -> str:
+    """A peer-supplied string fit for an error message or log line (printable, bounded)."""
+    cut = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return cut + ("..." if len(text) > limit else "")
+
 
 def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
     h = hmac.new(key, label, hashlib.sha256)
@@ -329,49 +349,64 @@ class PeerInfo:
 def client_handshake(sock: socket.socket, key: bytes, node_id: str, role: str, session: int = 0,
                      stream: int = 0, trace: dict[str, str] | None = None,
                      versions: tuple[int, ...] = SUPPORTED_VERSIONS,
-                     capabilities: tuple[str, ...] = ()) -> PeerInfo:
-    """Authenticate the server and ourselves; returns the negotiated peer info."""
+                     capabilities: tuple[str, ...] = (), expect_peer: str = "") -> PeerInfo:
+    """Authenticate the server and ourselves; returns the negotiated peer info.
+
+    `expect_peer` is the node name the channel proved (the server's TLS certificate): a server
+    claiming another name is refused, so a reflected or relayed connection cannot pass."""
     nonce = os.urandom(NONCE_BYTES)
     send_message(sock, Hello(list(versions), node_id, nonce, role, session, stream, trace or {},
                              list(capabilities)))
-    challenge = recv_message(sock, Challenge)
+    challenge = recv_message(sock, Challenge, MAX_HANDSHAKE_PAYLOAD)
+    if expect_peer and challenge.node_id != expect_peer:
+        send_message(sock, Refuse("node id does not match the certificate", "identity"))
+        raise HandshakeError(f"server claims node {_short(challenge.node_id)!r} but its certificate names "
+                             f"{_short(expect_peer)!r}", "identity")
     if challenge.version not in versions:
         raise HandshakeError(f"server chose protocol version {challenge.version}, we offered {list(versions)}",
                              "version")
     expected = _mac(key, b"dwcp-server", nonce, challenge.nonce, bytes([challenge.version]))
     if not hmac.compare_digest(expected, challenge.mac):
         send_message(sock, Refuse("server failed authentication (pre-shared keys differ)", "auth"))
-        raise HandshakeError(f"peer {challenge.node_id} failed authentication: pre-shared keys differ", "auth")
+        raise HandshakeError(f"peer {_short(challenge.node_id)} failed authentication: pre-shared keys differ",
+                             "auth")
     send_message(sock, Auth(_mac(key, b"dwcp-client", challenge.nonce, nonce, bytes([challenge.version]))))
-    welcome = recv_message(sock, Welcome)
+    welcome = recv_message(sock, Welcome, MAX_HANDSHAKE_PAYLOAD)
     return PeerInfo(challenge.node_id, challenge.version, role, welcome.session, stream, {},
                     tuple(challenge.capabilities))
 
 
 def server_handshake(sock: socket.socket, key: bytes, node_id: str,
                      versions: tuple[int, ...] = SUPPORTED_VERSIONS,
-                     capabilities: tuple[str, ...] = ()) -> PeerInfo:
-    """Answer a HELLO: pick a version, prove our key, check theirs. Refusals tell the peer why."""
-    hello = recv_message(sock, Hello)
+                     capabilities: tuple[str, ...] = (), expect_peer: str = "") -> PeerInfo:
+    """Answer a HELLO: pick a version, prove our key, check theirs. Refusals tell the peer why.
+
+    Every message before the peer's proof is at most MAX_HANDSHAKE_PAYLOAD bytes; `expect_peer`
+    is the node name the peer's TLS certificate proved, which its Hello must claim."""
+    hello = recv_message(sock, Hello, MAX_HANDSHAKE_PAYLOAD)
+    peer_name = _short(hello.node_id)
+    if expect_peer and hello.node_id != expect_peer:
+        send_message(sock, Refuse("node id does not match the certificate", "identity"))
+        raise HandshakeError(f"refused {peer_name!r}: its certificate names {_short(expect_peer)!r}", "identity")
     common = sorted(set(hello.versions) & set(versions))
     if not common:
         reason = (f"unsupported protocol version(s) {hello.versions}; this agent speaks "
                   f"{', '.join(map(str, versions))}")
         send_message(sock, Refuse(reason, "version"))
-        raise HandshakeError(f"refused {hello.node_id}: {reason}", "version")
+        raise HandshakeError(f"refused {peer_name}: {reason}", "version")
     if hello.role not in ("control", "data", "live") or len(hello.nonce) != NONCE_BYTES:
-        send_message(sock, Refuse(f"bad hello (role {hello.role!r})", "malformed"))
-        raise HandshakeError(f"refused {hello.node_id}: bad hello", "malformed")
+        send_message(sock, Refuse(f"bad hello (role {_short(hello.role, 16)!r})", "malformed"))
+        raise HandshakeError(f"refused {peer_name}: bad hello", "malformed")
     version = common[-1]
     nonce = os.urandom(NONCE_BYTES)
     send_message(sock, Challenge(version, node_id, nonce,
                                  _mac(key, b"dwcp-server", hello.nonce, nonce, bytes([version])),
                                  list(capabilities)))
-    auth = recv_message(sock, Auth)
+    auth = recv_message(sock, Auth, MAX_HANDSHAKE_PAYLOAD)
     expected = _mac(key, b"dwcp-client", nonce, hello.nonce, bytes([version]))
     if not hmac.compare_digest(expected, auth.mac):
         send_message(sock, Refuse("authentication failed: pre-shared keys differ", "auth"))
-        raise HandshakeError(f"refused {hello.node_id}: authentication failed (pre-shared keys differ)", "auth")
+        raise HandshakeError(f"refused {peer_name}: authentication failed (pre-shared keys differ)", "auth")
     send_message(sock, Welcome(hello.session))
     return PeerInfo(hello.node_id, version, hello.role, hello.session, hello.stream, dict(hello.trace),
                     tuple(hello.capabilities))

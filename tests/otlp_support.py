@@ -45,6 +45,18 @@ class OtlpReceiver:
                     out.extend((service, s.name, s.trace_id.hex()) for s in ss.spans)
         return out
 
+    def kinds(self) -> dict[tuple[str, str], str]:
+        """(service.name, span name) -> span kind name (SPAN_KIND_CLIENT, ...) of received spans."""
+        from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+        out = {}
+        for request in self.requests:
+            for rs in request.resource_spans:
+                service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
+                for ss in rs.scope_spans:
+                    out.update({(service, s.name): Span.SpanKind.Name(s.kind) for s in ss.spans})
+        return out
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()

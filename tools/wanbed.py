@@ -157,6 +157,17 @@ class WanBed:
                 self.run(side, ["iptables", "-w", "-A", "INPUT", "-i", dev, "-j", "NFQUEUE",
                                 "--queue-num", str(QUEUE_NUM), "--queue-bypass"])
 
+    def set_default_congestion(self, name: str) -> bool:
+        """The congestion control a socket gets unless it asks (net.ipv4.tcp_congestion_control), in
+        both namespaces: e.g. "cubic" for a bed that behaves like a stock host. False when this
+        host does not let it be set (a container without the sysctl) and it is not already so."""
+        for side in ("a", "b"):
+            done = self.run(side, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"], check=False)
+            current = self.run(side, ["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
+            if done.returncode != 0 and current != name:
+                return False
+        return True
+
     def set_rate(self, rate_bps: int) -> None:
         """Change only the tbf rate, in both directions (the prediction benchmark's rate trace)."""
         for side in ("a", "b"):
@@ -257,6 +268,8 @@ class BedAgent:
                  env: dict[str, str] | None = None, python: str | None = None) -> None:
         import sys
 
+        from dwcp_agent.security.pki import ensure_ca
+
         self.bed, self.side = bed, side
         self.state_dir = state_dir
         self.images = state_dir / "images"
@@ -267,7 +280,10 @@ class BedAgent:
                "--state-dir", str(state_dir), "--data-port", str(self.DATA_PORT), "--listen-host",
                bed.addr[side], "--admin-port", str(self.ADMIN_PORT), "--admin-host", "127.0.0.1",
                "--psk-file", str(psk_file), "--set", f"dest_dirs={self.images}", "--set",
-               f"source_dirs={self.images}"]
+               f"source_dirs={self.images}",
+               # the other side of the bed is this agent's one migration target (not loopback)
+               "--set", f"migration_targets={bed.addr['b' if side == 'a' else 'a']}:{self.DATA_PORT}",
+               "--set", f"tls_auto_issue_ca_dir={ensure_ca(psk_file.parent / 'cluster-ca')}"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = bed.popen(side, cmd, stdout=self._log, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})}, cwd=str(TOOLS.parent))

@@ -34,11 +34,12 @@ from dwcp_agent.acp.messages import (
     PbftWire,
     Proposal,
     RaftMsg,
+    Reply,
     Request,
     Snapshot,
 )
 from dwcp_agent.acp.pbft import Pbft, PbftOptions
-from dwcp_agent.acp.pbft_certs import request_bytes
+from dwcp_agent.acp.pbft_certs import client_node, request_bytes
 from dwcp_agent.acp.raft import NotLeader, ProposalDropped, Raft, RaftOptions, Role, decode_conf
 from dwcp_agent.acp.registry import (
     AddMember,
@@ -56,6 +57,10 @@ from dwcp_agent.acp.storage import EpochStart, PbftCheckpoint, PersistOps, Recov
 
 __all__ = ["Replica", "ReplicaOptions", "ReplicaReady", "bootstrap"]
 
+_RESULT_ENC = msgspec.msgpack.Encoder(order="sorted")
+_RESULT_DEC = msgspec.msgpack.Decoder(Result)
+_MAX_VOTES = 8192
+
 
 @dataclass
 class ReplicaOptions:
@@ -72,7 +77,9 @@ class ReplicaReady:
     """One batch for the caller: persist, then send, then answer.
 
     `applied` holds (position, command, result): position is the registry's count of applied
-    commands, the same on every replica for the same command.
+    commands, the same on every replica for the same command. `confirmed` holds (client, seq,
+    result) a local client may be answered with: under Raft what this replica applied, under PBFT
+    a result f+1 replicas reported alike (so at least one honest replica vouches for it).
     """
 
     persist: PersistOps
@@ -85,6 +92,7 @@ class ReplicaReady:
     view_changes: int
     switched: tuple[str, str] | None
     addrs: dict[str, str]
+    confirmed: list[tuple[str, int, Result]] = field(default_factory=list)
 
 
 def bootstrap(protocol: str, members: dict[str, str]) -> EpochStart:
@@ -110,6 +118,9 @@ class Replica:
         self._reads: list[tuple[int, int]] = []
         self._ready_reads: list[int] = []
         self._applied: list[tuple[int, Command, Result]] = []
+        self._confirmed: list[tuple[str, int, Result]] = []
+        self._votes: dict[tuple[str, int], dict[str, bytes]] = {}
+        self._answered: dict[tuple[str, int], bytes] = {}
         self._out: list[Envelope] = []
         self._leader = ""
         self._view_changes = 0
@@ -138,7 +149,8 @@ class Replica:
             self.registry = Registry.restore(image)
             self.pbft = Pbft(self.id, sorted(start.members), keys=self.keys, detector=self.detector,
                              options=self.opts.pbft, view=max(view, rec.view), stable=(seq, image),
-                             stable_proof=proof, prepared=rec.prepared, incarnation=self.incarnation)
+                             stable_proof=proof, prepared=rec.prepared, incarnation=self.incarnation,
+                             spoke=rec.spoke)
             self._pbft_low = seq
             self._pbft_view = view
         self._view_changes = 0
@@ -329,6 +341,7 @@ class Replica:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
                 switched = self._apply(cmd)
+                self._confirmed.append((cmd.client, cmd.seq, self._applied[-1][2]))
             elif entry.kind == ENTRY_CONF:
                 cc = decode_conf(entry.data)
                 op = (AddMember(cc.node_id, cc.addr, cc.public_key, voter=cc.op == "add")
@@ -357,7 +370,13 @@ class Replica:
             self.registry = Registry.restore(rd.restore[1])
         self._leader = rd.primary
         interval = pbft.opts.checkpoint_interval
+        for sender, reply in pbft.replies:
+            for client, ts, encoded in reply.results:
+                if client_node(client) == self.id:
+                    self._vote(client, ts, sender, encoded)
+        pbft.replies = []
         for seq, batch in rd.committed:
+            replies: dict[str, list[tuple[str, int, bytes]]] = {}
             for req in batch:
                 try:
                     cmd = decode_command(req.op)
@@ -365,26 +384,75 @@ class Replica:
                     continue
                 if cmd.client != req.client or cmd.seq != req.ts:
                     continue
-                if self._apply(cmd):
+                switched = self._apply(cmd)
+                result = self._applied[-1][2]
+                if result.error == "duplicate":
+                    # A late retry of a request its client already acknowledged: the answer that
+                    # counted was the first one, and this one must not be mistaken for a lie.
+                    if switched:
+                        return
+                    continue
+                encoded = _RESULT_ENC.encode(result)
+                node = client_node(cmd.client)
+                if node == self.id:
+                    self._vote(cmd.client, cmd.seq, self.id, encoded)
+                elif node in pbft.qs.replicas:
+                    replies.setdefault(node, []).append((cmd.client, cmd.seq, encoded))
+                if switched:
                     return
+            for node, results in replies.items():
+                pbft.send_reply(node, Reply(seq, results, self.id))
             if seq % interval == 0:
                 pbft.record_checkpoint(seq, self.registry.snapshot())
         ops = self._pending_ops
         ops.prepared, pbft.new_prepared = pbft.new_prepared, []
         if pbft.view != self._pbft_view:
             ops.view = self._pbft_view = pbft.view
+        if pbft.spoke_dirty:
+            ops.spoke, pbft.spoke_dirty = pbft.spoke, False
         if pbft.low != self._pbft_low and pbft.last_exec >= pbft.low:
             self._pbft_low = pbft.low
             ops.checkpoint = PbftCheckpoint(pbft.low, pbft.stable_data, pbft.stable_proof, pbft.view)
 
+    def _vote(self, client: str, seq: int, replica: str, encoded: bytes) -> None:
+        """One replica's result for a local client's request; f+1 alike confirm it. A replica whose
+        result differs from a confirmed one lied (or is corrupt): that is reported."""
+        key = (client, seq)
+        agreed = self._answered.get(key)
+        if agreed is not None:
+            if encoded != agreed:
+                self.detector.report(replica, "wrong_result", f"{client} seq {seq}")
+            return
+        votes = self._votes.setdefault(key, {})
+        votes[replica] = encoded
+        same = [r for r, e in votes.items() if e == encoded]
+        # The broken variant the simulation must catch (unsafe_quorum) also trusts a single reply.
+        if self.pbft is None or len(same) < (1 if self.pbft.qs.unsafe_quorum else self.pbft.qs.f + 1):
+            if len(self._votes) > _MAX_VOTES:  # votes for requests that never complete: drop the oldest
+                del self._votes[next(iter(self._votes))]
+            return
+        try:
+            result = _RESULT_DEC.decode(encoded)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        del self._votes[key]
+        self._answered[key] = encoded
+        if len(self._answered) > _MAX_VOTES:
+            del self._answered[next(iter(self._answered))]
+        self._confirmed.append((client, seq, result))
+        for other, enc in votes.items():
+            if enc != encoded:
+                self.detector.report(other, "wrong_result", f"{client} seq {seq}")
+
     def has_ready(self) -> bool:
         """True when `ready()` would carry work."""
-        if self._out or self._applied or self._ready_reads or self.detector.events or not self._pending_ops.empty():
+        if (self._out or self._applied or self._confirmed or self._ready_reads or self.detector.events
+                or not self._pending_ops.empty()):
             return True
         if self.raft is not None:
             return self.raft.has_ready()
         return self.pbft is not None and (self.pbft.has_ready() or bool(self.pbft.new_prepared)
-                                          or self.pbft.view != self._pbft_view)
+                                          or self.pbft.view != self._pbft_view or self.pbft.spoke_dirty)
 
     def ready(self) -> ReplicaReady:
         """Run the engine's Ready through the registry; see the module docstring for the contract."""
@@ -401,9 +469,10 @@ class Replica:
             persist=self._pending_ops, messages=self._out, applied=self._applied, reads=self._ready_reads,
             detections=self.detector.drain(), leader=self._leader,
             leader_changed=self._leader != prev_leader and self.raft is not None and self._leader != "",
-            view_changes=view_changes, switched=self._switched, addrs=self._addrs,
+            view_changes=view_changes, switched=self._switched, addrs=self._addrs, confirmed=self._confirmed,
         )
         self._pending_ops, self._out, self._applied, self._ready_reads = PersistOps(), [], [], []
+        self._confirmed = []
         self._switched, self._addrs = None, {}
         return rd
 

@@ -186,6 +186,9 @@ class _SimKeyRing(KeyRing):
             rings[i] = cls(i, dummy, mine, secrets)
         return rings
 
+    def knows(self, peer: str) -> bool:
+        return peer in self._secrets
+
     def sign(self, data: bytes) -> bytes:
         return hmac.digest(self._secrets[self.node_id], data, "sha256") * 2
 

@@ -27,6 +27,7 @@ WEIGHTS: dict[str, float] = {
     "malformed": 15.0,
     "flooding": 25.0,
     "replay": 5.0,
+    "wrong_result": 40.0,  # a reply whose result differs from the one f+1 replicas agree on
 }
 REASONS = tuple(WEIGHTS)
 MAX_PENDING_EVENTS = 1024  # detections kept between two drains; hearsay beyond it is scored, not queued

@@ -32,6 +32,7 @@ __all__ = [
     "Proposal",
     "RaftMsg",
     "RaftType",
+    "Reply",
     "Request",
     "RequestFwd",
     "Snapshot",
@@ -217,7 +218,17 @@ class RequestFwd(msgspec.Struct, array_like=True, tag="rq"):
     request: Request
 
 
-PbftMessage = PrePrepare | Prepare | Commit | Checkpoint | ViewChange | NewView | StateFetch | StateReply | RequestFwd
+class Reply(msgspec.Struct, array_like=True, tag="rp"):
+    """Results of the requests executed at `seq`, sent to the node whose clients issued them: that
+    node answers a client only when f+1 replicas report the same encoded result."""
+
+    seq: int
+    results: list[tuple[str, int, bytes]]  # (client, ts, msgpack of the registry Result)
+    replica: str
+
+
+PbftMessage = (PrePrepare | Prepare | Commit | Checkpoint | ViewChange | NewView | StateFetch | StateReply
+               | RequestFwd | Reply)
 
 
 class PbftWire(msgspec.Struct, array_like=True, tag="pw"):

@@ -62,6 +62,7 @@ class ConsensusNode:
         self._ticker: asyncio.Task[None] | None = None
         self.leader = ""
         self.running = False
+        self.failed = ""  # why consensus stopped itself (storage could not persist), else empty
         self._set_protocol_gauge()
 
     # ------------------------------------------------------------ lifecycle
@@ -92,7 +93,14 @@ class ConsensusNode:
     # ------------------------------------------------------------ input
     def deliver(self, env: Envelope) -> None:
         """An envelope from the transport; processing is coalesced per loop iteration."""
+        if self.failed:
+            return
         self.replica.receive(env)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Process once at the next loop iteration: everything that arrives (or is submitted) in
+        between is stepped together and leaves in one Ready, one fsync and one PBFT batch."""
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._process)
@@ -100,16 +108,36 @@ class ConsensusNode:
     def _process(self) -> None:
         self._scheduled = False
         guard = 0
-        while self.replica.has_ready() and guard < 100:
+        while not self.failed and self.replica.has_ready() and guard < 100:
             guard += 1
             rd = self.replica.ready()
             if not rd.persist.empty():
-                self.storage.save(rd.persist)
+                try:
+                    self.storage.save(rd.persist)
+                except OSError as exc:
+                    self._fail_stop(exc)
+                    return
             if rd.addrs:
                 self.on_addrs(rd.addrs)
             for env in rd.messages:
                 self.send(env)
             self._publish(rd)
+
+    def _fail_stop(self, exc: OSError) -> None:
+        """The WAL could not persist a Ready (disk full, fsync failed): what it held may never be
+        sent or answered, and the in-memory state is ahead of the disk, so this replica stops
+        taking part until the agent restarts and recovers from what did reach the disk."""
+        self.failed = f"consensus storage failed: {exc}"
+        self.running = False
+        self.metrics.errors.labels("acp", "storage").inc()
+        log.error("%s; consensus stopped on this node (restart the agent once the disk is fixed)", self.failed,
+                  extra={"component": "acp"})
+        if self._ticker is not None:
+            self._ticker.cancel()
+        futures: list[asyncio.Future[Result] | asyncio.Future[None]] = [*self._waiting.values(), *self._reads.values()]
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(ConsensusTimeout(self.failed))
 
     def _publish(self, rd: ReplicaReady) -> None:
         m = self.metrics
@@ -134,8 +162,8 @@ class ConsensusNode:
                                "evidence": [item.hex() for item in det.evidence]})
         if rd.applied:
             m.acp_commits.labels(self.replica.protocol).inc(len(rd.applied))
-        for _pos, cmd, result in rd.applied:
-            fut = self._waiting.pop((cmd.client, cmd.seq), None)
+        for client, seq, result in rd.confirmed:
+            fut = self._waiting.pop((client, seq), None)
             if fut is not None and not fut.done():
                 fut.set_result(result)
         for ctx in rd.reads:
@@ -150,6 +178,8 @@ class ConsensusNode:
     # ------------------------------------------------------------ clients
     async def submit(self, op: Op, timeout: float = 5.0, retry_s: float = 0.5) -> Result:
         """Order `op` and wait for its result; ConsensusTimeout when the deadline passes."""
+        if self.failed:
+            raise ConsensusTimeout(self.failed)
         lane = await self._free.get()
         lane.seq += 1
         cmd = Command(lane.client, lane.seq, op, int(time.time() * 1000), lane.seq - 1)
@@ -162,9 +192,11 @@ class ConsensusNode:
             fut: asyncio.Future[Result] = loop.create_future()
             self._waiting[key] = fut
             while True:
+                if self.failed:
+                    raise ConsensusTimeout(self.failed)
                 with contextlib.suppress(NotLeader, ProposalDropped):
                     self.replica.submit(cmd, forward=True)
-                self._process()
+                self._schedule()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise ConsensusTimeout(f"no result for {type(op).__name__} within {timeout}s")

@@ -28,6 +28,10 @@ class OwnershipError(RuntimeError):
     """The registry refused (VM owned elsewhere, stale lease) or did not answer in time."""
 
 
+class OwnedElsewhere(OwnershipError):
+    """Another host owns the VM: the request was wrong, the service is fine."""
+
+
 class RegistryOwnership:
     """begin / finish / release of a migration's ownership steps, for MigrationManager."""
 
@@ -56,7 +60,7 @@ class RegistryOwnership:
         if owner is None:
             owner = await self.consensus.claim(vm_id, self.node_id)
         if owner != self.node_id:
-            raise OwnershipError(f"VM {vm_id} is owned by {owner}, not this host ({self.node_id})")
+            raise OwnedElsewhere(f"VM {vm_id} is owned by {owner}, not this host ({self.node_id})")
         return (await self.consensus.acquire_lease(vm_id, self.node_id, LEASE_TTL_S)).token
 
     def finish(self, vm_id: str, destination: str, token: int) -> None:

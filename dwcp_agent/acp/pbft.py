@@ -32,6 +32,7 @@ from dwcp_agent.acp.messages import (
     Prepare,
     PreparedProof,
     PrePrepare,
+    Reply,
     Request,
     RequestFwd,
     StateFetch,
@@ -44,6 +45,7 @@ from dwcp_agent.acp.pbft_certs import (
     Quorums,
     batch_digest,
     checkpoint_bytes,
+    client_node,
     compute_new_view,
     new_view_bytes,
     pp_header,
@@ -54,7 +56,9 @@ from dwcp_agent.acp.pbft_certs import (
     view_change_bytes,
 )
 
-__all__ = ["Pbft", "PbftOptions", "PbftReady"]
+__all__ = ["MAX_BACKOFF", "Pbft", "PbftOptions", "PbftReady"]
+
+MAX_BACKOFF = 5  # timeouts double per failed view change, up to 32 times the base
 
 
 @dataclass
@@ -99,7 +103,7 @@ class Pbft:
     def __init__(self, node_id: str, replicas: list[str], *, keys: KeyRing, detector: ByzantineDetector,
                  options: PbftOptions | None = None, view: int = 0, stable: tuple[int, bytes] = (0, b""),
                  stable_proof: list[Checkpoint] | None = None, prepared: list[PreparedProof] | None = None,
-                 incarnation: int = 0) -> None:
+                 incarnation: int = 0, spoke: tuple[int, int] | None = None) -> None:
         self.id = node_id
         self.opts = options or PbftOptions()
         self.qs = Quorums(tuple(sorted(replicas)), self.opts.unsafe_quorum)
@@ -122,16 +126,24 @@ class Pbft:
         self.nv_sent: set[int] = set()
         self.now = 0
         self.vc_started = 0
-        self.vc_attempt = 0
+        self.vc_quorum_at: int | None = None  # when q view changes for the pending view were seen
+        self.vc_attempt = 0  # consecutive view changes without progress: the timeouts double
+        self.req_timer: int | None = None  # started when a request waits, restarted on every execution
+        self.lag_grace = False  # the request timer was extended once because this replica lagged
+        self.peer_views: dict[str, int] = {}  # highest view each peer showed beyond ours
+        self._nv_resent: dict[str, int] = {}
         self.fetching = 0
         self.view_changes = 0
         self._last_vc: ViewChange | None = None
         self._last_nv: NewView | None = None
         self._nonce = incarnation << 32
-        # A restarted replica may have forgotten messages it sent in this view (everything but its
-        # prepared certificates, which are persisted): it stays passive until the next view, so it
-        # can never contradict itself. The others time out and change view if they need it.
-        self.mute_view = view if incarnation > 1 else -1
+        # `spoke` bounds the (view, seq) of every pre-prepare, prepare, commit and new view sent; it
+        # is persisted ahead (in steps of max_inflight) before anything beyond it leaves. After a
+        # restart the replica stays silent at or below the recovered bound, where it may have
+        # forgotten what it said, and takes part at once above it. A fresh replica has no bound.
+        self.spoke = spoke or (-1, 0)
+        self.spoke_dirty = False
+        self.mute = spoke or (-1, 0)
         self.new_prepared: list[PreparedProof] = []
         # P set: per sequence, the prepared certificate of the highest view. It outlives views (the
         # view-change message must carry it) and is only dropped below a stable checkpoint.
@@ -141,6 +153,13 @@ class Pbft:
         self._out: list[tuple[str, PbftWire]] = []
         self._committed: list[tuple[int, list[Request]]] = []
         self._restore: tuple[int, bytes] | None = None
+        self.replies: list[tuple[str, Reply]] = []  # from other replicas, for the caller to count
+        if view > 0:
+            # Restarted inside a view it may never have entered (it crashed during the view change)
+            # or whose new-view message it forgot: it asks again with a view change for it. Replicas
+            # active in that view answer with the new-view message that started it.
+            self.active = False
+            self._send_view_change()
 
     # ------------------------------------------------------------ helpers
     @property
@@ -160,12 +179,19 @@ class Pbft:
         self._out.append((to, PbftWire(self._nonce, body, self.keys.mac(to, nonce_b + body))))
 
     def _bcast(self, msg: PbftMessage) -> None:
-        if self.view == self.mute_view and isinstance(msg, PrePrepare | Prepare | Commit):
-            return
+        if isinstance(msg, PrePrepare | Prepare | Commit):
+            if msg.view == self.mute[0] and msg.seq <= self.mute[1]:
+                return
+            self._note_spoken(msg.view, msg.seq)
         body = encode(msg)
         for peer in self.qs.replicas:
             if peer != self.id:
                 self._send_body(peer, body)
+
+    def _note_spoken(self, view: int, seq: int) -> None:
+        if view > self.spoke[0] or (view == self.spoke[0] and seq > self.spoke[1]):
+            self.spoke = (view, seq + self.opts.max_inflight)
+            self.spoke_dirty = True
 
     def _slot(self, seq: int) -> _Slot:
         slot = self.slots.get(seq)
@@ -199,8 +225,14 @@ class Pbft:
 
     def step(self, sender: str, msg: PbftMessage) -> None:
         """Dispatch an authenticated message."""
+        if isinstance(msg, PrePrepare | Prepare | Commit | ViewChange | NewView) and msg.view > self.view:
+            self._note_view(sender, msg.view)
+        if not self._signers_known(msg):
+            return  # a key not learnt yet (the handshake with that node is pending) is no evidence
         if isinstance(msg, RequestFwd):
-            if valid_request(self.keys, msg.request):
+            # Straight from the client's own node, the link's MAC already proves the origin; the
+            # signature is checked only for requests relayed by someone else.
+            if sender == client_node(msg.request.client) or valid_request(self.keys, msg.request):
                 self._accept_request(msg.request)
             else:
                 self.det.report(sender, "invalid_signature", "request")
@@ -222,11 +254,39 @@ class Pbft:
                 self._send(sender, StateReply(msg.seq, data, self.id))
         elif isinstance(msg, StateReply):
             self._on_state_reply(msg)
+        elif isinstance(msg, Reply):
+            if msg.replica == sender:
+                self.replies.append((sender, msg))
+            else:
+                self.det.report(sender, "malformed", "reply for another replica")
+
+    def _authentic(self, req: Request) -> bool:
+        """A request we already hold byte for byte (from its node's authenticated link) needs no
+        signature check; anything else does."""
+        return self.requests.get((req.client, req.ts)) == req or valid_request(self.keys, req)
+
+    def _signers_known(self, msg: PbftMessage) -> bool:
+        keys = self.keys
+        if isinstance(msg, RequestFwd):
+            return keys.knows(client_node(msg.request.client))
+        if isinstance(msg, PrePrepare):
+            return keys.knows(self.qs.primary(msg.view)) and all(keys.knows(client_node(r.client)) for r in msg.batch)
+        if isinstance(msg, Prepare):
+            return keys.knows(msg.replica) and keys.knows(self.qs.primary(msg.view))
+        if isinstance(msg, Checkpoint):
+            return keys.knows(msg.replica)
+        return True
+
+    def send_reply(self, to: str, reply: Reply) -> None:
+        """Results of executed requests to the node of their clients (authenticated like the rest)."""
+        self._send(to, reply)
 
     def _accept_request(self, req: Request) -> None:
         key = (req.client, req.ts)
         if req.ts <= self.last_ts.get(req.client, 0) or key in self.waiting:
             return
+        if self.req_timer is None:
+            self.req_timer = self.now
         self.waiting[key] = self.now
         self.requests[key] = req
         self.queue[key] = req
@@ -234,14 +294,24 @@ class Pbft:
     # ------------------------------------------------------------ normal case
     def _flush(self) -> None:
         """Primary: cut batches from the queue while the window and the pipeline allow."""
-        if not self.active or self.primary != self.id or self.view == self.mute_view:
+        if not self.active or self.primary != self.id:
             return
+        if self.view == self.mute[0]:
+            self.next_seq = max(self.next_seq, self.mute[1] + 1)
         while self.queue and self.next_seq <= self.high and self.next_seq - self.last_exec <= self.opts.max_inflight:
             batch: list[Request] = []
             for key in list(self.queue):
                 req = self.queue.pop(key)
-                if req.ts > self.last_ts.get(req.client, 0):
-                    batch.append(req)
+                if req.ts <= self.last_ts.get(req.client, 0):
+                    continue
+                # Backups holding the same bytes skip the check, so the primary makes it once for
+                # all: a request it took on its link's word must carry a valid signature to go out.
+                if not valid_request(self.keys, req):
+                    self.det.report(client_node(req.client), "invalid_signature", "request")
+                    self.waiting.pop(key, None)
+                    self.requests.pop(key, None)
+                    continue
+                batch.append(req)
                 if len(batch) >= self.opts.max_batch:
                     break
             if not batch:
@@ -263,7 +333,7 @@ class Pbft:
         if not self.keys.verify(sender, pp_header(m.view, m.seq, m.digest), m.sig):
             self.det.report(sender, "invalid_signature", "pre-prepare")
             return
-        if batch_digest(m.batch) != m.digest or not all(valid_request(self.keys, r) for r in m.batch):
+        if batch_digest(m.batch) != m.digest or not all(self._authentic(r) for r in m.batch):
             self.det.report(sender, "malformed", "pre-prepare batch")
             return
         slot = self._slot(m.seq)
@@ -281,6 +351,8 @@ class Pbft:
             if req.ts > self.last_ts.get(req.client, 0):
                 self.waiting.setdefault(key, self.now)
                 self.requests.setdefault(key, req)
+                if self.req_timer is None:
+                    self.req_timer = self.now
         if self.id != self.qs.primary(m.view):
             prep = Prepare(m.view, m.seq, m.digest, self.id, m.sig)
             prep.sig = self.keys.sign(prepare_bytes(prep))
@@ -368,6 +440,14 @@ class Pbft:
                 self.queue.pop(key, None)
                 self.requests.pop(key, None)
             self._committed.append((self.last_exec, batch))
+            self._progress()
+
+    def _progress(self) -> None:
+        """Something executed: the view works, so timeouts return to their base and the request
+        timer restarts for whatever still waits."""
+        self.vc_attempt = 0
+        self.lag_grace = False
+        self.req_timer = self.now if self.waiting else None
 
     # ------------------------------------------------------------ checkpoints and state transfer
     def record_checkpoint(self, seq: int, image: bytes) -> None:
@@ -440,6 +520,11 @@ class Pbft:
         self.snapshots[m.seq] = self.stable_data = m.data
         self._restore = (m.seq, m.data)
         self._committed = [(s, b) for s, b in self._committed if s > m.seq]
+        # The image does not say which requests it executed: forget the ones we were waiting for
+        # (their clients retry, and a retry of an executed one is answered from the sessions), so a
+        # stale entry cannot time out and push this replica into a view change alone.
+        self.waiting, self.requests, self.queue = {}, {}, {}
+        self._progress()
         self._execute()
 
     # ------------------------------------------------------------ view change
@@ -448,8 +533,14 @@ class Pbft:
             return
         self.view = view
         self.active = False
-        self.vc_started = self.now
         self.view_changes += 1
+        self.peer_views = {p: v for p, v in self.peer_views.items() if v > view}
+        self._send_view_change()
+
+    def _send_view_change(self) -> None:
+        view = self.view
+        self.vc_started = self.now
+        self.vc_quorum_at = None
         prepared = [proof for seq, proof in sorted(self.pset.items()) if self.low < seq <= self.high]
         vc = ViewChange(view, self.low, self.stable_proof, prepared, self.id)
         vc.sig = self.keys.sign(view_change_bytes(vc))
@@ -458,25 +549,39 @@ class Pbft:
         self._bcast(vc)
         self._maybe_new_view(view)
 
+    def _note_view(self, sender: str, view: int) -> None:
+        """View synchronisation (Castro-Liskov): f+1 replicas showing views above ours include an
+        honest one, so we move to the (f+1)-th highest of them; a replica already there answers our
+        view change with the new-view message, and we enter that view without a timeout."""
+        if self.peer_views.get(sender, -1) >= view:
+            return
+        self.peer_views[sender] = view
+        ahead = sorted((v for v in self.peer_views.values() if v > self.view), reverse=True)
+        if len(ahead) > self.qs.f:
+            self._start_view_change(ahead[self.qs.f])
+
     def _on_view_change(self, sender: str, m: ViewChange) -> None:
         if m.replica != sender or m.view < self.view:
             return
         if m.view == self.view and self.active:
-            if m.view in self.nv_sent and self._last_nv is not None:
-                self._send(sender, self._last_nv)  # it missed the new view: send it again
+            nv = self._last_nv
+            if nv is not None and nv.view == self.view and self.now - self._nv_resent.get(sender, -10) >= 5:
+                self._nv_resent[sender] = self.now
+                self._send(sender, nv)  # it missed (or forgot) the new view: any member may forward it
             return
         if not valid_view_change(self.keys, self.qs, m, self.opts.window):
             self.det.report(sender, "invalid_view_change", f"view {m.view}")
             return
         self.vcs.setdefault(m.view, {})[sender] = m
-        ahead = {r for v, d in self.vcs.items() if v > self.view for r in d}
-        if len(ahead) >= self.qs.f + 1:
-            self._start_view_change(min(v for v in self.vcs if v > self.view))
         self._maybe_new_view(m.view)
 
     def _maybe_new_view(self, view: int) -> None:
         vcs = self.vcs.get(view, {})
-        if self.qs.primary(view) != self.id or view in self.nv_sent or len(vcs) < self.qs.q or view != self.view:
+        if view != self.view or self.active or len(vcs) < self.qs.q:
+            return
+        if self.vc_quorum_at is None:
+            self.vc_quorum_at = self.now  # the view-change timer starts only with a quorum behind it
+        if self.qs.primary(view) != self.id or view in self.nv_sent or view == self.mute[0]:
             return
         chosen = [vcs[r] for r in sorted(vcs)][: self.qs.q]
         _min_s, plan = compute_new_view(view, chosen)
@@ -484,16 +589,18 @@ class Pbft:
         nv = NewView(view, chosen, pps)
         nv.sig = self.keys.sign(new_view_bytes(nv))
         self.nv_sent.add(view)
-        self._last_nv = nv
+        self._note_spoken(view, max([self.low, *(p.seq for p in pps)]))
         self._bcast(nv)
         self._enter_view(nv)
 
     def _on_new_view(self, sender: str, m: NewView) -> None:
-        if m.view < self.view or (m.view == self.view and self.active) or sender != self.qs.primary(m.view):
+        if m.view < self.view or (m.view == self.view and self.active):
             return
         if not self._valid_new_view(m):
+            # Forwarded new views are welcome, so the evidence is against whoever sent this one.
             self.det.report(sender, "invalid_view_change", f"new view {m.view}")
-            self._start_view_change(m.view + 1)
+            if sender == self.qs.primary(m.view):
+                self._start_view_change(m.view + 1)
             return
         self.view = m.view
         self._enter_view(m)
@@ -514,9 +621,12 @@ class Pbft:
 
     def _enter_view(self, nv: NewView) -> None:
         self.active = True
-        self.vc_attempt = 0
         self._last_vc = None
+        self._last_nv = nv
+        self.vc_quorum_at = None
+        self.peer_views = {p: v for p, v in self.peer_views.items() if v > nv.view}
         self.waiting = dict.fromkeys(self.waiting, self.now)
+        self.req_timer = self.now if self.waiting else None
         best = max(nv.view_changes, key=lambda vc: vc.stable_seq)
         if best.stable_seq > self.low:
             self._make_stable(best.stable_seq, best.checkpoints)
@@ -534,11 +644,20 @@ class Pbft:
         """Advance time: request and view-change timers, state-transfer retries."""
         self.now += 1
         self.det.tick()
+        backoff = min(self.vc_attempt, MAX_BACKOFF)
         if self.active:
-            oldest = min(self.waiting.values(), default=self.now)
-            if self.now - oldest > self.opts.request_timeout:
-                self._start_view_change(self.view + 1)
-        elif self.now - self.vc_started > self.opts.view_change_timeout << min(self.vc_attempt, 2):
+            if self.req_timer is not None and self.now - self.req_timer > self.opts.request_timeout << backoff:
+                if self._lagging() and not self.lag_grace:
+                    # The lag may be ours, not the primary's: one more period to catch up first.
+                    # (It may also be a slot nobody can commit: then the view change comes next.)
+                    self.lag_grace = True
+                    self.req_timer = self.now
+                else:
+                    self._start_view_change(self.view + 1)
+        elif (self.vc_quorum_at is not None
+              and self.now - self.vc_quorum_at > self.opts.view_change_timeout << backoff):
+            # q replicas wanted this view and its primary did not deliver: next view, twice the wait.
+            # Alone (no quorum) a replica never escalates, so it cannot run ahead of the others.
             self.vc_attempt += 1
             self._start_view_change(self.view + 1)
         elif (self.now - self.vc_started) % 10 == 0 and self._last_vc is not None:
@@ -548,9 +667,19 @@ class Pbft:
         if self.active and self.now % self.opts.retransmit_ticks == 0:
             self._retransmit()
 
+    def _lagging(self) -> bool:
+        """Fetching the state, or holding committed slots past a gap (missed while down): the
+        others make progress, this replica waits for the next stable checkpoint to catch up."""
+        return self.last_exec < self.low or any(slot.committed for seq, slot in self.slots.items()
+                                                if seq > self.last_exec + 1)
+
     def _retransmit(self) -> None:
-        """Links may lose messages: resend our part of every slot that has not executed yet."""
-        for seq in range(self.last_exec + 1, self.last_exec + 1 + self.opts.max_inflight):
+        """Links may lose messages: resend our part of every slot that has not executed yet, and of
+        the last few that have (a replica that missed their commits, or their pre-prepare while it
+        was restarting, would otherwise wait for the next stable checkpoint with the pipeline stuck
+        behind it)."""
+        first = max(self.low + 1, self.last_exec + 1 - 2 * self.opts.max_inflight)
+        for seq in range(first, self.last_exec + 1 + self.opts.max_inflight):
             slot = self.slots.get(seq)
             if slot is None or slot.pp is None or slot.view != self.view:
                 continue
@@ -569,7 +698,7 @@ class Pbft:
 
     def has_ready(self) -> bool:
         """True when there is output (or the primary could cut a batch)."""
-        return bool(self._out or self._committed or self._restore
+        return bool(self._out or self._committed or self._restore or self.replies
                     or (self.queue and self.active and self.primary == self.id))
 
     def ready(self) -> PbftReady:

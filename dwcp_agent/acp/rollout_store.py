@@ -1,6 +1,6 @@
 """Rollout state kept in the consensus registry, so every agent of a cluster follows one setting.
 
-The rollout controller (telemetry/rollout.py) is synchronous; the registry is asynchronous and
+The rollout controller (rollout/controller.py) is synchronous; the registry is asynchronous and
 replicated. This store bridges them: `load` answers from a local cache (also written to a file,
 so a restart knows the last state before the cluster answers), `save` updates the cache and
 commits the change through consensus, and `refresh` adopts what the cluster committed, for
@@ -21,7 +21,7 @@ import time
 from dwcp_agent.acp.node import ConsensusTimeout
 from dwcp_agent.acp.registry import RolloutSetting
 from dwcp_agent.acp.service import ConsensusError, ConsensusService
-from dwcp_agent.telemetry.rollout import FileRolloutStore, RolloutState
+from dwcp_agent.rollout.controller import FileRolloutStore, RolloutState
 
 log = logging.getLogger("dwcp_agent.acp")
 

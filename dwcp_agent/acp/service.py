@@ -19,6 +19,7 @@ from typing import Any
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, bootstrap
 from dwcp_agent.acp.auth import KeyRing, load_or_create_key, parse_peer_keys
+from dwcp_agent.acp.byzantine_faults import FaultyReplica, from_environment
 from dwcp_agent.acp.messages import ConfChange, Envelope
 from dwcp_agent.acp.node import ConsensusNode, ConsensusTimeout
 from dwcp_agent.acp.pbft import PbftOptions
@@ -40,6 +41,7 @@ from dwcp_agent.acp.storage import PersistOps
 from dwcp_agent.acp.transport import Transport
 from dwcp_agent.acp.wal import FileWAL
 from dwcp_agent.config import Config, ConfigError
+from dwcp_agent.security import channels as channel_security
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["ConsensusError", "ConsensusService", "ConsensusTimeout", "Lease", "RolloutSetting", "parse_peers"]
@@ -91,6 +93,7 @@ class ConsensusService:
         self.node: ConsensusNode | None = None
         self.transport: Transport | None = None
         self.wal: FileWAL | None = None
+        self.faulty: FaultyReplica | None = None
         self.started_at = 0.0
         self._last_refusal_log = 0.0
 
@@ -114,13 +117,20 @@ class ConsensusService:
         ticks_per_s = 1.0 / self.tick_s
         options = ReplicaOptions(
             raft=RaftOptions(election_ticks=max(4, int(0.5 * ticks_per_s)), heartbeat_ticks=1),
-            pbft=PbftOptions(checkpoint_interval=64, window=256, request_timeout=int(2 * ticks_per_s),
-                             view_change_timeout=int(2 * ticks_per_s), retransmit_ticks=max(2, int(0.5 * ticks_per_s))),
+            # Two batches in flight: under load requests queue into bigger batches, and each batch
+            # costs the same signatures, messages and fsyncs whatever its size.
+            pbft=PbftOptions(checkpoint_interval=64, window=256, max_inflight=2,
+                             request_timeout=int(2 * ticks_per_s), view_change_timeout=int(2 * ticks_per_s),
+                             retransmit_ticks=max(2, int(0.5 * ticks_per_s))),
             snapshot_every=self.config.acp_snapshot_entries,
         )
         incarnation = int(time.time())
         replica = Replica(self.node_id, rec, keys=keys, rng=random.Random(), options=options,
                           incarnation=incarnation)
+        self.faulty = from_environment(self.node_id, keys, sorted(replica.members()))
+        if self.faulty is not None:
+            log.warning("TEST HOOK: this replica is Byzantine on purpose (%s)", self.faulty.behaviour,
+                        extra={"component": "acp"})
         if not self.single:
             unpinned = sorted(p for p in {**self.members0, **replica.members()}
                               if p != self.node_id and keys.pinned(p) is None)
@@ -128,7 +138,8 @@ class ConsensusService:
                 raise ConfigError("acp_peer_keys", f"no pinned signing key for {', '.join(unpinned)}: list every "
                                                    "member as id=<hex key> (`dwcp-agent cluster key` on that node)")
             self.transport = Transport(self.node_id, self.config.psk_bytes, keys, self._on_envelope,
-                                       self._on_refused, connect_timeout=self.config.connect_timeout_s)
+                                       self._on_refused, connect_timeout=self.config.connect_timeout_s,
+                                       channels=channel_security.for_config(self.config))
             host = self.config.listen_host or "0.0.0.0"
             await self.transport.start(host, self.config.acp_port)
             self.transport.set_peers({**self.members0, **replica.members()})
@@ -149,8 +160,10 @@ class ConsensusService:
             self.wal.close()
 
     def _send(self, env: Envelope) -> None:
-        if self.transport is not None:
-            self.transport.send(env)
+        if self.transport is None:
+            return
+        for out in [env] if self.faulty is None else self.faulty.out(env):
+            self.transport.send(out)
 
     def _on_envelope(self, peer: str, env: Envelope) -> None:
         if self.node is not None:

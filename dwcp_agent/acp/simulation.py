@@ -15,10 +15,10 @@ from typing import Any
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, ReplicaReady, bootstrap
 from dwcp_agent.acp.auth import KeyRing
+from dwcp_agent.acp.byzantine_faults import FaultyReplica
 from dwcp_agent.acp.linearizability import UNKNOWN, CheckResult, Model, Operation, check_per_key
-from dwcp_agent.acp.messages import Envelope, PbftWire, PrePrepare, RaftMsg, decode_pbft, encode
+from dwcp_agent.acp.messages import Envelope, RaftMsg
 from dwcp_agent.acp.pbft import PbftOptions
-from dwcp_agent.acp.pbft_certs import batch_digest, pp_header
 from dwcp_agent.acp.raft import NotLeader, ProposalDropped, RaftOptions, Role
 from dwcp_agent.acp.registry import (
     AcquireLease,
@@ -37,7 +37,7 @@ from dwcp_agent.acp.storage import MemoryStorage, PersistOps
 
 __all__ = ["BEHAVIOURS", "SimConfig", "SimReport", "registry_model", "run_schedule"]
 
-BEHAVIOURS = ("equivocate", "silent", "garbage", "replay")
+BEHAVIOURS = ("equivocate", "silent", "garbage", "replay", "forge", "wrong_result")
 MS_PER_TICK = 10
 
 
@@ -66,6 +66,9 @@ class SimConfig:
     unsafe_quorum: int = 0
     real_signatures: bool = False
     outage: dict[str, int] = field(default_factory=dict)  # node -> tick it goes down, until the heal
+    late: dict[str, int] = field(default_factory=dict)  # node -> tick it first starts
+    restarts: list[tuple[str, int, int]] = field(default_factory=list)  # (node, down tick, up tick)
+    fast_clock: dict[str, int] = field(default_factory=dict)  # node -> ticks it counts per real tick
 
 
 @dataclass
@@ -83,6 +86,7 @@ class SimReport:
     history: list[Operation] = field(default_factory=list)
     pbft_low: dict[str, int] = field(default_factory=dict)       # per live node at the end: stable checkpoint
     pbft_executed: dict[str, int] = field(default_factory=dict)  # and the last sequence it executed
+    pbft_view: dict[str, tuple[int, bool]] = field(default_factory=dict)  # and its (view, active)
 
 
 def registry_model() -> Model[bytes]:
@@ -133,8 +137,10 @@ class _Sim:
         self.leaders: dict[tuple[int, int], str] = {}
         self.committed_terms: dict[tuple[int, int], int] = {}
         self.results: dict[tuple[str, int], tuple[int, Result]] = {}
-        self.sent_log: dict[str, list[Envelope]] = {}
         self.faulty = set(cfg.byzantine)
+        self.faulty_out = {node: FaultyReplica(node, behaviour, self.keys[node], self.ids,
+                                               random.Random(f"{cfg.seed}/byzantine/{node}"))
+                           for node, behaviour in cfg.byzantine.items()}
         self.honest = [i for i in self.ids if i not in self.faulty]
         self.clients = [_Client(f"{self.honest[k % len(self.honest)]}/0/c{k}", self.honest[k % len(self.honest)])
                         for k in range(cfg.clients)]
@@ -142,7 +148,10 @@ class _Sim:
         start = bootstrap(cfg.protocol, self.members)
         for i in self.ids:
             self.storage[i].save(PersistOps(epoch_start=start))
-            self._boot(i)
+            if i in cfg.late:
+                self.down_until[i] = cfg.late[i]
+            else:
+                self._boot(i)
 
     # ------------------------------------------------------------ nodes
     def _options(self) -> ReplicaOptions:
@@ -182,38 +191,8 @@ class _Sim:
                 heapq.heappush(self.queue, (self.step_no + self.rng.randint(1, c.max_delay), self.counter, out))
 
     def _byzantine_out(self, env: Envelope) -> list[Envelope]:
-        behaviour = self.cfg.byzantine.get(env.frm)
-        if behaviour is None:
-            return [env]
-        if behaviour == "silent":
-            return []
-        keys = self.keys[env.frm]
-        body = env.body
-        if behaviour == "equivocate" and isinstance(body, PbftWire):
-            msg = decode_pbft(body.body)
-            if isinstance(msg, PrePrepare) and msg.batch and self.ids.index(env.to) % 2 == 0:
-                batch = msg.batch[:-1]
-                digest = batch_digest(batch)
-                forged = PrePrepare(msg.view, msg.seq, digest, batch, keys.sign(pp_header(msg.view, msg.seq, digest)))
-                raw = encode(forged)
-                mac = keys.mac(env.to, body.nonce.to_bytes(8, "big") + raw)
-                return [Envelope(env.epoch, env.frm, env.to, PbftWire(body.nonce, raw, mac))]
-            return [env]
-        if behaviour == "garbage" and isinstance(body, PbftWire) and self.rng.random() < 0.3:
-            junk = self.rng.randbytes(self.rng.randint(1, 40))
-            if self.rng.random() < 0.5:
-                return [env, Envelope(env.epoch, env.frm, env.to, PbftWire(body.nonce + 7, junk, junk[:16]))]
-            nonce = body.nonce + 1_000_000 + self.rng.randint(0, 1 << 20)
-            mac = keys.mac(env.to, nonce.to_bytes(8, "big") + junk)
-            return [env, Envelope(env.epoch, env.frm, env.to, PbftWire(nonce, junk, mac))]
-        if behaviour == "replay":
-            log = self.sent_log.setdefault(env.frm, [])
-            log.append(env)
-            out = [env]
-            if len(log) > 5 and self.rng.random() < 0.3:
-                out.append(log[self.rng.randrange(len(log) - 1)])
-            return out
-        return [env]
+        faulty = self.faulty_out.get(env.frm)
+        return [env] if faulty is None else faulty.out(env)
 
     def _deliver(self, env: Envelope) -> None:
         replica = self.replicas.get(env.to)
@@ -262,16 +241,16 @@ class _Sim:
             self.report.detections[det.reason] = self.report.detections.get(det.reason, 0) + 1
             if det.peer not in self.faulty and honest:
                 self._violation(f"{node} accused honest {det.peer} of {det.reason}")
-        for pos, cmd, result in rd.applied:
+        for pos, cmd, _result in rd.applied:
             if not honest:
                 continue
             data = encode_command(cmd)
             prev = self.positions.setdefault(pos, data)
             if prev != data:
                 self._violation(f"state machine safety: {node} applied a different command at position {pos}")
-            key = (cmd.client, cmd.seq)
-            if cmd.seq and key not in self.results:
-                self.results[key] = (self.step_no, result)
+        for client, seq, result in rd.confirmed:  # what a client may accept (f+1 alike under PBFT)
+            if honest and seq and (client, seq) not in self.results:
+                self.results[(client, seq)] = (self.step_no, result)
         raft = replica.raft
         if raft is not None and honest:
             if raft.role is Role.LEADER:
@@ -322,7 +301,8 @@ class _Sim:
         for client in self.clients:
             if client.busy:
                 key = (client.cid, client.seq)
-                if key in self.results and client.op is not None and not isinstance(client.op, ReadOwner | None):
+                # (Under PBFT a read is an ordered command too, and completes like one.)
+                if key in self.results and client.op is not None:
                     self._finish(client, self.results[key][1])
                 elif self.tick_no - client.started > self.cfg.op_timeout:
                     self._give_up(client)
@@ -404,6 +384,10 @@ class _Sim:
             if tick == self.tick_no:
                 self.replicas[node] = None
                 self.down_until[node] = c.ticks  # booted again by the heal
+        for node, down, up in c.restarts:
+            if down == self.tick_no and self.replicas.get(node) is not None:
+                self._crash(node)
+                self.down_until[node] = up
         if self.partition_until == self.tick_no:
             self.groups = dict.fromkeys(self.ids, 0)
         elif self.partition_until < self.tick_no and rng.random() < c.partition_rate:
@@ -449,7 +433,8 @@ class _Sim:
             for node in self.ids:
                 replica = self.replicas.get(node)
                 if replica is not None:
-                    replica.tick()
+                    for _ in range(c.fast_clock.get(node, 1)):
+                        replica.tick()
                     self._drain(node)
             if not final or tick < c.ticks + c.quiet_ticks // 2:
                 self._client_tick(final)
@@ -493,6 +478,7 @@ class _Sim:
             if replica is not None and replica.pbft is not None:
                 self.report.pbft_low[node] = replica.pbft.low
                 self.report.pbft_executed[node] = replica.pbft.last_exec
+                self.report.pbft_view[node] = (replica.pbft.view, replica.pbft.active)
         images: dict[int, bytes] = {}
         for node in self.honest:
             replica = self.replicas.get(node)

@@ -46,13 +46,14 @@ class PersistOps:
     checkpoint: PbftCheckpoint | None = None
     prepared: list[PreparedProof] = field(default_factory=list)
     view: int | None = None
+    spoke: tuple[int, int] | None = None
     epoch_start: EpochStart | None = None
 
     def empty(self) -> bool:
         """True when nothing needs to reach the disk."""
         return (self.hard_state is None and not self.entries and self.snapshot is None
                 and self.checkpoint is None and not self.prepared and self.view is None
-                and self.epoch_start is None)
+                and self.spoke is None and self.epoch_start is None)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Recovered:
     checkpoint: PbftCheckpoint | None = None
     prepared: list[PreparedProof] = field(default_factory=list)
     view: int = 0
+    spoke: tuple[int, int] | None = None  # PBFT: (view, seq) bound of the normal-case messages sent
 
 
 class Storage(Protocol):
@@ -98,6 +100,8 @@ def merge(rec: Recovered, ops: PersistOps) -> None:
         rec.prepared = [p for p in rec.prepared if p.pre_prepare.seq > ops.checkpoint.seq]
     if ops.view is not None:
         rec.view = ops.view
+    if ops.spoke is not None:
+        rec.spoke = ops.spoke
     if ops.epoch_start is not None:
         rec.epoch = ops.epoch_start
         rec.hard_state = HardState()
@@ -106,6 +110,7 @@ def merge(rec: Recovered, ops: PersistOps) -> None:
         rec.checkpoint = None
         rec.prepared = []
         rec.view = 0
+        rec.spoke = None
 
 
 class MemoryStorage:
@@ -129,4 +134,5 @@ class MemoryStorage:
         if self.rec is None:
             return None
         r = self.rec
-        return Recovered(r.epoch, r.hard_state, r.snapshot, list(r.entries), r.checkpoint, list(r.prepared), r.view)
+        return Recovered(r.epoch, r.hard_state, r.snapshot, list(r.entries), r.checkpoint, list(r.prepared), r.view,
+                         r.spoke)

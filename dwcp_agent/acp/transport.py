@@ -13,6 +13,11 @@ Neither side changes any state before the other has proven the key. Afterwards e
 cannot be altered, reordered or replayed on the link. Each agent dials every peer once to send and
 accepts connections to receive; a lost link is redialled with backoff and queued frames are kept
 up to a bound (consensus tolerates the loss of anything beyond it).
+
+With a ChannelSecurity (security/channels.py) every link is TLS 1.3 with mutual certificates and
+the Hello's node must be the name in the peer's certificate. Before the proof, frames are at most
+MAX_HANDSHAKE_FRAME bytes, the whole handshake has one deadline, and inbound connections are capped
+in total and per source address.
 """
 
 from __future__ import annotations
@@ -30,12 +35,17 @@ import msgspec
 
 from dwcp_agent.acp.auth import KeyRing
 from dwcp_agent.acp.messages import Envelope, decode_envelope, encode
+from dwcp_agent.security.channels import ChannelSecurity, identity_from_peercert
+from dwcp_agent.security.preauth import ConnectionLimiter
 
 __all__ = ["HandshakeFailures", "Transport", "parse_addr"]
 
 log = logging.getLogger("dwcp_agent.acp.transport")
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
+MAX_HANDSHAKE_FRAME = 4 * 1024  # Hello and Proof are a few hundred bytes
+MAX_INBOUND = 256
+MAX_INBOUND_PER_SOURCE = 32
 QUEUE_LIMIT = 10000
 VERSION = 1
 
@@ -93,9 +103,9 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+async def _read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> bytes:
     (length,) = _LEN.unpack(await reader.readexactly(4))
-    if length > MAX_FRAME:
+    if length > limit:
         raise ConnectionError(f"frame of {length} bytes exceeds the limit")
     return await reader.readexactly(length)
 
@@ -138,7 +148,7 @@ class Transport:
 
     def __init__(self, node_id: str, psk: bytes, keys: KeyRing, on_envelope: Callable[[str, Envelope], None],
                  on_refused: Callable[[str, str], None] | None = None, connect_timeout: float = 2.0,
-                 failures: HandshakeFailures | None = None) -> None:
+                 failures: HandshakeFailures | None = None, channels: ChannelSecurity | None = None) -> None:
         if not psk:
             raise ValueError("ACP needs a pre-shared key (config psk or psk_file) for a multi-node cluster")
         self.id = node_id
@@ -148,6 +158,8 @@ class Transport:
         self.on_refused = on_refused or (lambda addr, reason: None)
         self.failures = failures or HandshakeFailures()
         self.connect_timeout = connect_timeout
+        self.channels = channels
+        self.inbound_limit = ConnectionLimiter(MAX_INBOUND, MAX_INBOUND_PER_SOURCE)
         self.addrs: dict[str, str] = {}
         self._queues: dict[str, asyncio.Queue[bytes]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -159,7 +171,10 @@ class Transport:
 
     async def start(self, host: str, port: int) -> None:
         """Listen for peers."""
-        self._server = await asyncio.start_server(self._accept, host, port)
+        ssl_ctx = self.channels.server_context() if self.channels else None
+        # Fixed per listener, but it switches each handshake to the current certificate (channels.py).
+        self._server = await asyncio.start_server(self._accept, host, port, ssl=ssl_ctx,
+                                                  ssl_handshake_timeout=self.connect_timeout if ssl_ctx else None)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def set_peers(self, addrs: dict[str, str]) -> None:
@@ -215,15 +230,20 @@ class Transport:
 
     async def _dial(self, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, _Session]:
         host, port = parse_addr(self.addrs[peer])
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
+        ssl_ctx = self.channels.client_context() if self.channels else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None),
+            self.connect_timeout)
         try:
+            if ssl_ctx is not None and identity_from_peercert(writer.get_extra_info("peercert")) != peer:
+                raise ConnectionError(f"peer at {self.addrs[peer]} has no certificate for {peer!r}")
             mine = self._hello(os.urandom(16))
             writer.write(_LEN.pack(len(body := encode(mine))) + body)
-            theirs = msgspec.msgpack.decode(await asyncio.wait_for(_read_frame(reader), self.connect_timeout),
-                                            type=_Hello)
+            theirs = msgspec.msgpack.decode(
+                await asyncio.wait_for(_read_frame(reader, MAX_HANDSHAKE_FRAME), self.connect_timeout), type=_Hello)
             bare = _Hello(theirs.version, theirs.node, theirs.nonce, theirs.public_key)
             if theirs.version != VERSION or theirs.node != peer:
-                raise ConnectionError(f"peer at {self.addrs[peer]} is {theirs.node!r} v{theirs.version}")
+                raise ConnectionError(f"peer at {self.addrs[peer]} is {theirs.node[:64]!r} v{theirs.version}")
             # Counted, not rate-limited: the accept-side limit is for sources that connect to us.
             if not hmac.compare_digest(theirs.proof, _proof(self.psk, b"listener", mine, bare)):
                 self.on_refused(host, "invalid_mac")
@@ -268,37 +288,53 @@ class Transport:
             finally:
                 writer.close()
 
+    async def _handshake_in(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            addr: str) -> tuple[_Hello, bytes] | None:
+        """The listener's side: (the dialer's Hello, our nonce) once it proved key and identity, else None."""
+        theirs = msgspec.msgpack.decode(await _read_frame(reader, MAX_HANDSHAKE_FRAME), type=_Hello)
+        if theirs.version != VERSION:
+            raise ConnectionError(f"unsupported ACP version {theirs.version}")
+        if self.channels is not None and self.channels.encrypted:
+            certified = identity_from_peercert(writer.get_extra_info("peercert"))
+            if certified != theirs.node:
+                raise ConnectionError(f"hello names {theirs.node[:64]!r}, certificate {certified[:64]!r}")
+        mine = self._hello(os.urandom(16))
+        bare = self._hello(mine.nonce)
+        mine.proof = _proof(self.psk, b"listener", theirs, bare)
+        mine.sig = self._sign(b"listener", theirs, bare)
+        body = encode(mine)
+        writer.write(_LEN.pack(len(body)) + body)
+        await writer.drain()
+        proof = msgspec.msgpack.decode(await _read_frame(reader, MAX_HANDSHAKE_FRAME), type=_Proof)
+        if not hmac.compare_digest(proof.proof, _proof(self.psk, b"dialer", theirs, bare)):
+            self._failed(addr, "invalid_mac")
+            return None
+        if not self._identity_ok(theirs, b"dialer", theirs, bare, proof.sig):
+            self._failed(addr, "identity")
+            return None
+        return theirs, mine.nonce
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        addr = _source(writer)
+        if self.inbound_limit.acquire(addr):
+            self.on_refused(addr, "too_many_connections")
+            writer.close()
+            return
         if task is not None:
             self._inbound.add(task)
-        addr = _source(writer)
         authenticated = False
         try:
             if self.failures.blocked(addr):
                 return
-            theirs = msgspec.msgpack.decode(await asyncio.wait_for(_read_frame(reader), self.connect_timeout),
-                                            type=_Hello)
+            # One deadline over the whole handshake: a peer trickling bytes cannot hold the slot.
+            proven = await asyncio.wait_for(self._handshake_in(reader, writer, addr), self.connect_timeout)
+            if proven is None:
+                return
+            theirs, my_nonce = proven
             peer = theirs.node
-            if theirs.version != VERSION:
-                raise ConnectionError(f"unsupported ACP version {theirs.version}")
-            mine = self._hello(os.urandom(16))
-            bare = self._hello(mine.nonce)
-            mine.proof = _proof(self.psk, b"listener", theirs, bare)
-            mine.sig = self._sign(b"listener", theirs, bare)
-            body = encode(mine)
-            writer.write(_LEN.pack(len(body)) + body)
-            await writer.drain()
-            proof = msgspec.msgpack.decode(await asyncio.wait_for(_read_frame(reader), self.connect_timeout),
-                                           type=_Proof)
-            if not hmac.compare_digest(proof.proof, _proof(self.psk, b"dialer", theirs, bare)):
-                self._failed(addr, "invalid_mac")
-                return
-            if not self._identity_ok(theirs, b"dialer", theirs, bare, proof.sig):
-                self._failed(addr, "identity")
-                return
             authenticated = True
-            session = _Session(hmac.digest(self.psk, b"session" + theirs.nonce + mine.nonce, "sha256"))
+            session = _Session(hmac.digest(self.psk, b"session" + theirs.nonce + my_nonce, "sha256"))
             while True:
                 body = session.open(await _read_frame(reader))
                 try:
@@ -320,5 +356,6 @@ class Transport:
                 self.on_refused(addr, "incomplete")  # a peer that went away mid-handshake: no limit
         finally:
             writer.close()
+            self.inbound_limit.release(addr)
             if task is not None:
                 self._inbound.discard(task)

@@ -10,6 +10,7 @@ cover, so the log never grows past one snapshot interval.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -23,6 +24,8 @@ from dwcp_agent.acp.storage import PersistOps, Recovered, merge
 __all__ = ["FileWAL"]
 
 _HEADER = struct.Struct(">II")
+# Test hook for fault injection: while the file this names exists, every fsync fails with EIO.
+FSYNC_FAIL_FLAG_ENV = "ACP_TEST_FSYNC_FAIL_FLAG"
 
 
 class _Record(msgspec.Struct, array_like=True):
@@ -30,6 +33,7 @@ class _Record(msgspec.Struct, array_like=True):
     entries: list[Entry] = []
     prepared: list[PreparedProof] = []
     view: int | None = None
+    spoke: tuple[int, int] | None = None
 
 
 _ENC = msgspec.msgpack.Encoder()
@@ -37,10 +41,21 @@ _REC_DEC = msgspec.msgpack.Decoder(_Record)
 _SNAP_DEC = msgspec.msgpack.Decoder(Recovered)
 
 
+def _check_fsync_hook() -> None:
+    flag = os.environ.get(FSYNC_FAIL_FLAG_ENV)
+    if flag and os.path.exists(flag):
+        raise OSError(errno.EIO, f"fsync failed (fault injected through {FSYNC_FAIL_FLAG_ENV})")
+
+
+def _fsync(fd: int, data_only: bool = False) -> None:
+    _check_fsync_hook()
+    (os.fdatasync if data_only else os.fsync)(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        _fsync(fd)
     finally:
         os.close(fd)
 
@@ -78,7 +93,7 @@ class FileWAL:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     break
                 merge(rec, PersistOps(hard_state=record.hard_state, entries=record.entries,
-                                      prepared=record.prepared, view=record.view))
+                                      prepared=record.prepared, view=record.view, spoke=record.spoke))
                 pos += _HEADER.size + length
                 good = pos
             if good < len(data):
@@ -86,7 +101,7 @@ class FileWAL:
                     f.truncate(good)
         self.mirror = rec
         return Recovered(rec.epoch, rec.hard_state, rec.snapshot, list(rec.entries), rec.checkpoint,
-                         list(rec.prepared), rec.view)
+                         list(rec.prepared), rec.view, rec.spoke)
 
     # ------------------------------------------------------------ save
     def save(self, ops: PersistOps) -> None:
@@ -99,7 +114,7 @@ class FileWAL:
         if ops.epoch_start is not None or ops.snapshot is not None or ops.checkpoint is not None:
             self._rewrite()
             return
-        record = _Record(ops.hard_state, ops.entries, ops.prepared, ops.view)
+        record = _Record(ops.hard_state, ops.entries, ops.prepared, ops.view, ops.spoke)
         self._append(_ENC.encode(record))
 
     def _frame(self, body: bytes) -> bytes:
@@ -112,14 +127,14 @@ class FileWAL:
         os.write(self._fd, frame)
         self.bytes_written += len(frame)
         if self.fsync:
-            os.fdatasync(self._fd)
+            _fsync(self._fd, data_only=True)
 
     def _rewrite(self) -> None:
         assert self.mirror is not None
         m = self.mirror
-        base = Recovered(m.epoch, HardState(), m.snapshot, [], m.checkpoint, [], m.view)
+        base = Recovered(m.epoch, HardState(), m.snapshot, [], m.checkpoint, [], m.view, m.spoke)
         self._atomic_write(self.snap_path, _ENC.encode(base))
-        rest = _Record(m.hard_state, m.entries, m.prepared, m.view)
+        rest = _Record(m.hard_state, m.entries, m.prepared, m.view, m.spoke)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -131,7 +146,7 @@ class FileWAL:
         try:
             os.write(fd, data)
             if self.fsync:
-                os.fsync(fd)
+                _fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)

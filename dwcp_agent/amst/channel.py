@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from typing import Protocol
 
 from dwcp_agent import wire
+from dwcp_agent.security.sealed import TAG_BYTES, FrameKey, seal_stream
 
 MAX_IOV = 512  # buffers per sendmsg, well under the kernel's IOV_MAX of 1024
 
@@ -67,19 +69,48 @@ class FrameSource(Protocol):
 
 
 class TcpChannel:
-    """A data stream over one TCP connection (both directions of it: frames out, acks in)."""
+    """A data stream over one TCP connection (both directions of it: frames out, acks in).
+
+    Given a TLS socket (security/channels.py), the stream is switched to sealed frames
+    (security/sealed.py) before the first frame: AES-GCM per frame, scatter-gather send kept.
+    """
 
     transport = "tcp"
 
     def __init__(self, sock: socket.socket) -> None:
+        self._send_key: FrameKey | None = None
+        self._recv_key: FrameKey | None = None
+        if isinstance(sock, ssl.SSLSocket):
+            sock, self._send_key, self._recv_key = seal_stream(sock)
         self.sock = sock
-        # ACKs are 56-byte frames, one per chunk: read them in batches, not one syscall each.
-        self._acks = bytearray(64 * wire.HEADER_SIZE)
+        self.encrypted = self._send_key is not None
+        self._trailer = TAG_BYTES if self.encrypted else 0
+        self._sealed = bytearray(0)  # ciphertext staging, grown to the largest frame
+        self._header = b""
+        # ACKs are 56-byte headers (sealed: + tag), one per chunk: read them in batches.
+        self._ack_size = wire.HEADER_SIZE + self._trailer
+        self._acks = bytearray(64 * self._ack_size)
         self._ack_view = memoryview(self._acks)
         self._ack_start = self._ack_end = 0
 
+    def _staging(self, n: int) -> memoryview:
+        if len(self._sealed) < n:
+            self._sealed = bytearray(n)
+        return memoryview(self._sealed)[:n]
+
     def send_frame(self, header: bytes, *payload: bytes | memoryview) -> None:
-        views = [memoryview(header)] + [memoryview(part) for part in payload if len(part)]
+        parts = [part for part in payload if len(part)]
+        if self._send_key is not None:  # header and payload each sealed: nothing but sizes in clear
+            header = bytes(header)
+            sealed_header = bytearray(len(header) + TAG_BYTES)
+            self._send_key.seal_into(b"", header, sealed_header)
+            if parts:
+                plain = parts[0] if len(parts) == 1 else b"".join(parts)
+                sealed = self._staging(len(plain) + TAG_BYTES)
+                self._send_key.seal_into(header, plain, sealed)
+                parts = [sealed]
+            header = bytes(sealed_header)
+        views = [memoryview(header)] + [memoryview(part) for part in parts]
         first = 0
         while first < len(views):  # sendmsg may stop anywhere; resume mid-buffer
             sent = self.sock.sendmsg(views[first: first + MAX_IOV])
@@ -92,7 +123,8 @@ class TcpChannel:
                     sent = 0
 
     def recv_ack(self, header_buf: bytearray) -> wire.FrameHeader:
-        while self._ack_end - self._ack_start < wire.HEADER_SIZE:
+        size = self._ack_size
+        while self._ack_end - self._ack_start < size:
             if self._ack_start:
                 pending = self._ack_end - self._ack_start
                 self._acks[:pending] = self._acks[self._ack_start:self._ack_end]
@@ -101,18 +133,37 @@ class TcpChannel:
             if got == 0:
                 raise wire.PeerClosed("peer closed the connection")
             self._ack_end += got
-        header_buf[:] = self._acks[self._ack_start:self._ack_start + wire.HEADER_SIZE]
-        self._ack_start += wire.HEADER_SIZE
+        start = self._ack_start
+        self._ack_start += size
+        if self._recv_key is not None:
+            self._recv_key.open_into(b"", self._ack_view[start:start + size], header_buf)
+        else:
+            header_buf[:] = self._acks[start:start + size]
         return wire.unpack_header(header_buf)
 
     def recv_header(self, header_buf: bytearray) -> wire.FrameHeader:
-        return wire.recv_header(self.sock, header_buf)
+        if self._recv_key is None:
+            return wire.recv_header(self.sock, header_buf)
+        sealed = self._staging(wire.HEADER_SIZE + TAG_BYTES)
+        wire.recv_exact_into(self.sock, sealed)
+        self._recv_key.open_into(b"", sealed, header_buf)
+        self._header = bytes(header_buf)
+        return wire.unpack_header(header_buf)
 
     def recv_payload(self, out: memoryview) -> memoryview:
-        wire.recv_exact_into(self.sock, out)
+        if self._recv_key is None or not len(out):  # an empty payload is not sealed (send_frame)
+            wire.recv_exact_into(self.sock, out)
+            return out
+        sealed = self._staging(len(out) + TAG_BYTES)
+        wire.recv_exact_into(self.sock, sealed)
+        self._recv_key.open_into(self._header, sealed, out)
         return out
 
     def send_ack(self, header: bytes) -> None:
+        if self._send_key is not None:
+            sealed = bytearray(len(header) + TAG_BYTES)
+            self._send_key.seal_into(b"", header, sealed)
+            header = bytes(sealed)
         self.sock.sendall(header)
 
     def abort(self) -> None:

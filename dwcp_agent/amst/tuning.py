@@ -45,6 +45,11 @@ class TuningLimits:
     rtt_climb: float = 1.25               # median RTT above min RTT x this (+ rtt_slack_s) = a queue
     rtt_slack_s: float = 0.002
     loss_climb: float = 0.02              # loss above this and 3x the loss at fewer streams = overflow
+    # A loss-based flow on a long path is loss-limited to tens of Mbit/s (CUBIC at 50 ms, 0.1 %:
+    # ~10), and the probe's burst, still in slow start, cannot show the path's rate: start there
+    # with this many streams instead of climbing to them, two or three measuring windows later.
+    long_path_rtt_s: float = 0.020
+    long_path_streams: int = 16
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,11 @@ class StreamTuner:
         per_flow = loss_limited_rate(rtt_s, loss, congestion=self.congestion or "cubic")
         if math.isfinite(per_flow) and bandwidth_bps > 0:
             n = max(n, math.ceil(bandwidth_bps / per_flow))
-        return self._commit(self._make(n, f"initial: bdp {bdp / MiB:.2f} MiB, loss {loss:.4f}"))
+        reason = f"initial: bdp {bdp / MiB:.2f} MiB, loss {loss:.4f}"
+        if self.loss_based and rtt_s >= lim.long_path_rtt_s and n < lim.long_path_streams:
+            n = lim.long_path_streams
+            reason += f", loss-based flows on a {rtt_s * 1e3:.0f} ms path"
+        return self._commit(self._make(n, reason))
 
     def step(self, sample: LinkSample) -> StreamPlan:
         """Feed one interval of measurements; returns the plan to run from now on."""
@@ -142,7 +151,10 @@ class StreamTuner:
             return self.plan
         lim = self.limits
         elapsed = now - self._phase_t
-        per_rtt = lim.settle_rtts * self.rtt_s
+        # The path's RTT, not the smoothed one: a queue (ours, or a busy host's) can inflate the
+        # latter tenfold, and each settle/measure window with it.
+        path_rtt = self.min_rtt_s if math.isfinite(self.min_rtt_s) else self.rtt_s
+        per_rtt = lim.settle_rtts * path_rtt
         if self._phase == "settle":
             if elapsed >= max(lim.settle_s, per_rtt):
                 self._start_measure(now)
@@ -225,10 +237,14 @@ class StreamTuner:
                           self.chunk_for(n if self.pinned else max(n, self.stream_ceiling)), reason)
 
     @property
+    def loss_based(self) -> bool:
+        """The streams back off on every loss (CUBIC, Reno, ... or the kernel default)."""
+        return self.congestion in LOSS_BASED or not self.congestion
+
+    @property
     def stream_ceiling(self) -> int:
         """Streams the climb may reach: chunks are fixed per attempt, so they are sized for this many."""
-        loss_based = self.congestion in LOSS_BASED or not self.congestion
-        return self.limits.max_streams if loss_based else min(self.limits.max_streams, 16)
+        return self.limits.max_streams if self.loss_based else min(self.limits.max_streams, 16)
 
     def buffer_for(self, n: int) -> int:
         """Per-stream send buffer: configured, else twice this stream's share of the BDP.

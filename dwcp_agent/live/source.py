@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,8 @@ from dwcp_agent.live.record import LivePhase, LiveRecord, LiveRequest
 from dwcp_agent.live.tunnel import DATA_STREAMS, Tunnel, new_session
 from dwcp_agent.pba.predictor import Predictor
 from dwcp_agent.pba.probe import LinkMeter, read_tcp_info
+from dwcp_agent.security import channels as channel_security
+from dwcp_agent.security.sealed import end_tls
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["LiveRequestError", "OutgoingLive", "Ownership"]
@@ -173,7 +176,11 @@ class OutgoingLive:
         sock = socket.create_connection((host, int(port)), timeout=self.config.connect_timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = wire.client_handshake(sock, self.key, self.config.node_id, "live", self.session, stream)
+            sock = channel_security.for_config(self.config).wrap_client(sock)
+            peer = wire.client_handshake(sock, self.key, self.config.node_id, "live", self.session, stream,
+                                         expect_peer=channel_security.peer_identity(sock))
+            if isinstance(sock, ssl.SSLSocket):  # authenticated; the tunnel runs in the clear
+                sock = end_tls(sock)
             if self.peer_node and peer.node_id != self.peer_node:
                 raise wire.HandshakeError(f"data connection reached {peer.node_id}, not {self.peer_node}",
                                           "auth")

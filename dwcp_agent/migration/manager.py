@@ -16,19 +16,21 @@ from typing import Any, Protocol
 
 from opentelemetry import trace as otel_trace
 
+from dwcp_agent.acp.ownership import OwnedElsewhere
 from dwcp_agent.amst.select import Transports
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
+from dwcp_agent.migration.history import MigrationHistory
 from dwcp_agent.migration.model import Interrupted, MigrationError, MigrationRequest, Progress, SendResult
 from dwcp_agent.migration.outgoing import target_allowed
 from dwcp_agent.migration.safe_files import UnsafePath, open_source
 from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.telemetry import tracing
-from dwcp_agent.telemetry.metrics import Metrics
+from dwcp_agent.telemetry.metrics import CLIENT_ERROR_TYPES, Metrics
 
 log = logging.getLogger("dwcp_agent.migration")
 
-TERMINAL = ("completed", "failed", "cancelled", "interrupted")
+TERMINAL = ("completed", "failed", "cancelled", "interrupted", "refused")
 
 
 class Ownership(Protocol):
@@ -42,7 +44,12 @@ class Ownership(Protocol):
 
 
 class RequestError(ValueError):
-    """A migration request is invalid; the message says which field and why."""
+    """A migration request is invalid; the message says which field and why, `error_type` the kind
+    (a client's refusal, metrics.CLIENT_ERROR_TYPES)."""
+
+    def __init__(self, message: str, error_type: str = "bad_request") -> None:
+        super().__init__(message)
+        self.error_type = error_type
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Migration:
             "mode": self.request.mode,
             "mode_measured": self.request.mode_measured,
             "started": self.started,
+            "finished": self.finished or None,
             "duration_s": round(duration, 3),
             # A rate needs bytes that arrived: none for a failed migration that moved nothing.
             "throughput_bytes_per_second": round(p.done_bytes / duration) if duration > 0 and p.done_bytes else None,
@@ -112,7 +120,7 @@ class MigrationManager:
     def __init__(self, config: Config, metrics: Metrics, key: bytes,
                  profile_for: Callable[[str], str] = lambda _id: "v3",
                  on_finished: Callable[[Migration], None] | None = None, pool: BufferPool | None = None,
-                 ownership: Ownership | None = None) -> None:
+                 ownership: Ownership | None = None, history: MigrationHistory | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.key = key
@@ -120,6 +128,7 @@ class MigrationManager:
         self.on_finished = on_finished
         self.pool = pool or BufferPool()
         self.ownership = ownership
+        self.history = history  # ended migrations, kept across restarts (bounded by count and age)
         self.transports: Transports | None = None  # the agent's selection, shared by every migration
         self.migrations: dict[str, Migration] = {}
         self._lock = threading.Lock()
@@ -137,21 +146,21 @@ class MigrationManager:
             raise RequestError(f"field 'to': {body['to']!r} is not HOST:PORT")
         if not target_allowed(host, int(port), self.config):
             raise RequestError(f"field 'to': {body['to']!r} is neither a cluster member nor in "
-                               "migration_targets")
+                               "migration_targets", "forbidden")
         migration_id = body.get("migration_id") or uuid.uuid4().hex[:16]
         if not isinstance(migration_id, str) or not migration_id.replace("-", "").isalnum():
             raise RequestError("field 'migration_id': letters, digits and dashes only")
         with self._lock:
             existing = self.migrations.get(migration_id)
         if existing is not None and existing.state not in TERMINAL:
-            raise RequestError(f"migration {migration_id} is already running")
+            raise RequestError(f"migration {migration_id} is already running", "conflict")
         protocol = body.get("protocol") or self.profile_for(migration_id)
         if protocol not in ("v1", "v3"):
             raise RequestError("field 'protocol': v1 or v3")
         try:  # opened once, here (O_NOFOLLOW); the migration reads this descriptor only
             image = open_source(body["source"], self.config.allowed_source_dirs)
         except UnsafePath as exc:
-            raise RequestError(f"field 'source': {exc} (config key source_dirs)") from exc
+            raise RequestError(f"field 'source': {exc} (config key source_dirs)", "forbidden") from exc
         return MigrationRequest(migration_id, str(body.get("vm_id") or image.path.stem), image.path,
                                 host.strip("[]"), int(port), body["dest_path"], protocol, image=image)
 
@@ -164,7 +173,7 @@ class MigrationManager:
                 if request.image is not None:
                     request.image.close()
                 raise RequestError(f"{running} outgoing migrations are running, the limit "
-                                   f"(max_outgoing_migrations) is {self.config.max_outgoing_migrations}")
+                                   f"(max_outgoing_migrations) is {self.config.max_outgoing_migrations}", "policy")
             # Reserve the slot before the session opens anything.
             self.migrations[request.migration_id] = placeholder = Migration(request, Progress())
         try:
@@ -184,7 +193,8 @@ class MigrationManager:
 
     def _start(self, request: MigrationRequest, migration: Migration) -> Migration:
         # One trace per migration: its context travels in every handshake to the destination.
-        migration.span = tracing.get_tracer().start_span("migration", attributes={
+        # CLIENT: this span's context travels in every handshake; the destination's is SERVER.
+        migration.span = tracing.get_tracer().start_span("migration", kind=otel_trace.SpanKind.CLIENT, attributes={
             "dwcp.migration_id": request.migration_id, "dwcp.vm_id": request.vm_id,
             "dwcp.protocol": request.protocol, "dwcp.destination": f"{request.host}:{request.port}"})
         trace_context = tracing.inject_context(otel_trace.set_span_in_context(migration.span))
@@ -211,6 +221,8 @@ class MigrationManager:
             migration.error, migration.error_type = str(exc), exc.error_type
         except MigrationError as exc:
             migration.error, migration.error_type = str(exc), exc.error_type
+            if exc.error_type in CLIENT_ERROR_TYPES:
+                state = "refused"  # the request was wrong; not a failure of the service
             self.metrics.error("migration", exc.error_type)
         except Exception as exc:  # a bug must still end the migration visibly, never hang it
             log.exception("migration crashed")
@@ -224,6 +236,9 @@ class MigrationManager:
             with otel_trace.use_span(span, end_on_exit=True):
                 self._record(migration, state)
             migration.state = state  # published last: a reader seeing it also sees the metrics
+            if self.history is not None:
+                self.history.add(migration.to_dict())
+                self._forget_ended()
             migration.done.set()
             if self.on_finished is not None:
                 self.on_finished(migration)
@@ -238,6 +253,8 @@ class MigrationManager:
             return
         try:
             token = self.ownership.begin(vm_id)
+        except OwnedElsewhere as exc:
+            raise MigrationError(f"ownership: {exc}", "vm_owned_elsewhere") from exc
         except Exception as exc:
             raise MigrationError(f"ownership: {exc}", "ownership") from exc
         try:
@@ -258,16 +275,38 @@ class MigrationManager:
         m.migrations.labels(state, r.mode, r.protocol).inc()
         duration = migration.duration_s
         if state == "completed":
-            m.migration_latency.labels(r.mode, r.protocol).observe(duration)
+            m.migration_duration.labels(r.mode, r.protocol).observe(duration)
             m.throughput.labels(r.protocol).set(migration.progress.total_bytes / max(duration, 1e-9))
             if migration.result is not None:
                 m.hde_compression_ratio.set(migration.progress.total_bytes / max(migration.result.wire_bytes, 1))
         log.log(logging.INFO if state == "completed" else logging.WARNING,
                 "migration %s", state, extra={
-                    "migration_id": r.migration_id, "migration_status": state,
-                    "duration_ms": round(duration * 1000), "bytes": migration.progress.total_bytes,
+                    "migration_id": r.migration_id, "migration_status": state, "mode": r.mode,
+                    "mode_measured": r.mode_measured, "duration_ms": round(duration * 1000),
+                    "bytes": migration.progress.total_bytes,
                     "wire_bytes": migration.progress.wire_bytes, "error": migration.error or None,
                     "error_type": migration.error_type or None})
+
+    def _forget_ended(self) -> None:
+        """Ended migrations beyond the history bound leave memory (the history file keeps them)."""
+        assert self.history is not None
+        with self._lock:
+            ended = sorted((m for m in self.migrations.values() if m.state in TERMINAL), key=lambda m: m.started)
+            for m in ended[: max(0, len(ended) - self.history.max_entries)]:
+                del self.migrations[m.request.migration_id]
+
+    def records(self) -> list[dict[str, Any]]:
+        """API records of every migration: running and recent ones, then the remembered history."""
+        live = {m.request.migration_id: m.to_dict() for m in self.list()}
+        past = [r for r in (self.history.records() if self.history else []) if r["id"] not in live]
+        return sorted([*past, *live.values()], key=lambda r: r.get("started") or 0.0)
+
+    def record(self, migration_id: str) -> dict[str, Any] | None:
+        """One migration's API record, from memory or, after a restart, from the history."""
+        migration = self.get(migration_id)
+        if migration is not None:
+            return migration.to_dict()
+        return self.history.get(migration_id) if self.history is not None else None
 
     def get(self, migration_id: str) -> Migration | None:
         with self._lock:

@@ -393,8 +393,8 @@ class ReceiveSession:
     def _raw_receiver(self, source: FrameSource, stream_id: int, version: int, header_buf: bytearray,
                       payload: memoryview) -> native_stream.RawFrameReceiver | None:
         """The native receive loop for a TCP stream in blocking mode (RDMA streams use the Python path)."""
-        if not isinstance(source, TcpChannel) or source.sock.gettimeout() is not None:
-            return None
+        if not isinstance(source, TcpChannel) or source.sock.gettimeout() is not None or source.encrypted:
+            return None  # the native loop reads the descriptor itself: only for plaintext TCP
         return native_stream.RawFrameReceiver(source.sock.fileno(), self._fd, header_buf, payload, self.session_id,
                                        stream_id, version, self.start.size, self.start.chunk_size)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ from dwcp_agent.migration.remote_errors import describe_handshake_failure, hands
 from dwcp_agent.migration.safe_files import UnsafePath, open_source
 from dwcp_agent.pba.active import ProbeError, run_probe
 from dwcp_agent.pba.link import LinkController
+from dwcp_agent.security import channels as channel_security
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -205,8 +207,27 @@ class SendSession:
         except ValueError as exc:
             raise MigrationError(str(exc), "config") from exc
         try:
+            sock = channel_security.for_config(c).wrap_client(sock)
+        except (channel_security.PeerIdentityError, ssl.SSLCertVerificationError) as exc:
+            sock.close()
+            raise MigrationError(f"{self.request.host}:{self.request.port}: TLS peer refused: {exc}", "tls") from exc
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:  # closed mid-handshake (a restart): retry
+            sock.close()
+            raise MigrationError(f"TLS handshake with {self.request.host}:{self.request.port} was cut: {exc.reason}",
+                                 "disconnected") from exc
+        except ssl.SSLError as exc:  # the reason only: never the remote's bytes
+            sock.close()
+            raise MigrationError(f"{self.request.host}:{self.request.port} is not a DWCP agent "
+                                 f"(TLS handshake failed: {exc.reason or exc.library or 'protocol error'})",
+                                 "tls") from exc
+        except OSError as exc:
+            sock.close()
+            raise MigrationError(f"TLS handshake with {self.request.host}:{self.request.port} failed: {exc}",
+                                 "disconnected") from exc
+        try:
             peer = wire.client_handshake(sock, self.key, c.node_id, role, session, stream, self.trace,
-                                         capabilities=capabilities)
+                                         capabilities=capabilities,
+                                         expect_peer=channel_security.peer_identity(sock))
         except wire.WireError as exc:
             sock.close()
             # The peer is not authenticated yet: say what failed, never repeat what it sent.
@@ -217,6 +238,10 @@ class SendSession:
             sock.close()
             raise MigrationError(f"handshake with {self.request.host}:{self.request.port} failed: {exc}",
                                  "disconnected") from exc
+        if peer.node_id == c.node_id:  # a connection reflected back to this agent's own port
+            sock.close()
+            raise MigrationError(f"{self.request.host}:{self.request.port} is this agent itself "
+                                 f"({c.node_id!r}): refusing to migrate to ourselves", "identity")
         sock.settimeout(c.io_timeout_s)
         self.peer_node = peer.node_id
         return sock, peer

@@ -1,32 +1,42 @@
 """The data listener: authenticates every connection, then hands it to a receive session.
 
-Connections are served on threads: the data path is blocking socket I/O, which releases the
-GIL, so streams of one migration proceed in parallel without an event loop in the way.
+Connections are served by a bounded pool of worker threads: the data path is blocking socket
+I/O, which releases the GIL, so streams of one migration proceed in parallel without an event
+loop in the way. Admission, TLS and the handshake deadline are security/{preauth,channels}.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from dwcp_agent import wire
 from dwcp_agent.amst import tcp
+from dwcp_agent.amst.channel import TcpChannel
 from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
 from dwcp_agent.migration.receiver import ReceiveError, ReceiveSession, open_session
 from dwcp_agent.migration.safe_files import sweep_abandoned
 from dwcp_agent.pba.active import ProbeError, serve_probe
+from dwcp_agent.security import channels as channel_security
+from dwcp_agent.security.preauth import ConnectionLimiter, DeadlineReaper, RateLimitedLog, truncate
+from dwcp_agent.security.sealed import end_tls
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
 log = logging.getLogger("dwcp_agent.amst")
+# The listener is gone (closed under us): accepting again cannot succeed.
+_LISTENER_GONE = (errno.EBADF, errno.EINVAL, errno.ENOTSOCK)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -48,8 +58,18 @@ class DataServer:
         self.live_handler: Callable[[socket.socket, wire.PeerInfo], None] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self.limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_source)
+        self._workers = ThreadPoolExecutor(max_workers=config.max_connections, thread_name_prefix="data-conn")
+        self._deadlines = DeadlineReaper()
+        self.refusals = RateLimitedLog(log)
         self._sock = tcp.listen(config.listen_host, config.data_port, config.socket_buffer_bytes)
         self.port: int = self._sock.getsockname()[1]
+        try:
+            self.channels = channel_security.for_config(config)
+        except BaseException:
+            self._sock.close()
+            self._deadlines.stop()
+            raise
         self._thread = threading.Thread(target=self._accept_loop, name="data-accept", daemon=True)
         self._sweep()
 
@@ -61,52 +81,111 @@ class DataServer:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def accepting(self) -> bool:
+        """The accept loop runs (health and the watchdog fail when it has stopped)."""
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    def health(self) -> dict[str, object]:
+        return {"accepting": self.accepting, "connections": self.limiter.open, **self.channels.health()}
+
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
+                if exc.errno in _LISTENER_GONE:
+                    self.metrics.error("amst", "accept")
+                    log.error("data port listener failed, no longer accepting: %s", exc,
+                              extra={"error_type": "accept"})
+                    return
+                self.refusals.warning("data port accept failed: %s", exc, extra={"error_type": "accept"})
+                time.sleep(0.05)  # EMFILE and friends: do not spin, keep serving
                 continue
-            threading.Thread(target=self._serve, args=(conn, addr), name=f"conn-{addr[1]}", daemon=True).start()
+            try:
+                self._admit(conn, addr)
+            except Exception as exc:  # the loop outlives any one connection's failure
+                self.metrics.error("amst", "accept")
+                self.refusals.warning("data port could not serve a connection: %s", exc, extra={"error_type": "accept"})
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+    def _admit(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        refused = self.limiter.acquire(addr[0])
+        if refused:
+            self.metrics.error("amst", refused)
+            self.refusals.warning("refused connection from %s: %s", addr[0], refused, extra={"error_type": refused})
+            conn.close()
+            return
+        try:
+            self._workers.submit(self._serve_admitted, conn, addr)
+        except BaseException:
+            self.limiter.release(addr[0])
+            raise
+
+    def _serve_admitted(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        try:
+            self._serve(conn, addr)
+        except Exception as exc:  # a bug in one connection must not leak its slot or kill the worker
+            self.metrics.error("amst", "internal")
+            log.exception("data connection from %s failed: %s", addr[0], exc)
+            with contextlib.suppress(OSError):
+                conn.close()
+        finally:
+            self.limiter.release(addr[0])
 
     def _serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         with contextlib.suppress(OSError):
             tcp.tune_socket(conn, receive_buffer=self.config.socket_buffer_bytes)
+        # One deadline for TLS, the DWCP handshake and the first control message together.
+        token = self._deadlines.watch(conn, HANDSHAKE_TIMEOUT_S)
         try:
+            conn = self.channels.wrap_server(conn)
             peer = wire.server_handshake(conn, self.key, self.config.node_id,
-                                         capabilities=self.transports.capabilities())
+                                         capabilities=self.transports.capabilities(),
+                                         expect_peer=channel_security.peer_identity(conn))
         except (wire.WireError, OSError) as exc:
-            error_type = exc.error_type if isinstance(exc, wire.WireError) else "disconnected"
+            self._deadlines.done(token)
+            error_type = exc.error_type if isinstance(exc, wire.WireError) else (
+                "tls" if isinstance(exc, channel_security.ssl.SSLError) else "disconnected")
             self.metrics.error("amst", error_type)
-            log.warning("refused connection from %s: %s", addr[0], exc, extra={"error_type": error_type})
+            self.refusals.warning("refused connection from %s: %s", addr[0], truncate(exc, 300),
+                             extra={"error_type": error_type})
             conn.close()
             return
+        if peer.role != "control":
+            self._deadlines.done(token)
         if peer.role == "live":
             if self.live_handler is None:
                 conn.close()
                 return
+            if isinstance(conn, channel_security.ssl.SSLSocket):
+                # Authenticated by TLS above; the QEMU tunnel itself runs in the clear (docs/security-channels.md).
+                conn = end_tls(conn)
             self.live_handler(conn, peer)
         elif peer.role == "control":
-            self._serve_control(conn, peer)
+            self._serve_control(conn, peer, token)
         else:
             self._serve_data(conn, peer)
 
-    def _serve_control(self, conn: socket.socket, peer: wire.PeerInfo) -> None:
+    def _serve_control(self, conn: socket.socket, peer: wire.PeerInfo, deadline: int) -> None:
         try:
             first = wire.recv_message(conn, (wire.Start, wire.ActiveProbe))
+            self._deadlines.done(deadline)
             if isinstance(first, wire.ActiveProbe):  # the source measures the path first (PBA)
                 serve_probe(conn)
                 first = wire.recv_message(conn, wire.Start)
             start: wire.Start = first
         except ProbeError as exc:
             self.metrics.error("pba", "probe")
-            log.warning("active probe from %s failed: %s", peer.node_id, exc, extra={"error_type": "probe"})
+            log.warning("active probe from %s failed: %s", truncate(peer.node_id), exc, extra={"error_type": "probe"})
             conn.close()
             return
         except (wire.WireError, OSError) as exc:
+            self._deadlines.done(deadline)
             self.metrics.error("amst", getattr(exc, "error_type", "disconnected"))
             conn.close()
             return
@@ -116,20 +195,23 @@ class DataServer:
                                    index_budget_bytes=self.config.index_budget_bytes)
         except ReceiveError as exc:
             self.metrics.error("migration", exc.error_type)
-            log.warning("refused migration %s from %s: %s", start.migration_id, peer.node_id, exc, extra={
-                "migration_id": start.migration_id, "migration_status": "refused", "error_type": exc.error_type})
+            self.refusals.warning("refused migration %s from %s: %s", truncate(start.migration_id),
+                                  truncate(peer.node_id), exc, extra={
+                                      "migration_id": truncate(start.migration_id), "migration_status": "refused",
+                                      "error_type": exc.error_type})
             with contextlib.suppress(OSError):
                 wire.send_message(conn, wire.Refuse(str(exc), exc.error_type))
             conn.close()
             return
         with self._lock:
             self.sessions[session.session_id] = session
-        span = tracing.get_tracer().start_span("receive", context=tracing.extract_context(peer.trace), attributes={
-            "dwcp.migration_id": start.migration_id, "dwcp.vm_id": start.vm_id, "dwcp.source": peer.node_id,
+        span = tracing.get_tracer().start_span("receive", context=tracing.extract_context(peer.trace),
+                                              kind=otel_trace.SpanKind.SERVER, attributes={
+            "dwcp.migration_id": start.migration_id, "dwcp.vm_id": start.vm_id, "dwcp.source": truncate(peer.node_id),
             "dwcp.resumed_chunks": len(session.journal.have)})
         token = otel_context.attach(otel_trace.set_span_in_context(span))
         log.info("receiving migration", extra={
-            "migration_id": start.migration_id, "migration_status": "receiving", "peer_id": peer.node_id,
+            "migration_id": start.migration_id, "migration_status": "receiving", "peer_id": truncate(peer.node_id),
             "size": start.size, "resumed_chunks": len(session.journal.have)})
         try:
             wire.send_message(conn, session.ready())
@@ -158,7 +240,8 @@ class DataServer:
                         extra={"migration_id": session.start.migration_id, "error_type": "rdma_setup"})
             conn.close()
             return
-        conn.settimeout(None)
+        # A TCP stream may now be on a new socket object (sealed streams, security/sealed.py).
+        (source.sock if isinstance(source, TcpChannel) else conn).settimeout(None)
         session.run_stream(source, peer.stream, peer.version)
 
     def stop(self, timeout: float) -> None:
@@ -171,5 +254,7 @@ class DataServer:
             sessions = list(self.sessions.values())
         for session in sessions:
             session.close(timeout)
+        self._deadlines.stop()
+        self._workers.shutdown(wait=False)
         if self._own_transports:
             self.transports.close()

@@ -1,1 +1,1 @@
-"""Metrics, logs, traces, health and SLA guard: what operators see of the agent."""
+"""Metrics, logs, traces and health: what operators see of the agent (policy lives in rollout/)."""

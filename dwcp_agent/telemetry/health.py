@@ -29,6 +29,11 @@ class Health:
         with self._lock:
             self._probes[component] = probe
 
+    def knows(self, name: str) -> bool:
+        """A component the ops guide names or one registered here (anything else is a 404)."""
+        with self._lock:
+            return name in KNOWN_COMPONENTS or name in self._probes
+
     def component(self, name: str) -> dict[str, Any]:
         with self._lock:
             probe = self._probes.get(name)
@@ -41,10 +46,13 @@ class Health:
         report.setdefault("status", "ok")
         return report
 
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(set(KNOWN_COMPONENTS) | set(self._probes))
+
     def snapshot(self) -> tuple[bool, dict[str, Any]]:
         """(ready, body) for /health."""
-        with self._lock:
-            names = sorted(set(KNOWN_COMPONENTS) | set(self._probes))
+        names = self.names()
         components = {name: self.component(name) for name in names}
         down = [n for n, c in components.items() if c["status"] == "down"]
         ready = self.started and not self.stopping and not down

@@ -11,18 +11,44 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from dwcp_agent import __version__
 
 MODES = ("datacenter", "internet", "hybrid")
 COMPONENTS = ("amst", "hde", "pba", "acp", "migration", "agent")
+DATA_PATH_COMPONENTS = ("amst", "hde", "pba", "migration")
 PROTOCOLS = ("v1", "v3")
 # `cancelled` is an operator's choice and does not count against availability; `interrupted` (agent
 # shut down mid-transfer, destination resumable) does. See docs/operations.md.
-MIGRATION_STATUSES = ("completed", "failed", "cancelled", "interrupted")
+MIGRATION_STATUSES = ("completed", "failed", "cancelled", "interrupted", "refused")
 SLA_NAMES = ("availability", "latency", "error_rate", "throughput")
 ROLLBACK_REASONS = ("sla_nogo", "manual")
+# Refusals a client caused (bad request, path not allowed, VM owned elsewhere, refused by the
+# destination's policy, cancel): counted in dwcp_v3_errors_total under their own error_type, never
+# as component errors or failed migrations, so they cannot move the SLA guard or the SLI rules.
+CLIENT_ERROR_TYPES = ("bad_request", "forbidden", "vm_owned_elsewhere", "policy", "cancelled", "conflict")
+# Service failures, by component: created at 0 so rate()/increase() see the first one.
+SERVICE_ERROR_TYPES: dict[str, tuple[str, ...]] = {
+    "migration": ("connect", "disconnected", "digest_mismatch", "internal", "io", "no_space", "ownership",
+                  "probe", "rdma", "retry", "source", "streams", "unwritable", "auth", "version", "busy",
+                  "malformed", "resumed_chunk_mismatch", "config", "unexpected_message"),
+    "amst": ("stream_lost", "disconnected", "unknown_session", "rdma_setup", "auth", "version", "bad_header",
+             "bad_frame", "checksum", "unexpected_frame"),
+    "hde": ("decode",),
+    "pba": ("probe",),
+}
+# `_created` series double every counter's series count and no rule reads them.
+disable_created_metrics()
 
 # 10 ms ... 30 min: a migration of a small disk on loopback up to a large VM over the internet.
 MIGRATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
@@ -42,20 +68,35 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # CPU, memory, file descriptors and the Python runtime, as every exporter has them.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.build_info = Gauge(
             "dwcp_v3_build_info", "Agent build; value is always 1.", ["version", "python"], registry=r
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
         # Migrations
-        self.migration_latency = Histogram(
-            "dwcp_v3_migration_latency_seconds", "Wall time of a finished migration, start to commit.",
+        # Two meanings, two metrics: a migration's wall time grows with the VM's size; one operation
+        # of its data path (a chunk encode, the probe, a stream send) has a latency SLO.
+        self.migration_duration = Histogram(
+            "dwcp_v3_migration_duration_seconds", "Wall time of a finished migration, start to commit.",
             ["mode", "protocol"], buckets=MIGRATION_BUCKETS, registry=r,
         )
+        self.migration_latency = Histogram(
+            "dwcp_v3_migration_latency_seconds",
+            "Latency of one operation of the migration data path (amst, hde, pba, migration), by component.",
+            ["component"], buckets=COMPONENT_BUCKETS, registry=r,
+        )
         self.migrations = Counter(
-            "dwcp_v3_migrations", "Migrations ended, by outcome.", ["status", "mode", "protocol"], registry=r
+            "dwcp_v3_migrations", "Migrations ended, by outcome (refused: a client's mistake, not an SLA failure).",
+            ["status", "mode", "protocol"], registry=r,
         )
         self.active_migrations = Gauge("dwcp_v3_active_migrations", "Migrations in progress.", registry=r)
+        self.ready = Gauge(
+            "dwcp_v3_ready", "1 while the agent serves (started, not stopping, no component down): "
+            "downtime is time this is 0 or the agent is not up.", registry=r,
+        )
         self.bytes_transferred = Counter(
             "dwcp_v3_bytes_transferred", "Wire bytes of migration payload, by direction.",
             ["direction", "mode", "transport"], registry=r,
@@ -194,8 +235,23 @@ class Metrics:
         self.migrated_bytes = Counter(
             "dwcp_v3_migrated_bytes",
             "Logical bytes of completed migrations, counted when each ends; over "
-            "dwcp_v3_migration_latency_seconds_sum it gives the throughput SLI.",
-            ["protocol"], registry=r,
+            "dwcp_v3_migration_duration_seconds_sum it gives the throughput SLI.",
+            ["protocol", "mode"], registry=r,
+        )
+
+        self.slo_throughput = Gauge(
+            "dwcp_v3_slo_throughput_bytes_per_second",
+            "Throughput SLO per network mode (config sla_throughput_*): the alerts' thresholds.",
+            ["mode"], registry=r,
+        )
+        self.slo_latency = Gauge(
+            "dwcp_v3_slo_latency_p99_seconds",
+            "P99 operation latency SLO per network mode (config sla_latency_p99_*): the alerts' thresholds.",
+            ["mode"], registry=r,
+        )
+        self.runbook_info = Gauge(
+            "dwcp_v3_runbook_info", "Base URL of the runbooks (config runbook_base_url); value 1.",
+            ["base_url"], registry=r,
         )
 
         # Live migration of running QEMU VMs (dwcp_agent/live)
@@ -229,6 +285,8 @@ class Metrics:
         for component in COMPONENTS:
             self.component_operations.labels(component)
             self.component_errors.labels(component)
+        for component in DATA_PATH_COMPONENTS:
+            self.migration_latency.labels(component)
         for direction in ("sent", "received"):
             self.logical_bytes.labels(direction)
         for protocol in PROTOCOLS:
@@ -238,15 +296,21 @@ class Metrics:
         # rate() and increase() miss the first increment of a series that appears at 1, so the
         # series the SLA rules divide are created at 0 up front.
         for protocol in PROTOCOLS:
-            self.migrated_bytes.labels(protocol)
             for mode in MODES:
-                self.migration_latency.labels(mode, protocol)
+                self.migrated_bytes.labels(protocol, mode)
+            for mode in MODES:
+                self.migration_duration.labels(mode, protocol)
                 for status in MIGRATION_STATUSES:
                     self.migrations.labels(status, mode, protocol)
         for sla in SLA_NAMES:
             self.sla_compliance.labels(sla)
         for reason in ROLLBACK_REASONS:
             self.rollbacks.labels(reason)
+        for component, kinds in SERVICE_ERROR_TYPES.items():
+            for kind in kinds:
+                self.errors.labels(component, kind)
+        for kind in CLIENT_ERROR_TYPES:
+            self.errors.labels("migration", kind)
         for mode in MODES:
             self.migration_downtime.labels(mode)
             for status in MIGRATION_STATUSES:
@@ -255,9 +319,11 @@ class Metrics:
             self.convergence_actions.labels(action)
 
     def error(self, component: str, error_type: str) -> None:
-        """Count one error in both the error and the per-component error series."""
+        """Count one error by kind; service failures also count as the component's errors (the
+        SLA's error rate), refusals a client caused (CLIENT_ERROR_TYPES) do not."""
         self.errors.labels(component, error_type).inc()
-        self.component_errors.labels(component).inc()
+        if error_type not in CLIENT_ERROR_TYPES:
+            self.component_errors.labels(component).inc()
 
     @contextmanager
     def operation(self, component: str) -> Iterator[None]:
@@ -269,8 +335,11 @@ class Metrics:
             self.component_errors.labels(component).inc()
             raise
         finally:
+            elapsed = time.perf_counter() - start
             self.component_operations.labels(component).inc()
-            self.component_latency.labels(component).observe(time.perf_counter() - start)
+            self.component_latency.labels(component).observe(elapsed)
+            if component in DATA_PATH_COMPONENTS:
+                self.migration_latency.labels(component).observe(elapsed)
 
     def exposition(self) -> bytes:
         """Prometheus text format of every series."""

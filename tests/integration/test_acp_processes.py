@@ -143,10 +143,18 @@ def test_pbft_four_processes_change_view_when_the_primary_is_killed(cluster: Clu
     stable = _wait(lambda: max(0, min(int(_status(b)["low"]) for b in backups)), what="a stable checkpoint")
     primary.start()
     primary.wait_ready()
-    # It learns that checkpoint from the others' re-sends and fetches the state. (Ordering its own
-    # new requests waits until it shares the others' view: see docs/consensus.md.)
+    # It learns that checkpoint from the others' re-sends and fetches the state, and joins their
+    # view from the new-view message they forward (docs/consensus.md, view synchronisation).
     assert _wait(lambda: int(_status(primary)["executed"]) >= stable, timeout=60,
                  what="restarted replica catching up by state transfer")
+    assert _wait(lambda: _status(primary)["view"] == _status(backups[0])["view"] and _status(primary)["active"],
+                 timeout=30, what="restarted replica in the others' view")
+    # It takes part again: its own client's request is ordered, and with it the cluster survives
+    # losing another replica (three left, one of them the restarted one).
+    assert _claim(primary, "vm-from-restarted", "h4")["owner"] == "h4"
+    backups[2].kill()
+    assert _wait(lambda: _claim(backups[0], "vm-after-second-fault", "h5"), timeout=30,
+                 what="a commit with the restarted replica in the quorum")["owner"] == "h5"
 
 
 # ------------------------------------------------------------------ switch under load

@@ -28,6 +28,7 @@ from dwcp_agent.config import Config, load_config
 from dwcp_agent.migration.model import MigrationError, MigrationRequest
 from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.migration.server import DataServer
+from dwcp_agent.security.pki import ensure_ca
 from dwcp_agent.telemetry.metrics import Metrics
 
 PSK = b"rdma-integration-key-0123456789abcdef"
@@ -38,7 +39,8 @@ def make_config(tmp: Path, **overrides: Any) -> Config:
     base: dict[str, Any] = dict(psk=PSK.decode(), data_port=0, listen_host="127.0.0.1", state_dir=str(tmp / "state"),
                                 dest_dirs=[str(tmp / "dst")], source_dirs=[str(tmp / "src")], io_timeout_s=10.0,
                                 connect_timeout_s=2.0, retry_limit=3, chunk_size=CHUNK, stream_count=3,
-                                rdma_slots=4)
+                                rdma_slots=4, node_id="source",
+                                tls_auto_issue_ca_dir=str(ensure_ca(tmp / "cluster-ca")))
     base.update(overrides)
     return load_config(environ={}, overrides=base)
 
@@ -47,7 +49,7 @@ class Destination:
     def __init__(self, tmp: Path, provider: SoftProvider, **overrides: Any) -> None:
         self.dir = tmp / "dst"
         self.dir.mkdir(exist_ok=True)
-        self.config = make_config(tmp, **overrides)
+        self.config = make_config(tmp, **{"node_id": "receiver", "tls_dir": str(tmp / "tls-receiver"), **overrides})
         self.metrics = Metrics()
         self.transports = Transports(self.config, self.metrics, provider)
         self.server = DataServer(self.config, self.metrics, PSK, transports=self.transports)

@@ -19,6 +19,7 @@ import pytest
 from dwcp_agent.config import load_config
 from dwcp_agent.migration.manager import MigrationManager, RequestError
 from dwcp_agent.telemetry.metrics import Metrics
+from tests.security.security_support import tls_overrides
 
 MiB = 1 << 20
 KEY = b"security-test-key-0123456789abcdef"
@@ -28,7 +29,7 @@ def _manager(tmp_path: Path, **overrides: object) -> MigrationManager:
     (tmp_path / "src").mkdir(exist_ok=True)
     base: dict[str, object] = {"psk": KEY.decode(), "state_dir": str(tmp_path / "state"),
                                "source_dirs": [str(tmp_path / "src")], "connect_timeout_s": 1.0,
-                               "io_timeout_s": 2.0, "retry_limit": 0}
+                               "io_timeout_s": 2.0, "retry_limit": 0, **tls_overrides(tmp_path)}
     base.update(overrides)
     return MigrationManager(load_config(environ={}, overrides=base), Metrics(), KEY)
 
@@ -152,7 +153,7 @@ tmp, port = Path(sys.argv[1]), int(sys.argv[2])
 key = b"k" * 32
 config = load_config(environ={}, overrides={"psk": key.decode(), "state_dir": str(tmp / "state"),
     "source_dirs": [str(tmp / "src")], "connect_timeout_s": 5.0, "io_timeout_s": 5.0, "retry_limit": 0,
-    "max_inflight_bytes": "64MiB"})
+    "max_inflight_bytes": "64MiB", **({"tls_auto_issue_ca_dir": sys.argv[3]} if len(sys.argv) > 3 else {})})
 manager = MigrationManager(config, Metrics(), key)
 def rss():
     return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) * 1024
@@ -173,7 +174,8 @@ def test_buffers_are_not_taken_before_the_destination_accepts(tmp_path: Path) ->
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "vm.img").write_bytes(os.urandom(256 * MiB // 64) * 64)  # 256 MiB: 4 full pools
     with _listener() as port:
-        out = subprocess.run([sys.executable, "-c", BUFFERS, str(tmp_path), str(port)], capture_output=True,
+        tls = list(tls_overrides(tmp_path).values())
+        out = subprocess.run([sys.executable, "-c", BUFFERS, str(tmp_path), str(port), *tls], capture_output=True,
                              text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     growth, running = map(int, out.stdout.split()[:2])

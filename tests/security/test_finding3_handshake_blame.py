@@ -51,7 +51,10 @@ def test_failed_handshakes_are_counted_per_address_and_never_quarantine_the_clai
     config = load_config(environ={}, overrides={
         "node_id": "honest", "listen_host": "127.0.0.1", "acp_port": port, "psk": "k" * 32,
         "acp_peers": [f"honest=127.0.0.1:{port}", f"victim=127.0.0.1:{free_port()}"],
-        "acp_peer_keys": [f"victim={victim_key}"]})
+        "acp_peer_keys": [f"victim={victim_key}"],
+        # The attacker below speaks the ACP handshake in the clear: this test is about blame,
+        # the TLS layer in front of it is tests/unit/security (sec-chan).
+        "insecure_datacenter_plaintext": True})
 
     async def scenario() -> tuple[list[bool], ConsensusService]:
         svc = ConsensusService(config, Metrics(), tmp_path / "honest", tick_s=0.01, fsync=False)

@@ -32,6 +32,12 @@ def history() -> str:
                         ("sla:throughput_bytes_per_second:5m", 2.5e9)):
         lines.append(f"# TYPE {name} gauge")
         lines += [f"{name} {value} {START + i * STEP}" for i in range(POINTS)]
+    # The agent is up throughout; it is not ready (unavailable) during the outage.
+    lines.append("# TYPE up gauge")
+    lines += [f'up{{job="dwcp-agent",instance="a:8080"}} 1 {START + i * STEP}' for i in range(POINTS)]
+    lines.append("# TYPE instance:dwcp_v3_unavailable gauge")
+    lines += [f'instance:dwcp_v3_unavailable{{instance="a:8080"}} {1 if i in OUTAGE else 0} {START + i * STEP}'
+              for i in range(POINTS)]
     lines.append("# TYPE dwcp_v3_migrations counter")
     lines += [f'dwcp_v3_migrations_total{{status="completed"}} {i * 100} {START + i * STEP}' for i in range(POINTS)]
     lines.append("# TYPE ALERTS gauge")
@@ -81,9 +87,11 @@ def test_monthly_report_from_prometheus(prometheus, capsys):
     assert data["latency_p99_s"] == pytest.approx(0.05)
     assert data["error_rate"] == pytest.approx(0.001)
     assert data["throughput_bytes_per_second"] == pytest.approx(2.5e9)
-    month_s = 29 * 86400
-    assert data["downtime_s"] == pytest.approx(month_s * (1 - expected_availability))
-    assert data["allowed_downtime_s"] == pytest.approx(month_s * 0.001)
+    # Two days of data in a 29-day month: figures are for those two days, never extrapolated.
+    covered = (POINTS - 1) * STEP
+    assert (data["data_from"], data["data_to"], data["covered_s"]) == (START, START + covered, covered)
+    assert data["downtime_s"] == pytest.approx(covered * len(OUTAGE) / POINTS)  # ~30 min unavailable
+    assert data["allowed_downtime_s"] == pytest.approx(covered * 0.001)
     assert data["successful_migrations"] == pytest.approx((POINTS - 1) * 100, rel=0.01)
     assert data["complete_month"] is True
     (incident,) = data["incidents"]
@@ -94,6 +102,7 @@ def test_monthly_report_from_prometheus(prometheus, capsys):
     assert main(["sla-report", "--prometheus", prometheus, "--month", "2024-02"]) == 0
     markdown = capsys.readouterr().out
     assert markdown.startswith("# DWCP v3 Monthly SLA Report - February 2024")
+    assert "_Period: data from 2024-02-10 00:00 UTC to 2024-02-11 23:55 UTC (2.0 days)" in markdown
     assert "- [✗] Availability: VIOLATION" in markdown
     assert "- [✓] Latency: COMPLIANT" in markdown
     assert "- [✓] Throughput: COMPLIANT" in markdown

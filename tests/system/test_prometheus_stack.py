@@ -34,6 +34,7 @@ pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parents[2]
 RULES = [ROOT / "deploy/prometheus/rules/dwcp-recording.yml",
          ROOT / "deploy/prometheus/test-only/dwcp-alerts-fast.yml"]
+FAILURES = 20
 NOGO_HOLD_S = 3
 
 
@@ -117,7 +118,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalAgent
     root = tmp_path_factory.mktemp("stack")
     psk = root / "psk"
     psk.write_text(secrets.token_hex(16))
-    env = {"DWCP_SLA_NOGO_HOLD_S": str(NOGO_HOLD_S), "FEATURE_FLAG_ROLLOUT": "100"}
+    # retry_limit 0: a migration to a destination that is down fails at once instead of retrying.
+    env = {"DWCP_SLA_NOGO_HOLD_S": str(NOGO_HOLD_S), "FEATURE_FLAG_ROLLOUT": "100", "DWCP_RETRY_LIMIT": "0"}
     source, dest = LocalAgent("src", root, psk, env), LocalAgent("dst", root, psk, env)
     prom = None
     try:
@@ -181,19 +183,31 @@ def test_recording_rules_alerts_and_automatic_rollback(stack):
     # Ratios of counters from one target: Prometheus and the guard agree to float precision.
     assert prom.value("sla:throughput_bytes_per_second:5m") == pytest.approx(
         guard["throughput_bytes_per_second"], rel=1e-6)
-    assert prom.value("sla:migration_latency_p99:5m") == pytest.approx(guard["migration_latency_p99_s"], rel=1e-6)
-    assert prom.value("sla:migration_latency_p50:5m") == pytest.approx(guard["migration_latency_p50_s"], rel=1e-6)
+    assert prom.value("sla:migration_duration_p99:5m") == pytest.approx(guard["migration_duration_p99_s"], rel=1e-6)
+    assert prom.value("sla:migration_duration_p50:5m") == pytest.approx(guard["migration_duration_p50_s"], rel=1e-6)
     assert prom.value('protocol:dwcp_v3_migrations:rate5m{protocol="v3"}') > 0
     assert prom.alert_state("SLAAvailabilityViolation") is None
     assert api_call(source.url, "GET", "/api/v3/rollout")["percentage"] == 100
 
-    # Phase 2: the destination refuses every migration (path outside its dest_dirs).
-    failed = [migrate(source, dest, image, f"/forbidden/fail-{i}.img") for i in range(3)]
-    assert [r["state"] for r in failed] == ["failed"] * 3
+    # Phase 2: the destination refuses migrations to a path outside its dest_dirs: the client's
+    # mistake, counted under its own error_type, moves neither the rules nor the guard.
+    refused = [migrate(source, dest, image, f"/forbidden/fail-{i}.img") for i in range(3)]
+    assert [(r["state"], r["error_type"]) for r in refused] == [("refused", "forbidden")] * 3
+    wait_until("refusals scraped", lambda: prom.value(
+        f'sum(dwcp_v3_migrations_total{{status="refused",instance="127.0.0.1:{source.admin_port}"}})') == 3)
+    assert prom.value("sla:availability:5m") == 1.0 and prom.value("sla:error_rate:5m") == 0.0
+    assert api_call(source.url, "GET", "/api/v3/sla")["decision"] == "GO"
+
+    # Phase 3: the destination is down (nothing listens): a service failure, FAILURES of them, enough
+    # for the guard's minimum sample count (sla_min_samples, default 20).
+    failed = [follow(source.url, api_call(source.url, "POST", "/api/v3/migrations", {
+        "source": str(image), "to": "127.0.0.1:1", "dest_path": f"/tmp/never-{i}.img", "vm_id": f"down-{i}"})["id"],
+        show_progress=False) for i in range(FAILURES)]
+    assert {(r["state"], r["error_type"]) for r in failed} == {("failed", "connect")}
 
     wait_until("SLAAvailabilityViolation firing", lambda: prom.alert_state("SLAAvailabilityViolation") == "firing")
     wait_until("DWCPv3RolloutNoGo firing", lambda: prom.alert_state("DWCPv3RolloutNoGo") == "firing")
-    expected = completed / (completed + 3)
+    expected = completed / (completed + FAILURES)
     assert prom.value("sla:availability:5m") == pytest.approx(expected)
 
     # The agent's own guard: NO-GO held NOGO_HOLD_S rolls v3 back to 0 % and freezes it.

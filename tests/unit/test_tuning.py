@@ -88,10 +88,13 @@ def test_stream_count_pins_the_count_but_buffers_still_follow_the_bdp() -> None:
 
 def test_initial_plan_from_bdp_and_loss() -> None:
     tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
-    plan = tuner.initial(rtt_s=0.05, bandwidth_bps=125e6)         # 6.25 MB BDP, 1 MiB per stream
+    plan = tuner.initial(rtt_s=0.005, bandwidth_bps=1.25e9)       # 6.25 MB BDP, 1 MiB per stream
     assert plan.streams == 6
-    lossy = StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, 12.5e6, loss=0.001)
-    assert lossy.streams == math.ceil(12.5e6 / loss_limited_rate(0.05, 0.001))
+    # A long path with loss-based flows starts where the climb would go anyway; BBR climbs from the BDP.
+    assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, 7e6).streams == 16
+    assert StreamTuner(cfg(tcp_congestion="bbr"), CC).initial(0.05, 7e6).streams == 2
+    lossy = StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, 25e6, loss=0.001)
+    assert lossy.streams == math.ceil(25e6 / loss_limited_rate(0.05, 0.001)) > 16
 
 
 def test_buffers_chunks_and_pacing() -> None:

@@ -62,13 +62,17 @@ class ErrorKind(StrEnum):
     DECODE = "decode"
     UNEXPECTED_FRAME = "unexpected_frame"
     REORDER_OVERFLOW = "reorder_overflow"
+    # Channel security (security/channels.py, sealed.py)
+    IDENTITY = "identity"  # the peer's certificate names another node, or it is this node itself
+    TLS = "tls"  # certificate not trusted, or the peer does not speak TLS (not a DWCP agent)
+    TAG = "tag"  # a sealed frame failed its AES-GCM check
 
 
 _FATAL = frozenset({
     ErrorKind.VERSION, ErrorKind.AUTH, ErrorKind.FORBIDDEN, ErrorKind.BAD_REQUEST, ErrorKind.UNWRITABLE,
     ErrorKind.NO_SPACE, ErrorKind.BUSY, ErrorKind.RDMA_UNAVAILABLE, ErrorKind.IO, ErrorKind.MALFORMED,
     ErrorKind.SOURCE, ErrorKind.CONFIG, ErrorKind.DIGEST_MISMATCH, ErrorKind.CANCELLED, ErrorKind.DONE,
-    ErrorKind.OWNERSHIP, ErrorKind.STREAM_ENDED,
+    ErrorKind.OWNERSHIP, ErrorKind.STREAM_ENDED, ErrorKind.IDENTITY, ErrorKind.TLS,
 })
 
 

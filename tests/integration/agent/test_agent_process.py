@@ -66,13 +66,22 @@ def test_health_reports_components_and_migration_is_visible_in_metrics(start_age
     assert health["components"]["amst"]["status"] == "ok"
     assert health["components"]["itp"]["status"] == "absent"
     assert api_call(source.url, "GET", "/health/ass")["status"] == "absent"
+    with pytest.raises(ApiError) as unknown:
+        api_call(source.url, "GET", "/health/nosuch")
+    assert unknown.value.status == 404
+    assert api_call(source.url, "GET", "/health/pba")["measured"] is False
     image = _image(source, 5 * MiB + 17)
     final = follow(source.url, _migration(source, dest, image)["id"], show_progress=False)
+    pba = api_call(source.url, "GET", "/health/pba")
+    assert pba["measured"] and pba["migration_id"] == final["id"] and pba["mode"] == "datacenter"
+    assert pba["probe_rtt_s"] > 0 and pba["tcp_congestion"]
+    assert final["mode"] == "datacenter" and final["tcp_congestion"] == pba["tcp_congestion"]
+    assert final["streams_used"]["peak"] >= 1 and final["streams_used"]["mean"] > 0
     assert final["state"] == "completed" and final["digest_verified"]
     assert (dest.images / "vm.img").read_bytes() == image.read_bytes()
     src_metrics, dst_metrics = _scrape(source), _scrape(dest)
     assert _metric(src_metrics, "dwcp_v3_migrations_total", status="completed") == 1
-    assert _metric(src_metrics, "dwcp_v3_migration_latency_seconds_count") == 1
+    assert _metric(src_metrics, "dwcp_v3_migration_duration_seconds_count") == 1
     assert _metric(src_metrics, "dwcp_v3_bytes_transferred_total", direction="sent") >= final["wire_bytes"]
     assert _metric(dst_metrics, "dwcp_v3_bytes_transferred_total", direction="received") == final["wire_bytes"]
     assert _metric(src_metrics, "dwcp_v3_active_migrations") == 0
@@ -93,6 +102,30 @@ def test_bad_migration_requests_get_400_naming_the_field(start_agent: StartAgent
     with pytest.raises(ApiError, match=message) as err:
         api_call(source.url, "POST", "/api/v3/migrations", body)
     assert err.value.status == 400
+    # A client's mistake is counted under its own error_type and never as a service error.
+    text = _scrape(source)
+    assert _metric(text, "dwcp_v3_errors_total", component="migration", error_type="bad_request") \
+        + _metric(text, "dwcp_v3_errors_total", component="migration", error_type="forbidden") == 1
+    assert _metric(text, "dwcp_v3_component_errors_total", component="migration") == 0
+    assert api_call(source.url, "GET", "/api/v3/sla")["windows"]["5m"]["errors"] == 0
+
+
+def test_migration_history_survives_a_restart(start_agent: StartAgent) -> None:
+    source, dest = start_agent("src", history_max_entries=2), start_agent("dst")
+    ids = []
+    for i in range(3):
+        image = _image(source, MiB + i, name=f"vm{i}.img")
+        started = api_call(source.url, "POST", "/api/v3/migrations", {
+            "source": str(image), "to": f"127.0.0.1:{dest.data_port}", "dest_path": str(dest.images / image.name),
+            "vm_id": f"vm-{i}"})  # one VM each: a completed migration makes the destination its owner
+        ids.append(follow(source.url, started["id"], show_progress=False)["id"])
+    assert source.stop() == 0
+    source.start()
+    source.wait_ready()
+    listed = api_call(source.url, "GET", "/api/v3/migrations")["migrations"]
+    assert [m["id"] for m in listed] == ids[1:]  # bounded by count: the oldest one is forgotten
+    again = api_call(source.url, "GET", f"/api/v3/migrations/{ids[2]}")
+    assert again["state"] == "completed" and again["digest_verified"] and again["finished"]
 
 
 def test_cancel_discards_the_partial_destination_and_keeps_the_source(start_agent: StartAgent) -> None:
@@ -190,6 +223,7 @@ def test_one_migration_is_one_trace_on_both_agents(start_agent: StartAgent) -> N
         source.stop()
         dest.stop()  # shutdown flushes the span exporters
         spans = otlp.spans()
+        kinds = otlp.kinds()
     finally:
         otlp.close()
     migration = [s for s in spans if s[:2] == ("dwcp-src", "migration")]
@@ -199,6 +233,9 @@ def test_one_migration_is_one_trace_on_both_agents(start_agent: StartAgent) -> N
     dst_names = {name for service, name, tid in spans if service == "dwcp-dst" and tid == trace_id}
     assert {"migration", "attempt", "commit"} <= src_names
     assert "receive" in dst_names
+    # The span whose context crosses hosts is the client's; the destination's is the server's.
+    assert kinds[("dwcp-src", "migration")] == "SPAN_KIND_CLIENT"
+    assert kinds[("dwcp-dst", "receive")] == "SPAN_KIND_SERVER"
 
 
 def test_ownership_moves_to_the_destination_only_when_the_migration_completes(start_agent: StartAgent) -> None:
@@ -210,7 +247,8 @@ def test_ownership_moves_to_the_destination_only_when_the_migration_completes(st
     assert api_call(source.url, "GET", "/api/v3/vms/vm-1/owner")["owner"] == "dst"
     # the source no longer owns vm-1: a second migration from here is refused before any byte moves
     again = follow(source.url, _migration(source, dest, image, name="again.img")["id"], show_progress=False)
-    assert again["state"] == "failed" and again["error_type"] == "ownership"
+    # (a client's refusal, not a service failure: it moves no SLA counter)
+    assert again["state"] == "refused" and again["error_type"] == "vm_owned_elsewhere"
     assert not (dest.images / "again.img").exists()
     # a failed migration leaves the source authoritative
     other = source.images / "vm2.img"

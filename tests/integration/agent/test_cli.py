@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dwcp_agent.cli import build_parser
 from dwcp_agent.demo import LocalAgent
@@ -60,9 +61,15 @@ def test_migrate_shows_progress_and_summary_then_status_lists_it(start_agent: St
     assert "100.0%" in out.stderr  # the progress line (not a terminal: one line per second and the last)
     for field in ("logical bytes:", "wire bytes:", "ratio:", "duration:", "throughput:", "digest verified: yes"):
         assert field in out.stdout
+    assert "streams:         peak " in out.stdout and "network mode:    datacenter" in out.stdout
     listed = _cli("status", "--agent", source.url, "--json")
     migrations = json.loads(listed.stdout)["migrations"]
     assert [m["vm_id"] for m in migrations] == ["vm-42"]
+    as_yaml = yaml.safe_load(_cli("status", "--agent", source.url, "-o", "yaml").stdout)
+    assert as_yaml["migrations"][0]["id"] == migrations[0]["id"]
+    wide = _cli("status", "--agent", source.url, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[:6] == ["ID", "STATE", "VM", "DONE", "RATE", "MODE"]
+    assert "datacenter" in wide[1] and migrations[0]["tcp_congestion"] in wide[1]
     assert (dest.images / "vm.img").read_bytes() == image.read_bytes()
 
 
@@ -82,3 +89,21 @@ def test_unreachable_agent_is_a_clear_error() -> None:
     out = _cli("status", "--agent", "http://127.0.0.1:1")
     assert out.returncode == 1
     assert "cannot reach the agent" in out.stderr
+
+
+def test_config_check_validates_without_starting_anything(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(f"psk: {'k' * 32}\nstream_count: auto\nstate_dir: {tmp_path / 'never'}\n")
+    out = _cli("config", "check", "--config", str(good), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["stream_count"] == 0 and json.loads(out.stdout)["psk"] == "<set>"
+    assert not (tmp_path / "never").exists()  # nothing was started or created
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"psk: {'k' * 32}\nstream_count: 999\n")
+    out = _cli("config", "check", "--config", str(bad))
+    assert out.returncode == 2 and "stream_count" in out.stderr and "above the maximum 256" in out.stderr
+
+
+def test_migrate_help_says_what_ctrl_c_does() -> None:
+    out = _cli("migrate", "--help")
+    assert "Ctrl-C cancels the running migration" in " ".join(out.stdout.split())

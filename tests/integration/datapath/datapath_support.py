@@ -15,6 +15,9 @@ from dwcp_agent.config import Config, load_config
 from dwcp_agent.migration.model import MigrationRequest, SendResult
 from dwcp_agent.migration.sender import SendSession
 from dwcp_agent.migration.server import DataServer
+from dwcp_agent.security import channels as channel_security
+from dwcp_agent.security.channels import ChannelSecurity
+from dwcp_agent.security.pki import ensure_ca
 from dwcp_agent.telemetry.metrics import Metrics
 
 PSK = b"integration-test-key-0123456789abcdef"
@@ -23,7 +26,8 @@ PSK = b"integration-test-key-0123456789abcdef"
 def make_config(tmp: Path, **overrides: Any) -> Config:
     base: dict[str, Any] = dict(psk=PSK.decode(), data_port=0, listen_host="127.0.0.1", state_dir=str(tmp / "state"),
                                 dest_dirs=[str(tmp / "dst")], source_dirs=[str(tmp / "src")], io_timeout_s=10.0,
-                                connect_timeout_s=2.0, retry_limit=3)
+                                connect_timeout_s=2.0, retry_limit=3, node_id="source",
+                                tls_auto_issue_ca_dir=str(ensure_ca(tmp / "cluster-ca")))
     base.update(overrides)
     return load_config(environ={}, overrides=base)
 
@@ -34,11 +38,17 @@ class Receiver:
     def __init__(self, tmp: Path, **overrides: Any) -> None:
         (tmp / "dst").mkdir(exist_ok=True)
         self.dir = tmp / "dst"
-        self.config = make_config(tmp, **overrides)
+        self.tmp = tmp
+        self.config = make_config(tmp, **{"node_id": "receiver", "tls_dir": str(tmp / "tls-receiver"), **overrides})
         self.metrics = Metrics()
         self.server = DataServer(self.config, self.metrics, PSK)
         self.server.start()
         self.port = self.server.port
+
+    def peer_channels(self, node_id: str) -> ChannelSecurity:
+        """TLS for a hand-driven test peer: a certificate from the same cluster CA."""
+        config = make_config(self.tmp, node_id=node_id, tls_dir=str(self.tmp / f"tls-{node_id}"))
+        return channel_security.for_config(config)
 
     def errors(self, component: str, error_type: str) -> float:
         value = self.metrics.registry.get_sample_value(

@@ -8,6 +8,7 @@ import os
 import select
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -20,9 +21,13 @@ import pytest
 from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
 
 from dwcp_agent import wire
+from dwcp_agent.amst.channel import TcpChannel
 from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, checksum
 from dwcp_agent.migration.model import MigrationError, SendResult
 from dwcp_agent.migration.receiver import open_session
+from dwcp_agent.security import pki
+from dwcp_agent.security.pki import ensure_ca
+from dwcp_agent.security.sealed import TAG_BYTES
 from dwcp_agent.telemetry.metrics import Metrics
 
 MiB = 1 << 20
@@ -81,15 +86,26 @@ def test_control_connection_cut_resumes_from_journal(receiver: Receiver, src_dir
 
 # -- hostile or broken peers, driven frame by frame -------------------------------------------
 
-def _connect(port: int, role: str, key: bytes = PSK, session: int = 0, stream: int = 0,
+def _connect(receiver: Receiver, role: str, key: bytes = PSK, session: int = 0, stream: int = 0,
              versions: tuple[int, ...] = wire.SUPPORTED_VERSIONS) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock = receiver.peer_channels("test-peer").wrap_client(
+        socket.create_connection(("127.0.0.1", receiver.port), timeout=5))
     wire.client_handshake(sock, key, "test-peer", role, session, stream, versions=versions)
     return sock
 
 
+def _data_stream(receiver: Receiver, session: int) -> TcpChannel:
+    """A data stream as the source opens it (sealed after TLS), driven frame by frame."""
+    return TcpChannel(_connect(receiver, "data", session=session))
+
+
+def _send_raw_frame(stream: TcpChannel, frame: bytes | bytearray) -> None:
+    """Any bytes as one frame: the first 56 as its header, the rest as its payload."""
+    stream.send_frame(bytes(frame[:wire.HEADER_SIZE]), bytes(frame[wire.HEADER_SIZE:]))
+
+
 def _open_session(receiver: Receiver, size: int = 2 * MiB) -> tuple[socket.socket, wire.Ready]:
-    control = _connect(receiver.port, "control")
+    control = _connect(receiver, "control")
     wire.send_message(control, wire.Start("m-hostile", "vm-x", str(receiver.dir / "out.img"), size, MiB, 1))
     return control, wire.recv_message(control, wire.Ready)
 
@@ -101,8 +117,8 @@ def _closed_by_peer(sock: socket.socket) -> bool:
             data = sock.recv(4096)
             if not data:
                 return True
-            # ACKs may arrive before the close; anything else is not expected
-            assert len(data) % wire.HEADER_SIZE == 0
+            # ACKs (sealed: header + tag) may arrive before the close; anything else is not expected
+            assert len(data) % (wire.HEADER_SIZE + TAG_BYTES) == 0
     except ConnectionResetError:
         return True
 
@@ -127,7 +143,7 @@ def _data_frame(ready: wire.Ready, payload: bytes, **changes: int) -> bytes:
 def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: Receiver, mutate: str,
                                                                      error_type: str) -> None:
     control, ready = _open_session(receiver)
-    stream = _connect(receiver.port, "data", session=ready.session)
+    stream = _data_stream(receiver, ready.session)
     payload = os.urandom(MiB)
     if mutate == "flip_payload_bit":
         frame = bytearray(_data_frame(ready, payload))
@@ -150,9 +166,10 @@ def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: 
         frame = bytearray(_data_frame(ready, payload, offset=8 * MiB))
     else:
         frame = bytearray(_data_frame(ready, payload, sequence=5))
-    with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the receiver may close before we finish
-        stream.sendall(frame)
-    assert _closed_by_peer(stream)
+    # the receiver may close before we finish
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        _send_raw_frame(stream, frame)
+    assert _closed_by_peer(stream.sock)
     assert receiver.wait_errors("amst", error_type) == 1
     control.close()
     stream.close()
@@ -163,11 +180,11 @@ def test_corrupt_frame_closes_the_stream_is_counted_and_never_written(receiver: 
 def test_all_zero_frame_with_a_payload_or_a_codec_is_refused(receiver: Receiver, codec: int, payload: bytes) -> None:
     """The receiver neither decodes nor writes an all-zero chunk of a fresh file, but still checks it."""
     control, ready = _open_session(receiver)
-    stream = _connect(receiver.port, "data", session=ready.session)
+    stream = _data_stream(receiver, ready.session)
     frame = _data_frame(ready, payload, flags=FLAG_ALL_ZERO, codec=codec, raw_len=MiB, checksum=checksum(bytes(MiB)))
-    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
-        stream.sendall(frame)
-    assert _closed_by_peer(stream)
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        _send_raw_frame(stream, frame)
+    assert _closed_by_peer(stream.sock)
     assert receiver.wait_errors("hde", "decode") == 1
     control.close()
     stream.close()
@@ -176,10 +193,10 @@ def test_all_zero_frame_with_a_payload_or_a_codec_is_refused(receiver: Receiver,
 
 def test_good_frame_is_acked_then_commit_with_missing_chunks_fails(receiver: Receiver) -> None:
     control, ready = _open_session(receiver, size=2 * MiB)
-    stream = _connect(receiver.port, "data", session=ready.session)
+    stream = _data_stream(receiver, ready.session)
     payload = os.urandom(MiB)
-    stream.sendall(_data_frame(ready, payload))
-    ack = wire.recv_header(stream)
+    _send_raw_frame(stream, _data_frame(ready, payload))
+    ack = stream.recv_ack(bytearray(wire.HEADER_SIZE))
     assert ack.type == wire.FrameType.ACK and ack.sequence == 0
     wire.send_message(control, wire.Commit(b"\0" * 16))
     with pytest.raises(wire.WireError, match="1 chunks are missing"):
@@ -189,13 +206,13 @@ def test_good_frame_is_acked_then_commit_with_missing_chunks_fails(receiver: Rec
 
 def test_unknown_version_is_refused_with_reason_on_both_sides(receiver: Receiver) -> None:
     with pytest.raises(wire.HandshakeError, match=r"unsupported protocol version.*\[7\].*speaks 3"):
-        _connect(receiver.port, "control", versions=(7,))
+        _connect(receiver, "control", versions=(7,))
     assert receiver.wait_errors("amst", "version") == 1
 
 
 def test_wrong_key_is_refused_on_both_sides(receiver: Receiver) -> None:
     with pytest.raises(wire.HandshakeError, match="pre-shared keys differ"):
-        _connect(receiver.port, "control", key=b"not-the-right-key-at-all-000000")
+        _connect(receiver, "control", key=b"not-the-right-key-at-all-000000")
     assert receiver.wait_errors("amst", "auth") == 1
 
 
@@ -232,7 +249,12 @@ def unprivileged_receiver(tmp_path: Path) -> Iterator[SimpleNamespace]:
             receiver.stop()
         return
     base = Path(tempfile.mkdtemp(prefix=f"dwcp-refs-perm-{os.getpid()}-"))
-    os.chown(base, UNPRIVILEGED, UNPRIVILEGED)
+    # The sender's cluster CA (make_config of the test's tmp_path), and the receiver's certificate
+    # issued now, readable by the unprivileged child.
+    shutil.copytree(ensure_ca(tmp_path.parent / "cluster-ca"), base / "cluster-ca")
+    pki.issue_node(base / "cluster-ca", "receiver", pki.NodeFiles.in_dir(base / "tls-receiver"))
+    for path in [base, *base.rglob("*")]:
+        os.chown(path, UNPRIVILEGED, UNPRIVILEGED)
     report_r, report_w = os.pipe()
     stop_r, stop_w = os.pipe()
     pid = os.fork()

@@ -74,3 +74,23 @@ def test_pieces_fit_together():
     assert {"FEATURE_FLAG_ROLLOUT", "ENABLE_V3", "TRACE_SAMPLING", "config.yaml"} <= set(config)
     agent_config = yaml.safe_load(config["config.yaml"])
     assert agent_config["admin_host"] == "127.0.0.1" and agent_config["metrics_port"] == ports["metrics"]
+
+
+def test_the_daemonset_mounts_every_image_directory_it_is_configured_to_serve(tmp_path: Path):
+    from dwcp_agent.config import load_config
+
+    d = docs()
+    pod = d[("DaemonSet", "dwcp-agent")]["spec"]["template"]["spec"]
+    agent = next(c for c in pod["containers"] if c["name"] == "dwcp-agent")
+    host_volumes = {v["name"] for v in pod["volumes"] if "hostPath" in v}
+    mounted = [Path(m["mountPath"]) for m in agent["volumeMounts"] if m["name"] in host_volumes]
+    data = d[("ConfigMap", "dwcp-agent-config")]["data"]
+    env = {k: v for k, v in data.items() if k != "config.yaml"}
+    env["DWCP_STATE_DIR"] = next(e["value"] for e in agent["env"] if e["name"] == "DWCP_STATE_DIR")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(data["config.yaml"])
+    config = load_config(config_file, environ=env)  # also proves the ConfigMap is a valid config
+    served = [*config.allowed_source_dirs, *config.allowed_dest_dirs]
+    assert served
+    for directory in served:
+        assert any(directory.is_relative_to(m) for m in mounted), f"{directory} is served but not mounted"

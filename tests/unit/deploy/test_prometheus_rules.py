@@ -36,14 +36,18 @@ ALERTS = {
     "ThroughputDegradation": ("warning", "network", "10m"),
 }
 THRESHOLDS = {
-    "DWCPv3LatencyP99Critical": "sla:latency_p99:5m > 0.5",
-    "DWCPv3ThroughputCriticalLow": "sla:throughput_bytes_per_second:5m < 2e9",
+    "DWCPv3LatencyP99Critical": "mode:sla_latency_p99:5m > on (mode) 5 * mode:slo_latency_p99_seconds",
+    "DWCPv3ThroughputCriticalLow": "mode:sla_throughput_bytes_per_second:5m < on (mode) 0.8 * "
+                                   "mode:slo_throughput_bytes_per_second",
     "DWCPv3ErrorRateCritical": "sum(rate(dwcp_v3_errors_total[1m])) > 10",
     "SLAAvailabilityViolation": "sla:availability:5m < 0.999",
-    "SLALatencyViolation": "sla:latency_p99:5m > 0.1",
-    "HighLatencyWarning": "sla:latency_p99:5m > 0.08",
-    "ThroughputDegradation": "sla:throughput_bytes_per_second:5m < 2.4e9",
+    "SLALatencyViolation": "mode:sla_latency_p99:5m > on (mode) mode:slo_latency_p99_seconds",
+    "HighLatencyWarning": "mode:sla_latency_p99:5m > on (mode) 0.8 * mode:slo_latency_p99_seconds",
+    "ThroughputDegradation": "mode:sla_throughput_bytes_per_second:5m < on (mode) mode:slo_throughput_bytes_per_second",
 }
+# The base comes from the agents' `runbook_base_url` (dwcp_v3_runbook_info); docs/runbooks without one.
+RUNBOOK_URL = ('{{{{ with query "max by (base_url) (dwcp_v3_runbook_info)" }}}}{{{{ . | first | label "base_url" }}}}'
+               '{{{{ else }}}}docs/runbooks{{{{ end }}}}/{name}.md')
 FAST_HEADER = """# TEST ONLY: deploy/prometheus/rules/dwcp-alerts.yml with every `for` shortened to 5s, so the
 # full-stack system test (tests/system/test_prometheus_stack.py) sees alerts reach `firing` in
 # seconds. Never load this file in production. tests/unit/deploy/test_prometheus_rules.py checks
@@ -125,7 +129,7 @@ def test_every_ops_alert_is_defined_with_its_severity_team_for_and_runbook():
         assert rule["labels"]["severity"] == severity, name
         assert rule["labels"]["team"] == team, name
         assert rule.get("for") == hold, name
-        assert rule["annotations"]["runbook_url"] == f"docs/runbooks/{name}.md"
+        assert rule["annotations"]["runbook_url"] == RUNBOOK_URL.format(name=name)
         assert (ROOT / "docs" / "runbooks" / f"{name}.md").is_file(), f"runbook for {name} missing"
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
         if name in THRESHOLDS:

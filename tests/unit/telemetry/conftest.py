@@ -33,4 +33,5 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 def config():
-    return load_config(environ={}, overrides={"node_id": "node-a", "sla_nogo_hold_s": 30.0})
+    return load_config(environ={}, overrides={"node_id": "node-a", "sla_nogo_hold_s": 30.0,
+                                                  "sla_min_samples": 1})

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from dwcp_agent.rollout.sla import SlaGuard, histogram_quantile
 from dwcp_agent.telemetry.metrics import MIGRATION_BUCKETS
-from dwcp_agent.telemetry.sla import SlaGuard, histogram_quantile
 
 MiB = 1024 * 1024
 
@@ -50,12 +50,13 @@ def test_healthy_traffic_is_go_and_exports_compliance(config, metrics, clock):
     assert summary["compliance"] == {"availability": "met", "latency": "met", "error_rate": "met",
                                      "throughput": "violated"}
     assert summary["latency_ms"]["p99"] == pytest.approx(4.975)  # operations in (2.5, 5] ms
-    assert summary["migration_latency_ms"]["p99"] == pytest.approx(49.75)  # migrations in (25, 50] ms
+    assert summary["migration_duration_ms"]["p99"] == pytest.approx(49.75)  # migrations in (25, 50] ms
     assert summary["throughput_bytes_per_second"] == pytest.approx(64 * MiB / 0.04)
     assert sample(metrics, "dwcp_v3_sla_go") == 1
     assert sample(metrics, "dwcp_v3_sla_compliance", sla="availability") == 1
     assert sample(metrics, "dwcp_v3_sla_compliance", sla="throughput") == 0
-    assert sample(metrics, "dwcp_v3_migrated_bytes_total", protocol="v3") == 20 * 64 * MiB
+    assert sample(metrics, "dwcp_v3_migrated_bytes_total", protocol="v3", mode="datacenter") == 20 * 64 * MiB
+    assert sample(metrics, "dwcp_v3_slo_throughput_bytes_per_second", mode="internet") == 12.5e6
 
 
 def test_no_traffic_is_go_with_no_data(config, metrics, clock):
@@ -190,3 +191,54 @@ def test_guard_memory_is_bounded_by_slices(config, metrics, clock):
         guard.record_migration("completed", 1.0, MiB, "v3")
         clock.advance(1000)
     assert all(len(w._slices) <= w.length / w.slice_s + 2 for w in guard.windows.values())
+
+
+@pytest.fixture
+def default_config():
+    """The shipped SLA settings: 20 samples minimum, NO-GO held 30 s before rollback."""
+    from dwcp_agent.config import load_config
+    return load_config(environ={}, overrides={"node_id": "node-a"})
+
+
+def test_client_refusals_do_not_move_the_guard(default_config, metrics, clock):
+    guard = SlaGuard(default_config, metrics, clock)
+    operations(metrics, 100, 0.004)
+    migrate(guard, clock, 25)
+    for error_type in ("bad_request", "forbidden", "vm_owned_elsewhere", "cancelled"):
+        metrics.error("migration", error_type)
+    migrate(guard, clock, 40, status="refused")
+    clock.advance(60)
+    guard.tick()
+    assert guard.decision == "GO" and guard.violations == []
+    window = guard.snapshot()["windows"]["5m"]
+    assert (window["failed"], window["refused"], window["errors"]) == (0, 40, 0)
+    assert window["availability"] == 1.0
+    assert sample(metrics, "dwcp_v3_errors_total", component="migration", error_type="forbidden") == 1
+    assert sample(metrics, "dwcp_v3_component_errors_total", component="migration") == 0
+
+
+def test_a_burst_of_3_failures_in_6_does_not_roll_back(default_config, metrics, clock):
+    guard = SlaGuard(default_config, metrics, clock)
+    migrate(guard, clock, 3)
+    migrate(guard, clock, 3, status="failed")
+    for _ in range(120):
+        clock.advance(1)
+        guard.tick()
+    assert guard.decision == "GO"
+    assert guard.snapshot()["windows"]["5m"]["compliance"]["availability"] == "no_data"
+    assert guard.rollout.state.percentage == 100 and not guard.rollout.state.frozen
+    assert sample(metrics, "dwcp_v3_rollbacks_total", reason="sla_nogo") == 0
+
+
+def test_sustained_server_side_failures_roll_back_after_the_hold(default_config, metrics, clock):
+    guard = SlaGuard(default_config, metrics, clock)
+    for _ in range(15):  # one success and one server-side failure every 2 s
+        migrate(guard, clock, 1)
+        migrate(guard, clock, 1, status="failed")
+    assert guard.decision == "NO-GO" and "availability" in guard.violations
+    assert guard.rollout.state.percentage == 100  # NO-GO is held before rolling back
+    for _ in range(35):
+        clock.advance(1)
+        guard.tick()
+    assert guard.rollout.state.percentage == 0 and guard.rollout.state.frozen
+    assert sample(metrics, "dwcp_v3_rollbacks_total", reason="sla_nogo") == 1

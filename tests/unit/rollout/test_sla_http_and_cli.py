@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from dwcp_agent.cli import main
-from dwcp_agent.telemetry.sla import SlaGuard
-from dwcp_agent.telemetry.sla_http import sla_routes
+from dwcp_agent.rollout.http import sla_routes
+from dwcp_agent.rollout.sla import SlaGuard
 
 
 @pytest.fixture
@@ -54,9 +54,9 @@ def test_summary_and_sla_endpoints(served, clock):
         clock.advance(1)
     summary = get(f"{url}/metrics/summary")
     assert set(summary) >= {"latency_ms", "throughput_bytes_per_second", "error_rate", "sla_status", "decision",
-                            "error_budget_remaining", "migration_latency_ms"}
+                            "error_budget_remaining", "migration_duration_ms"}
     assert set(summary["latency_ms"]) == {"p50", "p95", "p99"}
-    assert summary["migration_latency_ms"]["p99"] == pytest.approx(49.75)
+    assert summary["migration_duration_ms"]["p99"] == pytest.approx(49.75)
     sla = get(f"{url}/api/v3/sla")
     assert set(sla["windows"]) == {"5m", "1h", "24h", "7d", "30d"}
     assert sla["windows"]["5m"]["completed"] == 5 and sla["decision"] == "GO"

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 Profile = Literal["v1", "v3"]
-log = logging.getLogger("dwcp_agent.telemetry.rollout")
+log = logging.getLogger("dwcp_agent.rollout.controller")
 
 
 class RolloutError(RuntimeError):

@@ -23,8 +23,8 @@ from typing import Any
 from aiohttp import web
 
 from dwcp_agent.http_json import json_response
-from dwcp_agent.telemetry.rollout import RolloutError
-from dwcp_agent.telemetry.sla import SlaGuard
+from dwcp_agent.rollout.controller import RolloutError
+from dwcp_agent.rollout.sla import SlaGuard
 
 __all__ = ["sla_routes"]
 

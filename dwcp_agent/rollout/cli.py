@@ -70,7 +70,7 @@ def cmd_unfreeze(args: argparse.Namespace) -> int:
 
 
 def cmd_sla_report(args: argparse.Namespace) -> int:
-    from dwcp_agent.telemetry.slareport import PrometheusError, build_report, month_range
+    from dwcp_agent.rollout.report import PrometheusError, build_report, month_range
 
     try:
         start, end = month_range(args.month)

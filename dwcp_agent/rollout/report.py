@@ -1,9 +1,12 @@
 """Monthly SLA report (the ops guide's template) from the Prometheus HTTP API.
 
-Every number comes from the recording rules in deploy/prometheus (`sla:*:5m`) and the agents'
-counters, averaged or summed over the calendar month (UTC) up to now if the month is still
-running. Incidents are the critical alerts that fired in the month, read from Prometheus' own
-`ALERTS` series. A figure Prometheus has no data for prints as "n/a" and is never guessed.
+Every number comes from the recording rules in deploy/prometheus (`sla:*:5m`,
+`instance:dwcp_v3_unavailable`) and the agents' counters, averaged or summed over the calendar
+month (UTC) up to now if the month is still running. The report states the period its data
+covers (first to last scrape of an agent) and never extrapolates beyond it; downtime is time an
+agent was down or not ready, not a function of migration success. Incidents are the critical
+alerts that fired in the month, read from Prometheus' own `ALERTS` series. A figure Prometheus
+has no data for prints as "n/a" and is never guessed.
 """
 
 from __future__ import annotations
@@ -115,21 +118,35 @@ def build_report(url: str, start: float, end: float, now: float | None = None) -
     def avg(rule: str) -> float | None:
         return prom.scalar(f"avg_over_time({rule}{window})", at)
 
+    def avg_max(rule: str) -> float | None:
+        """The least available agent's average over the month."""
+        return prom.scalar(f"max(avg_over_time({rule}{window}))", at)
+
     def total(series: str) -> float | None:
         return prom.scalar(f"sum(increase({series}{window}))", at)
 
+    # The period the data covers: the first and last scrape of any agent inside the month. Every
+    # figure is for that period only; nothing is extrapolated to the rest of the month.
+    up = 'timestamp(up{job="dwcp-agent"})'
+    data_from = prom.scalar(f"min(min_over_time({up}[{seconds}s:60s]))", at)
+    data_to = prom.scalar(f"max(max_over_time({up}[{seconds}s:60s]))", at)
+    covered = max(0.0, data_to - data_from) if data_from is not None and data_to is not None else 0.0
+    unavailable = avg_max("instance:dwcp_v3_unavailable")
     availability = avg("sla:availability:5m")
-    migration_seconds = total("dwcp_v3_migration_latency_seconds_sum")
-    migrations_timed = total("dwcp_v3_migration_latency_seconds_count")
+    migration_seconds = total("dwcp_v3_migration_duration_seconds_sum")
+    migrations_timed = total("dwcp_v3_migration_duration_seconds_count")
     data: dict[str, Any] = {
         "month": time.strftime("%Y-%m", time.gmtime(start)),
         "from": start, "to": at, "complete_month": at >= end,
+        "data_from": data_from, "data_to": data_to, "covered_s": covered,
         "availability": availability,
         "latency_p99_s": avg("sla:latency_p99:5m"),
         "error_rate": avg("sla:error_rate:5m"),
         "throughput_bytes_per_second": avg("sla:throughput_bytes_per_second:5m"),
-        "downtime_s": None if availability is None else seconds * (1.0 - availability),
-        "allowed_downtime_s": (end - start) * (1.0 - TARGETS["availability"]),
+        # Time an agent was down or not ready (instance:dwcp_v3_unavailable), the worst agent's;
+        # never derived from migration success.
+        "downtime_s": None if unavailable is None or not covered else unavailable * covered,
+        "allowed_downtime_s": covered * (1.0 - TARGETS["availability"]),
         "successful_migrations": total('dwcp_v3_migrations_total{status="completed"}'),
         "failed_migrations": total('dwcp_v3_migrations_total{status!~"completed|cancelled"}'),
         "bytes_migrated": total("dwcp_v3_migrated_bytes_total"),
@@ -195,9 +212,16 @@ def render(data: dict[str, Any]) -> str:
         f"# DWCP v3 Monthly SLA Report - {calendar.month_name[mon]} {year}",
         "",
     ]
-    if not data["complete_month"]:
-        lines += [f"_Month in progress: data up to {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(data['to']))}._",
-                  ""]
+    def stamp(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+    if data["data_from"] is None:
+        lines += ["_Period: Prometheus holds no agent data for this month._", ""]
+    else:
+        lines += [f"_Period: data from {stamp(data['data_from'])} to {stamp(data['data_to'])} "
+                  f"({data['covered_s'] / 86400:.1f} days"
+                  f"{'' if data['complete_month'] else '; month in progress'}). Every figure covers this "
+                  "period only and is not extrapolated to the month._", ""]
     lines += [
         "## Executive Summary",
         f"- **Availability**: {_fmt(data['availability'], '.3f', 100, '%')} (Target: 99.9%)",
@@ -210,7 +234,7 @@ def render(data: dict[str, Any]) -> str:
         "",
         "## Downtime Analysis",
         f"- **Total Downtime**: {_fmt(downtime, '.1f', 1 / 60, ' minutes')} ({_fmt(downtime, '.0f', 1, ' seconds')})",
-        f"- **Allowed Downtime**: {allowed / 60:.1f} minutes",
+        f"- **Allowed Downtime**: {allowed / 60:.1f} minutes (99.9% of the period covered)",
         f"- **Remaining Budget**: {_fmt(None if downtime is None else allowed - downtime, '.1f', 1 / 60, ' minutes')}",
         "",
         "### Incidents",

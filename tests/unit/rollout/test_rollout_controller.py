@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dwcp_agent.config import load_config
-from dwcp_agent.telemetry.rollout import (
+from dwcp_agent.rollout.controller import (
     FileRolloutStore,
     MemoryRolloutStore,
     RolloutController,

@@ -12,11 +12,12 @@ and reads `decision`, `snapshot()` and `summary()`. Time comes from the injected
 The SLIs are defined exactly as the Prometheus recording rules in deploy/prometheus (see
 docs/operations.md), so the agent's own verdict and the dashboards agree:
 
-* availability = completed / (completed + failed) migrations (cancelled ones do not count);
+* availability = completed / (completed + failed) migrations (cancelled and refused ones, a
+  client's doing, do not count; refusals are counted under their own error_type);
 * latency p99 = 99th percentile of component operation latency (`dwcp_v3_component_latency_
   seconds`: chunk encodes, stream sends, consensus rounds), the ops guide's "all operation
   latencies". Migration wall time grows with the VM's size, so a fixed 100 ms target only makes
-  sense per operation; migration wall time is reported separately (`migration_latency_*`) and
+  sense per operation; migration wall time is reported separately (`migration_duration_*`) and
   used to compare v3 with v1. Quantiles come from the same histogram buckets Prometheus has,
   interpolated the way `histogram_quantile` does;
 * error rate = (failed migrations + component errors) / (component operations + ended
@@ -29,7 +30,8 @@ failures.
 GO needs availability, p99 and error rate within the configured thresholds over the 5 min
 window (the ops guide's GO/NO-GO query), and profile v3 not regressing against v1: v3 failure
 ratio above 1.5x v1's or v3 p99 more than 30 % above v1's, each also beyond the SLA threshold
-and with at least `MIN_COMPARE` migrations of each profile. No data counts as GO. NO-GO held
+and with at least `MIN_COMPARE` migrations of each profile. An SLI with fewer than
+`config.sla_min_samples` samples in the window counts as no data, and no data is GO. NO-GO held
 for `config.sla_nogo_hold_s` rolls the rollout back to 0 % and freezes it.
 """
 
@@ -45,12 +47,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dwcp_agent.config import Config
+from dwcp_agent.rollout.controller import RolloutController
 from dwcp_agent.telemetry.metrics import COMPONENT_BUCKETS, MIGRATION_BUCKETS, PROTOCOLS, Metrics
-from dwcp_agent.telemetry.rollout import RolloutController
 
 __all__ = ["WINDOWS", "SlaGuard", "Tally", "histogram_quantile"]
 
-log = logging.getLogger("dwcp_agent.telemetry.sla")
+log = logging.getLogger("dwcp_agent.rollout.sla")
 
 # name -> (length, slice) in seconds. A window is its whole slices plus the current partial one,
 # so memory stays bounded (under 200 slices per window) however many migrations run.
@@ -106,6 +108,7 @@ class ProfileTally:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    refused: int = 0
     logical_bytes: int = 0
     seconds: float = 0.0
     latency: list[int] = field(default_factory=_new_counts)
@@ -115,6 +118,7 @@ class ProfileTally:
         self.completed += other.completed
         self.failed += other.failed
         self.cancelled += other.cancelled
+        self.refused += other.refused
         self.logical_bytes += other.logical_bytes
         self.seconds += other.seconds
         self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
@@ -172,9 +176,9 @@ class Tally:
             "latency_p50_s": histogram_quantile(0.5, COMPONENT_BUCKETS, self.op_latency),
             "latency_p95_s": histogram_quantile(0.95, COMPONENT_BUCKETS, self.op_latency),
             "latency_p99_s": histogram_quantile(0.99, COMPONENT_BUCKETS, self.op_latency),
-            "migration_latency_p50_s": every.p(0.5),
-            "migration_latency_p95_s": every.p(0.95),
-            "migration_latency_p99_s": every.p(0.99),
+            "migration_duration_p50_s": every.p(0.5),
+            "migration_duration_p95_s": every.p(0.95),
+            "migration_duration_p99_s": every.p(0.99),
             "error_rate": error_rate,
             "throughput_bytes_per_second": every.logical_bytes / every.seconds if every.seconds > 0 else None,
         }
@@ -222,12 +226,13 @@ class SlaGuard:
         self.nogo_since: float | None = None
         self._counter_totals: dict[str, float] | None = None
         self._lock = threading.RLock()
+        self.publish_slos()
         self.tick()
 
     # -- inputs ---------------------------------------------------------------------------
 
     def record_migration(self, status: str, duration_s: float, logical_bytes: int,
-                         protocol: str = "v3") -> None:
+                         protocol: str = "v3", mode: str = "datacenter") -> None:
         """Account one ended migration (`completed`, `cancelled`; anything else is a failure).
 
         For a completed one also counts `dwcp_v3_migrated_bytes_total` (the throughput SLI's
@@ -250,10 +255,12 @@ class SlaGuard:
                     tally.latency[index] += 1
                 elif status == "cancelled":
                     tally.cancelled += 1
+                elif status == "refused":
+                    tally.refused += 1
                 else:
                     tally.failed += 1
             if completed:
-                self.metrics.migrated_bytes.labels(protocol).inc(logical_bytes)
+                self.metrics.migrated_bytes.labels(protocol, mode).inc(logical_bytes)
             self._evaluate(now)
 
     def tick(self) -> None:
@@ -270,9 +277,15 @@ class SlaGuard:
         with self._lock:
             return self.windows[name].total(self._clock()).slis()
 
-    def compliance(self, slis: dict[str, float | None]) -> dict[str, str]:
-        """`met`, `violated` or `no_data` per SLA for the given SLIs."""
+    def compliance(self, slis: dict[str, float | None], tally: Tally | None = None) -> dict[str, str]:
+        """`met`, `violated` or `no_data` per SLA for the given SLIs; with the window's `tally`, an
+        SLI with fewer than `sla_min_samples` samples is `no_data` (3 failures of 6 say little)."""
         c = self.config
+        if tally is not None:
+            every = tally.all
+            samples = {"availability": every.ended, "error_rate": every.ended + tally.operations,
+                       "latency_p99_s": sum(tally.op_latency), "throughput_bytes_per_second": every.completed}
+            slis = {k: (None if k in samples and samples[k] < c.sla_min_samples else v) for k, v in slis.items()}
 
         def judge(value: float | None, ok: Callable[[float], bool]) -> str:
             if value is None:
@@ -315,8 +328,8 @@ class SlaGuard:
             windows[name] = {
                 **slis,
                 "completed": every.completed, "failed": every.failed, "cancelled": every.cancelled,
-                "errors": tally.errors, "operations": tally.operations,
-                "compliance": self.compliance(slis),
+                "refused": every.refused, "errors": tally.errors, "operations": tally.operations,
+                "compliance": self.compliance(slis, tally),
             }
         hold = self.config.sla_nogo_hold_s
         return {
@@ -330,6 +343,7 @@ class SlaGuard:
                 "error_rate": self.config.sla_error_rate,
                 "throughput_bytes_per_second": self.config.sla_throughput_bytes,
                 "nogo_hold_s": hold,
+                "min_samples": self.config.sla_min_samples,
             },
             "windows": windows,
             "error_budget": self.error_budget(),
@@ -339,8 +353,10 @@ class SlaGuard:
 
     def summary(self) -> dict[str, Any]:
         """The `/metrics/summary` body: 5 min latency (ms), throughput, error rate, SLA status."""
-        slis = self.window_slis(DECISION_WINDOW)
-        compliance = self.compliance(slis)
+        with self._lock:
+            tally = self.windows[DECISION_WINDOW].total(self._clock())
+        slis = tally.slis()
+        compliance = self.compliance(slis, tally)
         statuses = set(compliance.values())
         status = "violated" if "violated" in statuses else ("met" if "met" in statuses else "no_data")
 
@@ -351,9 +367,9 @@ class SlaGuard:
             "window": DECISION_WINDOW,
             "latency_ms": {"p50": ms(slis["latency_p50_s"]), "p95": ms(slis["latency_p95_s"]),
                            "p99": ms(slis["latency_p99_s"])},
-            "migration_latency_ms": {"p50": ms(slis["migration_latency_p50_s"]),
-                                     "p95": ms(slis["migration_latency_p95_s"]),
-                                     "p99": ms(slis["migration_latency_p99_s"])},
+            "migration_duration_ms": {"p50": ms(slis["migration_duration_p50_s"]),
+                                     "p95": ms(slis["migration_duration_p95_s"]),
+                                     "p99": ms(slis["migration_duration_p99_s"])},
             "throughput_bytes_per_second": slis["throughput_bytes_per_second"],
             "error_rate": slis["error_rate"],
             "availability": slis["availability"],
@@ -389,7 +405,7 @@ class SlaGuard:
 
     def _violations(self, tally: Tally) -> list[str]:
         slis = tally.slis()
-        found = [name for name, verdict in self.compliance(slis).items()
+        found = [name for name, verdict in self.compliance(slis, tally).items()
                  if verdict == "violated" and name != "throughput"]
         v1, v3 = tally.profiles.get("v1"), tally.profiles.get("v3")
         if v1 and v3 and v1.ended >= MIN_COMPARE and v3.ended >= MIN_COMPARE:
@@ -427,8 +443,20 @@ class SlaGuard:
                                          + ", ".join(violations))
         self.rollout.sync_metrics()
 
+    def publish_slos(self) -> None:
+        """The per-mode throughput and latency SLOs and the runbook base URL, for the alert rules."""
+        c = self.config
+        for mode, value in (("datacenter", c.sla_throughput_bytes), ("internet", c.sla_throughput_internet_bytes),
+                            ("hybrid", c.sla_throughput_hybrid_bytes)):
+            self.metrics.slo_throughput.labels(mode).set(value)
+        for mode, value in (("datacenter", c.sla_latency_p99_s), ("internet", c.sla_latency_p99_internet_s),
+                            ("hybrid", c.sla_latency_p99_hybrid_s)):
+            self.metrics.slo_latency.labels(mode).set(value)
+        self.metrics.runbook_info.clear()
+        self.metrics.runbook_info.labels(c.runbook_base_url.rstrip("/")).set(1)
+
     def _export(self, tally: Tally) -> None:
-        for name, verdict in self.compliance(tally.slis()).items():
+        for name, verdict in self.compliance(tally.slis(), tally).items():
             self.metrics.sla_compliance.labels(name).set(0 if verdict == "violated" else 1)
         self.metrics.sla_go.set(1 if self.decision == "GO" else 0)
         self.metrics.sla_error_budget_remaining.set(self.error_budget()["remaining"])
