@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from pathlib import Path
 
 from dwcp_agent.config import Config
 from dwcp_agent.live import messages
 from dwcp_agent.live.compat import incompatibilities
-from dwcp_agent.live.frames import FrameKind, TunnelError
+from dwcp_agent.live.frames import TunnelError
 from dwcp_agent.live.process import DestinationQemu, QemuStartError
 from dwcp_agent.live.qmp import QemuControl, QemuError, VmFacts
 from dwcp_agent.live.tunnel import Tunnel
@@ -117,17 +118,23 @@ class IncomingLive:
             sock_path = self.run_dir / f"{tag}.in.sock"
             sock_path.unlink(missing_ok=True)
             await self.qemu.migrate_incoming(f"unix:{sock_path}")
-            reader, writer = await self._connect_local(sock_path)
+            qemu_sock = await self._connect_local(sock_path)
         except (QemuError, OSError) as exc:
             raise _Refused("no_qemu", f"destination QEMU: {exc}") from exc
-        self.tunnel.attach(reader, writer, FrameKind.RETURN)
+        self.tunnel.attach_destination(qemu_sock)
         return facts
 
     @staticmethod
-    async def _connect_local(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect_local(path: Path) -> socket.socket:
         for _ in range(100):
             if path.exists():
-                return await asyncio.open_unix_connection(str(path))
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(str(path))
+                except OSError:
+                    sock.close()
+                    raise
+                return sock
             await asyncio.sleep(0.02)
         raise OSError(f"destination QEMU did not listen on {path}")
 
@@ -149,6 +156,8 @@ class IncomingLive:
                 if isinstance(item, messages.Commit):
                     committed = item
                     postcopy = item.postcopy
+            if not received:
+                self.tunnel.check()
             info = await self.qemu.query_migrate()
             if info.status == "failed":
                 raise QemuError(f"destination QEMU failed to load the stream: {info.error}")

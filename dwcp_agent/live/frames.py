@@ -1,12 +1,9 @@
-"""The tunnel's framing between two agents: control messages, QEMU's stream, its return path.
+"""The framing of a live migration's control connection between two agents.
 
-One authenticated connection carries, in both directions, frames of
-    type u8 | codec u8 | raw_len u32 | payload_len u32 | payload
-`DATA` frames hold a chunk of the source QEMU's migration stream, encoded with the HDE codec the
-sender chose (`codec`, `raw_len` let the receiver decode it); `RETURN` frames carry the
-destination QEMU's return path back verbatim; `*_END` mark the end of either byte stream, and
-`CONTROL` frames hold one msgspec message (messages.py). A frame that does not parse is a
-`TunnelError`, never a crash.
+Frames of `type u8 | codec u8 | raw_len u32 | payload_len u32 | payload`; the only type is
+`CONTROL` (one msgspec message, messages.py; codec and raw_len are 0). QEMU's stream does not
+travel here: it goes over the data connections of the migration core's stream object
+(tunnel.py). A frame that does not parse is a `TunnelError`, never a crash.
 """
 
 from __future__ import annotations
@@ -27,14 +24,10 @@ class TunnelError(RuntimeError):
 
 class FrameKind(IntEnum):
     CONTROL = 1
-    DATA = 2
-    RETURN = 3
-    DATA_END = 4
-    RETURN_END = 5
 
 
 class Frame:
-    """One decoded frame header and its (still encoded) payload."""
+    """One decoded frame header and its payload."""
 
     __slots__ = ("codec", "kind", "payload", "raw_len")
 
@@ -64,7 +57,7 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame:
 
 def write_frame(writer: asyncio.StreamWriter, kind: FrameKind, payload: bytes | memoryview = b"",
                 codec: int = 0, raw_len: int | None = None) -> None:
-    """Queue one frame; callers `await writer.drain()` to respect the in-flight bound."""
+    """Queue one frame; callers `await writer.drain()`."""
     n = len(payload)
     writer.write(_HEADER.pack(kind, codec, n if raw_len is None else raw_len, n))
     if n:

@@ -60,6 +60,7 @@ class LiveRecord:
     wire_bytes: int = 0
     stream_bytes: int = 0
     return_bytes: int = 0
+    resent_chunks: int = 0  # chunks sent again after their data connection broke
     postcopy_used: bool = False
     throttle_used: bool = False
     error: str = ""
@@ -82,7 +83,7 @@ class LiveRecord:
             "expected_downtime_ms": self.expected_downtime_ms, "convergence_action": self.last_action,
             "actions": self.actions, "switchover": self.switchover, "committed": self.committed,
             "downtime_ms": self.downtime_ms, "wire_bytes": self.wire_bytes, "stream_bytes": self.stream_bytes,
-            "return_bytes": self.return_bytes,
+            "return_bytes": self.return_bytes, "resent_chunks": self.resent_chunks,
             "ratio": round(self.stream_bytes / self.wire_bytes, 3) if self.wire_bytes else None,
             "postcopy_used": self.postcopy_used, "throttle_used": self.throttle_used, "error": self.error,
         }

@@ -1,7 +1,8 @@
 """The agent's live-migration component: outgoing migrations by id, incoming ones by connection.
 
 Everything runs on the agent's event loop; the data listener (threads) hands over connections
-whose handshake asked for the `live` role.
+whose handshake asked for the `live` role: stream 0 opens an incoming migration (its control
+connection), streams 1.. are data connections joining that session's byte stream.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class LiveService:
         self.ownership = ownership
         self.mode = mode
         self.outgoing: dict[str, OutgoingLive] = {}
-        self.incoming: set[IncomingLive] = set()
+        self.incoming: dict[int, IncomingLive] = {}  # by session id
         self._tasks: set[asyncio.Task[None]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -97,18 +98,30 @@ class LiveService:
         if self.loop is None:
             conn.close()
             return
-        asyncio.run_coroutine_threadsafe(self._serve_incoming(conn, peer), self.loop)
+        if peer.stream == 0:
+            asyncio.run_coroutine_threadsafe(self._serve_incoming(conn, peer), self.loop)
+            return
+        incoming = self.incoming.get(peer.session)
+        if incoming is None or incoming.peer_node != peer.node_id or not incoming.tunnel.add_stream(conn, peer.stream):
+            log.warning("live data connection from %s for unknown session %x refused", peer.node_id, peer.session,
+                        extra={"error_type": "unknown_session", "peer_id": peer.node_id})
+            self.metrics.error("migration", "live_unknown_session")
+            conn.close()
 
     async def _serve_incoming(self, conn: socket.socket, peer: PeerInfo) -> None:
         conn.settimeout(None)
         conn.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=conn)
-        incoming = IncomingLive(self.config, self.metrics, Tunnel(reader, writer), peer.node_id, self.run_dir)
-        self.incoming.add(incoming)
+        if peer.session in self.incoming:
+            writer.close()
+            return
+        incoming = IncomingLive(self.config, self.metrics, Tunnel(reader, writer, peer.session), peer.node_id,
+                                self.run_dir)
+        self.incoming[peer.session] = incoming
         try:
             await incoming.serve()
         finally:
-            self.incoming.discard(incoming)
+            del self.incoming[peer.session]
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

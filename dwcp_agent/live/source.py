@@ -23,12 +23,12 @@ from dwcp_agent import wire
 from dwcp_agent.config import Config
 from dwcp_agent.hde.selector import CodecSelector
 from dwcp_agent.live import messages
-from dwcp_agent.live.frames import FrameKind, TunnelError
+from dwcp_agent.live.frames import TunnelError
 from dwcp_agent.live.guard import Guard
 from dwcp_agent.live.policy import Action, ConvergencePolicy, Observation, PolicyError, parse_policy
 from dwcp_agent.live.qmp import MigrationInfo, QemuControl, QemuError
 from dwcp_agent.live.record import LivePhase, LiveRecord, LiveRequest
-from dwcp_agent.live.tunnel import Tunnel
+from dwcp_agent.live.tunnel import DATA_STREAMS, Tunnel, new_session
 from dwcp_agent.pba.predictor import Predictor
 from dwcp_agent.pba.probe import LinkMeter, read_tcp_info
 from dwcp_agent.security import channels as channel_security
@@ -102,8 +102,8 @@ class OutgoingLive:
         self.token = 0
         self.peer_node = ""
         self._cancel = asyncio.Event()
-        self._server: asyncio.AbstractServer | None = None
-        self._qemu_conn: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
+        self.session = new_session()
+        self._listener: socket.socket | None = None
         self.predictor = Predictor()
         self.meter = LinkMeter()
         self.done = asyncio.Event()
@@ -170,28 +170,31 @@ class OutgoingLive:
         with contextlib.suppress(Exception):
             await self.ownership.release_lease(self.request.vm_id, self.config.node_id, self.token)
 
-    async def _connect_peer(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    def _handshake(self, stream: int) -> socket.socket:
+        """One authenticated connection of this session: 0 = control, 1.. = data."""
         host, _, port = self.request.destination.rpartition(":")
-        loop = asyncio.get_running_loop()
-
-        def handshake() -> socket.socket:
-            sock = socket.create_connection((host, int(port)), timeout=self.config.connect_timeout_s)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock = channel_security.for_config(self.config).wrap_client(sock)
-                peer = wire.client_handshake(sock, self.key, self.config.node_id, "live",
-                                             expect_peer=channel_security.peer_identity(sock))
-                if isinstance(sock, ssl.SSLSocket):  # authenticated; the tunnel runs in the clear
-                    sock = end_tls(sock)
-            except BaseException:
-                sock.close()
-                raise
-            self.peer_node = peer.node_id
-            sock.settimeout(None)
-            return sock
-
+        sock = socket.create_connection((host, int(port)), timeout=self.config.connect_timeout_s)
         try:
-            sock = await loop.run_in_executor(None, handshake)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = channel_security.for_config(self.config).wrap_client(sock)
+            peer = wire.client_handshake(sock, self.key, self.config.node_id, "live", self.session, stream,
+                                         expect_peer=channel_security.peer_identity(sock))
+            if isinstance(sock, ssl.SSLSocket):  # authenticated; the tunnel runs in the clear
+                sock = end_tls(sock)
+            if self.peer_node and peer.node_id != self.peer_node:
+                raise wire.HandshakeError(f"data connection reached {peer.node_id}, not {self.peer_node}",
+                                          "auth")
+        except BaseException:
+            sock.close()
+            raise
+        self.peer_node = peer.node_id
+        sock.settimeout(None)
+        return sock
+
+    async def _connect_peer(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await loop.run_in_executor(None, self._handshake, 0)
         except (OSError, ValueError, wire.WireError) as exc:
             raise LiveRequestError(502, f"destination agent {self.request.destination}: {exc}") from exc
         self.record.destination_node = self.peer_node
@@ -208,7 +211,7 @@ class OutgoingLive:
     async def _offer(self, facts: dict[str, object]) -> None:
         reader, writer = await self._connect_peer()
         link = self.predicted_bytes_per_s
-        self.tunnel = Tunnel(reader, writer, CodecSelector(self.config.zstd_level, link=link,
+        self.tunnel = Tunnel(reader, writer, self.session, CodecSelector(self.config.zstd_level, link=link,
                                                            forced=self.config.compression_algo))
         self.tunnel.start_reader()
         await self.tunnel.send(messages.Offer(self.record.id, self.request.vm_id, facts, self._capabilities(),
@@ -271,32 +274,35 @@ class OutgoingLive:
         path = self.run_dir / f"{self.record.id}.out.sock"
         path.unlink(missing_ok=True)
         loop = asyncio.get_running_loop()
-        self._qemu_conn = loop.create_future()
-
-        async def on_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if self._qemu_conn is not None and not self._qemu_conn.done():
-                self._qemu_conn.set_result((reader, writer))
-            else:
-                writer.close()
-
-        self._server = await asyncio.start_unix_server(on_qemu, str(path))
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(1)
+        self._listener.settimeout(CONTROL_TIMEOUT_S)
+        try:
+            data_socks = [await loop.run_in_executor(None, self._handshake, stream)
+                          for stream in range(1, (self.config.stream_count or DATA_STREAMS) + 1)]
+        except (OSError, ValueError, wire.WireError) as exc:
+            raise TunnelError(f"data connections to {self.peer_node}: {exc}") from exc
         # From here QEMU may pause the source; if this agent dies before the handover is decided,
         # the guard resumes it.
         self.guard = Guard("resume", str(self.qemu.socket_path))
         await self.qemu.set_capabilities(self._capabilities())
         await self.qemu.set_parameters({"downtime-limit": self.downtime_ms})
         await self.qemu.migrate(f"unix:{path}")
-        reader, writer = await asyncio.wait_for(self._qemu_conn, CONTROL_TIMEOUT_S)
-        self.tunnel.attach(reader, writer, FrameKind.DATA)
+        try:
+            qemu_sock, _ = await loop.run_in_executor(None, self._listener.accept)
+        except OSError as exc:
+            for sock in data_socks:
+                sock.close()
+            raise TunnelError(f"source QEMU did not connect to {path}: {exc}") from exc
+        self.tunnel.attach_source(qemu_sock, data_socks)
 
     def _observe_link(self) -> None:
         assert self.tunnel is not None
-        sock = self.tunnel.sock
-        if sock is None:
-            return
         now = time.monotonic()
-        with contextlib.suppress(OSError):
-            self.meter.observe(0, read_tcp_info(sock, now))
+        for stream, sock in self.tunnel.data_sockets():
+            with contextlib.suppress(OSError):
+                self.meter.observe(stream, read_tcp_info(sock, now))
         sample = self.meter.close_interval(now)
         # Only intervals where the link, not QEMU, was the limit say what the link can carry; an
         # app-limited sample would drag the prediction (and the bandwidth cap) down to QEMU's pace.
@@ -335,6 +341,8 @@ class OutgoingLive:
         assert self.tunnel is not None
         while not self.tunnel.control.empty():
             self._on_control(self.tunnel.control.get_nowait())
+        if not (self._peer_received and self._peer_running):
+            self.tunnel.check()
 
     def _on_control(self, item: messages.Message | TunnelError) -> None:
         if isinstance(item, TunnelError):
@@ -369,6 +377,7 @@ class OutgoingLive:
         r.wire_bytes = self.tunnel.wire_bytes_out
         r.stream_bytes = self.tunnel.raw_bytes_out
         r.return_bytes = self.tunnel.return_bytes
+        r.resent_chunks = self.tunnel.resent_chunks
         if info.throttle_percentage:
             r.throttle_used = True
         self.metrics.live_dirty_rate.set(info.dirty_bytes_per_s)
@@ -477,7 +486,7 @@ class OutgoingLive:
     async def _close(self) -> None:
         if self.tunnel is not None:
             await self.tunnel.close()
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         if self.qemu is not None:
             await self.qemu.close()

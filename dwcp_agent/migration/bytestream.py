@@ -381,15 +381,19 @@ class ByteStreamSource(_Endpoint):
     """
 
     def __init__(self, session: int, config: StreamConfig | None = None, version: int = wire.PROTOCOL_VERSION,
-                 reverse_output: int | None = None, metrics: Metrics | None = None) -> None:
+                 reverse_output: int | None = None, metrics: Metrics | None = None,
+                 encoder: ChunkEncoder | None = None) -> None:
         config = config or StreamConfig()
         if config.window_bytes < config.chunk_size:
             raise ValueError(f"window of {config.window_bytes} bytes cannot hold one chunk of {config.chunk_size}")
-        codec = codec_by_name(config.codec, config.zstd_level)
-        self.encoder = ChunkEncoder(codec, dedupe=config.dedupe)
+        # `encoder` (e.g. one whose CodecSelector follows the measured link) overrides config.codec.
+        self.encoder = encoder or ChunkEncoder(codec_by_name(config.codec, config.zstd_level), dedupe=config.dedupe)
+        self.raw_bytes = 0   # bytes read from the input
+        self.wire_bytes = 0  # their encoded size (first sending; resends not counted)
         self.reverse_output = reverse_output
         self.reverse: collections.deque[bytes | bytearray] = collections.deque()
         self.reverse_bytes = 0
+        self.reverse_written = 0  # reverse bytes written to reverse_output
         self._reverse_writer = _OrderedWriter(reverse_output, self) if reverse_output is not None else None
         slots = config.window_bytes // config.chunk_size + 2
         self._free: list[bytearray] = [bytearray(config.chunk_size) for _ in range(slots)]
@@ -457,6 +461,8 @@ class ByteStreamSource(_Endpoint):
     def _send(self, buf: bytearray, n: int) -> None:
         encoded = self.encoder.encode(memoryview(buf)[:n])
         with self.cond:
+            self.raw_bytes += n
+            self.wire_bytes += encoded.payload_len
             self.sender.chunk_read(n, encoded.checksum, encoded.codec, encoded.flags, encoded.payload_len,
                                    (buf, encoded.segments))
             self.cond.notify_all()
@@ -593,6 +599,8 @@ class _OrderedWriter:
                 chunk.handle = None
                 if isinstance(end, ByteStreamDestination):
                     end.written_bytes += chunk.raw_len
+                elif isinstance(end, ByteStreamSource):
+                    end.reverse_written += chunk.raw_len
                 end.assembler.written(chunk)
                 if chunk.end and isinstance(end, ByteStreamDestination) and not end.done.is_set():
                     end.result = Finished(chunk.offset, chunk.checksum)

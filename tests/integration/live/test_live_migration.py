@@ -7,6 +7,10 @@ with ACP naming the host that runs it.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -158,3 +162,53 @@ def test_destination_qemu_started_by_the_management_layer_is_used_through_its_qm
     assert done["phase"] == "completed", done["error"]
     bed.assert_moved()
     assert dest.alive()
+
+
+def _tunnel_data_connections(dport: int) -> list[tuple[str, int]]:
+    """(local address:port, bytes acked) of every established connection to `dport` (ss -ti)."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", "dst", "127.0.0.1", f"dport = :{dport}"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    conns: list[tuple[str, int]] = []
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):
+            conns.append((line.split()[2], 0))
+        elif conns:
+            acked = re.search(r"bytes_acked:(\d+)", line)
+            conns[-1] = (conns[-1][0], int(acked.group(1)) if acked else 0)
+    return conns
+
+
+def _destroy(local: str, dport: int) -> None:
+    port = local.rpartition(":")[2]
+    subprocess.run(["ss", "-K", "dst", "127.0.0.1", f"dport = :{dport}", "sport", "=", f":{port}"],
+                   capture_output=True, timeout=10, check=True)
+
+
+def test_a_tunnel_connection_destroyed_mid_precopy_is_resent_on_the_others(make_bed) -> None:
+    """One of the tunnel's TCP data connections is destroyed by the kernel (ss -K) during
+    pre-copy: its unacknowledged chunks go again on the other connections, the migration
+    completes, the guest goes on, exactly one copy runs and the ownership moved."""
+    if os.geteuid() != 0 or shutil.which("ss") is None:
+        pytest.skip("destroying a TCP connection needs ss -K as root")
+    bed = make_bed(dirty_mbps=25)
+    started = bed.start(policy="auto-converge")
+    bed.wait_phase(started["id"], ("precopy",))
+    dport = bed.dst.data_port
+    deadline = time.monotonic() + 60
+    victim = ""
+    while not victim and time.monotonic() < deadline:
+        conns = _tunnel_data_connections(dport)
+        busiest = max(conns, key=lambda c: c[1], default=("", 0))
+        if len(conns) > 2 and busiest[1] > 8 << 20:  # a data connection well into the stream
+            victim = busiest[0]
+        time.sleep(0.05)
+    assert victim, "no tunnel data connection carried 8 MiB within 60 s"
+    _destroy(victim, dport)
+    assert bed.record(started["id"])["phase"] == "precopy"  # destroyed mid pre-copy, not after it
+    assert victim not in [c[0] for c in _tunnel_data_connections(dport)]
+    done = bed.wait_end(started["id"])
+    assert done["phase"] == "completed", done["error"]
+    assert done["resent_chunks"] > 0
+    assert done["stream_bytes"] > 64 << 20
+    bed.assert_moved()
+    assert bed.owner(bed.src) == "dst"

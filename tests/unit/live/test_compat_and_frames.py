@@ -53,11 +53,11 @@ class _Sink:
 def test_frames_round_trip_and_a_truncated_or_unknown_frame_is_a_tunnel_error() -> None:
     async def run() -> None:
         sink = _Sink()
-        write_frame(sink, FrameKind.DATA, b"abc", codec=1, raw_len=10)  # type: ignore[arg-type]
+        write_frame(sink, FrameKind.CONTROL, b"abc", codec=1, raw_len=10)  # type: ignore[arg-type]
         write_frame(sink, FrameKind.CONTROL, messages.encode(messages.Commit(7, True)))  # type: ignore[arg-type]
         reader = _roundtrip(bytes(sink.data))
         first = await read_frame(reader)
-        assert (first.kind, first.codec, first.raw_len, first.payload) == (FrameKind.DATA, 1, 10, b"abc")
+        assert (first.kind, first.codec, first.raw_len, first.payload) == (FrameKind.CONTROL, 1, 10, b"abc")
         second = await read_frame(reader)
         assert messages.decode(second.payload) == messages.Commit(7, True)
         with pytest.raises(TunnelError, match="closed"):
