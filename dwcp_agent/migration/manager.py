@@ -180,9 +180,9 @@ class MigrationManager:
                 raise RequestError(f"{running} outgoing migrations are running, the limit "
                                    f"(max_outgoing_migrations) is {self.config.max_outgoing_migrations}", "policy")
             # Reserve the slot before the session opens anything.
-            self.migrations[request.migration_id] = placeholder = Migration(request, Progress())
+            self.migrations[request.migration_id] = reserved = Migration(request, Progress())
         try:
-            return self._start(request, placeholder)
+            return self._start(request, reserved)
         except BaseException:
             with self._lock:
                 self.migrations.pop(request.migration_id, None)
