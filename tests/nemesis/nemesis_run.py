@@ -28,6 +28,7 @@ from dwcp_agent.acp.auth import public_key_hex
 from dwcp_agent.acp.linearizability import UNKNOWN, Model, Operation, check_per_key
 from dwcp_agent.acp.wal import FSYNC_FAIL_FLAG_ENV
 from dwcp_agent.client import TOKEN_ENV, ApiError, api_call
+from dwcp_agent.security.pki import ensure_ca
 
 ACP_PORT = 9877
 ADMIN_PORT = 8080
@@ -97,7 +98,8 @@ class Node:
             "--data-port", "9876", "--admin-port", str(ADMIN_PORT), "--listen-host", self.addr,
             "--admin-host", self.addr, "--psk-file", str(psk),
             "--set", f"acp_port={ACP_PORT}", "--set", f"acp_peers={peers}", "--set", f"acp_protocol={protocol}",
-            "--set", "acp_snapshot_entries=200"])
+            "--set", "acp_snapshot_entries=200",
+            "--set", f"tls_auto_issue_ca_dir={ensure_ca(root / 'cluster-ca')}"])
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
 
