@@ -29,12 +29,17 @@ def _pin(cpu: int) -> None:
 
 
 def _config(work: Path, codec: str, chunk: int) -> Any:
-    from dwcp_agent.config import load_config
+    from dwcp_agent import config as dwcp_config
 
-    return load_config(environ={}, overrides=dict(
+    overrides: dict[str, Any] = dict(
         psk=PSK.decode(), data_port=0, listen_host="127.0.0.1", state_dir=str(work / "state"),
         dest_dirs=[str(work / "dst")], source_dirs=[str(work)], io_timeout_s=60.0, connect_timeout_s=5.0,
-        retry_limit=0, stream_count=1, chunk_size=chunk, compression_algo=codec, encode_threads=1))
+        retry_limit=0, stream_count=1, chunk_size=chunk, compression_algo=codec, encode_threads=1)
+    # Like for like with trees from before channel encryption: the pipeline is measured in
+    # plaintext (bench_crypto measures what encryption costs).
+    if "insecure_datacenter_plaintext" in getattr(dwcp_config, "FIELDS", {}):
+        overrides["insecure_datacenter_plaintext"] = True
+    return dwcp_config.load_config(environ={}, overrides=overrides)
 
 
 # ---------------------------------------------------------------------------------------------
