@@ -85,11 +85,11 @@ def _migrate_between_namespaces(bed: wanbed.WanBed, guest: Guest, root: Path, di
 
 def test_live_migration_between_namespaces_datacenter_profile(wan_bed, guest: Guest, root: Path) -> None:
     record, gap = _migrate_between_namespaces(wan_bed("datacenter"), guest, root, dirty_mbps=5, timeout=120)
-    assert gap.same_boot and gap.first_dest_seq == gap.last_source_seq + 1
+    assert gap.continued, gap
     assert record["committed"] and record["wire_bytes"] > 0
 
 
 def test_live_migration_over_the_internet_profile(wan_bed, guest: Guest, root: Path) -> None:
     record, gap = _migrate_between_namespaces(wan_bed("internet"), guest, root, dirty_mbps=0, timeout=240)
-    assert gap.same_boot and gap.first_dest_seq == gap.last_source_seq + 1
+    assert gap.continued, gap
     assert record["committed"] and record["return_bytes"] > 0

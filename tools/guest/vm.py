@@ -104,6 +104,14 @@ class Continuity:
     same_boot: bool
     gap_s: float
 
+    @property
+    def continued(self) -> bool:
+        """Same boot, and the sequence goes on. A line the guest wrote to its UART in the last
+        instant before the source paused can be lost with the serial backend's buffer, so the
+        destination may start one or two beats (100 ms each) later; a reboot or a stall cannot
+        pass this."""
+        return self.same_boot and self.last_source_seq < self.first_dest_seq <= self.last_source_seq + 3
+
 
 def continuity(beats: list[Beat], source: str, dest: str) -> Continuity:
     src = [b for b in beats if b.source == source]
