@@ -188,9 +188,9 @@ def _destroy(local: str, dport: int) -> None:
                    capture_output=True, timeout=10, check=True)
 
 
-def test_a_tunnel_connection_destroyed_mid_precopy_is_resent_on_the_others(make_bed) -> None:
+def test_a_tunnel_connection_destroyed_mid_precopy_does_not_fail_the_migration(make_bed) -> None:
     """One of the tunnel's TCP data connections is destroyed by the kernel (ss -K) during
-    pre-copy: its unacknowledged chunks go again on the other connections, the migration
+    pre-copy: what it held goes again on the other connections, the migration
     completes, the guest goes on, exactly one copy runs and the ownership moved."""
     if os.geteuid() != 0 or shutil.which("ss") is None:
         pytest.skip("destroying a TCP connection needs ss -K as root")
