@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["UNKNOWN", "CheckResult", "Model", "Operation", "check", "check_per_key"]
+__all__ = ["UNKNOWN", "CheckResult", "Model", "Operation", "check", "check_per_key", "lease_model"]
 
 S = TypeVar("S", bound=Hashable)
 
@@ -153,3 +153,30 @@ def check_per_key(ops: Iterable[Operation], model: Model[Any]) -> CheckResult:
             result.key = key
             return result
     return CheckResult(True, explored=explored)
+
+
+def lease_model() -> Model[tuple[Any, ...]]:
+    """The registry's per-VM semantics (claim, lease with fencing token, transfer, read) for
+    histories whose leases never expire during the run (tests and the nemesis suite use ttl 1 h)."""
+    def step(state: tuple[Any, ...], op: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+        owner, holder, token, last = state
+        kind = op[0]
+        if kind == "claim":
+            if owner is not None and owner != op[1]:
+                return ("owned",), state
+            return ("ok", op[1]), (op[1], holder, token, last)
+        if kind == "lease":
+            if holder is not None and holder != op[1]:
+                return ("leased",), state
+            if holder == op[1]:
+                return ("ok", token), state
+            return ("ok", last + 1), (owner, op[1], last + 1, last + 1)
+        if kind == "transfer":
+            _, src, dst, tok = op
+            if holder is None or tok != token:
+                return ("stale token",), state
+            if owner is not None and owner != src:
+                return ("not the owner",), state
+            return ("ok", dst), (dst, None, 0, last)
+        return ("ok", owner), state
+    return Model(init=lambda: (None, None, 0, 0), step=step)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from dwcp_agent.acp.auth import public_key_hex
-from dwcp_agent.acp.linearizability import UNKNOWN, Model, Operation, check_per_key
+from dwcp_agent.acp.linearizability import UNKNOWN, Operation, check_per_key, lease_model
 from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent, free_port
 
@@ -160,30 +160,6 @@ def test_pbft_four_processes_change_view_when_the_primary_is_killed(cluster: Clu
 # ------------------------------------------------------------------ switch under load
 
 
-def _lease_model() -> Model[tuple[Any, ...]]:
-    """Per-VM registry semantics with leases that never expire during the test (ttl 1 h)."""
-    def step(state: tuple[Any, ...], op: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
-        owner, holder, token, last = state
-        kind = op[0]
-        if kind == "claim":
-            if owner is not None and owner != op[1]:
-                return ("owned",), state
-            return ("ok", op[1]), (op[1], holder, token, last)
-        if kind == "lease":
-            if holder is not None and holder != op[1]:
-                return ("leased",), state
-            if holder == op[1]:
-                return ("ok", token), state
-            return ("ok", last + 1), (owner, op[1], last + 1, last + 1)
-        if kind == "transfer":
-            _, src, dst, tok = op
-            if holder is None or tok != token:
-                return ("stale token",), state
-            if owner is not None and owner != src:
-                return ("not the owner",), state
-            return ("ok", dst), (dst, None, 0, last)
-        return ("ok", owner), state
-    return Model(init=lambda: (None, None, 0, 0), step=step)
 
 
 def _do(agent: LocalAgent, vm: str, op: tuple[Any, ...]) -> Any:
@@ -236,6 +212,6 @@ def test_protocol_switch_under_concurrent_writes_is_linearizable(cluster: Cluste
         t.join(30)
     assert switched["protocol"] == "pbft"
     assert all(_status(a)["protocol"] == "pbft" for a in agents)
-    result = check_per_key(history, _lease_model())
+    result = check_per_key(history, lease_model())
     assert result.ok, f"history of {result.key} not linearizable: {result.ops}"
     assert sum(1 for op in history if op.output is not UNKNOWN) > 20

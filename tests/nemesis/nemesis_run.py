@@ -25,7 +25,7 @@ from typing import Any
 from nemesis_net import NemesisNet, node_addr
 
 from dwcp_agent.acp.auth import public_key_hex
-from dwcp_agent.acp.linearizability import UNKNOWN, Model, Operation, check_per_key
+from dwcp_agent.acp.linearizability import UNKNOWN, Operation, check_per_key, lease_model
 from dwcp_agent.acp.wal import FSYNC_FAIL_FLAG_ENV
 from dwcp_agent.client import TOKEN_ENV, ApiError, api_call
 from dwcp_agent.security.pki import ensure_ca
@@ -36,30 +36,6 @@ WRITES = ("claim", "lease", "transfer")
 CLIENT_TIMEOUT_S = 2.0  # a request stuck on a cut-off node is given up (unknown outcome) after this
 
 
-def lease_model() -> Model[tuple[Any, ...]]:
-    """Per-VM registry semantics with leases that never expire during a run (ttl 1 h)."""
-    def step(state: tuple[Any, ...], op: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
-        owner, holder, token, last = state
-        kind = op[0]
-        if kind == "claim":
-            if owner is not None and owner != op[1]:
-                return ("owned",), state
-            return ("ok", op[1]), (op[1], holder, token, last)
-        if kind == "lease":
-            if holder is not None and holder != op[1]:
-                return ("leased",), state
-            if holder == op[1]:
-                return ("ok", token), state
-            return ("ok", last + 1), (owner, op[1], last + 1, last + 1)
-        if kind == "transfer":
-            _, src, dst, tok = op
-            if holder is None or tok != token:
-                return ("stale token",), state
-            if owner is not None and owner != src:
-                return ("not the owner",), state
-            return ("ok", dst), (dst, None, 0, last)
-        return ("ok", owner), state
-    return Model(init=lambda: (None, None, 0, 0), step=step)
 
 
 def _token_file(root: Path) -> Path:

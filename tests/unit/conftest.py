@@ -1,4 +1,4 @@
-"""Shared fixtures for telemetry tests: a settable clock and a fresh metrics registry."""
+"""Shared unit-test fixtures: a settable clock, a fresh metrics registry and an SLA-ready config."""
 
 from __future__ import annotations
 
