@@ -9,10 +9,13 @@ every later frame as
 
     sealed header (56 + 16 bytes) | sealed payload (n + 16 bytes, the header as associated data)
 
-with a per-direction counter as nonce: two AEAD calls and one sendmsg per chunk; only frame
-sizes are visible on the wire. Frames
+with a per-direction counter as nonce; only frame sizes are visible on the wire. Frames
 cannot be read, altered, dropped, reordered or replayed without the tag check failing, and the
 keys exist only in the two endpoints that passed the certificate check, so identity stays bound.
+
+Streams use `NativeFrameKey`: OpenSSL's AES-GCM called from the native kernels without the GIL,
+which the native send and receive loops share with the Python path (one nonce counter).
+`FrameKey` (the `cryptography` package) is the reference it is tested against, frame for frame.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dwcp_agent import wire
+from dwcp_agent.kernels import stream as native_stream
 
 TAG_BYTES = 16
 # AES-128-GCM: ~15 % less CPU per byte than AES-256 here (openssl speed: 4.4 vs 3.7 GB/s per core).
@@ -40,6 +44,11 @@ class FrameKey:
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
         self._counter = 0
+
+    @property
+    def counter(self) -> int:
+        """Nonces used so far (the last nonce)."""
+        return self._counter
 
     def _nonce(self) -> bytes:
         self._counter += 1
@@ -57,7 +66,25 @@ class FrameKey:
             raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag") from None
 
 
-def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, FrameKey, FrameKey]:
+class NativeFrameKey:
+    """FrameKey's interface over the native cipher, whose counter the native loops advance too."""
+
+    def __init__(self, key: bytes) -> None:
+        self.cipher = native_stream.FrameCipher(key)
+
+    @property
+    def counter(self) -> int:
+        return int(self.cipher.counter)
+
+    def seal_into(self, header: bytes | bytearray, payload: bytes | memoryview, out: bytearray | memoryview) -> None:
+        self.cipher.seal_into(header, payload, out)
+
+    def open_into(self, header: bytes | bytearray, sealed: bytes | memoryview, out: bytearray | memoryview) -> None:
+        if not self.cipher.open_into(header, sealed, out):
+            raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
+
+
+def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, NativeFrameKey, NativeFrameKey]:
     """Derive the stream keys inside the TLS session, end TLS; (plain socket, send key, receive key)."""
     mine = X25519PrivateKey.generate()
     my_public = mine.public_key().public_bytes_raw()
@@ -71,7 +98,7 @@ def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, FrameKey, FrameKey]:
     shared = mine.exchange(X25519PublicKey.from_public_bytes(bytes(theirs)))
     client_pub, server_pub = (bytes(theirs), my_public) if tls.server_side else (my_public, bytes(theirs))
     keys = HKDF(hashes.SHA256(), 2 * KEY_BYTES, salt=client_pub + server_pub, info=_INFO).derive(shared)
-    to_server, to_client = FrameKey(keys[:KEY_BYTES]), FrameKey(keys[KEY_BYTES:])
+    to_server, to_client = NativeFrameKey(keys[:KEY_BYTES]), NativeFrameKey(keys[KEY_BYTES:])
     server_side = tls.server_side
     raw = end_tls(tls)
     return (raw, to_client, to_server) if server_side else (raw, to_server, to_client)
