@@ -57,19 +57,6 @@ class FrameSource(Protocol):
         RDMA may return a view of the slot the bytes already landed in."""
         ...
 
-    def frame_receiver(self, file_fd: int, header_buf: bytearray, payload: memoryview, session: int, stream: int,
-                       version: int, size: int, chunk_size: int) -> native_stream.RawFrameReceiver | None:
-        """The native receive loop on this stream (None on a socket with a timeout). It fills
-        `header_buf`, which the Python path then reads payloads against; a sealed stream's keys
-        and nonce counters are shared by both."""
-        if self.sock.gettimeout() is not None:
-            return None
-        self._header = header_buf
-        return native_stream.RawFrameReceiver(
-            self.sock.fileno(), file_fd, header_buf, payload, session, stream, version, size, chunk_size,
-            recv_key=None if self._recv_key is None else self._recv_key.cipher,
-            send_key=None if self._send_key is None else self._send_key.cipher)
-
     def send_ack(self, header: bytes) -> None:
         """Acknowledge frames up to the header's sequence (RDMA also returns the slot credit)."""
         ...
