@@ -6,8 +6,8 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# stream.pyx seals and opens frames with OpenSSL's AES-GCM (libcrypto; headers from libssl-dev).
-LIBRARIES = {"stream": ["crypto"]}
+# stream.pyx seals and opens frames with intel-ipsec-mb's AES-GCM (apt: libipsec-mb-dev).
+LIBRARIES = {"stream": ["IPSec_MB"]}
 
 extensions = [
     Extension(

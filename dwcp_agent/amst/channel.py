@@ -17,7 +17,7 @@ from dwcp_agent.kernels import stream as native_stream
 from dwcp_agent.security.sealed import TAG_BYTES, NativeFrameKey, seal_stream
 
 MAX_IOV = 512  # buffers per sendmsg, well under the kernel's IOV_MAX of 1024
-SEAL_STAGING_BYTES = 1 << 20  # a sealed frame goes out through this much ciphertext at a time
+SEAL_STAGING_BYTES = 128 << 10  # a sealed frame goes out through this much ciphertext at a time (stays in cache)
 
 
 class DataChannel(Protocol):
