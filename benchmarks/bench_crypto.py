@@ -6,7 +6,9 @@ pages, codec none, 4 streams; and the vm-mix image with HDE on). Runs alternate 
 pairs, after one unmeasured warm-up each (see bench_datapath's docstring); the median of several
 runs per mode is quoted, and the encrypted/plaintext ratio (target >= 0.8). Beside the wall-clock
 rate, each agent's CPU seconds (user + system, from /proc) per GiB moved are recorded per side: on
-a loaded machine wall time is noise, CPU per byte is not. Also measured now:
+a loaded machine wall time is noise, CPU per byte is not. benchmarks/stream_cpu.py adds one data
+stream's own CPU per GiB per side (plaintext, sealed natively, the former Python sealing). Also
+measured now:
 OpenSSL's AES-128-GCM and AES-256-GCM speed on this CPU (`openssl speed`), the bound on what any
 AEAD design could do per core.
 
@@ -24,6 +26,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from benchmarks import stream_cpu
 from benchmarks.bench_datapath import _migrate, _workdir
 from benchmarks.harness import standalone
 from dwcp_agent.demo import LocalAgent, free_port
@@ -59,7 +62,8 @@ def run(quick: bool) -> dict[str, Any]:
     psk.write_text(secrets.token_hex(32))
     results: dict[str, Any] = {"image_bytes": size, "repeats": repeats,
                                "openssl_aes128gcm_bytes_per_second": openssl_speed("aes-128-gcm"),
-                               "openssl_aes256gcm_bytes_per_second": openssl_speed("aes-256-gcm")}
+                               "openssl_aes256gcm_bytes_per_second": openssl_speed("aes-256-gcm"),
+                               "stream_cpu": stream_cpu.run(quick)}
     agents: list[LocalAgent] = []
     try:
         for case, profile, codec in (("random_none_4streams", "random", "none"), ("vmmix_auto", "vm-mix", "auto")):
@@ -115,7 +119,8 @@ def markdown(results: dict[str, Any]) -> str:
                      f" | {r['tls_dest_cpu_s_per_gib']:.2f} / {r['plaintext_dest_cpu_s_per_gib']:.2f} |")
     aes128, aes256 = results["openssl_aes128gcm_bytes_per_second"], results["openssl_aes256gcm_bytes_per_second"]
     lines.append(f"\nOpenSSL on this CPU, one core: AES-128-GCM {aes128 / 1e9:.2f} GB/s, "
-                 f"AES-256-GCM {aes256 / 1e9:.2f} GB/s.")
+                 f"AES-256-GCM {aes256 / 1e9:.2f} GB/s.\n")
+    lines.append(stream_cpu.markdown(results["stream_cpu"]))
     return "\n".join(lines)
 
 

@@ -172,7 +172,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"median of {result['repeats']}):", "",
              "| path | sender CPU s/GiB | receiver CPU s/GiB |", "|---|---|---|"]
     for mode in MODES:
-        lines.append(f"| {mode} | {result[f'{mode}_send_cpu_s_per_gib']:.3f} | {result[f'{mode}_recv_cpu_s_per_gib']:.3f} |")
+        send, recv = result[f"{mode}_send_cpu_s_per_gib"], result[f"{mode}_recv_cpu_s_per_gib"]
+        lines.append(f"| {mode} | {send:.3f} | {recv:.3f} |")
     return "\n".join(lines)
 
 
