@@ -342,12 +342,14 @@ def test_destination_without_space_refuses_before_sending(small_tmpfs: Path, mig
 def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, migrate: Migrate,
                                                            src_dir: Path, tmp_path: Path) -> None:
     """Start checks and reserves the image's data bytes (below), but the journal beside the image
-    grows as chunks arrive, and the reservation is handed over as they land: another writer taking
-    the rest of the disk once data flows makes a write fail (ENOSPC) mid-transfer, which must be
-    reported as such, not as the up-front refusal."""
+    grows as chunks arrive, and a landed chunk and its reservation both count until the next flush
+    hands the reservation over: another writer that keeps taking every free byte once data flows
+    makes a write fail (ENOSPC) mid-transfer, which must be reported as such, not as the up-front
+    refusal. (A single write of the filler would race the reservation and could miss.)"""
     receiver = Receiver(tmp_path)
     filler = small_tmpfs / "filler"
     received_before_fill: list[int] = []
+    migration_over = threading.Event()
 
     def fill_once_data_flows() -> None:
         deadline = time.monotonic() + 20
@@ -357,17 +359,25 @@ def test_destination_filling_up_mid_transfer_fails_cleanly(small_tmpfs: Path, mi
                 received_before_fill.append(received)
                 break
             time.sleep(0.002)
-        with open(filler, "wb") as f, contextlib.suppress(OSError):
-            f.write(os.urandom(4 * MiB))
+        block = os.urandom(4096)
+        with open(filler, "wb", buffering=0) as f:
+            while not migration_over.is_set() and time.monotonic() < deadline:
+                try:
+                    f.write(block)
+                except OSError:
+                    time.sleep(0.0005)  # full: take whatever the destination frees next
 
     try:
         source = _random_image(src_dir, 3 * MiB)
         before = source.read_bytes()
         filling = threading.Thread(target=fill_once_data_flows, daemon=True)
         filling.start()
-        with pytest.raises(MigrationError) as err:
-            migrate(receiver, source, compression_algo="none", stream_count=1, pacing_rate_bytes="1MiB",
-                    chunk_size="4KiB")
+        try:
+            with pytest.raises(MigrationError) as err:
+                migrate(receiver, source, compression_algo="none", stream_count=1, pacing_rate_bytes="1MiB",
+                        chunk_size="4KiB")
+        finally:
+            migration_over.set()
         filling.join(20)
         assert received_before_fill and received_before_fill[0] < 3 * MiB, "the fill came after the transfer"
         message = str(err.value)
