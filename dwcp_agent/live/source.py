@@ -32,7 +32,7 @@ from dwcp_agent.live.tunnel import DATA_STREAMS, Tunnel, new_session
 from dwcp_agent.pba.predictor import Predictor
 from dwcp_agent.pba.probe import LinkMeter, read_tcp_info
 from dwcp_agent.security import channels as channel_security
-from dwcp_agent.security.sealed import end_tls
+from dwcp_agent.security.sealed import FrameKey, seal_stream
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["LiveRequestError", "OutgoingLive", "Ownership"]
@@ -170,8 +170,10 @@ class OutgoingLive:
         with contextlib.suppress(Exception):
             await self.ownership.release_lease(self.request.vm_id, self.config.node_id, self.token)
 
-    def _handshake(self, stream: int) -> socket.socket:
-        """One authenticated connection of this session: 0 = control, 1.. = data."""
+    def _handshake(self, stream: int) -> tuple[socket.socket, tuple[FrameKey, FrameKey] | None]:
+        """One authenticated connection of this session: 0 = control, 1.. = data. A TLS connection
+        switches to sealed frames (security/sealed.py) and its keys are returned."""
+        keys: tuple[FrameKey, FrameKey] | None = None
         host, _, port = self.request.destination.rpartition(":")
         sock = socket.create_connection((host, int(port)), timeout=self.config.connect_timeout_s)
         try:
@@ -179,8 +181,9 @@ class OutgoingLive:
             sock = channel_security.for_config(self.config).wrap_client(sock)
             peer = wire.client_handshake(sock, self.key, self.config.node_id, "live", self.session, stream,
                                          expect_peer=channel_security.peer_identity(sock))
-            if isinstance(sock, ssl.SSLSocket):  # authenticated; the tunnel runs in the clear
-                sock = end_tls(sock)
+            if isinstance(sock, ssl.SSLSocket):  # guest memory and control: sealed frames
+                sock, send_key, recv_key = seal_stream(sock)
+                keys = (send_key, recv_key)
             if self.peer_node and peer.node_id != self.peer_node:
                 raise wire.HandshakeError(f"data connection reached {peer.node_id}, not {self.peer_node}",
                                           "auth")
@@ -189,16 +192,18 @@ class OutgoingLive:
             raise
         self.peer_node = peer.node_id
         sock.settimeout(None)
-        return sock
+        return sock, keys
 
-    async def _connect_peer(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect_peer(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                           tuple[FrameKey, FrameKey] | None]:
         loop = asyncio.get_running_loop()
         try:
-            sock = await loop.run_in_executor(None, self._handshake, 0)
+            sock, keys = await loop.run_in_executor(None, self._handshake, 0)
         except (OSError, ValueError, wire.WireError) as exc:
             raise LiveRequestError(502, f"destination agent {self.request.destination}: {exc}") from exc
         self.record.destination_node = self.peer_node
-        return await asyncio.open_connection(sock=sock)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return reader, writer, keys
 
     def _capabilities(self) -> list[str]:
         caps = ["return-path"]
@@ -209,10 +214,10 @@ class OutgoingLive:
         return caps
 
     async def _offer(self, facts: dict[str, object]) -> None:
-        reader, writer = await self._connect_peer()
+        reader, writer, keys = await self._connect_peer()
         link = self.predicted_bytes_per_s
         self.tunnel = Tunnel(reader, writer, self.session, CodecSelector(self.config.zstd_level, link=link,
-                                                           forced=self.config.compression_algo))
+                                                           forced=self.config.compression_algo), keys)
         self.tunnel.start_reader()
         await self.tunnel.send(messages.Offer(self.record.id, self.request.vm_id, facts, self._capabilities(),
                                               self.request.dest_qmp))
@@ -279,7 +284,7 @@ class OutgoingLive:
         self._listener.listen(1)
         self._listener.settimeout(CONTROL_TIMEOUT_S)
         try:
-            data_socks = [await loop.run_in_executor(None, self._handshake, stream)
+            data_conns = [await loop.run_in_executor(None, self._handshake, stream)
                           for stream in range(1, (self.config.stream_count or DATA_STREAMS) + 1)]
         except (OSError, ValueError, wire.WireError) as exc:
             raise TunnelError(f"data connections to {self.peer_node}: {exc}") from exc
@@ -292,10 +297,10 @@ class OutgoingLive:
         try:
             qemu_sock, _ = await loop.run_in_executor(None, self._listener.accept)
         except OSError as exc:
-            for sock in data_socks:
+            for sock, _ in data_conns:
                 sock.close()
             raise TunnelError(f"source QEMU did not connect to {path}: {exc}") from exc
-        self.tunnel.attach_source(qemu_sock, data_socks)
+        self.tunnel.attach_source(qemu_sock, data_conns)
 
     def _observe_link(self) -> None:
         assert self.tunnel is not None
