@@ -42,18 +42,23 @@ POLL_S = 0.05
 TEST_HOLD_ENV = "LIVE_MIGRATION_TEST_HOLD"
 ACCEPT_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_S = 30.0
-# Resumable run states of a source QEMU that a failed migration left paused.
-_PAUSED_BY_MIGRATION = ("postmigrate", "finish-migrate", "paused")
+# Resumable run states of a source QEMU that a failed migration left paused. In "finish-migrate"
+# (stop-and-copy, or a cancel still winding down) QEMU refuses `cont`: wait until it leaves it.
+_PAUSED_BY_MIGRATION = ("postmigrate", "paused")
+
+
+def _test_hold_s(point: str) -> float:
+    """Crash tests only: LIVE_MIGRATION_TEST_HOLD=<point>:<seconds> holds the source agent at `point`
+    (switchover, before-commit, after-commit), so a test can kill an agent exactly there."""
+    name, _, seconds = os.environ.get(TEST_HOLD_ENV, "").partition(":")
+    return float(seconds) if name == point and seconds else 0.0
 
 
 async def _test_hold(point: str) -> None:
-    """Crash tests only: LIVE_MIGRATION_TEST_HOLD=<point>:<seconds> holds the source agent at `point`
-    (before-commit, after-commit), so a test can kill an agent exactly there."""
-    spec = os.environ.get(TEST_HOLD_ENV, "")
-    name, _, seconds = spec.partition(":")
-    if name == point and seconds:
+    seconds = _test_hold_s(point)
+    if seconds:
         log.warning("test hold: %s for %s s (%s)", point, seconds, TEST_HOLD_ENV)
-        await asyncio.sleep(float(seconds))
+        await asyncio.sleep(seconds)
 
 
 class LiveRequestError(Exception):
@@ -291,7 +296,10 @@ class OutgoingLive:
         # From here QEMU may pause the source; if this agent dies before the handover is decided,
         # the guard resumes it.
         self.guard = Guard("resume", str(self.qemu.socket_path))
-        await self.qemu.set_capabilities(self._capabilities())
+        caps = self._capabilities()
+        if _test_hold_s("switchover"):  # QEMU stops the VM, then waits for migrate-continue
+            caps.append("pause-before-switchover")
+        await self.qemu.set_capabilities(caps)
         await self.qemu.set_parameters({"downtime-limit": self.downtime_ms})
         await self.qemu.migrate(f"unix:{path}")
         try:
@@ -332,6 +340,9 @@ class OutgoingLive:
             if info.status in ("device", "pre-switchover"):
                 self.record.phase = LivePhase.SWITCHOVER
                 self.record.switchover = True
+            if info.status == "pre-switchover":
+                await self._hold_in_switchover()
+                continue
             obs = Observation(time.monotonic() - started, info.status, info.iterations, info.remaining_bytes,
                               info.dirty_bytes_per_s, info.expected_downtime_ms, predicted, self.tunnel.ratio,
                               self.predicted_high_bytes_per_s(), info.mbps * 1e6 / 8)
@@ -340,6 +351,22 @@ class OutgoingLive:
             if predicted:
                 self.tunnel.bound_to_bandwidth(predicted)
             await asyncio.sleep(POLL_S)
+
+    async def _hold_in_switchover(self) -> None:
+        """Crash tests only (LIVE_MIGRATION_TEST_HOLD=switchover:<s> set QEMU's pause-before-switchover):
+        the source VM is stopped for stop-and-copy; hold it there, watching the tunnel and cancel
+        as in pre-copy, then let QEMU send the rest."""
+        assert self.qemu is not None
+        seconds = _test_hold_s("switchover")
+        log.warning("test hold: switchover for %s s (%s)", seconds, TEST_HOLD_ENV)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while loop.time() < deadline:
+            if self._cancel.is_set():
+                raise _Cancelled()
+            self._check_tunnel()
+            await asyncio.sleep(POLL_S)
+        await self.qemu.migrate_continue("pre-switchover")
 
     def _check_tunnel(self) -> None:
         """Take what the destination said so far; an error or Abort from it ends the migration."""
@@ -472,7 +499,7 @@ class OutgoingLive:
                 log.error("cannot resume source VM %s: %s", self.request.vm_id, exc,
                           extra={"migration_id": self.record.id, "error_type": "resume"})
                 return
-            await asyncio.sleep(0.05)  # cancelling: QEMU resumes the VM itself shortly
+            await asyncio.sleep(0.05)  # cancelling: QEMU resumes the VM itself or lands in postmigrate
 
     def _end(self, phase: str) -> None:
         self.record.phase = phase
