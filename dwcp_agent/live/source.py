@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import time
@@ -25,6 +24,7 @@ from dwcp_agent.hde.selector import CodecSelector
 from dwcp_agent.live import messages
 from dwcp_agent.live.frames import TunnelError
 from dwcp_agent.live.guard import Guard
+from dwcp_agent.live.hold import TEST_HOLD_ENV, hold_for_test, hold_seconds
 from dwcp_agent.live.policy import Action, ConvergencePolicy, Observation, PolicyError, parse_policy
 from dwcp_agent.live.qmp import MigrationInfo, QemuControl, QemuError
 from dwcp_agent.live.record import LivePhase, LiveRecord, LiveRequest
@@ -39,26 +39,11 @@ __all__ = ["LiveRequestError", "OutgoingLive", "Ownership"]
 
 log = logging.getLogger("dwcp_agent.live")
 POLL_S = 0.05
-TEST_HOLD_ENV = "LIVE_MIGRATION_TEST_HOLD"
 ACCEPT_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_S = 30.0
 # Resumable run states of a source QEMU that a failed migration left paused. In "finish-migrate"
 # (stop-and-copy, or a cancel still winding down) QEMU refuses `cont`: wait until it leaves it.
 _PAUSED_BY_MIGRATION = ("postmigrate", "paused")
-
-
-def _test_hold_s(point: str) -> float:
-    """Crash tests only: LIVE_MIGRATION_TEST_HOLD=<point>:<seconds> holds the source agent at `point`
-    (switchover, before-commit, after-commit), so a test can kill an agent exactly there."""
-    name, _, seconds = os.environ.get(TEST_HOLD_ENV, "").partition(":")
-    return float(seconds) if name == point and seconds else 0.0
-
-
-async def _test_hold(point: str) -> None:
-    seconds = _test_hold_s(point)
-    if seconds:
-        log.warning("test hold: %s for %s s (%s)", point, seconds, TEST_HOLD_ENV)
-        await asyncio.sleep(seconds)
 
 
 class LiveRequestError(Exception):
@@ -297,7 +282,7 @@ class OutgoingLive:
         # the guard resumes it.
         self.guard = Guard("resume", str(self.qemu.socket_path))
         caps = self._capabilities()
-        if _test_hold_s("switchover"):  # QEMU stops the VM, then waits for migrate-continue
+        if hold_seconds("switchover"):  # QEMU stops the VM, then waits for migrate-continue
             caps.append("pause-before-switchover")
         await self.qemu.set_capabilities(caps)
         await self.qemu.set_parameters({"downtime-limit": self.downtime_ms})
@@ -357,7 +342,7 @@ class OutgoingLive:
         the source VM is stopped for stop-and-copy; hold it there, watching the tunnel and cancel
         as in pre-copy, then let QEMU send the rest."""
         assert self.qemu is not None
-        seconds = _test_hold_s("switchover")
+        seconds = hold_seconds("switchover")
         log.warning("test hold: switchover for %s s (%s)", seconds, TEST_HOLD_ENV)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
@@ -436,7 +421,7 @@ class OutgoingLive:
         """Record the new owner through ACP; from here on the source is never resumed."""
         assert self.tunnel is not None
         self.record.phase = LivePhase.COMMIT
-        await _test_hold("before-commit")
+        await hold_for_test("before-commit")
         self._check_tunnel()  # a destination that is already gone must not become the owner
         self._disarm_guard()  # before the commit: a guard must never resume a VM that moved
         if self.ownership is not None:
@@ -449,7 +434,7 @@ class OutgoingLive:
         log.info("live migration %s: ownership of %s committed to %s", self.record.id, self.request.vm_id,
                  self.peer_node, extra={"migration_id": self.record.id, "migration_status": "committed"})
         await self.tunnel.send(messages.Commit(self.token, postcopy))
-        await _test_hold("after-commit")
+        await hold_for_test("after-commit")
 
     async def _finish(self, info: MigrationInfo) -> None:
         assert self.qemu is not None and self.tunnel is not None

@@ -15,6 +15,10 @@ import time
 
 import pytest
 
+# A TCG guest's boot alone may take up to BOOT_TIMEOUT_S (300 s) on a loaded host; the default
+# per-test timeout (300 s) would cut such a test off before its boot wait could even report.
+pytestmark = pytest.mark.timeout(600)
+
 
 def test_idle_guest_moves_keeps_beating_and_ownership_follows(make_bed) -> None:
     bed = make_bed()
