@@ -7,7 +7,7 @@ load on the machine does not count, only what the stream itself costs:
 
 - `plaintext`: TcpChannel.send_frame and the native receive loop, as agents in plaintext mode;
 - `sealed_native`: send_sealed_frame and the native receive loop with its keys, as agents now;
-- `sealed_python`: the Python path sealed streams took before (sealed.FrameKey through
+- `sealed_python`: the Python path sealed streams took before (sealed.ReferenceFrameKey through
   `cryptography`, payload joined, sealed, sent; received, opened, hashed, written per frame).
 """
 
@@ -26,7 +26,7 @@ import xxhash
 from dwcp_agent import wire
 from dwcp_agent.amst.channel import SEAL_STAGING_BYTES, TcpChannel
 from dwcp_agent.kernels import stream
-from dwcp_agent.security.sealed import TAG_BYTES, FrameKey
+from dwcp_agent.security.sealed import TAG_BYTES, ReferenceFrameKey
 
 CHUNK = 4 << 20
 GIB = 1 << 30
@@ -59,7 +59,7 @@ def _send_native(chunks: int) -> Callable[[socket.socket, bytes], None]:
 
 def _send_python(chunks: int) -> Callable[[socket.socket, bytes], None]:
     def send(sock: socket.socket, data: bytes) -> None:
-        key, staging = FrameKey(KEY_OUT), bytearray(CHUNK + TAG_BYTES)
+        key, staging = ReferenceFrameKey(KEY_OUT), bytearray(CHUNK + TAG_BYTES)
         for seq in range(chunks):
             header = _header(seq, data)
             sealed_header = bytearray(wire.HEADER_SIZE + TAG_BYTES)
@@ -88,7 +88,7 @@ def _receive_native(sock: socket.socket, out_fd: int, chunks: int, sealed: bool)
 
 
 def _receive_python(sock: socket.socket, out_fd: int, chunks: int) -> None:
-    recv_key, ack_key = FrameKey(KEY_OUT), FrameKey(KEY_BACK)
+    recv_key, ack_key = ReferenceFrameKey(KEY_OUT), ReferenceFrameKey(KEY_BACK)
     header_buf, sealed, out = bytearray(wire.HEADER_SIZE), bytearray(CHUNK + TAG_BYTES), bytearray(CHUNK)
     for _ in range(chunks):
         wire.recv_exact_into(sock, memoryview(sealed)[:wire.HEADER_SIZE + TAG_BYTES])

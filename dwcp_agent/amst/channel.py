@@ -14,7 +14,7 @@ from typing import Protocol
 
 from dwcp_agent import wire
 from dwcp_agent.kernels import stream as native_stream
-from dwcp_agent.security.sealed import TAG_BYTES, NativeFrameKey, seal_stream
+from dwcp_agent.security.sealed import TAG_BYTES, FrameKey, seal_stream
 
 MAX_IOV = 512  # buffers per sendmsg, well under the kernel's IOV_MAX of 1024
 SEAL_STAGING_BYTES = 128 << 10  # a sealed frame goes out through this much ciphertext at a time (stays in cache)
@@ -81,8 +81,8 @@ class TcpChannel:
     transport = "tcp"
 
     def __init__(self, sock: socket.socket) -> None:
-        self._send_key: NativeFrameKey | None = None
-        self._recv_key: NativeFrameKey | None = None
+        self._send_key: FrameKey | None = None
+        self._recv_key: FrameKey | None = None
         if isinstance(sock, ssl.SSLSocket):
             sock, self._send_key, self._recv_key = seal_stream(sock)
         self.sock = sock

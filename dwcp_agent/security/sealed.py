@@ -13,9 +13,10 @@ with a per-direction counter as nonce; only frame sizes are visible on the wire.
 cannot be read, altered, dropped, reordered or replayed without the tag check failing, and the
 keys exist only in the two endpoints that passed the certificate check, so identity stays bound.
 
-Streams use `NativeFrameKey`: OpenSSL's AES-GCM called from the native kernels without the GIL,
-which the native send and receive loops share with the Python path (one nonce counter).
-`FrameKey` (the `cryptography` package) is the reference it is tested against, frame for frame.
+Streams use `FrameKey`: AES-GCM in the native kernels (intel-ipsec-mb) without the GIL, which
+the native send and receive loops share with the Python path (one nonce counter).
+`ReferenceFrameKey` (the `cryptography` package) is the reference it is tested against, frame
+for frame.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ KEY_BYTES = 16
 _INFO = b"dwcp data stream v1"
 
 
-class FrameKey:
-    """One direction of a sealed stream: AES-GCM with a counter nonce."""
+class ReferenceFrameKey:
+    """One direction of a sealed stream: AES-GCM with a counter nonce (`cryptography`; the reference)."""
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
@@ -66,8 +67,9 @@ class FrameKey:
             raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag") from None
 
 
-class NativeFrameKey:
-    """FrameKey's interface over the native cipher, whose counter the native loops advance too."""
+class FrameKey:
+    """One direction of a sealed stream, in the native kernels: ReferenceFrameKey's interface and
+    wire format; the native loops advance the same counter."""
 
     def __init__(self, key: bytes) -> None:
         self.cipher = native_stream.FrameCipher(key)
@@ -84,7 +86,7 @@ class NativeFrameKey:
             raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
 
 
-def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, NativeFrameKey, NativeFrameKey]:
+def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, FrameKey, FrameKey]:
     """Derive the stream keys inside the TLS session, end TLS; (plain socket, send key, receive key)."""
     mine = X25519PrivateKey.generate()
     my_public = mine.public_key().public_bytes_raw()
@@ -98,7 +100,7 @@ def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, NativeFrameKey, Nati
     shared = mine.exchange(X25519PublicKey.from_public_bytes(bytes(theirs)))
     client_pub, server_pub = (bytes(theirs), my_public) if tls.server_side else (my_public, bytes(theirs))
     keys = HKDF(hashes.SHA256(), 2 * KEY_BYTES, salt=client_pub + server_pub, info=_INFO).derive(shared)
-    to_server, to_client = NativeFrameKey(keys[:KEY_BYTES]), NativeFrameKey(keys[KEY_BYTES:])
+    to_server, to_client = FrameKey(keys[:KEY_BYTES]), FrameKey(keys[KEY_BYTES:])
     server_side = tls.server_side
     raw = end_tls(tls)
     return (raw, to_client, to_server) if server_side else (raw, to_server, to_client)

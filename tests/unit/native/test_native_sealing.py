@@ -1,4 +1,4 @@
-"""The native AES-128-GCM sealing (native/stream.pyx) against the Python reference (sealed.FrameKey).
+"""The native AES-128-GCM sealing (native/stream.pyx) against the Python reference (sealed.ReferenceFrameKey).
 
 Same key, same frames: the native cipher must produce the reference's bytes, open what the
 reference sealed and the other way round, refuse any flipped bit, and never use a nonce twice.
@@ -23,7 +23,7 @@ from dwcp_agent import wire
 from dwcp_agent._native import stream
 from dwcp_agent.hde.layout import max_encoded_len
 from dwcp_agent.migration.digest import chunk_length
-from dwcp_agent.security.sealed import TAG_BYTES, FrameKey, NativeFrameKey
+from dwcp_agent.security.sealed import TAG_BYTES, FrameKey, ReferenceFrameKey
 
 SESSION, STREAM, VERSION = 0x1234_5678_9ABC, 3, wire.PROTOCOL_VERSION
 CHUNK = 1 << 20  # several of the native loop's 256 KiB pieces
@@ -40,7 +40,7 @@ def _header(seq: int, offset: int, data: bytes, **fields: int) -> bytes:
     return wire.pack_header(**args)
 
 
-def _reference_frame(key: FrameKey, header: bytes, payload: bytes) -> bytes:
+def _reference_frame(key: ReferenceFrameKey, header: bytes, payload: bytes) -> bytes:
     """A frame as sealed.py defines it: sealed header, then the payload sealed against the header."""
     sealed_header = bytearray(SEALED_HEADER)
     key.seal_into(b"", header, sealed_header)
@@ -64,12 +64,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 @given(aad=st.binary(max_size=80), payload=st.binary(max_size=3000), native_seals=st.booleans())
 def test_a_frame_sealed_by_either_opens_in_the_other_with_the_same_bytes(aad: bytes, payload: bytes,
                                                                           native_seals: bool) -> None:
-    reference, native = FrameKey(KEY), NativeFrameKey(KEY)
+    reference, native = ReferenceFrameKey(KEY), FrameKey(KEY)
     by_reference, by_native = bytearray(len(payload) + TAG_BYTES), bytearray(len(payload) + TAG_BYTES)
     reference.seal_into(aad, payload, by_reference)
     native.seal_into(aad, payload, by_native)
     assert by_reference == by_native
-    opener = FrameKey(KEY) if native_seals else NativeFrameKey(KEY)
+    opener = ReferenceFrameKey(KEY) if native_seals else FrameKey(KEY)
     out = bytearray(len(payload))
     opener.open_into(aad, by_native if native_seals else by_reference, out)
     assert out == payload
@@ -79,25 +79,25 @@ def test_a_frame_sealed_by_either_opens_in_the_other_with_the_same_bytes(aad: by
 def test_every_flipped_bit_fails_the_tag(native_opens: bool) -> None:
     header, payload = os.urandom(wire.HEADER_SIZE), os.urandom(300)
     sealed = bytearray(len(payload) + TAG_BYTES)
-    NativeFrameKey(KEY).seal_into(header, payload, sealed)
+    FrameKey(KEY).seal_into(header, payload, sealed)
     out = bytearray(len(payload))
     for bit in range(0, len(sealed) * 8, 7):  # ciphertext and tag
         altered = bytearray(sealed)
         altered[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(wire.FrameError, match="authentication failed") as info:
-            (NativeFrameKey(KEY) if native_opens else FrameKey(KEY)).open_into(header, altered, out)
+            (FrameKey(KEY) if native_opens else ReferenceFrameKey(KEY)).open_into(header, altered, out)
         assert info.value.error_type == "tag"
     for bit in range(0, wire.HEADER_SIZE * 8, 5):  # the associated data (the plaintext header)
         altered_header = bytearray(header)
         altered_header[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(wire.FrameError):
-            (NativeFrameKey(KEY) if native_opens else FrameKey(KEY)).open_into(bytes(altered_header), sealed, out)
-    (NativeFrameKey(KEY) if native_opens else FrameKey(KEY)).open_into(header, sealed, out)
+            (FrameKey(KEY) if native_opens else ReferenceFrameKey(KEY)).open_into(bytes(altered_header), sealed, out)
+    (FrameKey(KEY) if native_opens else ReferenceFrameKey(KEY)).open_into(header, sealed, out)
     assert out == payload
 
 
 def test_nonces_never_repeat_so_replays_and_reorders_fail() -> None:
-    native = NativeFrameKey(KEY)
+    native = FrameKey(KEY)
     frames = []
     for _ in range(3):
         sealed = bytearray(64 + TAG_BYTES)
@@ -105,11 +105,11 @@ def test_nonces_never_repeat_so_replays_and_reorders_fail() -> None:
         frames.append(bytes(sealed))
     assert native.counter == 3
     assert len(set(frames)) == 3  # a new nonce per frame: equal plaintexts never look alike
-    opener, out = NativeFrameKey(KEY), bytearray(64)
+    opener, out = FrameKey(KEY), bytearray(64)
     opener.open_into(b"", frames[0], out)
     with pytest.raises(wire.FrameError):  # replayed: the receiver's nonce has moved on
         opener.open_into(b"", frames[0], out)
-    reordered = NativeFrameKey(KEY)
+    reordered = FrameKey(KEY)
     with pytest.raises(wire.FrameError):
         reordered.open_into(b"", frames[1], out)
     assert (opener.counter, reordered.counter) == (2, 1)  # a failed open uses its nonce too
@@ -140,7 +140,7 @@ def test_native_send_puts_the_reference_frames_on_the_wire(segments: tuple[bytes
         header = os.urandom(wire.HEADER_SIZE)
         sender = stream.FrameCipher(KEY)
         staging = bytearray(1 << 16)
-        reference = FrameKey(KEY)
+        reference = ReferenceFrameKey(KEY)
         expected = _reference_frame(reference, header, payload) + _reference_frame(reference, header, payload)
         got: list[bytes] = []
         reader = threading.Thread(target=lambda: got.append(_recv_exact(b, len(expected))))
@@ -188,10 +188,10 @@ def link(tmp_path: Path) -> Iterator[Link]:
     receiver.close()
 
 
-def _sealed_receiver(sock: socket.socket, fd: int) -> tuple[stream.RawFrameReceiver, bytearray, NativeFrameKey]:
+def _sealed_receiver(sock: socket.socket, fd: int) -> tuple[stream.RawFrameReceiver, bytearray, FrameKey]:
     """A receiver whose frames come from the source's key KEY, and whose ACKs go out under KEY[::-1]."""
     header = bytearray(wire.HEADER_SIZE)
-    recv_key, send_key = NativeFrameKey(KEY), NativeFrameKey(KEY[::-1])
+    recv_key, send_key = FrameKey(KEY), FrameKey(KEY[::-1])
     rx = stream.RawFrameReceiver(sock.fileno(), fd, header, bytearray(max_encoded_len(CHUNK)), SESSION, STREAM,
                                  VERSION, SIZE, CHUNK, recv_key=recv_key.cipher, send_key=send_key.cipher)
     return rx, header, recv_key
@@ -210,7 +210,7 @@ def _send_in_background(sock: socket.socket, data: bytes) -> threading.Thread:
 def test_sealed_frames_from_the_reference_are_opened_verified_written_and_acked(link: Link) -> None:
     sender, receiver, fd, path = link
     rx, _, _ = _sealed_receiver(receiver, fd)
-    source_key = FrameKey(KEY)
+    source_key = ReferenceFrameKey(KEY)
     chunks = [os.urandom(chunk_length(i, SIZE, CHUNK)) for i in range(4)]
     wire_bytes = b"".join(_reference_frame(source_key, _header(seq, seq * CHUNK, data), data)
                           for seq, data in enumerate(chunks))
@@ -222,7 +222,7 @@ def test_sealed_frames_from_the_reference_are_opened_verified_written_and_acked(
     sender.shutdown(socket.SHUT_WR)
     assert rx.next_frame(ack_last=True) == stream.CLOSED and not rx.partial
     assert path.read_bytes() == b"".join(chunks)
-    ack_key = FrameKey(KEY[::-1])
+    ack_key = ReferenceFrameKey(KEY[::-1])
     acks = _recv_exact(sender, 4 * SEALED_HEADER)
     for seq in range(4):
         ack = bytearray(wire.HEADER_SIZE)
@@ -236,7 +236,7 @@ def test_a_flipped_bit_on_the_wire_is_a_tag_failure_and_nothing_is_written(link:
     sender, receiver, fd, path = link
     rx, _, _ = _sealed_receiver(receiver, fd)
     data = os.urandom(CHUNK)
-    frame = bytearray(_reference_frame(FrameKey(KEY), _header(0, 0, data), data))
+    frame = bytearray(_reference_frame(ReferenceFrameKey(KEY), _header(0, 0, data), data))
     position = {"header": 20, "payload_first_piece": SEALED_HEADER + 100,
                 "payload_last_piece": SEALED_HEADER + CHUNK - 3, "tag": len(frame) - 1}[where]
     frame[position] ^= 0x40
@@ -252,7 +252,7 @@ def test_a_checksum_mismatch_under_a_good_tag_is_still_caught(link: Link) -> Non
     rx, _, _ = _sealed_receiver(receiver, fd)
     data = os.urandom(CHUNK)
     header = _header(0, 0, data, checksum=xxhash.xxh3_64_intdigest(data) ^ 1)
-    feeder = _send_in_background(sender, _reference_frame(FrameKey(KEY), header, data))
+    feeder = _send_in_background(sender, _reference_frame(ReferenceFrameKey(KEY), header, data))
     assert rx.next_frame() == stream.CHECKSUM
     feeder.join(60)
     assert path.read_bytes() == bytes(SIZE)
@@ -263,7 +263,7 @@ def test_a_frame_for_python_leaves_its_payload_to_the_shared_key(link: Link) -> 
     Python path then opens the payload with the same key object, at the next nonce."""
     sender, receiver, fd, _ = link
     rx, header_buf, recv_key = _sealed_receiver(receiver, fd)
-    source_key = FrameKey(KEY)
+    source_key = ReferenceFrameKey(KEY)
     first, second = os.urandom(100), os.urandom(CHUNK)
     wire_bytes = (_reference_frame(source_key, _header(0, 0, first, codec=1, raw_len=CHUNK), first)
                   + _reference_frame(source_key, _header(1, CHUNK, second), second))
