@@ -1,0 +1,24 @@
+"""Crash tests only: hold an agent at a named point of the handover so a test can kill it there.
+
+LIVE_MIGRATION_TEST_HOLD=<point>:<seconds>; points: before-commit, after-commit (source agent),
+before-cont (destination agent, Commit received, VM not yet running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+__all__ = ["TEST_HOLD_ENV", "hold_for_test"]
+
+log = logging.getLogger("dwcp_agent.live")
+TEST_HOLD_ENV = "LIVE_MIGRATION_TEST_HOLD"
+
+
+async def hold_for_test(point: str) -> None:
+    spec = os.environ.get(TEST_HOLD_ENV, "")
+    name, _, seconds = spec.partition(":")
+    if name == point and seconds:
+        log.warning("test hold: %s for %s s (%s)", point, seconds, TEST_HOLD_ENV)
+        await asyncio.sleep(float(seconds))
