@@ -68,7 +68,7 @@ class RegistryOwnership:
         try:
             return await asyncio.wait_for(coro, self.timeout_s * steps)
         except (ConsensusError, ConsensusTimeout, TimeoutError) as exc:
-            raise OwnershipError(f"registry: {exc or type(exc).__name__}") from exc
+            raise OwnershipError(f"registry: {str(exc) or type(exc).__name__}") from exc
 
     def cross(self, coro: Coroutine[Any, Any, T], steps: int = 1) -> T:
         """Run `coro` on the event loop and wait for it, `timeout_s` per registry step."""
@@ -77,7 +77,7 @@ class RegistryOwnership:
             return future.result(self.timeout_s * steps)
         except (ConsensusError, ConsensusTimeout, concurrent.futures.TimeoutError) as exc:
             future.cancel()
-            raise OwnershipError(f"registry: {exc or type(exc).__name__}") from exc
+            raise OwnershipError(f"registry: {str(exc) or type(exc).__name__}") from exc
 
 
 class OwnershipSession:

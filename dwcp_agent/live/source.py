@@ -411,11 +411,11 @@ class OutgoingLive:
         self.record.committed = True
         log.info("live migration %s: ownership of %s committed to %s", self.record.id, self.request.vm_id,
                  self.peer_node, extra={"migration_id": self.record.id, "migration_status": "committed"})
-        # If this agent dies from here on, its guard quits the paused source once the destination
-        # runs; the destination (its agent, or its guard) runs the VM on `commit`.
-        self.guard = Guard("quit", str(self.qemu.socket_path), line=self.line)
+        # The destination (its agent, or its guard) runs the VM on `commit`; if this agent dies
+        # from here on, its guard quits the paused source once the destination says `running`.
         with contextlib.suppress(OSError):
             self.line.say(COMMIT)
+        self.guard = Guard("quit", str(self.qemu.socket_path), line=self.line)
         with contextlib.suppress(TunnelError, OSError):  # the handover line carries it too
             await self.tunnel.send(messages.Commit(self.token, postcopy))
         await hold_for_test("after-commit")
