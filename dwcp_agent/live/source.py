@@ -411,13 +411,14 @@ class OutgoingLive:
         self.record.committed = True
         log.info("live migration %s: ownership of %s committed to %s", self.record.id, self.request.vm_id,
                  self.peer_node, extra={"migration_id": self.record.id, "migration_status": "committed"})
-        # The destination (its agent, or its guard) runs the VM on `commit`; if this agent dies
-        # from here on, its guard quits the paused source once the destination says `running`.
+        # The destination (its agent, or its guard) runs the VM on `commit` / Commit; if this agent
+        # dies from here on, its guard quits the paused source once the destination says `running`
+        # (armed after Commit went: starting a process must not lengthen the guest's downtime).
         with contextlib.suppress(OSError):
             self.line.say(COMMIT)
-        self.guard = Guard("quit", str(self.qemu.socket_path), line=self.line)
         with contextlib.suppress(TunnelError, OSError):  # the handover line carries it too
             await self.tunnel.send(messages.Commit(self.token, postcopy))
+        self.guard = Guard("quit", str(self.qemu.socket_path), line=self.line)
         await hold_for_test("after-commit")
 
     async def _destination_runs(self) -> None:
