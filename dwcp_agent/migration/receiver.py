@@ -136,10 +136,15 @@ class ReceiveSession:
             raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
         resumed = self.journal.resumed and not created
         reserve_fd = -1
+        in_place = space.in_memory(fd)  # tmpfs: reserve inside the partial (space.PartialReservation)
         try:
             try:
-                reserve_fd, _ = d.open_file(d.reserve_name)
-                os.ftruncate(reserve_fd, 0)  # a reservation left by a crash is void
+                if in_place:
+                    if resumed:
+                        space.release_unwritten(fd)  # a reservation left by a crash is void
+                else:
+                    reserve_fd, _ = d.open_file(d.reserve_name)
+                    os.ftruncate(reserve_fd, 0)  # a reservation left by a crash is void
                 needed = space.check(fd, ranges, free) if resumed else data_bytes
                 if not resumed:
                     if not space.fits(needed, free(fd)):
@@ -148,7 +153,8 @@ class ReceiveSession:
                         self.journal.reset()
                     os.ftruncate(fd, 0)
                 os.ftruncate(fd, self.start.size)
-                self.reservation = space.Reservation(reserve_fd, needed)
+                self.reservation: space.Reservation | space.PartialReservation = (
+                    space.PartialReservation(fd, ranges, needed) if in_place else space.Reservation(reserve_fd, needed))
                 self._reserved = needed
             except space.NoSpace as exc:
                 raise ReceiveError(f"not enough space in {self.partial.parent}: {exc}", "no_space") from exc
@@ -255,6 +261,7 @@ class ReceiveSession:
                 self.metrics.error("migration", "digest_mismatch")
                 self.journal.reset()
             elif isinstance(action, Rename):
+                self.reservation.settle()  # in the partial: its never-written pages become holes again
                 os.fsync(self._fd)
                 self.directory.commit(self.directory.partial_name)
                 self.journal.remove()
@@ -494,9 +501,9 @@ class ReceiveSession:
         self._flusher.join(max(0.0, deadline - time.monotonic()))
         if self.baseline is not None:
             os.close(self.baseline.fd)
+        self.reservation.close()  # after the final flush: see space.PartialReservation
         os.close(self._fd)
         self._fd = -1
-        self.reservation.close()
         self.directory.unlink(self.directory.reserve_name)  # a later Start reserves what is missing then
         self.journal.close()
         self.directory.close()
