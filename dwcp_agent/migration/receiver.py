@@ -145,7 +145,9 @@ class ReceiveSession:
                 else:
                     reserve_fd, _ = d.open_file(d.reserve_name)
                     os.ftruncate(reserve_fd, 0)  # a reservation left by a crash is void
-                needed = space.check(fd, ranges, free) if resumed else data_bytes
+                # A resumed partial needs what it lacks outside the chunks its journal holds.
+                wanted = space.without_chunks(ranges, self.journal.have, self.start.chunk_size) if resumed else ranges
+                needed = space.check(fd, wanted, free) if resumed else data_bytes
                 if not resumed:
                     if not space.fits(needed, free(fd)):
                         raise space.NoSpace(needed, free(fd))
@@ -154,7 +156,7 @@ class ReceiveSession:
                     os.ftruncate(fd, 0)
                 os.ftruncate(fd, self.start.size)
                 self.reservation: space.Reservation | space.PartialReservation = (
-                    space.PartialReservation(fd, ranges, needed) if in_place else space.Reservation(reserve_fd, needed))
+                    space.PartialReservation(fd, wanted, needed) if in_place else space.Reservation(reserve_fd, needed))
                 self._reserved = needed
             except space.NoSpace as exc:
                 raise ReceiveError(f"not enough space in {self.partial.parent}: {exc}", "no_space") from exc
