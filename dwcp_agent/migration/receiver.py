@@ -438,10 +438,15 @@ class ReceiveSession:
             actual = checksum(data)
         if actual != h.checksum:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
+        # In a partial preallocated on tmpfs the skipped zero pages are punched, so they stay
+        # holes and the commit needs no walk of the file (space.PartialReservation.settle).
+        punch = isinstance(self.reservation, space.PartialReservation)
         if data is not None and holes and zero_pages is not None:
-            native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
+            native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset, punch)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
             _pwrite_all(self._fd, data, h.offset)
+        elif punch:
+            space.punch_hole(self._fd, h.offset, h.raw_len)
         self._chunk_written(index, h.checksum)
         self.bytes_received += h.raw_len
 
