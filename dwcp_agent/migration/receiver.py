@@ -383,6 +383,8 @@ class ReceiveSession:
                     continue
                 if outcome == native_stream.CHECKSUM:
                     raise wire.FrameError(f"chunk {fast.index} checksum mismatch", "checksum")
+                if outcome == native_stream.TAG:
+                    raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
                 if outcome == native_stream.CLOSED:
                     raise wire.PeerClosed("peer closed the connection" + (" mid-frame" if fast.partial else ""))
                 if outcome == native_stream.OS_ERROR:
@@ -400,11 +402,12 @@ class ReceiveSession:
 
     def _raw_receiver(self, source: FrameSource, stream_id: int, version: int, header_buf: bytearray,
                       payload: memoryview) -> native_stream.RawFrameReceiver | None:
-        """The native receive loop for a TCP stream in blocking mode (RDMA streams use the Python path)."""
-        if not isinstance(source, TcpChannel) or source.sock.gettimeout() is not None or source.encrypted:
-            return None  # the native loop reads the descriptor itself: only for plaintext TCP
-        return native_stream.RawFrameReceiver(source.sock.fileno(), self._fd, header_buf, payload, self.session_id,
-                                       stream_id, version, self.start.size, self.start.chunk_size)
+        """The native receive loop for a TCP stream in blocking mode, sealed or not (RDMA streams use
+        the Python path)."""
+        if not isinstance(source, TcpChannel):
+            return None
+        return source.frame_receiver(self._fd, header_buf, payload, self.session_id, stream_id, version,
+                                     self.start.size, self.start.chunk_size)
 
     def _receive_frame(self, source: FrameSource, h: wire.FrameHeader, stream_id: int, version: int,
                        expected_seq: int, payload: memoryview, raw: memoryview, decoder: ChunkDecoder,
