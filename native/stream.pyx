@@ -40,6 +40,12 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t pwrite(int fd, const void* buf, size_t n, off_t offset)
 
 
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t length)
+    int FALLOC_FL_KEEP_SIZE
+    int FALLOC_FL_PUNCH_HOLE
+
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -205,10 +211,19 @@ cdef int _pwrite_all(int fd, const uint8_t* buf, Py_ssize_t n, uint64_t offset) 
     return 0
 
 
-def write_except_zero_pages(int fd, const uint8_t[::1] data, const uint8_t[::1] zero, uint64_t offset):
+cdef int _punch(int fd, uint64_t offset, Py_ssize_t n) noexcept nogil:
+    while fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, <off_t>offset, <off_t>n):
+        if errno != EINTR:
+            return _OS_ERROR
+    return 0
+
+
+def write_except_zero_pages(int fd, const uint8_t[::1] data, const uint8_t[::1] zero, uint64_t offset,
+                            bint punch=False):
     """pwrite `data` at `offset` except its pages marked in `zero` (1 = all-zero page), one write
     per run of the others, without the GIL. For a file whose unwritten ranges read as zeros (a
-    fresh sparse file): the zero pages stay holes, costing neither a copy nor space."""
+    fresh sparse file): the zero pages stay holes, costing neither a copy nor space. With `punch`,
+    each run of zero pages is punched (a partial whose ranges were preallocated on tmpfs)."""
     cdef Py_ssize_t n = data.shape[0]
     cdef Py_ssize_t pages = (n + PAGE - 1) // PAGE
     cdef Py_ssize_t p = 0, start
@@ -220,7 +235,11 @@ def write_except_zero_pages(int fd, const uint8_t[::1] data, const uint8_t[::1] 
     with nogil:
         while p < pages and not rc:
             if zero[p]:
-                p += 1
+                start = p
+                while p < pages and zero[p]:
+                    p += 1
+                if punch:
+                    rc = _punch(fd, offset + start * PAGE, min(p * PAGE, n) - start * PAGE)
                 continue
             start = p
             while p < pages and not zero[p]:
