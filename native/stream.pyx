@@ -398,6 +398,20 @@ cdef class FrameCipher:
             rc = self.open(_ptr(aad), aad.shape[0], &sealed[0], n, _wptr(out))
         return rc == 0
 
+    def open_in_place(self, const uint8_t[::1] aad, uint8_t[::1] data, const uint8_t[::1] tag):
+        """Check `tag` and decrypt `data` where it lies (ciphertext received straight into the
+        payload buffer, tag apart: no staging copy); False on a bad tag (`data` must be dropped)."""
+        cdef Py_ssize_t n = data.shape[0]
+        cdef int rc = 0
+        if tag.shape[0] != _TAG_LEN:
+            raise ValueError(f"tag is {tag.shape[0]} bytes, expected {_TAG_LEN}")
+        with nogil:
+            if self.open_begin(_ptr(aad), aad.shape[0]) or self.open_update(_wptr(data), _wptr(data), n):
+                rc = -1
+            else:
+                rc = self.open_end(&tag[0])
+        return rc == 0
+
 
 
 cdef inline const uint8_t* _ptr(const uint8_t[::1] view) noexcept nogil:

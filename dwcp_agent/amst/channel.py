@@ -90,6 +90,8 @@ class TcpChannel:
         self._trailer = TAG_BYTES if self.encrypted else 0
         self._sealed = bytearray(0)  # ciphertext staging, grown to the largest frame
         self._header: bytes | bytearray = b""  # associated data of the payload to open next
+        self._tag = bytearray(TAG_BYTES)
+        self._tag_view = memoryview(self._tag)
         # ACKs are 56-byte headers (sealed: + tag), one per chunk: read them in batches.
         self._ack_size = wire.HEADER_SIZE + self._trailer
         self._acks = bytearray(64 * self._ack_size)
@@ -152,9 +154,9 @@ class TcpChannel:
         if self._recv_key is None or not len(out):  # an empty payload is not sealed (send_frame)
             wire.recv_exact_into(self.sock, out)
             return out
-        sealed = self._staging(len(out) + TAG_BYTES)
-        wire.recv_exact_into(self.sock, sealed)
-        self._recv_key.open_into(self._header, sealed, out)
+        wire.recv_exact_into(self.sock, out)  # ciphertext straight into place, then its tag
+        wire.recv_exact_into(self.sock, self._tag_view)
+        self._recv_key.open_in_place(self._header, out, self._tag)
         return out
 
     def frame_receiver(self, file_fd: int, header_buf: bytearray, payload: memoryview, session: int, stream: int,

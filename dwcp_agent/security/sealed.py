@@ -85,6 +85,11 @@ class FrameKey:
         if not self.cipher.open_into(header, sealed, out):
             raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
 
+    def open_in_place(self, header: bytes | bytearray, data: bytearray | memoryview, tag: bytes | bytearray) -> None:
+        """open_into for a payload received where it is to be read, its tag apart."""
+        if not self.cipher.open_in_place(header, data, tag):
+            raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
+
 
 def seal_stream(tls: ssl.SSLSocket) -> tuple[socket.socket, FrameKey, FrameKey]:
     """Derive the stream keys inside the TLS session, end TLS; (plain socket, send key, receive key)."""

@@ -284,3 +284,18 @@ def test_a_sealed_receiver_needs_both_keys(link: Link) -> None:
     with pytest.raises(ValueError, match="both keys"):
         stream.RawFrameReceiver(receiver.fileno(), fd, bytearray(wire.HEADER_SIZE), bytearray(CHUNK), SESSION,
                                 STREAM, VERSION, SIZE, CHUNK, recv_key=stream.FrameCipher(KEY))
+
+
+def test_opening_in_place_matches_the_reference_and_refuses_a_flipped_bit() -> None:
+    header, payload = os.urandom(wire.HEADER_SIZE), os.urandom(5000)
+    sealed = bytearray(len(payload) + TAG_BYTES)
+    ReferenceFrameKey(KEY).seal_into(header, payload, sealed)
+    data, tag = bytearray(sealed[:-TAG_BYTES]), bytes(sealed[-TAG_BYTES:])
+    FrameKey(KEY).open_in_place(header, data, tag)
+    assert data == payload
+    altered = bytearray(sealed[:-TAG_BYTES])
+    altered[4999] ^= 1
+    with pytest.raises(wire.FrameError):
+        FrameKey(KEY).open_in_place(header, altered, tag)
+    with pytest.raises(ValueError):
+        FrameKey(KEY).open_in_place(header, bytearray(sealed[:-TAG_BYTES]), tag[:8])
