@@ -1,6 +1,7 @@
 """Crash tests only: hold an agent at a named point of the handover so a test can kill it there.
 
-LIVE_MIGRATION_TEST_HOLD=<point>:<seconds>; points: before-commit, after-commit (source agent),
+LIVE_MIGRATION_TEST_HOLD=<point>:<seconds>; points: switchover (source agent; QEMU stopped the
+source VM and waits in pre-switchover), before-commit, after-commit (source agent),
 before-cont (destination agent, Commit received, VM not yet running).
 """
 

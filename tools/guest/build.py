@@ -163,9 +163,12 @@ def ram_size(mem_mib: int, accel: str) -> str:
 
 def machine_args(guest: Guest, mem_mib: int = 256, dirty_mbps: int = 0, dirty_mb: int = 0,
                  accel: str = "tcg") -> list[str]:
-    """The machine half of the QEMU command: identical on source and destination."""
-    # no_timer_check: on a loaded host the kernel's IO-APIC timer probe can miss its ticks under TCG
-    # ("MP-BIOS bug: 8254 timer not connected to IO-APIC") and the boot hangs; cloud images skip it too.
+    """The machine half of the QEMU command: identical on source and destination.
+
+    `no_timer_check`: under TCG on a loaded host the kernel's early check that the timer
+    interrupt arrives through the IO-APIC can time out ("IO-APIC + timer doesn't work!"), and the
+    guest panics at boot (seen at load 15-26 on 2 cores); the check says nothing about a VM.
+    """
     cmdline = "console=ttyS0 quiet panic=-1 mitigations=off no_timer_check"
     if dirty_mbps > 0:
         cmdline += f" dwcp.dirty={dirty_mbps},{dirty_mb}"

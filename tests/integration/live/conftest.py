@@ -59,7 +59,17 @@ class LiveBed:
         self.vm.start()
         self.src.wait_ready()
         self.dst.wait_ready()
-        self.beats.wait_for(3, BOOT_TIMEOUT_S, self.vm.serial_log.name)
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while True:  # fail at once when the guest's QEMU exits (a panic at boot: -no-reboot)
+            try:
+                self.beats.wait_for(3, 1, self.vm.serial_log.name)
+                return
+            except TimeoutError:
+                if not self.vm.alive():
+                    tail = self.vm.serial_log.read_text(errors="replace")[-600:]
+                    raise AssertionError(f"the guest's QEMU exited while booting: {tail}") from None
+                if time.monotonic() > deadline:
+                    raise
 
     @property
     def to(self) -> str:
