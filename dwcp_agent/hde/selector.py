@@ -42,11 +42,14 @@ TIE = 0.03
 
 LinkSource = float | Callable[[], float | None] | None
 CPU_SHARE_TTL_S = 1.0
-MIN_CPU_SHARE = 0.05
+# The load average counts every task that was runnable, most of them briefly: below a quarter of
+# a core per thread it overstates the wait (a loaded 2-core bed at load 18 still gave a
+# migration's threads ~0.8 of a core), and compression would look dearer than it is.
+MIN_CPU_SHARE = 0.25
 
 
 def host_cpu_share() -> float:
-    """Share of a core each runnable task gets on this host now: cores / 1-minute load, at most 1."""
+    """Share of a core each runnable task gets on this host now: cores / 1-minute load, in [0.25, 1]."""
     try:
         load = os.getloadavg()[0]
     except OSError:
