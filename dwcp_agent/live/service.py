@@ -20,6 +20,7 @@ from dwcp_agent.live.record import LiveRecord, LiveRequest
 from dwcp_agent.live.source import LiveRequestError, OutgoingLive, Ownership
 from dwcp_agent.live.tunnel import Tunnel
 from dwcp_agent.migration.outgoing import target_allowed
+from dwcp_agent.security.sealed import FrameKey
 from dwcp_agent.telemetry.metrics import Metrics
 from dwcp_agent.wire import PeerInfo
 
@@ -93,29 +94,33 @@ class LiveService:
             await asyncio.wait_for(migration.done.wait(), timeout)
         return migration.record
 
-    def accept(self, conn: socket.socket, peer: PeerInfo) -> None:
-        """From a data-listener thread: run an incoming live migration on the event loop."""
+    def accept(self, conn: socket.socket, peer: PeerInfo, keys: tuple[FrameKey, FrameKey] | None = None) -> None:
+        """From a data-listener thread: run an incoming live migration on the event loop (stream 0)
+        or add a data connection (sealed with `keys` when it came over TLS)."""
         if self.loop is None:
             conn.close()
             return
         if peer.stream == 0:
-            asyncio.run_coroutine_threadsafe(self._serve_incoming(conn, peer), self.loop)
+            asyncio.run_coroutine_threadsafe(self._serve_incoming(conn, peer, keys), self.loop)
             return
         incoming = self.incoming.get(peer.session)
-        if incoming is None or incoming.peer_node != peer.node_id or not incoming.tunnel.add_stream(conn, peer.stream):
+        known = incoming is not None and incoming.peer_node == peer.node_id
+        if incoming is None or not known or not incoming.tunnel.add_stream(conn, peer.stream, keys):
             log.warning("live data connection from %s for unknown session %x refused", peer.node_id, peer.session,
                         extra={"error_type": "unknown_session", "peer_id": peer.node_id})
             self.metrics.error("migration", "live_unknown_session")
             conn.close()
 
-    async def _serve_incoming(self, conn: socket.socket, peer: PeerInfo) -> None:
+    async def _serve_incoming(self, conn: socket.socket, peer: PeerInfo,
+                              keys: tuple[FrameKey, FrameKey] | None) -> None:
         conn.settimeout(None)
         conn.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=conn)
         if peer.session in self.incoming:
             writer.close()
             return
-        incoming = IncomingLive(self.config, self.metrics, Tunnel(reader, writer, peer.session), peer.node_id,
+        incoming = IncomingLive(self.config, self.metrics, Tunnel(reader, writer, peer.session, keys=keys),
+                                peer.node_id,
                                 self.run_dir)
         self.incoming[peer.session] = incoming
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import time
@@ -25,6 +24,7 @@ from dwcp_agent.hde.selector import CodecSelector
 from dwcp_agent.live import messages
 from dwcp_agent.live.frames import TunnelError
 from dwcp_agent.live.guard import Guard
+from dwcp_agent.live.hold import TEST_HOLD_ENV, hold_for_test, hold_seconds
 from dwcp_agent.live.policy import Action, ConvergencePolicy, Observation, PolicyError, parse_policy
 from dwcp_agent.live.qmp import MigrationInfo, QemuControl, QemuError
 from dwcp_agent.live.record import LivePhase, LiveRecord, LiveRequest
@@ -32,28 +32,18 @@ from dwcp_agent.live.tunnel import DATA_STREAMS, Tunnel, new_session
 from dwcp_agent.pba.predictor import Predictor
 from dwcp_agent.pba.probe import LinkMeter, read_tcp_info
 from dwcp_agent.security import channels as channel_security
-from dwcp_agent.security.sealed import end_tls
+from dwcp_agent.security.sealed import FrameKey, seal_stream
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["LiveRequestError", "OutgoingLive", "Ownership"]
 
 log = logging.getLogger("dwcp_agent.live")
 POLL_S = 0.05
-TEST_HOLD_ENV = "LIVE_MIGRATION_TEST_HOLD"
 ACCEPT_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_S = 30.0
-# Resumable run states of a source QEMU that a failed migration left paused.
-_PAUSED_BY_MIGRATION = ("postmigrate", "finish-migrate", "paused")
-
-
-async def _test_hold(point: str) -> None:
-    """Crash tests only: LIVE_MIGRATION_TEST_HOLD=<point>:<seconds> holds the source agent at `point`
-    (before-commit, after-commit), so a test can kill an agent exactly there."""
-    spec = os.environ.get(TEST_HOLD_ENV, "")
-    name, _, seconds = spec.partition(":")
-    if name == point and seconds:
-        log.warning("test hold: %s for %s s (%s)", point, seconds, TEST_HOLD_ENV)
-        await asyncio.sleep(float(seconds))
+# Resumable run states of a source QEMU that a failed migration left paused. In "finish-migrate"
+# (stop-and-copy, or a cancel still winding down) QEMU refuses `cont`: wait until it leaves it.
+_PAUSED_BY_MIGRATION = ("postmigrate", "paused")
 
 
 class LiveRequestError(Exception):
@@ -170,8 +160,10 @@ class OutgoingLive:
         with contextlib.suppress(Exception):
             await self.ownership.release_lease(self.request.vm_id, self.config.node_id, self.token)
 
-    def _handshake(self, stream: int) -> socket.socket:
-        """One authenticated connection of this session: 0 = control, 1.. = data."""
+    def _handshake(self, stream: int) -> tuple[socket.socket, tuple[FrameKey, FrameKey] | None]:
+        """One authenticated connection of this session: 0 = control, 1.. = data. A TLS connection
+        switches to sealed frames (security/sealed.py) and its keys are returned."""
+        keys: tuple[FrameKey, FrameKey] | None = None
         host, _, port = self.request.destination.rpartition(":")
         sock = socket.create_connection((host, int(port)), timeout=self.config.connect_timeout_s)
         try:
@@ -179,8 +171,9 @@ class OutgoingLive:
             sock = channel_security.for_config(self.config).wrap_client(sock)
             peer = wire.client_handshake(sock, self.key, self.config.node_id, "live", self.session, stream,
                                          expect_peer=channel_security.peer_identity(sock))
-            if isinstance(sock, ssl.SSLSocket):  # authenticated; the tunnel runs in the clear
-                sock = end_tls(sock)
+            if isinstance(sock, ssl.SSLSocket):  # guest memory and control: sealed frames
+                sock, send_key, recv_key = seal_stream(sock)
+                keys = (send_key, recv_key)
             if self.peer_node and peer.node_id != self.peer_node:
                 raise wire.HandshakeError(f"data connection reached {peer.node_id}, not {self.peer_node}",
                                           "auth")
@@ -189,16 +182,18 @@ class OutgoingLive:
             raise
         self.peer_node = peer.node_id
         sock.settimeout(None)
-        return sock
+        return sock, keys
 
-    async def _connect_peer(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect_peer(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                           tuple[FrameKey, FrameKey] | None]:
         loop = asyncio.get_running_loop()
         try:
-            sock = await loop.run_in_executor(None, self._handshake, 0)
+            sock, keys = await loop.run_in_executor(None, self._handshake, 0)
         except (OSError, ValueError, wire.WireError) as exc:
             raise LiveRequestError(502, f"destination agent {self.request.destination}: {exc}") from exc
         self.record.destination_node = self.peer_node
-        return await asyncio.open_connection(sock=sock)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return reader, writer, keys
 
     def _capabilities(self) -> list[str]:
         caps = ["return-path"]
@@ -209,10 +204,10 @@ class OutgoingLive:
         return caps
 
     async def _offer(self, facts: dict[str, object]) -> None:
-        reader, writer = await self._connect_peer()
+        reader, writer, keys = await self._connect_peer()
         link = self.predicted_bytes_per_s
         self.tunnel = Tunnel(reader, writer, self.session, CodecSelector(self.config.zstd_level, link=link,
-                                                           forced=self.config.compression_algo))
+                                                           forced=self.config.compression_algo), keys)
         self.tunnel.start_reader()
         await self.tunnel.send(messages.Offer(self.record.id, self.request.vm_id, facts, self._capabilities(),
                                               self.request.dest_qmp))
@@ -279,23 +274,26 @@ class OutgoingLive:
         self._listener.listen(1)
         self._listener.settimeout(CONTROL_TIMEOUT_S)
         try:
-            data_socks = [await loop.run_in_executor(None, self._handshake, stream)
+            data_conns = [await loop.run_in_executor(None, self._handshake, stream)
                           for stream in range(1, (self.config.stream_count or DATA_STREAMS) + 1)]
         except (OSError, ValueError, wire.WireError) as exc:
             raise TunnelError(f"data connections to {self.peer_node}: {exc}") from exc
         # From here QEMU may pause the source; if this agent dies before the handover is decided,
         # the guard resumes it.
         self.guard = Guard("resume", str(self.qemu.socket_path))
-        await self.qemu.set_capabilities(self._capabilities())
+        caps = self._capabilities()
+        if hold_seconds("switchover"):  # QEMU stops the VM, then waits for migrate-continue
+            caps.append("pause-before-switchover")
+        await self.qemu.set_capabilities(caps)
         await self.qemu.set_parameters({"downtime-limit": self.downtime_ms})
         await self.qemu.migrate(f"unix:{path}")
         try:
             qemu_sock, _ = await loop.run_in_executor(None, self._listener.accept)
         except OSError as exc:
-            for sock in data_socks:
+            for sock, _ in data_conns:
                 sock.close()
             raise TunnelError(f"source QEMU did not connect to {path}: {exc}") from exc
-        self.tunnel.attach_source(qemu_sock, data_socks)
+        self.tunnel.attach_source(qemu_sock, data_conns)
 
     def _observe_link(self) -> None:
         assert self.tunnel is not None
@@ -327,6 +325,9 @@ class OutgoingLive:
             if info.status in ("device", "pre-switchover"):
                 self.record.phase = LivePhase.SWITCHOVER
                 self.record.switchover = True
+            if info.status == "pre-switchover":
+                await self._hold_in_switchover()
+                continue
             obs = Observation(time.monotonic() - started, info.status, info.iterations, info.remaining_bytes,
                               info.dirty_bytes_per_s, info.expected_downtime_ms, predicted, self.tunnel.ratio,
                               self.predicted_high_bytes_per_s(), info.mbps * 1e6 / 8)
@@ -335,6 +336,22 @@ class OutgoingLive:
             if predicted:
                 self.tunnel.bound_to_bandwidth(predicted)
             await asyncio.sleep(POLL_S)
+
+    async def _hold_in_switchover(self) -> None:
+        """Crash tests only (LIVE_MIGRATION_TEST_HOLD=switchover:<s> set QEMU's pause-before-switchover):
+        the source VM is stopped for stop-and-copy; hold it there, watching the tunnel and cancel
+        as in pre-copy, then let QEMU send the rest."""
+        assert self.qemu is not None
+        seconds = hold_seconds("switchover")
+        log.warning("test hold: switchover for %s s (%s)", seconds, TEST_HOLD_ENV)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while loop.time() < deadline:
+            if self._cancel.is_set():
+                raise _Cancelled()
+            self._check_tunnel()
+            await asyncio.sleep(POLL_S)
+        await self.qemu.migrate_continue("pre-switchover")
 
     def _check_tunnel(self) -> None:
         """Take what the destination said so far; an error or Abort from it ends the migration."""
@@ -404,7 +421,7 @@ class OutgoingLive:
         """Record the new owner through ACP; from here on the source is never resumed."""
         assert self.tunnel is not None
         self.record.phase = LivePhase.COMMIT
-        await _test_hold("before-commit")
+        await hold_for_test("before-commit")
         self._check_tunnel()  # a destination that is already gone must not become the owner
         self._disarm_guard()  # before the commit: a guard must never resume a VM that moved
         if self.ownership is not None:
@@ -417,7 +434,7 @@ class OutgoingLive:
         log.info("live migration %s: ownership of %s committed to %s", self.record.id, self.request.vm_id,
                  self.peer_node, extra={"migration_id": self.record.id, "migration_status": "committed"})
         await self.tunnel.send(messages.Commit(self.token, postcopy))
-        await _test_hold("after-commit")
+        await hold_for_test("after-commit")
 
     async def _finish(self, info: MigrationInfo) -> None:
         assert self.qemu is not None and self.tunnel is not None
@@ -467,7 +484,7 @@ class OutgoingLive:
                 log.error("cannot resume source VM %s: %s", self.request.vm_id, exc,
                           extra={"migration_id": self.record.id, "error_type": "resume"})
                 return
-            await asyncio.sleep(0.05)  # cancelling: QEMU resumes the VM itself shortly
+            await asyncio.sleep(0.05)  # cancelling: QEMU resumes the VM itself or lands in postmigrate
 
     def _end(self, phase: str) -> None:
         self.record.phase = phase

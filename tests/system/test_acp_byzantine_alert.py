@@ -11,7 +11,7 @@ import pytest
 from test_prometheus_stack import Prometheus, wait_until
 
 from dwcp_agent.acp.auth import public_key_hex
-from dwcp_agent.acp.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
+from dwcp_agent.acp.pbft.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
 from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent, free_port
 
