@@ -42,14 +42,15 @@ TIE = 0.03
 
 LinkSource = float | Callable[[], float | None] | None
 CPU_SHARE_TTL_S = 1.0
-# The load average counts every task that was runnable, most of them briefly: below a quarter of
-# a core per thread it overstates the wait (a loaded 2-core bed at load 18 still gave a
-# migration's threads ~0.8 of a core), and compression would look dearer than it is.
-MIN_CPU_SHARE = 0.25
+# The load average counts every task that was runnable, most of them briefly, so cores / load
+# overstates a thread's wait: on the 2-core bed at load 18-24 a migration's threads still got
+# about a core, and a floor of a quarter had the selector send half the chunks uncompressed
+# (wire ratio 2.3 where lz4 alone gets 2.6). Half a core per thread is the floor.
+MIN_CPU_SHARE = 0.5
 
 
 def host_cpu_share() -> float:
-    """Share of a core each runnable task gets on this host now: cores / 1-minute load, in [0.25, 1]."""
+    """Share of a core each runnable task gets on this host now: cores / 1-minute load, in [0.5, 1]."""
     try:
         load = os.getloadavg()[0]
     except OSError:
