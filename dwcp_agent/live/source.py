@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Protocol
 
 from dwcp_agent import wire
+from dwcp_agent.acp.runtime.ownership import OwnedElsewhere
 from dwcp_agent.config import Config
 from dwcp_agent.hde.selector import CodecSelector
 from dwcp_agent.live import messages
 from dwcp_agent.live.frames import TunnelError
-from dwcp_agent.live.guard import Guard
+from dwcp_agent.live.guard import LINE_WAIT_S, Guard
 from dwcp_agent.live.hold import TEST_HOLD_ENV, hold_for_test, hold_seconds
+from dwcp_agent.live.outcome import COMMIT, OUTCOME_STREAM, RUNNING, OutcomeLine
 from dwcp_agent.live.policy import Action, ConvergencePolicy, Observation, PolicyError, parse_policy
 from dwcp_agent.live.qmp import MigrationInfo, QemuControl, QemuError
 from dwcp_agent.live.record import LivePhase, LiveRecord, LiveRequest
@@ -54,14 +56,21 @@ class LiveRequestError(Exception):
         self.status = status
 
 
-class Ownership(Protocol):
-    """ACP's VM ownership operations (ConsensusService provides them)."""
+class OwnershipSession(Protocol):
+    """One live migration's hold on its VM (acp.runtime.ownership.OwnershipSession), closed by one
+    decision: `complete_on_loop(destination)` (the ACP commit) or `abandon_on_loop()`."""
 
-    async def owner(self, vm_id: str) -> str | None: ...
-    async def claim(self, vm_id: str, host: str) -> str: ...
-    async def acquire_lease(self, vm_id: str, holder: str, ttl_s: float) -> object: ...
-    async def release_lease(self, vm_id: str, holder: str, fencing_token: int) -> None: ...
-    async def transfer_ownership(self, vm_id: str, from_host: str, to_host: str, fencing_token: int) -> str: ...
+    token: int
+
+    async def complete_on_loop(self, destination: str) -> None: ...
+    async def abandon_on_loop(self) -> None: ...
+
+
+class Ownership(Protocol):
+    """Opens a migration's ownership session (acp.runtime.ownership.RegistryOwnership), the same object
+    image migrations use; a live migration runs on the event loop, so it awaits each step."""
+
+    async def begin_on_loop(self, vm_id: str) -> OwnershipSession: ...
 
 
 class _Cancelled(Exception):
@@ -89,7 +98,9 @@ class OutgoingLive:
         self.policy = ConvergencePolicy(self.spec, self.downtime_ms)
         self.qemu: QemuControl | None = None
         self.tunnel: Tunnel | None = None
+        self.owned: OwnershipSession | None = None
         self.token = 0
+        self.line: OutcomeLine | None = None
         self.peer_node = ""
         self._cancel = asyncio.Event()
         self.session = new_session()
@@ -140,25 +151,19 @@ class OutgoingLive:
     async def _take_lease(self) -> None:
         if self.ownership is None:
             return
-        vm, me = self.request.vm_id, self.config.node_id
         try:
-            owner = await self.ownership.owner(vm)
-            if owner is None:
-                owner = await self.ownership.claim(vm, me)
-            if owner != me:
-                raise LiveRequestError(409, f"VM {vm} is owned by {owner}, not this host ({me})")
-            lease = await self.ownership.acquire_lease(vm, me, 3600.0)
-        except LiveRequestError:
-            raise
+            self.owned = await self.ownership.begin_on_loop(self.request.vm_id)
+        except OwnedElsewhere as exc:
+            raise LiveRequestError(409, str(exc)) from exc
         except Exception as exc:
             raise LiveRequestError(503, f"ownership registry: {exc}") from exc
-        self.token = int(lease.token)  # type: ignore[attr-defined]
+        self.token = self.owned.token
 
     async def _release_lease(self) -> None:
-        if self.ownership is None or not self.token:
-            return
-        with contextlib.suppress(Exception):
-            await self.ownership.release_lease(self.request.vm_id, self.config.node_id, self.token)
+        """The source stays the owner; nothing to do once the session is closed."""
+        if self.owned is not None:
+            with contextlib.suppress(Exception):
+                await self.owned.abandon_on_loop()
 
     def _handshake(self, stream: int) -> tuple[socket.socket, tuple[FrameKey, FrameKey] | None]:
         """One authenticated connection of this session: 0 = control, 1.. = data. A TLS connection
@@ -276,8 +281,10 @@ class OutgoingLive:
         try:
             data_conns = [await loop.run_in_executor(None, self._handshake, stream)
                           for stream in range(1, (self.config.stream_count or DATA_STREAMS) + 1)]
+            line_sock, _ = await loop.run_in_executor(None, self._handshake, OUTCOME_STREAM)  # words MAC'd
         except (OSError, ValueError, wire.WireError) as exc:
             raise TunnelError(f"data connections to {self.peer_node}: {exc}") from exc
+        self.line = OutcomeLine(line_sock, self.key, self.session, self.record.id)
         # From here QEMU may pause the source; if this agent dies before the handover is decided,
         # the guard resumes it.
         self.guard = Guard("resume", str(self.qemu.socket_path))
@@ -419,22 +426,44 @@ class OutgoingLive:
 
     async def _commit(self, postcopy: bool) -> None:
         """Record the new owner through ACP; from here on the source is never resumed."""
-        assert self.tunnel is not None
+        assert self.qemu is not None and self.tunnel is not None and self.line is not None
         self.record.phase = LivePhase.COMMIT
         await hold_for_test("before-commit")
         self._check_tunnel()  # a destination that is already gone must not become the owner
         self._disarm_guard()  # before the commit: a guard must never resume a VM that moved
-        if self.ownership is not None:
+        if self.owned is not None:
             try:
-                await self.ownership.transfer_ownership(self.request.vm_id, self.config.node_id, self.peer_node,
-                                                        self.token)
+                await self.owned.complete_on_loop(self.peer_node)  # refused: the lease went back with it
             except Exception as exc:
                 raise RuntimeError(f"ownership commit refused: {exc}") from exc
         self.record.committed = True
         log.info("live migration %s: ownership of %s committed to %s", self.record.id, self.request.vm_id,
                  self.peer_node, extra={"migration_id": self.record.id, "migration_status": "committed"})
-        await self.tunnel.send(messages.Commit(self.token, postcopy))
+        # The destination (its agent, or its guard) runs the VM on `commit` / Commit; if this agent
+        # dies from here on, its guard quits the paused source once the destination says `running`
+        # (armed after Commit went: starting a process must not lengthen the guest's downtime).
+        with contextlib.suppress(OSError):
+            self.line.say(COMMIT)
+        with contextlib.suppress(TunnelError, OSError):  # the handover line carries it too
+            await self.tunnel.send(messages.Commit(self.token, postcopy))
+        self.guard = Guard("quit", str(self.qemu.socket_path), line=self.line)
         await hold_for_test("after-commit")
+
+    async def _destination_runs(self) -> None:
+        """Running on the tunnel; if the destination agent went away after the commit, `running`
+        from its guard on the handover line. Neither: TunnelError, the paused source stays."""
+        assert self.line is not None
+        try:
+            await self._await_peer("_peer_running")
+            return
+        except TunnelError as exc:
+            log.warning("live migration %s: %s after the commit; waiting for the destination's guard",
+                        self.record.id, exc, extra={"migration_id": self.record.id, "peer_id": self.peer_node})
+            lost = exc
+        line = self.line
+        if not await asyncio.get_running_loop().run_in_executor(None, line.wait_for, RUNNING, LINE_WAIT_S):
+            raise lost
+        self._peer_running = True
 
     async def _finish(self, info: MigrationInfo) -> None:
         assert self.qemu is not None and self.tunnel is not None
@@ -445,9 +474,9 @@ class OutgoingLive:
             if self._cancel.is_set():
                 raise _Cancelled()
             await self._commit(postcopy=False)
-        await self._await_peer("_peer_running")
+        await self._destination_runs()
         self._update(info, self.predicted_bytes_per_s())
-        await self.qemu.quit()  # the paused source copy: ownership has moved
+        await self.qemu.quit()  # the paused source copy: ownership has moved and the VM runs there
         if info.downtime_ms is not None:
             self.metrics.migration_downtime.labels(self.record.mode).observe(info.downtime_ms / 1000)
 
@@ -501,6 +530,8 @@ class OutgoingLive:
             self.guard = None
 
     async def _close(self) -> None:
+        if self.line is not None:
+            self.line.close()
         if self.tunnel is not None:
             await self.tunnel.close()
         if self._listener is not None:
