@@ -42,6 +42,7 @@ MiB = 1024 * 1024
 # Image per profile: about 20-40 s of transfer at what the path allows a good sender.
 IMAGE_BYTES = {"datacenter": 2048 * MiB, "metro": 2048 * MiB, "internet": 1024 * MiB, "bad-internet": 192 * MiB}
 STREAM_LOG = re.compile(r"streams (\d+) -> (\d+)")
+CODEC_METRIC = re.compile(r'^dwcp_v3_hde_codec_chunks_total\{codec="(\w+)"\} (\S+)', re.M)
 # Hand-set combinations a user might try; the best of them is the adaptive default's reference.
 HAND_SET = [(4, "lz4"), (4, "zstd"), (16, "lz4"), (16, "zstd"), (64, "zstd"), (16, "none")]
 HAND_SET_QUICK = [(4, "lz4"), (16, "zstd")]
@@ -75,7 +76,10 @@ def migrate(bed: wanbed.WanBed, root: Path, psk: Path, image: Path, env: dict[st
         staged = src.images / image.name
         if not staged.exists():
             staged.hardlink_to(image)
+        cpu_before = src.cpu_seconds() + dst.cpu_seconds()
         record = src.migrate(staged, dst, dst.images / "vm.img")
+        cpu_s = src.cpu_seconds() + dst.cpu_seconds() - cpu_before
+        codecs = {m.group(1): int(float(m.group(2))) for m in CODEC_METRIC.finditer(src.scrape())}
     finally:
         src.stop()
         dst.stop()
@@ -89,10 +93,13 @@ def migrate(bed: wanbed.WanBed, root: Path, psk: Path, image: Path, env: dict[st
         "mbit": record["total_bytes"] * 8 / duration / 1e6 if duration else 0.0,
         "wire_ratio": record["total_bytes"] / max(1, record["wire_bytes"]),
         "state": record["state"],
+        "cpu_s": cpu_s,
+        "codec_chunks": {k: v for k, v in codecs.items() if v},
         "mode": record.get("mode"),
         "tcp_congestion": record.get("tcp_congestion"),
         "streams_used": used,
         "stream_changes": [(int(a), int(b)) for a, b in STREAM_LOG.findall(log_text)],
+        "tuner_log": [line for line in log_text.splitlines() if "probe:" in line or "streams " in line],
     }
 
 
@@ -135,12 +142,13 @@ def bench_transport(profile: str, ccs: list[str], quick: bool, runs: int, work: 
     return out
 
 
-def bench_adaptive(quick: bool, runs: int, work: Path) -> dict[str, Any]:
+def bench_adaptive(quick: bool, runs: int, work: Path,
+                   hand_set: list[tuple[int, str]] | None = None) -> dict[str, Any]:
     """Default settings vs the best hand-set STREAM_COUNT/codec, internet profile, CUBIC namespaces."""
     size = 256 * MiB if quick else 1024 * MiB
     image = _image(work, size, "vm-mix")
     psk = work / "psk"
-    combos = HAND_SET_QUICK if quick else HAND_SET
+    combos = hand_set or (HAND_SET_QUICK if quick else HAND_SET)
     configs: dict[str, dict[str, str]] = {"default": {}}
     configs.update({f"streams={n},codec={codec}": {"STREAM_COUNT": str(n), "COMPRESSION_ALGO": codec}
                     for n, codec in combos})
@@ -157,6 +165,8 @@ def bench_adaptive(quick: bool, runs: int, work: Path) -> dict[str, Any]:
                 results.setdefault(name, []).append(migrate(bed, work, psk, image, env))
     summary = {name: {"duration_s": spread([r["duration_s"] for r in rs]),
                       "wire_ratio": spread([r["wire_ratio"] for r in rs]),
+                      "cpu_s": spread([r["cpu_s"] for r in rs]),
+                      "codec_chunks": rs[-1]["codec_chunks"],
                       "streams_used": rs[-1]["streams_used"], "mode": rs[-1]["mode"],
                       "tcp_congestion": rs[-1]["tcp_congestion"]} for name, rs in results.items()}
     hand = {k: v for k, v in summary.items() if k != "default"}
@@ -167,7 +177,8 @@ def bench_adaptive(quick: bool, runs: int, work: Path) -> dict[str, Any]:
     for name, row in summary.items():
         d = row["duration_s"]
         print(f"adaptive {name:24s} {d['median']:7.2f} s (min {d['min']:.2f}, max {d['max']:.2f}, {runs} runs)  "
-              f"wire ratio {row['wire_ratio']['median']:.2f}  mode {row['mode']}  cc {row['tcp_congestion']}  "
+              f"cpu {row['cpu_s']['median']:.1f} s  wire ratio {row['wire_ratio']['median']:.2f}  "
+              f"codecs {row['codec_chunks']}  mode {row['mode']}  cc {row['tcp_congestion']}  "
               f"streams {row['streams_used']}", flush=True)
     print(f"adaptive (CUBIC: {cc_how})", flush=True)
     print(f"adaptive default {default_s:.2f} s vs best hand-set {best} {best_s:.2f} s -> {ratio:.2f}x "
@@ -178,7 +189,8 @@ def bench_adaptive(quick: bool, runs: int, work: Path) -> dict[str, Any]:
 
 
 def run(quick: bool, profiles: list[str] | None = None, ccs: list[str] | None = None,
-        runs: int | None = None, parts: list[str] | None = None) -> dict[str, Any]:
+        runs: int | None = None, parts: list[str] | None = None,
+        hand_set: list[tuple[int, str]] | None = None) -> dict[str, Any]:
     """Entry point for benchmarks/run_all.py (quick: internet + CUBIC only, one run each)."""
     reason = wanbed.unsupported_reason()
     if reason:
@@ -195,7 +207,7 @@ def run(quick: bool, profiles: list[str] | None = None, ccs: list[str] | None = 
     results: dict[str, Any] = {"quick": quick, "runs": runs, "profiles": {}}
     try:
         if "adaptive" in parts:
-            results["adaptive_default"] = bench_adaptive(quick, runs, work)
+            results["adaptive_default"] = bench_adaptive(quick, runs, work, hand_set)
         if "transport" in parts:
             for profile in profiles:
                 results["profiles"][profile] = bench_transport(profile, ccs, quick, runs, work)
@@ -220,8 +232,11 @@ def main() -> None:
     parser.add_argument("--profile", action="append", choices=list(wanbed.PROFILES))
     parser.add_argument("--cc", action="append", choices=["cubic", "bbr"])
     parser.add_argument("--part", action="append", choices=["transport", "adaptive"])
+    parser.add_argument("--hand-set", action="append", metavar="STREAMS:CODEC",
+                        help="adaptive part: only these hand-set combinations (default: the full list)")
     args = parser.parse_args()
-    result = run(args.quick, args.profile, args.cc, args.runs, args.part)
+    hand_set = [(int(n), codec) for n, codec in (item.split(":") for item in args.hand_set or [])]
+    result = run(args.quick, args.profile, args.cc, args.runs, args.part, hand_set or None)
     brief = {k: result[k] for k in ("acceptance_internet_cubic", "skipped") if k in result}
     if "adaptive_default" in result:
         a = result["adaptive_default"]

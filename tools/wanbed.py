@@ -12,7 +12,6 @@ everything it creates is removed on exit, also when setup fails half-way.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
@@ -23,16 +22,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-TOOLS = Path(__file__).resolve().parent
-NFQ_DIR = TOOLS / "nfq-delay"
-NFQ_DELAY = NFQ_DIR / "nfq-delay"
+import netns
+from netns import NFQ_DELAY, NFQ_DIR, TOOLS, NetnsScope
+
+__all__ = ["ADDR_A", "ADDR_B", "NFQ_DELAY", "PROFILES", "BedAgent", "BedError", "BulkFlows", "NetnsScope",
+           "Profile", "WanBed", "unsupported_reason"]
+
 ADDR_A = "10.200.0.1"
 ADDR_B = "10.200.0.2"
 QUEUE_NUM = 7
 # Per-namespace TCP buffer ceilings: large enough for one flow to cover 2 x BDP of every profile.
 TCP_MEM = "4096 131072 134217728"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+# A bed command failed; the message carries the command and its stderr.
+BedError = netns.NetnsError
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,6 @@ PROFILES: dict[str, Profile] = {
     "internet": Profile("internet", 0.050, 0.001, 1_000_000_000),
     "bad-internet": Profile("bad-internet", 0.150, 0.01, 100_000_000),
 }
-
-
-class BedError(RuntimeError):
-    """A test bed command failed; the message carries the command and its stderr."""
 
 
 def unsupported_reason() -> str | None:
@@ -126,15 +124,15 @@ class WanBed:
     def up(self) -> None:
         """Create both namespaces, the veth pair and the shaping of `profile`."""
         for side in ("a", "b"):
-            _run(["ip", "netns", "add", self.ns[side]])
+            netns.add(self.ns[side])
             self._created.append(self.ns[side])
-        _run(["ip", "link", "add", self.dev["a"], "netns", self.ns["a"], "type", "veth",
+        netns.run(["ip", "link", "add", self.dev["a"], "netns", self.ns["a"], "type", "veth",
               "peer", "name", self.dev["b"], "netns", self.ns["b"]])
         for side in ("a", "b"):
             ns, dev = self.ns[side], self.dev[side]
-            _run(["ip", "-n", ns, "addr", "add", f"{self.addr[side]}/24", "dev", dev])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "link", "set", dev, "up"])
+            netns.run(["ip", "-n", ns, "addr", "add", f"{self.addr[side]}/24", "dev", dev])
+            netns.run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            netns.run(["ip", "-n", ns, "link", "set", dev, "up"])
             self.run(side, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"], check=False)
             self.run(side, ["sysctl", "-q", "-w", f"net.ipv4.tcp_wmem={TCP_MEM}",
                             f"net.ipv4.tcp_rmem={TCP_MEM}"])
@@ -150,12 +148,9 @@ class WanBed:
                 self.run(side, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf",
                                 *_tbf_args(profile.rate_bps, profile.rtt_s)])
             if profile.loss:
-                self.run(side, ["iptables", "-w", "-A", "INPUT", "-i", dev, "-m", "statistic", "--mode",
-                                "random", "--probability", f"{profile.loss:.6f}", "-j", "DROP"])
+                netns.drop_randomly(self.ns[side], ["-i", dev], profile.loss)
             if profile.rtt_s:
-                self._start_delayer(side, profile.rtt_s / 2)
-                self.run(side, ["iptables", "-w", "-A", "INPUT", "-i", dev, "-j", "NFQUEUE",
-                                "--queue-num", str(QUEUE_NUM), "--queue-bypass"])
+                self._delayers.append(netns.start_delayer(self.ns[side], ["-i", dev], QUEUE_NUM, profile.rtt_s / 2))
 
     def set_default_congestion(self, name: str) -> bool:
         """The congestion control a socket gets unless it asks (net.ipv4.tcp_congestion_control), in
@@ -181,37 +176,25 @@ class WanBed:
     def down(self) -> None:
         """Stop every process started here and delete both namespaces (the veths and rules go too)."""
         for proc in self._children + self._delayers:
-            _stop(proc)
+            netns.stop(proc)
         self._children.clear()
         self._delayers.clear()
         for ns in self._created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            netns.delete(ns)
         self._created.clear()
 
     def _unshape(self) -> None:
         for side in ("a", "b"):
-            self.run(side, ["iptables", "-w", "-F", "INPUT"], check=False)
+            netns.flush_input(self.ns[side])
             self.run(side, ["tc", "qdisc", "del", "dev", self.dev[side], "root"], check=False)
         for proc in self._delayers:
-            _stop(proc)
+            netns.stop(proc)
         self._delayers.clear()
-
-    def _start_delayer(self, side: str, delay_s: float) -> None:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[side], str(NFQ_DELAY), str(QUEUE_NUM), str(int(delay_s * 1e6))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        self._delayers.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if line.strip() != b"ready":
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise BedError(f"nfq-delay did not start in {self.ns[side]}: {line!r} {err.strip()}")
 
     # --- running things inside ------------------------------------------------------------
     def cmd(self, side: str, argv: Sequence[str]) -> list[str]:
         """`argv` wrapped to run inside namespace `side` ('a' or 'b')."""
-        return ["ip", "netns", "exec", self.ns[side], *argv]
+        return netns.cmd(self.ns[side], argv)
 
     def run(self, side: str, argv: Sequence[str], check: bool = True, timeout: float = 120,
             **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -231,31 +214,6 @@ class WanBed:
     def enter(self, side: str) -> NetnsScope:
         """Context in which the calling thread's sockets live in namespace `side` (setns)."""
         return NetnsScope(self.ns[side])
-
-
-class NetnsScope:
-    """Move the calling thread into a named network namespace and back (sockets keep their ns)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._home: int | None = None
-
-    def __enter__(self) -> NetnsScope:
-        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        assert self._home is not None
-        try:
-            _setns(self._home)
-        finally:
-            os.close(self._home)
 
 
 class BedAgent:
@@ -328,8 +286,21 @@ class BedAgent:
         record: dict[str, Any] = json.loads(done.stdout)
         return record
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the agent process (all its threads) has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def scrape(self) -> str:
+        """The agent's /metrics text (from inside its namespace)."""
+        import urllib.request
+
+        with self.bed.enter(self.side), urllib.request.urlopen(
+                f"http://127.0.0.1:{self.ADMIN_PORT}/metrics", timeout=10) as resp:
+            return str(resp.read().decode())
+
     def stop(self) -> None:
-        _stop(self.proc)
+        netns.stop(self.proc)
         self._log.close()
 
 
@@ -410,29 +381,3 @@ class BulkFlows:
         self._listener.close()
         for thread in self._threads:
             thread.join(5)
-
-
-def _setns(fd: int) -> None:
-    """setns(2) for the calling thread (os.setns arrives only in Python 3.12)."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _run(argv: Sequence[str]) -> None:
-    done = subprocess.run(list(argv), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise BedError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pipe in (proc.stdout, proc.stderr, proc.stdin):
-        if pipe is not None:
-            pipe.close()

@@ -40,6 +40,10 @@ class TuningLimits:
     settle_s: float = 0.5                 # after a change, ignore this long (new flows connect, ramp)
     measure_s: float = 1.0                # then measure over this long
     settle_rtts: float = 10.0             # ... and at least this many RTTs each (slow paths ramp slowly)
+    # Settling counts from when every planned stream is live (connected and handshaken: on a busy
+    # host 48 TLS handshakes take seconds, and a window measured before they end sees no gain),
+    # waiting at most this long for them.
+    connect_wait_s: float = 5.0
     hold_s: float = 10.0                  # after a climb stopped, wait before probing again
     min_gain: float = 0.05                # more streams must raise goodput by this fraction
     rtt_climb: float = 1.25               # median RTT above min RTT x this (+ rtt_slack_s) = a queue
@@ -113,8 +117,9 @@ class StreamTuner:
         # (streams, goodput, loss) measured before the last increase.
         self._phase = "settle"
         self._phase_t: float | None = None
+        self._changed_t: float | None = None
         self._window: list[LinkSample] = []
-        self._base: tuple[int, float, float] | None = None
+        self._base: tuple[int, float, float, float] | None = None
 
     # --- decisions -------------------------------------------------------------------------
     def initial(self, rtt_s: float, bandwidth_bps: float, loss: float = 0.0) -> StreamPlan:
@@ -146,16 +151,20 @@ class StreamTuner:
         if self.buffer_for(self.plan.streams) > self.plan.buffer_bytes * 1.25:
             self._commit(replace(self.plan, buffer_bytes=self.buffer_for(self.plan.streams)))
         if self._phase_t is None:
-            self._phase_t = now
+            self._phase_t = self._changed_t = now
         if self.pinned:
             return self.plan
         lim = self.limits
         elapsed = now - self._phase_t
         # The path's RTT, not the smoothed one: a queue (ours, or a busy host's) can inflate the
         # latter tenfold, and each settle/measure window with it.
-        path_rtt = self.min_rtt_s if math.isfinite(self.min_rtt_s) else self.rtt_s
+        path_rtt = self._path_rtt()
         per_rtt = lim.settle_rtts * path_rtt
         if self._phase == "settle":
+            waited = now - (self._changed_t if self._changed_t is not None else now)
+            if sample.streams < self.plan.streams and waited < lim.connect_wait_s:
+                self._phase_t = now  # new streams still connecting: the settle starts when they are up
+                return self.plan
             if elapsed >= max(lim.settle_s, per_rtt):
                 self._start_measure(now)
             return self.plan
@@ -190,10 +199,17 @@ class StreamTuner:
         queueing = bool(rtts) and median_rtt > self.min_rtt_s * lim.rtt_climb + lim.rtt_slack_s
         mbit = goodput * 8 / 1e6
         if self._base is None:
-            if queueing or n >= lim.max_streams:
+            if n >= lim.max_streams:
+                return self._hold(now, f"at max {n} streams: {mbit:.0f} Mbit/s, rtt {median_rtt * 1e3:.1f} ms")
+            if queueing and not self._flows_add_up(n, goodput, loss):
                 return self._hold(now, f"holding {n}: {mbit:.0f} Mbit/s, rtt {median_rtt * 1e3:.1f} ms")
-            return self._grow(now, n, goodput, loss, "probing for more streams")
-        base_n, base_goodput, base_loss = self._base
+            # Loss-limited flows with a raised RTT: the delay may be a busy host's, not a queue at
+            # the bottleneck. Try more; the next window steps back if the RTT climbs further.
+            return self._grow(now, n, goodput, loss, "probing for more streams", median_rtt)
+        base_n, base_goodput, base_loss, base_rtt = self._base
+        # A queue the added streams built: RTT above the path's and above what it was before them
+        # (a busy host inflates both windows alike; only the rise is the new streams' doing).
+        queueing = queueing and median_rtt > base_rtt * lim.rtt_climb + lim.rtt_slack_s
         if queueing:
             return self._change(now, base_n, "hold", f"rtt climbed to {median_rtt * 1e3:.1f} ms at {n} streams")
         if loss > max(lim.loss_climb, 3 * base_loss):
@@ -202,28 +218,39 @@ class StreamTuner:
             return self._change(now, base_n, "hold", f"+{n - base_n} streams did not pay ({mbit:.0f} Mbit/s)")
         if n >= lim.max_streams:
             return self._hold(now, f"at max {n} streams: {mbit:.0f} Mbit/s")
-        return self._grow(now, n, goodput, loss, f"+{n - base_n} streams paid ({mbit:.0f} Mbit/s)")
+        return self._grow(now, n, goodput, loss, f"+{n - base_n} streams paid ({mbit:.0f} Mbit/s)", median_rtt)
 
-    def _grow(self, now: float, n: int, goodput: float, loss: float, reason: str) -> StreamPlan:
-        """Double the streams; quadruple while every stream is loss-limited.
+    def _flows_add_up(self, n: int, goodput: float, loss: float) -> bool:
+        """More flows should add linearly: loss-based flows on a long path (each backs off on every
+        random loss for a whole RTT; CUBIC at 50 ms and 0.1 % carries ~10 Mbit/s), or any flow
+        carrying no more than ~3x what Mathis' formula allows at the measured loss and RTT.
 
-        A loss-based flow carrying no more than ~3x what Mathis' formula allows at the measured
-        loss and RTT is held back by random loss, not by the path: more of them add linearly.
+        The long-path rule does not lean on the measured RTT and loss: on a busy host the
+        smoothed RTT inflates and the formula's rate with it falls below what CUBIC really gets.
         """
+        if self.loss_based and self._path_rtt() >= self.limits.long_path_rtt_s:
+            return True
         per_flow = loss_limited_rate(self.rtt_s, loss, congestion=self.congestion or "cubic")
-        if math.isfinite(per_flow) and goodput / max(1, n) <= 3 * per_flow:
+        return math.isfinite(per_flow) and goodput / max(1, n) <= 3 * per_flow
+
+    def _path_rtt(self) -> float:
+        return self.min_rtt_s if math.isfinite(self.min_rtt_s) else self.rtt_s
+
+    def _grow(self, now: float, n: int, goodput: float, loss: float, reason: str, rtt_s: float) -> StreamPlan:
+        """Double the streams; quadruple while more flows add linearly."""
+        if self._flows_add_up(n, goodput, loss):
             nxt = n * 4
             reason += f", loss-limited ({goodput / max(1, n) * 8 / 1e6:.1f} Mbit/s per stream)"
         else:
             nxt = n * 2
-        self._base = (n, goodput, loss)
+        self._base = (n, goodput, loss, rtt_s or self.rtt_s)
         return self._change(now, min(self.limits.max_streams, nxt), "settle", reason)
 
     def _hold(self, now: float, reason: str) -> StreamPlan:
         return self._change(now, self.plan.streams, "hold", reason)
 
     def _change(self, now: float, n: int, phase: str, reason: str) -> StreamPlan:
-        self._phase, self._phase_t, self._window = phase, now, []
+        self._phase, self._phase_t, self._changed_t, self._window = phase, now, now, []
         if phase == "hold":
             self._base = None
         return self._commit(self._make(n, reason))

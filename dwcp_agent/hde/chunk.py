@@ -44,7 +44,7 @@ from dwcp_agent.hde.layout import (
     max_body_len,
     pages_in,
 )
-from dwcp_agent.hde.selector import SAMPLE_PAGES, CodecSelector, LinkSource
+from dwcp_agent.hde.selector import SAMPLE_PAGES, CodecSelector, LinkSource, host_cpu_share
 from dwcp_agent.kernels import delta, index, pages
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -345,15 +345,16 @@ def _sample_runs(view: memoryview, runs: list[tuple[int, int]]) -> bytes:
 
 
 def make_encoder(config: Any, metrics: Metrics | None = None, link: LinkSource = None,
-                 threads: int | None = None) -> ChunkEncoder:
+                 threads: int | None = None, cpu_share: Callable[[], float] | None = host_cpu_share) -> ChunkEncoder:
     """The encoder a migration uses, from config: `compression_algo` auto -> codec chosen per
     chunk against `link` (bytes/s, or a callable returning the current estimate; the bandwidth
     predictor plugs in here), otherwise that codec for every chunk; `delta_cache_bytes` sizes the
-    XOR-delta cache."""
+    XOR-delta cache; `cpu_share` scales the encoder threads by how busy the host is (None: not)."""
     algo = getattr(config, "compression_algo", "auto")
     level = getattr(config, "zstd_level", 1)
     workers = threads or getattr(config, "encode_threads", 0) or None
-    selector = CodecSelector(level, link=link, threads=workers, forced=None if algo == "auto" else algo)
+    selector = CodecSelector(level, link=link, threads=workers, forced=None if algo == "auto" else algo,
+                             cpu_share=cpu_share)
     codec = None if algo == "auto" else codec_by_name(algo, level)
     return ChunkEncoder(codec, metrics, selector=selector,
                         delta_cache_bytes=getattr(config, "delta_cache_bytes", 0),

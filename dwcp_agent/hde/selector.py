@@ -7,6 +7,12 @@ the receiver's threads) and picks the codec whose slowest stage is fastest:
     time(c) = max(body / (compress_speed(c) * threads), wire(c) / link, body / (decompress_speed(c) * threads))
     wire(c) = meta + body / ratio(c)
 
+`threads` is the encoder threads scaled by the share of the host's CPU they can expect
+(`host_cpu_share`: cores / runnable tasks, from the load average). Timing a compression shows
+the codec's speed on one core, not how often a thread gets a core: a 256 KiB compression
+finishes inside one time slice, and on a host with eight runnable tasks per core the threads
+still wait most of the time between chunks.
+
 `ratio` comes from compressing a small sample of the chunk's literal bytes (two 4 KiB pages),
 so an incompressible chunk costs two tiny compressions, not one big wasted one. Speeds are
 measured on this host when the selector starts and then follow what real chunks achieve (an
@@ -35,6 +41,22 @@ EWMA = 0.1
 TIE = 0.03
 
 LinkSource = float | Callable[[], float | None] | None
+CPU_SHARE_TTL_S = 1.0
+# The load average counts every task that was runnable, most of them briefly, so cores / load
+# overstates a thread's wait: on the 2-core bed at load 18-24 a migration's threads still got
+# about a core, and a floor of a quarter had the selector send half the chunks uncompressed
+# (wire ratio 2.3 where lz4 alone gets 2.6). Half a core per thread is the floor.
+MIN_CPU_SHARE = 0.5
+
+
+def host_cpu_share() -> float:
+    """Share of a core each runnable task gets on this host now: cores / 1-minute load, in [0.5, 1]."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return 1.0
+    cores = os.cpu_count() or 1
+    return max(MIN_CPU_SHARE, min(1.0, cores / load)) if load > 0 else 1.0
 
 
 def _calibration_data() -> bytes:
@@ -108,10 +130,13 @@ class CodecSelector:
 
     def __init__(self, zstd_level: int = 1, link: LinkSource = None, threads: int | None = None,
                  forced: str | None = None, profile: HostProfile | None = None,
-                 candidates: tuple[str, ...] = ("none", "lz4", "snappy", "zstd")) -> None:
+                 candidates: tuple[str, ...] = ("none", "lz4", "snappy", "zstd"),
+                 cpu_share: Callable[[], float] | None = None) -> None:
         self.zstd_level = zstd_level
         self.link = link
         self.threads = max(1, threads or os.cpu_count() or 1)
+        self.cpu_share = cpu_share  # None: the threads have their cores to themselves
+        self._share = (1.0, -CPU_SHARE_TTL_S)  # (value, when read)
         self.forced = codec_by_name(forced, zstd_level) if forced and forced != "auto" else None
         self._profile = profile
         self.candidates = tuple(codec_by_name(name, zstd_level) for name in candidates)
@@ -128,6 +153,17 @@ class CodecSelector:
         value = self.link() if callable(self.link) else self.link
         return float(value) if value and value > 0 else DEFAULT_LINK_BYTES_PER_S
 
+    def effective_threads(self) -> float:
+        """Encoder threads times the share of a core each can expect (re-read at most once a second)."""
+        if self.cpu_share is None:
+            return float(self.threads)
+        value, read_at = self._share
+        now = time.monotonic()
+        if now - read_at >= CPU_SHARE_TTL_S:
+            value = self.cpu_share()
+            self._share = (value, now)
+        return self.threads * value
+
     def choose(self, body: memoryview, meta_len: int = 0) -> Choice:
         """The codec for a chunk whose compressible part is `body` (meta_len bytes go as they are)."""
         if self.forced is not None or not len(body):
@@ -141,6 +177,7 @@ class CodecSelector:
         if n == 0 or not sample:
             return Choice(codec_by_id(CodecId.NONE), float("inf"))
         link = self.link_bytes_per_s()
+        threads = self.effective_threads()
         lz4_ratio = _ratio(codec_by_id(CodecId.LZ4), sample)
         best: tuple[float, float, Codec] | None = None
         for codec in self.candidates:
@@ -148,8 +185,8 @@ class CodecSelector:
                 ratio, cpu, dec = 1.0, 0.0, 0.0
             else:
                 speed = self.profile.speeds[codec.id]
-                cpu = n / (speed.compress * self.threads)
-                dec = n / (speed.decompress * self.threads)
+                cpu = n / (speed.compress * threads)
+                dec = n / (speed.decompress * self.threads)  # the receiver's cores, not ours
                 if codec.id is CodecId.ZSTD:
                     # Only worth sampling zstd when its CPU time could beat lz4's wire time.
                     if cpu > (meta_len + n / max(lz4_ratio, 1.0)) / link:

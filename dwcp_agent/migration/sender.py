@@ -86,8 +86,8 @@ class SendSession:
         # v1 is the static profile rollouts compare against: one codec, no cross-chunk state.
         self.cross_chunk = request.protocol == "v3"
         if self.cross_chunk:
-            # The codec choice follows PBA's predicted bandwidth when the link is being measured.
-            link_source = self._predicted_bandwidth if self.link is not None and link is None else link
+            # The codec choice follows the measured path (PBA prediction and tuner capacity).
+            link_source = self._path_bandwidth if self.link is not None and link is None else link
             self.encoder = make_encoder(config, metrics, link=link_source, threads=self.workers)
         else:
             codec = "lz4" if config.compression_algo == "auto" else config.compression_algo
@@ -146,10 +146,10 @@ class SendSession:
                  result.bandwidth_bps * 8e-6, plan.streams, self.request.mode,
                  extra={"migration_id": self.request.migration_id, "component": "pba", "mode": self.request.mode})
 
-    def _predicted_bandwidth(self) -> float | None:
-        """Bytes/s PBA expects on the next interval, else the probe's (None before either)."""
+    def _path_bandwidth(self) -> float | None:
+        """Bytes/s the codec selector plans for (LinkController.path_bandwidth; None before a probe)."""
         assert self.link is not None
-        return self.link.bandwidth()
+        return self.link.path_bandwidth()
 
     def encode(self, view: memoryview, index: int) -> EncodedChunk:
         """Encode one chunk; v3 passes its offset so baseline, dedupe and delta apply."""

@@ -96,6 +96,17 @@ class LinkController:
             return prediction.value
         return self.probe_bandwidth_bps or None
 
+    def path_bandwidth(self) -> float | None:
+        """Bytes/s the streams could carry now, for the codec selector: the larger of PBA's
+        prediction (goodput) and the tuner's capacity (summed delivery rates). Goodput alone
+        feeds back: a sender slowed by its own compression reads as a slow link, which then
+        buys more compression."""
+        predicted = self.bandwidth()
+        capacity = self.tuner.capacity_bps
+        if predicted is None:
+            return capacity or None
+        return max(predicted, capacity)
+
     def tick(self, sockets: Iterable[tuple[Hashable, socket.socket]], now: float) -> StreamPlan:
         """Measure every live data socket, learn, and return the plan to run from now on."""
         with self._lock:

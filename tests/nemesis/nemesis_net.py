@@ -4,9 +4,10 @@ Nothing is created in the host's own namespace: the bridge, the addresses (10.77
 test's client sockets (threads enter the hub with `NetnsScope`) all live in namespaces named after
 this process (`cons<pid><tag>...`), so concurrent runs cannot collide and `down()` removes all.
 
-Faults use what this kernel has (no netem, see tools/wanbed.py): partitions are iptables DROP
-rules in the receiving node's namespace (both directions, or one for a one-way cut), loss is
-`-m statistic` random DROP, delay is tools/nfq-delay on an NFQUEUE rule.
+Faults use what this kernel has (no netem; the helpers are tools/netns.py's, shared with the WAN
+bed): partitions are iptables DROP rules in the receiving node's namespace (both directions, or
+one for a one-way cut), loss is `-m statistic` random DROP, delay is tools/nfq-delay on an
+NFQUEUE rule.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import subprocess
 from collections.abc import Iterable, Sequence
 
-import wanbed
+import netns
 
 HUB_ADDR = "10.77.0.254"
 QUEUE_NUM = 11
@@ -47,16 +48,16 @@ class NemesisNet:
         self.down()
 
     def up(self) -> None:
-        _run(["ip", "netns", "add", self.hub])
+        netns.add(self.hub)
         self._created.append(self.hub)
         self.run(self.hub, ["ip", "link", "add", "br0", "type", "bridge"])
         self.run(self.hub, ["ip", "addr", "add", f"{HUB_ADDR}/24", "dev", "br0"])
         self.run(self.hub, ["ip", "link", "set", "br0", "up"])
         self.run(self.hub, ["ip", "link", "set", "lo", "up"])
         for i, ns in enumerate(self.nodes):
-            _run(["ip", "netns", "add", ns])
+            netns.add(ns)
             self._created.append(ns)
-            _run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{i}",
+            netns.run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{i}",
                   "netns", self.hub])
             self.run(self.hub, ["ip", "link", "set", f"p{i}", "master", "br0"])
             self.run(self.hub, ["ip", "link", "set", f"p{i}", "up"])
@@ -66,22 +67,22 @@ class NemesisNet:
 
     def down(self) -> None:
         for proc in self._delayers:
-            _stop(proc)
+            netns.stop(proc)
         self._delayers.clear()
         for ns in reversed(self._created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            netns.delete(ns)
         self._created.clear()
 
     # ------------------------------------------------------------ running inside
     def cmd(self, ns: str, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", ns, *argv]
+        return netns.cmd(ns, argv)
 
     def run(self, ns: str, argv: Sequence[str]) -> None:
-        _run(self.cmd(ns, argv))
+        netns.run(self.cmd(ns, argv))
 
-    def enter_hub(self) -> wanbed.NetnsScope:
+    def enter_hub(self) -> netns.NetnsScope:
         """Context in which the calling thread's sockets reach the nodes (through the bridge)."""
-        return wanbed.NetnsScope(self.hub)
+        return netns.NetnsScope(self.hub)
 
     # ------------------------------------------------------------ faults
     def partition(self, groups: Iterable[Iterable[int]]) -> None:
@@ -107,47 +108,21 @@ class NemesisNet:
     def loss(self, probability: float) -> None:
         """Random loss on every node's ingress from the other nodes (the hub's clients unaffected)."""
         for ns in self.nodes:
-            self.run(ns, ["iptables", "-w", "-A", "INPUT", "!", "-s", HUB_ADDR, "-m", "statistic", "--mode",
-                          "random", "--probability", f"{probability:.4f}", "-j", "DROP"])
+            netns.drop_randomly(ns, ["!", "-s", HUB_ADDR], probability)
 
     def delay(self, seconds: float) -> None:
         """One-way delay on every node's ingress from the other nodes (nfq-delay)."""
         for ns in self.nodes:
-            proc = subprocess.Popen(self.cmd(ns, [str(wanbed.NFQ_DELAY), str(QUEUE_NUM), str(int(seconds * 1e6))]),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            self._delayers.append(proc)
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != b"ready":
-                raise wanbed.BedError(f"nfq-delay did not start in {ns}")
-            self.run(ns, ["iptables", "-w", "-A", "INPUT", "!", "-s", HUB_ADDR, "-j", "NFQUEUE", "--queue-num",
-                          str(QUEUE_NUM), "--queue-bypass"])
+            self._delayers.append(netns.start_delayer(ns, ["!", "-s", HUB_ADDR], QUEUE_NUM, seconds))
 
     def heal(self) -> None:
         """Remove every rule and delayer: the network is whole again."""
         for ns in self.nodes:
-            self.run(ns, ["iptables", "-w", "-F", "INPUT"])
+            netns.flush_input(ns)
         for proc in self._delayers:
-            _stop(proc)
+            netns.stop(proc)
         self._delayers.clear()
 
     def _drop(self, at: int, source: int) -> None:
         self.run(self.nodes[at], ["iptables", "-w", "-A", "INPUT", "-s", node_addr(source), "-j", "DROP"])
 
-
-def _run(argv: Sequence[str]) -> None:
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise wanbed.BedError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+from dataclasses import replace
 
 import pytest
 
@@ -77,6 +78,47 @@ def test_bbr_stays_at_few_streams() -> None:
     assert tuner.congestion == "bbr"
     counts = run_model(tuner, PathModel(125e6, 0.050, 0.001, "bbr"), 60)
     assert counts[-1] == TuningLimits().min_streams
+
+
+class BusyHostPath(PathModel):
+    """A path seen from a loaded host: the flows live with `rtt` (a slow receiver, a starved
+    delayer), but the path's own minimum RTT is `path_rtt`, at any stream count."""
+
+    def __init__(self, capacity: float, rtt: float, loss: float, cc: str, path_rtt: float) -> None:
+        super().__init__(capacity, rtt, loss, cc)
+        self.path_rtt = path_rtt
+
+    def sample(self, t: float, n: int, dt: float = 0.5) -> LinkSample:
+        return replace(super().sample(t, n, dt), min_rtt_s=self.path_rtt)
+
+
+def test_a_busy_hosts_rtt_does_not_stop_the_climb_of_loss_limited_flows() -> None:
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.050, 3e6, loss=0.001)
+    counts = run_model(tuner, BusyHostPath(125e6, 0.200, 0.001, "cubic", path_rtt=0.050), 20)
+    assert max(counts) == 64 and counts[-1] == 64
+
+
+def test_settling_waits_for_the_new_streams_to_be_live() -> None:
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.050, 3e6, loss=0.001)
+    model = PathModel(125e6, 0.050, 0.001, "cubic")
+    t, counts = 0.0, []
+    while tuner.plan.streams == 16:       # climb from 16 once
+        t += 0.5
+        tuner.step(model.sample(t, 16))
+    grown = tuner.plan.streams
+    assert grown > 16
+    # The new streams take 3 s to connect: samples still show 16 carrying 16 streams' goodput,
+    # which must not read as "the added streams did not pay".
+    for _ in range(6):
+        t += 0.5
+        counts.append(tuner.step(model.sample(t, 16)).streams)
+    assert set(counts) == {grown}
+    for _ in range(8):
+        t += 0.5
+        counts.append(tuner.step(model.sample(t, grown)).streams)
+    assert min(counts) >= grown           # once live, they paid: kept (or grown further)
 
 
 def test_stream_count_pins_the_count_but_buffers_still_follow_the_bdp() -> None:

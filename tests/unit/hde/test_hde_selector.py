@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dwcp_agent.hde.codecs import CodecId
-from dwcp_agent.hde.selector import CodecSelector, CodecSpeed, HostProfile
+from dwcp_agent.hde.selector import CodecSelector, CodecSpeed, HostProfile, host_cpu_share
 
 # A fixed host profile, so the tests do not depend on this machine's speed.
 PROFILE = HostProfile({
@@ -56,3 +56,17 @@ def test_observed_speed_moves_the_estimate() -> None:
     before = selector.profile.speeds[CodecId.LZ4].compress
     selector.observe(selector.candidates[1], 1 << 20, (1 << 20) / 1e8)
     assert selector.profile.speeds[CodecId.LZ4].compress < before
+
+
+def test_a_busy_host_buys_cheaper_compression() -> None:
+    # 200 MB/s link: on idle cores zstd's CPU time hides behind the wire; with an eighth of a
+    # core per thread it does not, and the cheaper lz4 delivers more.
+    idle = CodecSelector(1, link=2e8, threads=2, profile=PROFILE, cpu_share=lambda: 1.0)
+    busy = CodecSelector(1, link=2e8, threads=2, profile=PROFILE, cpu_share=lambda: 0.125)
+    assert idle.choose(TEXT).codec.name == "zstd"
+    assert busy.choose(TEXT).codec.name == "lz4"
+    assert busy.effective_threads() == 0.25
+
+
+def test_host_cpu_share_is_a_fraction_of_a_core() -> None:
+    assert 0.5 <= host_cpu_share() <= 1.0
