@@ -3,6 +3,7 @@
 Systems (each node its own process, every log durable before an entry is acknowledged):
   ACP Raft, 3 nodes, WAL fsync on          load: C concurrent asyncio clients inside node 1 (ConsensusService.claim)
   ACP PBFT, 4 nodes (Ed25519 + HMAC)       same load
+  (ACP links in plaintext with PSK + per-frame HMAC, like etcd's http:// peers here; agents default to TLS)
   PySyncObj 0.3, 3 nodes, journal file     load: C outstanding replicated calls inside node 1; the journal
                                            (an mmap PySyncObj never flushes by itself) is msync'ed per entry
   etcd 3.4 (etcd-server), 3 members        load: C concurrent asyncio clients on one gRPC channel (aetcd, etcd's
@@ -68,7 +69,10 @@ async def _acp_node(args: argparse.Namespace) -> None:
                     for n in (item.partition("=")[0] for item in args.peers.split(",")))
     config = load_config(environ={}, overrides={
         "node_id": args.name, "acp_port": args.port, "acp_peers": args.peers, "acp_protocol": args.protocol,
-        "acp_peer_keys": keys, "psk": PSK, "listen_host": "127.0.0.1", "log_level": "warning"})
+        "acp_peer_keys": keys, "psk": PSK, "listen_host": "127.0.0.1", "log_level": "warning",
+        # Plaintext links (PSK-authenticated, every frame MAC'd), like for like with etcd's http peers
+        # and PySyncObj's plain TCP; an agent's default is TLS on the consensus port.
+        "insecure_datacenter_plaintext": True})
     svc = ConsensusService(config, Metrics(), Path(args.state), fsync=True)
     await svc.start()
     stop = asyncio.Event()
