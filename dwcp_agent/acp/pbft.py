@@ -50,6 +50,7 @@ from dwcp_agent.acp.pbft_certs import (
     new_view_bytes,
     pp_header,
     prepare_bytes,
+    request_bytes,
     valid_checkpoint_proof,
     valid_request,
     valid_view_change,
@@ -212,13 +213,17 @@ class Pbft:
 
     # ------------------------------------------------------------ input
     def submit(self, req: Request) -> None:
-        """A local client's signed request: broadcast it so every replica can watch the primary.
-        The active primary keeps its own clients' requests: its signed pre-prepare carries them to
-        the backups (three frames fewer per request), and a primary that sat on them would only
-        stall its own clients, whose retries broadcast them once it is no longer primary."""
-        self._accept_request(req)
-        if not (self.active and self.primary == self.id):
-            self._bcast(RequestFwd(req))
+        """A local client's request: signed and broadcast so every replica can watch the primary.
+        The active primary keeps its own clients' requests unsigned: its signed pre-prepare carries
+        them to the backups (one signature and three frames fewer per request), and a primary that
+        sat on them would only stall its own clients, whose retries sign and broadcast them once it
+        is no longer primary."""
+        if self.active and self.primary == self.id:
+            self._accept_request(req)
+            return
+        signed = Request(req.client, req.ts, req.op, self.keys.sign(request_bytes(req)))
+        self._accept_request(signed)
+        self._bcast(RequestFwd(signed))
 
     def receive(self, sender: str, wire: PbftWire) -> None:
         """Authenticate, decode and dispatch one frame from `sender` (the authenticated link peer)."""
