@@ -60,7 +60,7 @@ def _summary(latencies: list[float], seconds: float) -> dict[str, Any]:
 
 async def _acp_node(args: argparse.Namespace) -> None:
     from dwcp_agent.acp.auth import public_key_hex
-    from dwcp_agent.acp.service import ConsensusService
+    from dwcp_agent.acp.runtime.service import ConsensusService
     from dwcp_agent.config import load_config
     from dwcp_agent.telemetry.metrics import Metrics
 

@@ -22,11 +22,11 @@ from typing import Any
 from aiohttp import web
 
 from dwcp_agent import __version__, admin_guard, api
-from dwcp_agent.acp.api import build_routes as consensus_routes
-from dwcp_agent.acp.node import ConsensusTimeout
-from dwcp_agent.acp.ownership import RegistryOwnership
-from dwcp_agent.acp.rollout_store import RegistryRolloutStore
-from dwcp_agent.acp.service import ConsensusError, ConsensusService
+from dwcp_agent.acp.runtime.api import build_routes as consensus_routes
+from dwcp_agent.acp.runtime.node import ConsensusTimeout
+from dwcp_agent.acp.runtime.ownership import RegistryOwnership
+from dwcp_agent.acp.runtime.rollout_store import RegistryRolloutStore
+from dwcp_agent.acp.runtime.service import ConsensusError, ConsensusService
 from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.hde.codecs import NAMES

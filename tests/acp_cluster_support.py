@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dwcp_agent.acp.auth import public_key_hex
-from dwcp_agent.acp.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
+from dwcp_agent.acp.pbft.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
 from dwcp_agent.demo import LocalAgent, free_port
 
 

@@ -38,9 +38,9 @@ from dwcp_agent.acp.messages import (
     Request,
     Snapshot,
 )
-from dwcp_agent.acp.pbft import Pbft, PbftOptions
-from dwcp_agent.acp.pbft_certs import client_node
-from dwcp_agent.acp.raft import NotLeader, ProposalDropped, Raft, RaftOptions, Role, decode_conf
+from dwcp_agent.acp.pbft.certs import client_node
+from dwcp_agent.acp.pbft.pbft import Pbft, PbftOptions
+from dwcp_agent.acp.raft.raft import NotLeader, ProposalDropped, Raft, RaftOptions, Role, decode_conf
 from dwcp_agent.acp.registry import (
     AddMember,
     Command,

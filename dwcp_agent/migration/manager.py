@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace as otel_trace
 
-from dwcp_agent.acp.ownership import OwnedElsewhere
+from dwcp_agent.acp.runtime.ownership import OwnedElsewhere
 from dwcp_agent.amst.select import Transports
 from dwcp_agent.config import Config
 from dwcp_agent.migration.buffers import BufferPool
@@ -34,7 +34,7 @@ TERMINAL = ("completed", "failed", "cancelled", "interrupted", "refused")
 
 
 class OwnershipSession(Protocol):
-    """One migration's hold on its VM in the registry (acp.ownership.OwnershipSession)."""
+    """One migration's hold on its VM in the registry (acp.runtime.ownership.OwnershipSession)."""
 
     def complete(self, destination: str) -> None: ...
 
@@ -42,7 +42,7 @@ class OwnershipSession(Protocol):
 
 
 class Ownership(Protocol):
-    """Opens a migration's ownership session (acp.ownership.RegistryOwnership)."""
+    """Opens a migration's ownership session (acp.runtime.ownership.RegistryOwnership)."""
 
     def begin(self, vm_id: str) -> OwnershipSession: ...
 

@@ -140,7 +140,9 @@ class ReceiveSession:
             try:
                 reserve_fd, _ = d.open_file(d.reserve_name)
                 os.ftruncate(reserve_fd, 0)  # a reservation left by a crash is void
-                needed = space.check(fd, ranges, free) if resumed else data_bytes
+                # A resumed partial needs what it lacks outside the chunks its journal holds.
+                needed = space.check(fd, space.without_chunks(ranges, self.journal.have, self.start.chunk_size),
+                                     free) if resumed else data_bytes
                 if not resumed:
                     if not space.fits(needed, free(fd)):
                         raise space.NoSpace(needed, free(fd))

@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -56,6 +56,34 @@ def missing_bytes(fd: int, ranges: list[tuple[int, int]]) -> int:
             extent = next(extents, None)
         missing += length - covered
     return missing
+
+
+def without_chunks(ranges: list[tuple[int, int]], chunks: Iterable[int],
+                   chunk_size: int) -> list[tuple[int, int]]:
+    """`ranges` less the given whole chunks: those a resumed partial holds verified (its journal),
+    where a hole is a zero page left unwritten, not a byte still to come."""
+    held: list[tuple[int, int]] = []  # byte runs of consecutive chunks, ascending
+    for index in sorted(chunks):
+        start = index * chunk_size
+        if held and held[-1][1] == start:
+            held[-1] = (held[-1][0], start + chunk_size)
+        else:
+            held.append((start, start + chunk_size))
+    out: list[tuple[int, int]] = []
+    i = 0
+    for offset, length in sorted(ranges):
+        pos, end = offset, offset + length
+        while i < len(held) and held[i][1] <= pos:
+            i += 1
+        j = i
+        while pos < end and j < len(held) and held[j][0] < end:
+            if held[j][0] > pos:
+                out.append((pos, held[j][0] - pos))
+            pos = max(pos, held[j][1])
+            j += 1
+        if pos < end:
+            out.append((pos, end - pos))
+    return out
 
 
 def fits(needed: int, free: int) -> bool:

@@ -20,7 +20,7 @@ import pytest
 from acp_cluster_support import acp_clusters
 
 from dwcp_agent.acp.auth import public_key_hex
-from dwcp_agent.acp.byzantine_faults import HOOK_ENV, HOOK_UNLOCK
+from dwcp_agent.acp.pbft.byzantine_faults import HOOK_ENV, HOOK_UNLOCK
 from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent, free_port
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from acp_cluster_support import acp_clusters
 
-from dwcp_agent.acp.linearizability import UNKNOWN, Operation, check_per_key, lease_model
+from dwcp_agent.acp.testing.linearizability import UNKNOWN, Operation, check_per_key, lease_model
 from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent
 

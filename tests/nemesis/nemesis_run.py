@@ -25,8 +25,8 @@ from typing import Any
 from nemesis_net import NemesisNet, node_addr
 
 from dwcp_agent.acp.auth import public_key_hex
-from dwcp_agent.acp.linearizability import UNKNOWN, Operation, check_per_key, lease_model
-from dwcp_agent.acp.wal import FSYNC_FAIL_FLAG_ENV
+from dwcp_agent.acp.runtime.wal import FSYNC_FAIL_FLAG_ENV
+from dwcp_agent.acp.testing.linearizability import UNKNOWN, Operation, check_per_key, lease_model
 from dwcp_agent.client import TOKEN_ENV, ApiError, api_call
 from dwcp_agent.security.pki import ensure_ca
 

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, bootstrap
 from dwcp_agent.acp.auth import KeyRing
 from dwcp_agent.acp.messages import Envelope
-from dwcp_agent.acp.raft import RaftOptions
+from dwcp_agent.acp.raft.raft import RaftOptions
 from dwcp_agent.acp.storage import Recovered
 
 OPTIONS = ReplicaOptions(raft=RaftOptions(election_ticks=5, heartbeat_ticks=1))

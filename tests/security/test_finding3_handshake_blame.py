@@ -14,9 +14,9 @@ import msgspec
 
 from dwcp_agent.acp.auth import public_key_hex
 from dwcp_agent.acp.byzantine import ByzantineDetector, verify_evidence
-from dwcp_agent.acp.service import ConsensusService
-from dwcp_agent.acp.simulation import SimConfig, _Sim
-from dwcp_agent.acp.transport import VERSION, HandshakeFailures
+from dwcp_agent.acp.runtime.service import ConsensusService
+from dwcp_agent.acp.runtime.transport import VERSION, HandshakeFailures
+from dwcp_agent.acp.testing.simulation import SimConfig, _Sim
 from dwcp_agent.config import load_config
 from dwcp_agent.demo import free_port
 from dwcp_agent.telemetry.metrics import Metrics

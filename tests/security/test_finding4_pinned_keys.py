@@ -15,7 +15,7 @@ import pytest
 from dwcp_agent.acp.auth import KeyConflict, KeyRing, load_or_create_key, public_key_hex
 from dwcp_agent.acp.messages import ConfChange, Envelope, EpochFetch, EpochState, RaftMsg, RaftType
 from dwcp_agent.acp.registry import ClaimVm, Command, Member, RegistryState
-from dwcp_agent.acp.transport import Transport
+from dwcp_agent.acp.runtime.transport import Transport
 from dwcp_agent.cli import main
 from tests.security.acp_support import pump, replica, ring
 

@@ -27,9 +27,9 @@ from dwcp_agent.acp.messages import (
     decode_pbft,
     encode,
 )
-from dwcp_agent.acp.raft import decode_conf
+from dwcp_agent.acp.raft.raft import decode_conf
 from dwcp_agent.acp.registry import ClaimVm, Command, decode_command, encode_command
-from dwcp_agent.acp.transport import _Hello, _Proof
+from dwcp_agent.acp.runtime.transport import _Hello, _Proof
 from tests.security.acp_support import ring
 
 EXAMPLES = int(os.environ.get("DWCP_FUZZ_EXAMPLES", "400"))

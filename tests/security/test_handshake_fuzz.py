@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dwcp_agent import wire
-from dwcp_agent.acp import transport
+from dwcp_agent.acp.runtime import transport
 from tests.security.security_support import PSK
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dwcp_agent import wire
 from dwcp_agent.acp.auth import KeyRing
-from dwcp_agent.acp.transport import Transport
+from dwcp_agent.acp.runtime.transport import Transport
 from dwcp_agent.migration.server import DataServer
 from tests.security.security_support import CA_DIRNAME, PSK, attacker_context, closed_within, first_flight, open_raw
 

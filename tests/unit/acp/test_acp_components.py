@@ -12,13 +12,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dwcp_agent.acp.adaptive import bootstrap
 from dwcp_agent.acp.auth import KeyRing
 from dwcp_agent.acp.byzantine import ByzantineDetector
-from dwcp_agent.acp.linearizability import UNKNOWN, Model, Operation, check
 from dwcp_agent.acp.messages import Entry, Envelope, EpochFetch, HardState, RaftMsg, Snapshot
-from dwcp_agent.acp.raft import NotLeader, Raft, RaftOptions, Role
+from dwcp_agent.acp.raft.raft import NotLeader, Raft, RaftOptions, Role
 from dwcp_agent.acp.registry import AcquireLease, ClaimVm, Command, Registry, SwitchProtocol, TransferOwnership
+from dwcp_agent.acp.runtime.transport import Transport
+from dwcp_agent.acp.runtime.wal import FileWAL
 from dwcp_agent.acp.storage import PersistOps
-from dwcp_agent.acp.transport import Transport
-from dwcp_agent.acp.wal import FileWAL
+from dwcp_agent.acp.testing.linearizability import UNKNOWN, Model, Operation, check
 
 # ------------------------------------------------------------------ Raft, driven by hand
 

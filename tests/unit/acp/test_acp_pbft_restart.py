@@ -14,14 +14,14 @@ import pytest
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, bootstrap
 from dwcp_agent.acp.auth import KeyRing
 from dwcp_agent.acp.byzantine import ByzantineDetector
-from dwcp_agent.acp.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE, FaultyReplica, from_environment
 from dwcp_agent.acp.messages import Envelope, Prepare, PrePrepare, Request, decode_pbft
-from dwcp_agent.acp.node import ConsensusNode, ConsensusTimeout
-from dwcp_agent.acp.pbft import Pbft
-from dwcp_agent.acp.pbft_certs import batch_digest, pp_header
+from dwcp_agent.acp.pbft.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE, FaultyReplica, from_environment
+from dwcp_agent.acp.pbft.certs import batch_digest, pp_header
+from dwcp_agent.acp.pbft.pbft import Pbft
 from dwcp_agent.acp.registry import ClaimVm
+from dwcp_agent.acp.runtime.node import ConsensusNode, ConsensusTimeout
+from dwcp_agent.acp.runtime.wal import FileWAL
 from dwcp_agent.acp.storage import MemoryStorage, PersistOps
-from dwcp_agent.acp.wal import FileWAL
 from dwcp_agent.telemetry.metrics import Metrics
 
 IDS = ["n1", "n2", "n3", "n4"]

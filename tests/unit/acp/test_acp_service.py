@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dwcp_agent.acp.api import build_routes
-from dwcp_agent.acp.service import ConsensusError, ConsensusService, RolloutSetting
+from dwcp_agent.acp.runtime.api import build_routes
+from dwcp_agent.acp.runtime.service import ConsensusError, ConsensusService, RolloutSetting
 from dwcp_agent.config import load_config
 from dwcp_agent.telemetry.metrics import Metrics
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from dwcp_agent.acp.simulation import BEHAVIOURS, SimConfig, SimReport, run_schedule
+from dwcp_agent.acp.testing.simulation import BEHAVIOURS, SimConfig, SimReport, run_schedule
 
 SCHEDULES = int(os.environ.get("DWCP_SIM_SCHEDULES", "2000"))
 

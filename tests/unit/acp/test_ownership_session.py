@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from dwcp_agent.acp import ownership
-from dwcp_agent.acp.ownership import OwnedElsewhere, OwnershipError, RegistryOwnership
-from dwcp_agent.acp.service import ConsensusService
+from dwcp_agent.acp.runtime import ownership
+from dwcp_agent.acp.runtime.ownership import OwnedElsewhere, OwnershipError, RegistryOwnership
+from dwcp_agent.acp.runtime.service import ConsensusService
 from dwcp_agent.config import load_config
 from dwcp_agent.telemetry.metrics import Metrics
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dwcp_agent.acp.auth import KeyRing
 from dwcp_agent.acp.messages import Envelope, EpochFetch
-from dwcp_agent.acp.transport import Transport
+from dwcp_agent.acp.runtime.transport import Transport
 from dwcp_agent.cli import main
 from dwcp_agent.config import ConfigError, load_config
 from dwcp_agent.security import channels, pki

@@ -126,3 +126,13 @@ def test_a_punched_hole_reads_as_zeros_and_frees_its_blocks(tmp_path: Path) -> N
         assert os.fstat(fd).st_blocks < before
     finally:
         os.close(fd)
+
+
+def test_chunks_a_resumed_journal_holds_are_not_reserved_again() -> None:
+    ranges = [(0, 4 * MiB), (8 * MiB, 4 * MiB), (20 * MiB, MiB + 4 * KiB)]
+    assert space.without_chunks(ranges, [], MiB) == ranges
+    # chunks 1, 2 (inside the first range), 7..8 (straddling the second's start), 20 and 21
+    # (the last range's whole first MiB and the start of its short tail)
+    assert space.without_chunks(ranges, [21, 2, 1, 8, 7, 20], MiB) == [
+        (0, MiB), (3 * MiB, MiB), (9 * MiB, 3 * MiB)]
+    assert space.without_chunks(ranges, range(64), MiB) == []

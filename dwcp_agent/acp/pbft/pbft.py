@@ -41,7 +41,7 @@ from dwcp_agent.acp.messages import (
     decode_pbft,
     encode,
 )
-from dwcp_agent.acp.pbft_certs import (
+from dwcp_agent.acp.pbft.certs import (
     Quorums,
     batch_digest,
     checkpoint_bytes,

@@ -32,7 +32,7 @@ from dwcp_agent.acp.messages import (
     RaftType,
     Snapshot,
 )
-from dwcp_agent.acp.raft_log import RaftLog
+from dwcp_agent.acp.raft.log import RaftLog
 
 __all__ = ["NotLeader", "ProposalDropped", "Raft", "RaftOptions", "RaftReady", "Role", "decode_conf"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaReady
 from dwcp_agent.acp.messages import ConfChange, Envelope
-from dwcp_agent.acp.raft import NotLeader, ProposalDropped
+from dwcp_agent.acp.raft.raft import NotLeader, ProposalDropped
 from dwcp_agent.acp.registry import Command, Op, Result
 from dwcp_agent.acp.storage import Storage
 from dwcp_agent.telemetry.metrics import Metrics

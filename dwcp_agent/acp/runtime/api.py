@@ -14,8 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from dwcp_agent.acp.node import ConsensusTimeout
-from dwcp_agent.acp.service import ConsensusError, ConsensusService
+from dwcp_agent.acp.runtime.node import ConsensusTimeout
+from dwcp_agent.acp.runtime.service import ConsensusError, ConsensusService
 from dwcp_agent.http_json import json_response
 
 __all__ = ["build_routes"]

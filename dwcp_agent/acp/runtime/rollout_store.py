@@ -18,9 +18,9 @@ import dataclasses
 import logging
 import time
 
-from dwcp_agent.acp.node import ConsensusTimeout
 from dwcp_agent.acp.registry import RolloutSetting
-from dwcp_agent.acp.service import ConsensusError, ConsensusService
+from dwcp_agent.acp.runtime.node import ConsensusTimeout
+from dwcp_agent.acp.runtime.service import ConsensusError, ConsensusService
 from dwcp_agent.rollout.controller import FileRolloutStore, RolloutState
 
 log = logging.getLogger("dwcp_agent.acp")

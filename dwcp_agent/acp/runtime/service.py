@@ -19,11 +19,10 @@ from typing import Any
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, bootstrap
 from dwcp_agent.acp.auth import KeyRing, load_or_create_key, parse_peer_keys
-from dwcp_agent.acp.byzantine_faults import FaultyReplica, from_environment
 from dwcp_agent.acp.messages import ConfChange, Envelope
-from dwcp_agent.acp.node import ConsensusNode, ConsensusTimeout
-from dwcp_agent.acp.pbft import PbftOptions
-from dwcp_agent.acp.raft import RaftOptions
+from dwcp_agent.acp.pbft.byzantine_faults import FaultyReplica, from_environment
+from dwcp_agent.acp.pbft.pbft import PbftOptions
+from dwcp_agent.acp.raft.raft import RaftOptions
 from dwcp_agent.acp.registry import (
     AcquireLease,
     ClaimVm,
@@ -37,9 +36,10 @@ from dwcp_agent.acp.registry import (
     SwitchProtocol,
     TransferOwnership,
 )
+from dwcp_agent.acp.runtime.node import ConsensusNode, ConsensusTimeout
+from dwcp_agent.acp.runtime.transport import Transport
+from dwcp_agent.acp.runtime.wal import FileWAL
 from dwcp_agent.acp.storage import PersistOps
-from dwcp_agent.acp.transport import Transport
-from dwcp_agent.acp.wal import FileWAL
 from dwcp_agent.config import Config, ConfigError
 from dwcp_agent.security import channels as channel_security
 from dwcp_agent.telemetry.metrics import Metrics

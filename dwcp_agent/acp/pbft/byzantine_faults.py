@@ -31,7 +31,7 @@ from dwcp_agent.acp.messages import (
     decode_pbft,
     encode,
 )
-from dwcp_agent.acp.pbft_certs import batch_digest, pp_header
+from dwcp_agent.acp.pbft.certs import batch_digest, pp_header
 from dwcp_agent.acp.registry import Result
 
 __all__ = ["BEHAVIOURS", "HOOK_ENV", "HOOK_UNLOCK", "FaultyReplica", "from_environment"]

@@ -15,11 +15,10 @@ from typing import Any
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaOptions, ReplicaReady, bootstrap
 from dwcp_agent.acp.auth import KeyRing
-from dwcp_agent.acp.byzantine_faults import FaultyReplica
-from dwcp_agent.acp.linearizability import UNKNOWN, CheckResult, Model, Operation, check_per_key
 from dwcp_agent.acp.messages import Envelope, RaftMsg
-from dwcp_agent.acp.pbft import PbftOptions
-from dwcp_agent.acp.raft import NotLeader, ProposalDropped, RaftOptions, Role
+from dwcp_agent.acp.pbft.byzantine_faults import FaultyReplica
+from dwcp_agent.acp.pbft.pbft import PbftOptions
+from dwcp_agent.acp.raft.raft import NotLeader, ProposalDropped, RaftOptions, Role
 from dwcp_agent.acp.registry import (
     AcquireLease,
     ClaimVm,
@@ -34,6 +33,7 @@ from dwcp_agent.acp.registry import (
     encode_command,
 )
 from dwcp_agent.acp.storage import MemoryStorage, PersistOps
+from dwcp_agent.acp.testing.linearizability import UNKNOWN, CheckResult, Model, Operation, check_per_key
 
 __all__ = ["BEHAVIOURS", "SimConfig", "SimReport", "registry_model", "run_schedule"]
 

@@ -19,8 +19,8 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from dwcp_agent.acp.node import ConsensusTimeout
-from dwcp_agent.acp.service import ConsensusError, ConsensusService
+from dwcp_agent.acp.runtime.node import ConsensusTimeout
+from dwcp_agent.acp.runtime.service import ConsensusError, ConsensusService
 
 T = TypeVar("T")
 LEASE_TTL_S = 3600.0  # a lease outlives any single migration attempt; the token is what fences
