@@ -213,17 +213,15 @@ class Pbft:
 
     # ------------------------------------------------------------ input
     def submit(self, req: Request) -> None:
-        """A local client's request: signed and broadcast so every replica can watch the primary.
-        The active primary keeps its own clients' requests unsigned: its signed pre-prepare carries
-        them to the backups (one signature and three frames fewer per request), and a primary that
-        sat on them would only stall its own clients, whose retries sign and broadcast them once it
-        is no longer primary."""
-        if self.active and self.primary == self.id:
-            self._accept_request(req)
-            return
+        """A local client's request: signed by this node and broadcast so every replica can watch the
+        primary. The active primary keeps its own clients' requests: its signed pre-prepare carries
+        them to the backups (three frames fewer per request), and a primary that sat on them would
+        only stall its own clients, whose retries broadcast them once it is no longer primary. (They
+        stay signed: after a view change another primary may have to order them.)"""
         signed = Request(req.client, req.ts, req.op, self.keys.sign(request_bytes(req)))
         self._accept_request(signed)
-        self._bcast(RequestFwd(signed))
+        if not (self.active and self.primary == self.id):
+            self._bcast(RequestFwd(signed))
 
     def receive(self, sender: str, wire: PbftWire) -> None:
         """Authenticate, decode and dispatch one frame from `sender` (the authenticated link peer)."""
@@ -353,6 +351,9 @@ class Pbft:
     def _on_pre_prepare(self, sender: str, m: PrePrepare) -> None:
         if not self.active or m.view != self.view or sender != self.primary or not self.low < m.seq <= self.high:
             return
+        known = self.slots.get(m.seq)
+        if known is not None and known.view == m.view and known.pp is not None and known.pp.digest == m.digest:
+            return  # a retransmission of what we hold (or adopted from the new view): nothing to check
         if not self.keys.verify(sender, pp_header(m.view, m.seq, m.digest), m.sig):
             self.det.report(sender, "invalid_signature", "pre-prepare")
             return
