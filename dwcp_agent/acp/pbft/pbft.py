@@ -566,7 +566,11 @@ class Pbft:
         view = self.view
         self.vc_started = self.now
         self.vc_quorum_at = None
-        prepared = [proof for seq, proof in sorted(self.pset.items()) if self.low < seq <= self.high]
+        # Certificates of this view itself (a replica restarted inside a view it had entered asks
+        # to be let back in) say nothing about forming it, and the others reject a view change that
+        # carries them.
+        prepared = [proof for seq, proof in sorted(self.pset.items())
+                    if self.low < seq <= self.high and proof.pre_prepare.view < view]
         vc = ViewChange(view, self.low, self.stable_proof, prepared, self.id)
         vc.sig = self.keys.sign(view_change_bytes(vc))
         self._last_vc = vc
