@@ -132,6 +132,7 @@ class Pbft:
         self.req_timer: int | None = None  # started when a request waits, restarted on every execution
         self.lag_grace = False  # the request timer was extended once because this replica lagged
         self.peer_views: dict[str, int] = {}  # highest view each peer showed beyond ours
+        self.heard: set[str] = set()  # replicas this incarnation has had an authenticated frame from
         self._nv_resent: dict[str, int] = {}
         self.fetching = 0
         self.view_changes = 0
@@ -234,6 +235,7 @@ class Pbft:
             return
         if not self.det.fresh(sender, wire.nonce):
             return
+        self.heard.add(sender)
         try:
             msg = decode_pbft(wire.body)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError) as exc:
@@ -676,7 +678,12 @@ class Pbft:
         backoff = min(self.vc_attempt, MAX_BACKOFF)
         if self.active:
             if self.req_timer is not None and self.now - self.req_timer > self.opts.request_timeout << backoff:
-                if self._lagging() and not self.lag_grace:
+                if len(self.heard) < self.qs.q - 1:
+                    # Not one authenticated frame yet from enough replicas to make a view change
+                    # succeed (a node starting before the others): a view change now would only
+                    # strand this replica alone in a higher view. Wait another period.
+                    self.req_timer = self.now
+                elif self._lagging() and not self.lag_grace:
                     # The lag may be ours, not the primary's: one more period to catch up first.
                     # (It may also be a slot nobody can commit: then the view change comes next.)
                     self.lag_grace = True
