@@ -21,6 +21,9 @@ from dwcp_agent.acp.auth import public_key_hex
 from dwcp_agent.acp.pbft.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
 from dwcp_agent.demo import LocalAgent, free_port
 
+# Generous: n Python agents importing at once on a busy 2-core CI box can take well over 30 s.
+READY_S = 120.0
+
 
 class StartCluster(Protocol):
     def __call__(self, n: int, protocol: str, *, byzantine_hook: bool = False,
@@ -46,7 +49,7 @@ def acp_clusters(root: Path) -> Iterator[StartCluster]:
                                                              **settings}))
         agents = started[-n:]
         for agent in agents:
-            agent.wait_ready()
+            agent.wait_ready(timeout=READY_S)
         return agents
 
     try:
