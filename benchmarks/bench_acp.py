@@ -371,11 +371,15 @@ def run(quick: bool) -> dict[str, Any]:
             out[f"raft_p99_vs_{ref}"] = round(raft_p99 / p99, 2)
     out["raft_failover"] = _raft_failover(3 if quick else 10)
     pbft_p99 = median("acp_pbft_4", "latency", "p99_ms")
+    pbft_tput = median("acp_pbft_4", "throughput", "throughput_ops_s") or 0.0
+    if raft_tput:
+        out["pbft_throughput_vs_raft"] = round(pbft_tput / raft_tput, 2)
     out["targets"] = {
         "raft_throughput_ge_pysyncobj": raft_tput >= (median("pysyncobj_3", "throughput", "throughput_ops_s")
                                                       or 1e9),
         "raft_p99_le_10ms": (raft_p99 if raft_p99 is not None else 1e9) <= 10,
         "pbft_p99_le_20ms": (pbft_p99 if pbft_p99 is not None else 1e9) <= 20,
+        "pbft_throughput_ge_half_raft": bool(raft_tput) and pbft_tput >= 0.5 * raft_tput,
         "raft_failover_within_two_election_timeouts": out["raft_failover"]["max_s"] <= 2.0,
     }
     return out
@@ -417,7 +421,8 @@ def main() -> None:
     result = run(args.quick)
     save("acp", result)
     print(markdown(result))
-    print(json.dumps({k: v for k, v in result.items() if k.startswith("raft_") or k == "targets"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("raft_", "pbft_")) or k == "targets"},
+                     indent=2))
 
 
 if __name__ == "__main__":
