@@ -84,7 +84,7 @@ class Agent:
                                          config.history_max_age_s)
         self._profile_for = rollout.profile_for
         self._manager: MigrationManager | None = None  # made in start(): it needs transports and the loop
-        self.live = LiveService(config, self.metrics, self.key, self.state_dir / "live", ownership=self.consensus)
+        self._live: LiveService | None = None  # made in start(), on the loop, with the manager's ownership
         self.data_server: DataServer | None = None
         self.transports: Transports | None = None
         self.admin_port = 0
@@ -103,6 +103,13 @@ class Agent:
         if self._manager is None:
             raise RuntimeError("the agent has not started: no migration manager yet")
         return self._manager
+
+    @property
+    def live(self) -> LiveService:
+        """Live migrations; exists once start() runs on the agent's event loop."""
+        if self._live is None:
+            raise RuntimeError("the agent has not started: no live-migration service yet")
+        return self._live
 
     def _register_health(self) -> None:
         def amst() -> dict[str, Any]:
@@ -210,6 +217,8 @@ class Agent:
         self._manager = MigrationManager(self.config, self.metrics, self.key, profile_for=self._profile_for,
                                          on_finished=self._migration_finished, pool=self.buffers,
                                          history=self._history, ownership=ownership, transports=self.transports)
+        self._live = LiveService(self.config, self.metrics, self.key, self.state_dir / "live",
+                                 asyncio.get_running_loop(), ownership=ownership)
         try:
             self.transports.require()
         except TransportUnavailable as exc:
@@ -220,7 +229,6 @@ class Agent:
         with _listening("data_port", self.config.listen_host, self.config.data_port):
             self.data_server = DataServer(self.config, self.metrics, self.key, transports=self.transports,
                                           pool=self.buffers)
-        self.live.loop = asyncio.get_running_loop()
         self.data_server.live_handler = self.live.accept
         self.data_server.start()
         self._register_health()
@@ -297,7 +305,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         if self._manager is not None:
             await loop.run_in_executor(None, self._manager.stop_all, timeout * 0.6)
-        await self.live.stop(timeout * 0.3)
+        if self._live is not None:
+            await self._live.stop(timeout * 0.3)
         if self.data_server is not None:
             remaining = max(0.1, timeout - (time.monotonic() - started))
             await loop.run_in_executor(None, self.data_server.stop, remaining * 0.8)

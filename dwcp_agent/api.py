@@ -23,10 +23,12 @@ class AdminHost(Protocol):
     config: Config
     health: Health
     metrics: Metrics
-    live: LiveService
 
     @property
     def manager(self) -> MigrationManager: ...
+
+    @property
+    def live(self) -> LiveService: ...
 
 
 def routes(agent: AdminHost) -> list[web.RouteDef]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,40 +137,69 @@ def header_pages(blob: bytes | memoryview) -> int:
     return int(_HEADER.unpack(view[: _HEADER.size])[3])
 
 
+def _non_zero_pages(fd: int, count: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(page indexes, hash rows) of the non-zero pages among the first `count` whole pages of
+    `fd`, one read block at a time: holes are not read, zero pages get no row. The rows array is
+    reused between blocks."""
+    from dwcp_agent.migration.extents import data_extents
+
+    zero = np.empty(READ_BLOCK // PAGE_SIZE, dtype=np.uint8)
+    block = np.empty((READ_BLOCK // PAGE_SIZE, 2), dtype=np.uint64)
+    buf = np.empty(READ_BLOCK, dtype=np.uint8)
+    for start, end in data_extents(fd, count * PAGE_SIZE):
+        done, stop = start // PAGE_SIZE, (end + PAGE_SIZE - 1) // PAGE_SIZE
+        while done < stop:
+            want = min(READ_BLOCK // PAGE_SIZE, stop - done) * PAGE_SIZE
+            if os.preadv(fd, [buf.data[:want]], done * PAGE_SIZE) != want:
+                raise OSError("the baseline shrank while its have-list was computed")
+            n = want // PAGE_SIZE
+            pages.page_hashes(buf[:want], zero[:n], block[:n])
+            keep = np.flatnonzero(zero[:n] == 0)
+            yield keep.astype(np.int64) + done, block[keep]
+            done += n
+
+
 def have_list(path: str | os.PathLike[str], max_entries: int = 1 << 40) -> HaveList | None:
     """Hash the pages of the file at `path` (the receiver's baseline), sparse: holes are not read
     and zero pages get no row. A short last page is left out, since only whole pages are ever
     referenced. None when it would hold more than `max_entries` rows (the index budget)."""
-    from dwcp_agent.migration.extents import data_extents
-
+    indexes: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    rows: list[np.ndarray] = [np.zeros((0, 2), dtype=np.uint64)]
+    held = 0
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        count = size // PAGE_SIZE
-        zero = np.empty(READ_BLOCK // PAGE_SIZE, dtype=np.uint8)
-        block = np.empty((READ_BLOCK // PAGE_SIZE, 2), dtype=np.uint64)
-        buf = np.empty(READ_BLOCK, dtype=np.uint8)
-        indexes: list[np.ndarray] = []
-        rows: list[np.ndarray] = []
-        held = 0
-        for start, end in data_extents(f.fileno(), count * PAGE_SIZE):
-            done, stop = start // PAGE_SIZE, (end + PAGE_SIZE - 1) // PAGE_SIZE
-            while done < stop:
-                want = min(READ_BLOCK // PAGE_SIZE, stop - done) * PAGE_SIZE
-                got = os.preadv(f.fileno(), [buf.data[:want]], done * PAGE_SIZE)
-                if got != want:
-                    raise OSError(f"{path} shrank while its have-list was computed")
-                n = want // PAGE_SIZE
-                pages.page_hashes(buf[:want], zero[:n], block[:n])
-                keep = np.flatnonzero(zero[:n] == 0)
-                held += len(keep)
-                if held > max_entries:
-                    return None
-                indexes.append(keep.astype(np.int64) + done)
-                rows.append(block[keep].copy())
-                done += n
-    if not rows:
-        return HaveList(np.zeros((0, 2), dtype=np.uint64), np.zeros(0, dtype=np.int64), count)
+        count = os.fstat(f.fileno()).st_size // PAGE_SIZE
+        for index, block in _non_zero_pages(f.fileno(), count):
+            held += len(index)
+            if held > max_entries:
+                return None
+            indexes.append(index)
+            rows.append(block)
     return HaveList(np.concatenate(rows), np.concatenate(indexes), count)
+
+
+def have_list_blob(path: str | os.PathLike[str], max_entries: int = 1 << 40) -> bytes | None:
+    """`have_list(path, max_entries).to_bytes()` built as the file is read: the page indexes go
+    into the compressor block by block and only the hash rows are held until the end (16 bytes a
+    non-zero page instead of the list, its copies and the joined body). None over `max_entries`."""
+    compressor = zstandard.ZstdCompressor(level=1).compressobj()
+    packed: list[bytes] = []
+    hashes = bytearray()
+    held = last = 0
+    with open(path, "rb", buffering=0) as f:
+        count = os.fstat(f.fileno()).st_size // PAGE_SIZE
+        for index, block in _non_zero_pages(f.fileno(), count):
+            keep = (block != 0).any(axis=1)  # as HaveList.sparse(): a (0, 0) hash is never referenced
+            held += int(keep.sum())
+            if held > max_entries:
+                return None
+            if keep.any():
+                kept = index[keep]
+                packed.append(compressor.compress(np.diff(kept, prepend=np.int64(last)).astype("<u8").tobytes()))
+                last = int(kept[-1])
+                hashes += np.ascontiguousarray(block[keep], dtype="<u8").tobytes()
+    packed.append(compressor.compress(hashes))
+    packed.append(compressor.flush())
+    return _SPARSE.pack(SPARSE_MAGIC, HASH_VERSION, PAGE_SIZE // 1024, count, held) + b"".join(packed)
 
 
 class FilePages:

@@ -2,8 +2,9 @@
 
 It gets (or starts) a paused QEMU waiting for its stream, checks it against the source's, feeds
 it the tunnelled stream and sends its return path back. The VM runs here only after the source
-says the ownership commit went through (`Commit`): then `cont`. Anything else before that
-(Abort, the tunnel breaking, the source agent dying) kills this paused copy.
+says the ownership commit went through (`Commit` on the tunnel, or `commit` on the handover line,
+outcome.py): then `cont`. Anything else before that (Abort, the tunnel breaking, the source agent
+dying) kills this paused copy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dwcp_agent.config import Config
 from dwcp_agent.live import messages
 from dwcp_agent.live.compat import incompatibilities
 from dwcp_agent.live.frames import TunnelError
+from dwcp_agent.live.guard import LINE_WAIT_S
+from dwcp_agent.live.hold import hold_for_test
+from dwcp_agent.live.outcome import COMMIT, RUNNING, OutcomeLine
 from dwcp_agent.live.process import DestinationQemu, QemuStartError
 from dwcp_agent.live.qmp import QemuControl, QemuError, VmFacts
 from dwcp_agent.live.tunnel import Tunnel
@@ -41,8 +45,10 @@ class _Refused(Exception):
 class IncomingLive:
     """One incoming live migration on its tunnel connection; `serve()` runs it to the end."""
 
-    def __init__(self, config: Config, metrics: Metrics, tunnel: Tunnel, peer_node: str, run_dir: Path) -> None:
+    def __init__(self, config: Config, metrics: Metrics, tunnel: Tunnel, peer_node: str, run_dir: Path,
+                 key: bytes) -> None:
         self.config = config
+        self.key = key
         self.metrics = metrics
         self.tunnel = tunnel
         self.peer_node = peer_node
@@ -51,6 +57,17 @@ class IncomingLive:
         self.qemu: QemuControl | None = None
         self.offer: messages.Offer | None = None
         self.state = "setup"
+        self.received = False  # this QEMU loaded the whole VM (pre-copy): it may become the VM
+        self.line: OutcomeLine | None = None
+
+    def attach_outcome(self, sock: socket.socket) -> bool:
+        """The source's handover line arrived: from now on a guard holds it too (process.py)."""
+        if self.offer is None or self.line is not None:
+            return False
+        self.line = OutcomeLine(sock, self.key, self.tunnel.session, self.offer.migration_id)
+        if self.process is not None:
+            self.process.guard_handover(self.line)
+        return True
 
     async def serve(self) -> None:
         self.tunnel.start_reader()
@@ -73,6 +90,11 @@ class IncomingLive:
         except (TunnelError, QemuError, OSError) as exc:
             if self.state == "running":
                 log.warning("live migration from %s: %s after the VM started here", self.peer_node, exc)
+            elif await self._committed_anyway():
+                log.warning("live migration from %s: %s, but the source committed the ownership here: "
+                            "running", self.peer_node, exc, extra={"peer_id": self.peer_node})
+                with contextlib.suppress(QemuError, OSError):
+                    await self._run_here()
             else:
                 log.warning("live migration from %s aborted (%s): destination copy killed", self.peer_node, exc,
                             extra={"error_type": "live_aborted", "peer_id": self.peer_node})
@@ -80,7 +102,30 @@ class IncomingLive:
         finally:
             if self.qemu is not None:
                 await self.qemu.close()
+            if self.line is not None:
+                self.line.close()
             await self.tunnel.close()
+
+    async def _committed_anyway(self) -> bool:
+        """The tunnel broke after this QEMU loaded the whole VM: the source may have committed the
+        ownership here already (and died, or lost the tunnel, before saying so on it). The
+        handover line says: `commit`, or it closes once the source rolled back."""
+        if not self.received or self.line is None:
+            return False
+        line = self.line
+        return await asyncio.get_running_loop().run_in_executor(None, line.wait_for, COMMIT, LINE_WAIT_S)
+
+    async def _run_here(self) -> None:
+        """`cont`, tell the source on the handover line, and only then disarm the guard (if this
+        agent dies in between, the guard finds the VM running and only says `running` again)."""
+        assert self.qemu is not None
+        await self.qemu.cont()
+        self.state = "running"
+        if self.line is not None:
+            with contextlib.suppress(OSError):
+                self.line.say(RUNNING)
+        if self.process is not None:
+            self.process.commit()
 
     async def _prepare(self, offer: messages.Offer) -> VmFacts:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +186,6 @@ class IncomingLive:
     async def _receive(self) -> None:
         """Until Commit: report Received when QEMU loaded everything; then cont and say Running."""
         assert self.qemu is not None
-        received = False
         postcopy = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + COMMIT_TIMEOUT_S
@@ -156,24 +200,22 @@ class IncomingLive:
                 if isinstance(item, messages.Commit):
                     committed = item
                     postcopy = item.postcopy
-            if not received:
+            if not self.received:
                 self.tunnel.check()
             info = await self.qemu.query_migrate()
             if info.status == "failed":
                 raise QemuError(f"destination QEMU failed to load the stream: {info.error}")
-            if info.status == "completed" and not received:
-                received = True
+            if info.status == "completed" and not self.received:
+                self.received = True
                 await self.tunnel.send(messages.Received(info.status))
-            if committed is not None and (received or (postcopy and info.status == "postcopy-active")):
-                if self.process is not None:
-                    self.process.commit()  # before cont: from here on the VM outlives this agent
-                await self.qemu.cont()
-                self.state = "running"
+            if committed is not None and (self.received or (postcopy and info.status == "postcopy-active")):
+                await hold_for_test("before-cont")
+                await self._run_here()
                 log.info("live migration of %s: running here (ownership committed with token %d)",
                          self.offer.vm_id if self.offer else "?", committed.fencing_token,
                          extra={"migration_status": "running", "peer_id": self.peer_node})
                 await self.tunnel.send(messages.Running())
-                if not received:
+                if not self.received:
                     status = await self._await_postcopy_end()
                     await self.tunnel.send(messages.Received(status))
                 return

@@ -4,6 +4,10 @@ Frames of `type u8 | codec u8 | raw_len u32 | payload_len u32 | payload`; the on
 `CONTROL` (one msgspec message, messages.py; codec and raw_len are 0). QEMU's stream does not
 travel here: it goes over the data connections of the migration core's stream object
 (tunnel.py). A frame that does not parse is a `TunnelError`, never a crash.
+
+On a connection that came over TLS both ends pass the FrameKeys of security.sealed.seal_stream:
+the header is then sealed alone and a non-empty payload sealed with the plain header as
+associated data (as amst/channel.py TcpChannel); a bad tag is a `TunnelError`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import struct
 from enum import IntEnum
+
+from dwcp_agent import wire
+from dwcp_agent.security.sealed import TAG_BYTES, FrameKey
 
 __all__ = ["Frame", "FrameKind", "TunnelError", "read_frame", "write_frame"]
 
@@ -38,13 +45,17 @@ class Frame:
         self.payload = payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame:
+async def read_frame(reader: asyncio.StreamReader, key: FrameKey | None = None) -> Frame:
     try:
-        header = await reader.readexactly(_HEADER.size)
+        header = await reader.readexactly(_HEADER.size + (TAG_BYTES if key else 0))
+        if key is not None:
+            header = _open(key, b"", header)
         kind, codec, raw_len, payload_len = _HEADER.unpack(header)
         if payload_len > MAX_PAYLOAD or raw_len > MAX_PAYLOAD:
             raise TunnelError(f"frame of {payload_len} bytes exceeds {MAX_PAYLOAD}")
-        payload = await reader.readexactly(payload_len) if payload_len else b""
+        payload = await reader.readexactly(payload_len + (TAG_BYTES if key else 0)) if payload_len else b""
+        if key is not None and payload_len:
+            payload = _open(key, header, payload)
     except asyncio.IncompleteReadError as exc:
         raise TunnelError("peer agent closed the tunnel") from exc
     except (ConnectionError, OSError) as exc:
@@ -56,9 +67,30 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame:
 
 
 def write_frame(writer: asyncio.StreamWriter, kind: FrameKind, payload: bytes | memoryview = b"",
-                codec: int = 0, raw_len: int | None = None) -> None:
-    """Queue one frame; callers `await writer.drain()`."""
+                codec: int = 0, raw_len: int | None = None, key: FrameKey | None = None) -> None:
+    """Queue one frame (sealed with `key`); callers `await writer.drain()`."""
     n = len(payload)
-    writer.write(_HEADER.pack(kind, codec, n if raw_len is None else raw_len, n))
+    header = _HEADER.pack(kind, codec, n if raw_len is None else raw_len, n)
+    if key is None:
+        writer.write(header)
+        if n:
+            writer.write(payload)
+        return
+    writer.write(_seal(key, b"", header))
     if n:
-        writer.write(payload)
+        writer.write(_seal(key, header, payload))
+
+
+def _seal(key: FrameKey, associated: bytes, plain: bytes | memoryview) -> bytes:
+    out = bytearray(len(plain) + TAG_BYTES)
+    key.seal_into(associated, plain, out)
+    return bytes(out)
+
+
+def _open(key: FrameKey, associated: bytes, sealed: bytes) -> bytes:
+    out = bytearray(len(sealed) - TAG_BYTES)
+    try:
+        key.open_into(associated, sealed, out)
+    except wire.FrameError as exc:
+        raise TunnelError(f"control frame: {exc}") from exc
+    return bytes(out)

@@ -1,10 +1,12 @@
 """A destination QEMU started by the agent from the configured command template.
 
 It starts paused and waiting for its stream (`-incoming defer -S`), with QMP on a unix socket
-the agent owns. Until the ownership commit, a guard (guard.py) watches the agent: if the agent
-dies, the guard kills QEMU, so an agent killed before the commit cannot leave a second copy of
-the VM behind. At the commit the guard is disarmed first, so the VM outlives the agent
-(restarts, upgrades).
+the agent owns. Until it runs, a guard (guard.py) watches the agent: if the agent dies, the
+guard kills QEMU, so an agent killed before the commit cannot leave a second copy of the VM
+behind. Once the handover line (outcome.py) is up the guard also holds it, and `cont`s QEMU
+instead if the source says the ownership commit went through, so an agent killed between the
+commit and its own `cont` does not lose the VM. Once the VM runs the guard is disarmed, so the
+VM outlives the agent (restarts, upgrades).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from dwcp_agent.live.guard import Guard
+from dwcp_agent.live.outcome import OutcomeLine
 
 __all__ = ["DestinationQemu", "QemuStartError"]
 
@@ -66,6 +69,15 @@ class DestinationQemu:
             self.guard.disarm()
             self.guard = None
 
+    def guard_handover(self, line: OutcomeLine) -> None:
+        """The handover line is up: the guard from now on also waits for the source's `commit`."""
+        if self.proc is None:
+            return
+        previous = self.guard
+        self.guard = Guard("handover", str(self.proc.pid), str(self.qmp_socket), line=line)
+        if previous is not None:
+            previous.disarm()
+
     def kill(self) -> None:
         """The paused copy goes: the source stays the VM."""
         if self.proc is not None:
@@ -78,6 +90,6 @@ class DestinationQemu:
         self.qmp_socket.unlink(missing_ok=True)
 
     def commit(self) -> None:
-        """Ownership moved here: from now on the VM outlives this agent."""
+        """The VM runs here (ownership moved): from now on it outlives this agent."""
         self._release_guard()
         self.proc = None

@@ -148,6 +148,10 @@ class QemuControl:
     async def start_postcopy(self) -> None:
         await self.execute("migrate-start-postcopy")
 
+    async def migrate_continue(self, state: str) -> None:
+        """Leave a pause of `pause-before-switchover` (`state` is the status QEMU paused in)."""
+        await self.execute("migrate-continue", {"state": state})
+
     async def cancel(self) -> None:
         await self.execute("migrate_cancel")
 

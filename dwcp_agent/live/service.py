@@ -16,10 +16,12 @@ from typing import Any
 
 from dwcp_agent.config import Config
 from dwcp_agent.live.destination import IncomingLive
+from dwcp_agent.live.outcome import OUTCOME_STREAM
 from dwcp_agent.live.record import LiveRecord, LiveRequest
 from dwcp_agent.live.source import LiveRequestError, OutgoingLive, Ownership
 from dwcp_agent.live.tunnel import Tunnel
 from dwcp_agent.migration.outgoing import target_allowed
+from dwcp_agent.security.sealed import FrameKey
 from dwcp_agent.telemetry.metrics import Metrics
 from dwcp_agent.wire import PeerInfo
 
@@ -50,11 +52,14 @@ def parse_live_request(body: dict[str, Any], config: Config) -> LiveRequest:
 
 
 class LiveService:
-    """Outgoing and incoming live migrations of one agent."""
+    """Outgoing and incoming live migrations of one agent, on `loop` (the agent's, where the
+    consensus service runs too); `ownership` opens each outgoing migration's ownership session."""
 
     def __init__(self, config: Config, metrics: Metrics, key: bytes, run_dir: Path,
-                 ownership: Ownership | None = None, mode: str = "datacenter") -> None:
+                 loop: asyncio.AbstractEventLoop, ownership: Ownership | None = None,
+                 mode: str = "datacenter") -> None:
         self.config = config
+        self.loop = loop
         self.metrics = metrics
         self.key = key
         self.run_dir = run_dir
@@ -63,7 +68,6 @@ class LiveService:
         self.outgoing: dict[str, OutgoingLive] = {}
         self.incoming: dict[int, IncomingLive] = {}  # by session id
         self._tasks: set[asyncio.Task[None]] = set()
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, request: LiveRequest) -> LiveRecord:
         """Set up (may raise LiveRequestError, nothing changed), then migrate in the background."""
@@ -93,30 +97,42 @@ class LiveService:
             await asyncio.wait_for(migration.done.wait(), timeout)
         return migration.record
 
-    def accept(self, conn: socket.socket, peer: PeerInfo) -> None:
-        """From a data-listener thread: run an incoming live migration on the event loop."""
-        if self.loop is None:
-            conn.close()
-            return
+    def accept(self, conn: socket.socket, peer: PeerInfo, keys: tuple[FrameKey, FrameKey] | None = None) -> None:
+        """From a data-listener thread: run an incoming live migration on the event loop (stream
+        0), add a data connection (1..N, sealed with `keys` when it came over TLS) or its handover
+        line (OUTCOME_STREAM; its words carry their own MAC)."""
         if peer.stream == 0:
-            asyncio.run_coroutine_threadsafe(self._serve_incoming(conn, peer), self.loop)
+            asyncio.run_coroutine_threadsafe(self._serve_incoming(conn, peer, keys), self.loop)
+            return
+        if peer.stream == OUTCOME_STREAM:
+            self.loop.call_soon_threadsafe(self._attach_outcome, conn, peer)
             return
         incoming = self.incoming.get(peer.session)
-        if incoming is None or incoming.peer_node != peer.node_id or not incoming.tunnel.add_stream(conn, peer.stream):
+        known = incoming is not None and incoming.peer_node == peer.node_id
+        if incoming is None or not known or not incoming.tunnel.add_stream(conn, peer.stream, keys):
             log.warning("live data connection from %s for unknown session %x refused", peer.node_id, peer.session,
                         extra={"error_type": "unknown_session", "peer_id": peer.node_id})
             self.metrics.error("migration", "live_unknown_session")
             conn.close()
 
-    async def _serve_incoming(self, conn: socket.socket, peer: PeerInfo) -> None:
+    def _attach_outcome(self, conn: socket.socket, peer: PeerInfo) -> None:
+        incoming = self.incoming.get(peer.session)
+        if incoming is None or incoming.peer_node != peer.node_id or not incoming.attach_outcome(conn):
+            log.warning("live handover line from %s for unknown session %x refused", peer.node_id, peer.session,
+                        extra={"error_type": "unknown_session", "peer_id": peer.node_id})
+            self.metrics.error("migration", "live_unknown_session")
+            conn.close()
+
+    async def _serve_incoming(self, conn: socket.socket, peer: PeerInfo,
+                              keys: tuple[FrameKey, FrameKey] | None) -> None:
         conn.settimeout(None)
         conn.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=conn)
         if peer.session in self.incoming:
             writer.close()
             return
-        incoming = IncomingLive(self.config, self.metrics, Tunnel(reader, writer, peer.session), peer.node_id,
-                                self.run_dir)
+        incoming = IncomingLive(self.config, self.metrics, Tunnel(reader, writer, peer.session, keys=keys),
+                                peer.node_id, self.run_dir, self.key)
         self.incoming[peer.session] = incoming
         try:
             await incoming.serve()

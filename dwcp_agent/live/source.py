@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import time
@@ -20,11 +19,14 @@ from pathlib import Path
 from typing import Protocol
 
 from dwcp_agent import wire
+from dwcp_agent.acp.runtime.ownership import OwnedElsewhere
 from dwcp_agent.config import Config
 from dwcp_agent.hde.selector import CodecSelector
 from dwcp_agent.live import messages
 from dwcp_agent.live.frames import TunnelError
-from dwcp_agent.live.guard import Guard
+from dwcp_agent.live.guard import LINE_WAIT_S, Guard
+from dwcp_agent.live.hold import TEST_HOLD_ENV, hold_for_test, hold_seconds
+from dwcp_agent.live.outcome import COMMIT, OUTCOME_STREAM, RUNNING, OutcomeLine
 from dwcp_agent.live.policy import Action, ConvergencePolicy, Observation, PolicyError, parse_policy
 from dwcp_agent.live.qmp import MigrationInfo, QemuControl, QemuError
 from dwcp_agent.live.record import LivePhase, LiveRecord, LiveRequest
@@ -32,28 +34,18 @@ from dwcp_agent.live.tunnel import DATA_STREAMS, Tunnel, new_session
 from dwcp_agent.pba.predictor import Predictor
 from dwcp_agent.pba.probe import LinkMeter, read_tcp_info
 from dwcp_agent.security import channels as channel_security
-from dwcp_agent.security.sealed import end_tls
+from dwcp_agent.security.sealed import FrameKey, seal_stream
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["LiveRequestError", "OutgoingLive", "Ownership"]
 
 log = logging.getLogger("dwcp_agent.live")
 POLL_S = 0.05
-TEST_HOLD_ENV = "LIVE_MIGRATION_TEST_HOLD"
 ACCEPT_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_S = 30.0
-# Resumable run states of a source QEMU that a failed migration left paused.
-_PAUSED_BY_MIGRATION = ("postmigrate", "finish-migrate", "paused")
-
-
-async def _test_hold(point: str) -> None:
-    """Crash tests only: LIVE_MIGRATION_TEST_HOLD=<point>:<seconds> holds the source agent at `point`
-    (before-commit, after-commit), so a test can kill an agent exactly there."""
-    spec = os.environ.get(TEST_HOLD_ENV, "")
-    name, _, seconds = spec.partition(":")
-    if name == point and seconds:
-        log.warning("test hold: %s for %s s (%s)", point, seconds, TEST_HOLD_ENV)
-        await asyncio.sleep(float(seconds))
+# Resumable run states of a source QEMU that a failed migration left paused. In "finish-migrate"
+# (stop-and-copy, or a cancel still winding down) QEMU refuses `cont`: wait until it leaves it.
+_PAUSED_BY_MIGRATION = ("postmigrate", "paused")
 
 
 class LiveRequestError(Exception):
@@ -64,14 +56,21 @@ class LiveRequestError(Exception):
         self.status = status
 
 
-class Ownership(Protocol):
-    """ACP's VM ownership operations (ConsensusService provides them)."""
+class OwnershipSession(Protocol):
+    """One live migration's hold on its VM (acp.runtime.ownership.OwnershipSession), closed by one
+    decision: `complete_on_loop(destination)` (the ACP commit) or `abandon_on_loop()`."""
 
-    async def owner(self, vm_id: str) -> str | None: ...
-    async def claim(self, vm_id: str, host: str) -> str: ...
-    async def acquire_lease(self, vm_id: str, holder: str, ttl_s: float) -> object: ...
-    async def release_lease(self, vm_id: str, holder: str, fencing_token: int) -> None: ...
-    async def transfer_ownership(self, vm_id: str, from_host: str, to_host: str, fencing_token: int) -> str: ...
+    token: int
+
+    async def complete_on_loop(self, destination: str) -> None: ...
+    async def abandon_on_loop(self) -> None: ...
+
+
+class Ownership(Protocol):
+    """Opens a migration's ownership session (acp.runtime.ownership.RegistryOwnership), the same object
+    image migrations use; a live migration runs on the event loop, so it awaits each step."""
+
+    async def begin_on_loop(self, vm_id: str) -> OwnershipSession: ...
 
 
 class _Cancelled(Exception):
@@ -99,7 +98,9 @@ class OutgoingLive:
         self.policy = ConvergencePolicy(self.spec, self.downtime_ms)
         self.qemu: QemuControl | None = None
         self.tunnel: Tunnel | None = None
+        self.owned: OwnershipSession | None = None
         self.token = 0
+        self.line: OutcomeLine | None = None
         self.peer_node = ""
         self._cancel = asyncio.Event()
         self.session = new_session()
@@ -150,28 +151,24 @@ class OutgoingLive:
     async def _take_lease(self) -> None:
         if self.ownership is None:
             return
-        vm, me = self.request.vm_id, self.config.node_id
         try:
-            owner = await self.ownership.owner(vm)
-            if owner is None:
-                owner = await self.ownership.claim(vm, me)
-            if owner != me:
-                raise LiveRequestError(409, f"VM {vm} is owned by {owner}, not this host ({me})")
-            lease = await self.ownership.acquire_lease(vm, me, 3600.0)
-        except LiveRequestError:
-            raise
+            self.owned = await self.ownership.begin_on_loop(self.request.vm_id)
+        except OwnedElsewhere as exc:
+            raise LiveRequestError(409, str(exc)) from exc
         except Exception as exc:
             raise LiveRequestError(503, f"ownership registry: {exc}") from exc
-        self.token = int(lease.token)  # type: ignore[attr-defined]
+        self.token = self.owned.token
 
     async def _release_lease(self) -> None:
-        if self.ownership is None or not self.token:
-            return
-        with contextlib.suppress(Exception):
-            await self.ownership.release_lease(self.request.vm_id, self.config.node_id, self.token)
+        """The source stays the owner; nothing to do once the session is closed."""
+        if self.owned is not None:
+            with contextlib.suppress(Exception):
+                await self.owned.abandon_on_loop()
 
-    def _handshake(self, stream: int) -> socket.socket:
-        """One authenticated connection of this session: 0 = control, 1.. = data."""
+    def _handshake(self, stream: int) -> tuple[socket.socket, tuple[FrameKey, FrameKey] | None]:
+        """One authenticated connection of this session: 0 = control, 1.. = data. A TLS connection
+        switches to sealed frames (security/sealed.py) and its keys are returned."""
+        keys: tuple[FrameKey, FrameKey] | None = None
         host, _, port = self.request.destination.rpartition(":")
         sock = socket.create_connection((host, int(port)), timeout=self.config.connect_timeout_s)
         try:
@@ -179,8 +176,9 @@ class OutgoingLive:
             sock = channel_security.for_config(self.config).wrap_client(sock)
             peer = wire.client_handshake(sock, self.key, self.config.node_id, "live", self.session, stream,
                                          expect_peer=channel_security.peer_identity(sock))
-            if isinstance(sock, ssl.SSLSocket):  # authenticated; the tunnel runs in the clear
-                sock = end_tls(sock)
+            if isinstance(sock, ssl.SSLSocket):  # guest memory and control: sealed frames
+                sock, send_key, recv_key = seal_stream(sock)
+                keys = (send_key, recv_key)
             if self.peer_node and peer.node_id != self.peer_node:
                 raise wire.HandshakeError(f"data connection reached {peer.node_id}, not {self.peer_node}",
                                           "auth")
@@ -189,16 +187,18 @@ class OutgoingLive:
             raise
         self.peer_node = peer.node_id
         sock.settimeout(None)
-        return sock
+        return sock, keys
 
-    async def _connect_peer(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect_peer(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                           tuple[FrameKey, FrameKey] | None]:
         loop = asyncio.get_running_loop()
         try:
-            sock = await loop.run_in_executor(None, self._handshake, 0)
+            sock, keys = await loop.run_in_executor(None, self._handshake, 0)
         except (OSError, ValueError, wire.WireError) as exc:
             raise LiveRequestError(502, f"destination agent {self.request.destination}: {exc}") from exc
         self.record.destination_node = self.peer_node
-        return await asyncio.open_connection(sock=sock)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return reader, writer, keys
 
     def _capabilities(self) -> list[str]:
         caps = ["return-path"]
@@ -209,10 +209,10 @@ class OutgoingLive:
         return caps
 
     async def _offer(self, facts: dict[str, object]) -> None:
-        reader, writer = await self._connect_peer()
+        reader, writer, keys = await self._connect_peer()
         link = self.predicted_bytes_per_s
         self.tunnel = Tunnel(reader, writer, self.session, CodecSelector(self.config.zstd_level, link=link,
-                                                           forced=self.config.compression_algo))
+                                                           forced=self.config.compression_algo), keys)
         self.tunnel.start_reader()
         await self.tunnel.send(messages.Offer(self.record.id, self.request.vm_id, facts, self._capabilities(),
                                               self.request.dest_qmp))
@@ -279,23 +279,28 @@ class OutgoingLive:
         self._listener.listen(1)
         self._listener.settimeout(CONTROL_TIMEOUT_S)
         try:
-            data_socks = [await loop.run_in_executor(None, self._handshake, stream)
+            data_conns = [await loop.run_in_executor(None, self._handshake, stream)
                           for stream in range(1, (self.config.stream_count or DATA_STREAMS) + 1)]
+            line_sock, _ = await loop.run_in_executor(None, self._handshake, OUTCOME_STREAM)  # words MAC'd
         except (OSError, ValueError, wire.WireError) as exc:
             raise TunnelError(f"data connections to {self.peer_node}: {exc}") from exc
+        self.line = OutcomeLine(line_sock, self.key, self.session, self.record.id)
         # From here QEMU may pause the source; if this agent dies before the handover is decided,
         # the guard resumes it.
         self.guard = Guard("resume", str(self.qemu.socket_path))
-        await self.qemu.set_capabilities(self._capabilities())
+        caps = self._capabilities()
+        if hold_seconds("switchover"):  # QEMU stops the VM, then waits for migrate-continue
+            caps.append("pause-before-switchover")
+        await self.qemu.set_capabilities(caps)
         await self.qemu.set_parameters({"downtime-limit": self.downtime_ms})
         await self.qemu.migrate(f"unix:{path}")
         try:
             qemu_sock, _ = await loop.run_in_executor(None, self._listener.accept)
         except OSError as exc:
-            for sock in data_socks:
+            for sock, _ in data_conns:
                 sock.close()
             raise TunnelError(f"source QEMU did not connect to {path}: {exc}") from exc
-        self.tunnel.attach_source(qemu_sock, data_socks)
+        self.tunnel.attach_source(qemu_sock, data_conns)
 
     def _observe_link(self) -> None:
         assert self.tunnel is not None
@@ -327,6 +332,9 @@ class OutgoingLive:
             if info.status in ("device", "pre-switchover"):
                 self.record.phase = LivePhase.SWITCHOVER
                 self.record.switchover = True
+            if info.status == "pre-switchover":
+                await self._hold_in_switchover()
+                continue
             obs = Observation(time.monotonic() - started, info.status, info.iterations, info.remaining_bytes,
                               info.dirty_bytes_per_s, info.expected_downtime_ms, predicted, self.tunnel.ratio,
                               self.predicted_high_bytes_per_s(), info.mbps * 1e6 / 8)
@@ -335,6 +343,22 @@ class OutgoingLive:
             if predicted:
                 self.tunnel.bound_to_bandwidth(predicted)
             await asyncio.sleep(POLL_S)
+
+    async def _hold_in_switchover(self) -> None:
+        """Crash tests only (LIVE_MIGRATION_TEST_HOLD=switchover:<s> set QEMU's pause-before-switchover):
+        the source VM is stopped for stop-and-copy; hold it there, watching the tunnel and cancel
+        as in pre-copy, then let QEMU send the rest."""
+        assert self.qemu is not None
+        seconds = hold_seconds("switchover")
+        log.warning("test hold: switchover for %s s (%s)", seconds, TEST_HOLD_ENV)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while loop.time() < deadline:
+            if self._cancel.is_set():
+                raise _Cancelled()
+            self._check_tunnel()
+            await asyncio.sleep(POLL_S)
+        await self.qemu.migrate_continue("pre-switchover")
 
     def _check_tunnel(self) -> None:
         """Take what the destination said so far; an error or Abort from it ends the migration."""
@@ -402,22 +426,44 @@ class OutgoingLive:
 
     async def _commit(self, postcopy: bool) -> None:
         """Record the new owner through ACP; from here on the source is never resumed."""
-        assert self.tunnel is not None
+        assert self.qemu is not None and self.tunnel is not None and self.line is not None
         self.record.phase = LivePhase.COMMIT
-        await _test_hold("before-commit")
+        await hold_for_test("before-commit")
         self._check_tunnel()  # a destination that is already gone must not become the owner
         self._disarm_guard()  # before the commit: a guard must never resume a VM that moved
-        if self.ownership is not None:
+        if self.owned is not None:
             try:
-                await self.ownership.transfer_ownership(self.request.vm_id, self.config.node_id, self.peer_node,
-                                                        self.token)
+                await self.owned.complete_on_loop(self.peer_node)  # refused: the lease went back with it
             except Exception as exc:
                 raise RuntimeError(f"ownership commit refused: {exc}") from exc
         self.record.committed = True
         log.info("live migration %s: ownership of %s committed to %s", self.record.id, self.request.vm_id,
                  self.peer_node, extra={"migration_id": self.record.id, "migration_status": "committed"})
-        await self.tunnel.send(messages.Commit(self.token, postcopy))
-        await _test_hold("after-commit")
+        # The destination (its agent, or its guard) runs the VM on `commit` / Commit; if this agent
+        # dies from here on, its guard quits the paused source once the destination says `running`
+        # (armed after Commit went: starting a process must not lengthen the guest's downtime).
+        with contextlib.suppress(OSError):
+            self.line.say(COMMIT)
+        with contextlib.suppress(TunnelError, OSError):  # the handover line carries it too
+            await self.tunnel.send(messages.Commit(self.token, postcopy))
+        self.guard = Guard("quit", str(self.qemu.socket_path), line=self.line)
+        await hold_for_test("after-commit")
+
+    async def _destination_runs(self) -> None:
+        """Running on the tunnel; if the destination agent went away after the commit, `running`
+        from its guard on the handover line. Neither: TunnelError, the paused source stays."""
+        assert self.line is not None
+        try:
+            await self._await_peer("_peer_running")
+            return
+        except TunnelError as exc:
+            log.warning("live migration %s: %s after the commit; waiting for the destination's guard",
+                        self.record.id, exc, extra={"migration_id": self.record.id, "peer_id": self.peer_node})
+            lost = exc
+        line = self.line
+        if not await asyncio.get_running_loop().run_in_executor(None, line.wait_for, RUNNING, LINE_WAIT_S):
+            raise lost
+        self._peer_running = True
 
     async def _finish(self, info: MigrationInfo) -> None:
         assert self.qemu is not None and self.tunnel is not None
@@ -428,9 +474,9 @@ class OutgoingLive:
             if self._cancel.is_set():
                 raise _Cancelled()
             await self._commit(postcopy=False)
-        await self._await_peer("_peer_running")
+        await self._destination_runs()
         self._update(info, self.predicted_bytes_per_s())
-        await self.qemu.quit()  # the paused source copy: ownership has moved
+        await self.qemu.quit()  # the paused source copy: ownership has moved and the VM runs there
         if info.downtime_ms is not None:
             self.metrics.migration_downtime.labels(self.record.mode).observe(info.downtime_ms / 1000)
 
@@ -467,7 +513,7 @@ class OutgoingLive:
                 log.error("cannot resume source VM %s: %s", self.request.vm_id, exc,
                           extra={"migration_id": self.record.id, "error_type": "resume"})
                 return
-            await asyncio.sleep(0.05)  # cancelling: QEMU resumes the VM itself shortly
+            await asyncio.sleep(0.05)  # cancelling: QEMU resumes the VM itself or lands in postmigrate
 
     def _end(self, phase: str) -> None:
         self.record.phase = phase
@@ -484,6 +530,8 @@ class OutgoingLive:
             self.guard = None
 
     async def _close(self) -> None:
+        if self.line is not None:
+            self.line.close()
         if self.tunnel is not None:
             await self.tunnel.close()
         if self._listener is not None:

@@ -34,6 +34,7 @@ from dwcp_agent.migration.bytestream import (
     StreamConfig,
     window_for,
 )
+from dwcp_agent.security.sealed import FrameKey
 
 __all__ = ["DATA_STREAMS", "Tunnel", "TunnelError", "new_session"]
 
@@ -58,8 +59,11 @@ class Tunnel:
     attached, the byte stream over the data connections."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: int,
-                 selector: CodecSelector | None = None) -> None:
+                 selector: CodecSelector | None = None, keys: tuple[FrameKey, FrameKey] | None = None) -> None:
         self.reader = reader
+        # sealed control frames (security/sealed.py) when the connection came over TLS
+        self.send_key: FrameKey | None = keys[0] if keys is not None else None
+        self.recv_key: FrameKey | None = keys[1] if keys is not None else None
         self.writer = writer
         self.session = session
         self.selector = selector
@@ -111,7 +115,7 @@ class Tunnel:
     # -- control ---------------------------------------------------------------------------------
 
     async def send(self, message: messages.Message) -> None:
-        write_frame(self.writer, FrameKind.CONTROL, messages.encode(message))
+        write_frame(self.writer, FrameKind.CONTROL, messages.encode(message), key=self.send_key)
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
@@ -133,7 +137,7 @@ class Tunnel:
     async def _read_loop(self) -> None:
         try:
             while True:
-                frame = await read_frame(self.reader)
+                frame = await read_frame(self.reader, self.recv_key)
                 if frame.kind is not FrameKind.CONTROL:
                     raise TunnelError(f"unexpected {frame.kind.name} frame on the control connection")
                 try:
@@ -150,16 +154,18 @@ class Tunnel:
         if self.stream is not None and self.stream.error is not None:
             raise TunnelError(f"byte stream failed: {self.stream.error}")
 
-    def attach_source(self, qemu: socket.socket, data_socks: list[socket.socket]) -> None:
-        """QEMU's outgoing socket: its bytes go out over `data_socks`, the return path comes in."""
+    def attach_source(self, qemu: socket.socket,
+                      data_conns: list[tuple[socket.socket, tuple[FrameKey, FrameKey] | None]]) -> None:
+        """QEMU's outgoing socket: its bytes go out over `data_conns` (socket, sealing keys or None),
+        the return path comes in."""
         qemu.setblocking(True)
         self._qemu = qemu
         encoder = ChunkEncoder(selector=self.selector or CodecSelector(), dedupe=False)
         source = ByteStreamSource(self.session, STREAM_CONFIG, reverse_output=qemu.fileno(), encoder=encoder)
         self.stream = source
         source.set_window(window_for(0.0, IN_FLIGHT_S, CHUNK_BYTES, WINDOW_CEILING))  # until a prediction
-        for stream, sock in enumerate(data_socks, start=1):
-            source.add_stream(sock, stream)
+        for stream, (sock, keys) in enumerate(data_conns, start=1):
+            source.add_stream(sock, stream, keys)
         self._spawn(self._feed, "live-feed")
 
     def attach_destination(self, qemu: socket.socket) -> None:
@@ -170,11 +176,12 @@ class Tunnel:
         self._spawn(self._pump_return, "live-return")
         self._spawn(self._end_of_stream, "live-eos")
 
-    def add_stream(self, sock: socket.socket, stream: int) -> bool:
+    def add_stream(self, sock: socket.socket, stream: int,
+                   keys: tuple[FrameKey, FrameKey] | None = None) -> bool:
         """A data connection of this session arrived (destination; listener thread)."""
         if self.stream is None or self.closed or stream < 1:
             return False
-        self.stream.add_stream(sock, stream)
+        self.stream.add_stream(sock, stream, keys)
         return True
 
     def kill_stream(self) -> tuple[int, int]:

@@ -41,6 +41,7 @@ from dwcp_agent.migration.core import (
     max_encoded_len,
 )
 from dwcp_agent.migration.core.stream import FLAG_END
+from dwcp_agent.security.sealed import TAG_BYTES, FrameKey
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["ByteStreamDestination", "ByteStreamError", "ByteStreamSource", "StreamConfig", "window_for"]
@@ -79,14 +80,88 @@ def window_for(bandwidth_bps: float, seconds: float = 0.1, chunk_size: int = 1 <
 
 
 class _Conn:
-    """One data connection: a reader thread and a writer thread, both ending when it breaks."""
+    """One data connection: a reader thread and a writer thread, both ending when it breaks.
 
-    def __init__(self, stream: int, sock: socket.socket) -> None:
+    With keys (security/sealed.py: a TLS connection switched by seal_stream) every frame goes
+    sealed exactly as amst/channel.py TcpChannel does: header sealed alone, a non-empty payload
+    sealed with the plain header as associated data. The writer thread alone uses `send_key` and
+    the reader thread alone `recv_key`, so the counter nonces follow the byte order on the wire.
+    """
+
+    def __init__(self, stream: int, sock: socket.socket,
+                 keys: tuple[FrameKey, FrameKey] | None = None) -> None:
         self.stream = stream
         self.sock = sock
+        self.send_key: FrameKey | None = keys[0] if keys is not None else None
+        self.recv_key: FrameKey | None = keys[1] if keys is not None else None
         self.acks: collections.deque[SendAck] = collections.deque()
         self.broken = False
         self.threads: list[threading.Thread] = []
+        self._header = b""               # the last header read (associated data of its payload)
+        self._sealed_out = bytearray(0)  # ciphertext staging of the writer thread
+        self._sealed_in = bytearray(0)   # ciphertext staging of the reader thread
+
+    @staticmethod
+    def _staging(buf: bytearray, n: int) -> bytearray:
+        return buf if len(buf) >= n else bytearray(n)
+
+    def _seal(self, header: bytes, plain: bytes | memoryview, out: bytearray | memoryview) -> None:
+        assert self.send_key is not None
+        self.send_key.seal_into(header, plain, out)
+
+    def send_headers(self, headers: list[bytes]) -> None:
+        """Frames without payload (ACKs), in one write."""
+        if self.send_key is None:
+            self.sock.sendall(b"".join(headers))
+            return
+        sealed = bytearray(len(headers) * (wire.HEADER_SIZE + TAG_BYTES))
+        view = memoryview(sealed)
+        for i, header in enumerate(headers):
+            at = i * (wire.HEADER_SIZE + TAG_BYTES)
+            self._seal(b"", header, view[at:at + wire.HEADER_SIZE + TAG_BYTES])
+        self.sock.sendall(sealed)
+
+    def send_frame(self, header: bytes, segments: tuple[bytes | memoryview, ...]) -> None:
+        parts = [memoryview(s) for s in segments if len(s)]
+        if self.send_key is not None:  # header and payload each sealed: nothing but sizes in clear
+            sealed_header = bytearray(len(header) + TAG_BYTES)
+            self._seal(b"", header, sealed_header)
+            if parts:
+                plain = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+                self._sealed_out = self._staging(self._sealed_out, len(plain) + TAG_BYTES)
+                sealed = memoryview(self._sealed_out)[:len(plain) + TAG_BYTES]
+                self._seal(header, plain, sealed)
+                parts = [sealed]
+            header = bytes(sealed_header)
+        views = [memoryview(header), *parts]
+        while views:  # sendmsg may stop anywhere; resume mid-buffer
+            sent = self.sock.sendmsg(views[:512])
+            while sent and views:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def recv_header(self, header_buf: bytearray) -> wire.FrameHeader:
+        if self.recv_key is None:
+            return wire.recv_header(self.sock, header_buf)
+        sealed = bytearray(wire.HEADER_SIZE + TAG_BYTES)
+        wire.recv_exact_into(self.sock, memoryview(sealed))
+        self.recv_key.open_into(b"", memoryview(sealed), header_buf)
+        self._header = bytes(header_buf)
+        return wire.unpack_header(header_buf)
+
+    def recv_payload(self, out: memoryview) -> None:
+        """Fill `out` with the payload of the last header (checked and decrypted when sealed)."""
+        if self.recv_key is None or not len(out):  # an empty payload is not sealed (send_frame)
+            wire.recv_exact_into(self.sock, out)
+            return
+        self._sealed_in = self._staging(self._sealed_in, len(out) + TAG_BYTES)
+        sealed = memoryview(self._sealed_in)[:len(out) + TAG_BYTES]
+        wire.recv_exact_into(self.sock, sealed)
+        self.recv_key.open_into(self._header, sealed, out)
 
     def shutdown(self) -> None:
         self.broken = True
@@ -120,10 +195,12 @@ class _Endpoint:
 
     # -- connections --------------------------------------------------------------------------
 
-    def add_stream(self, sock: socket.socket, stream: int) -> None:
-        """Carry frames on an authenticated connection from now on (blocking mode is set here)."""
+    def add_stream(self, sock: socket.socket, stream: int,
+                   keys: tuple[FrameKey, FrameKey] | None = None) -> None:
+        """Carry frames on an authenticated connection from now on (blocking mode is set here);
+        `keys` (send, receive) from security.sealed.seal_stream seal every frame."""
         sock.settimeout(None)
-        conn = _Conn(stream, sock)
+        conn = _Conn(stream, sock, keys)
         with self.cond:
             if self.closed or stream in self.conns or self.error is not None:
                 sock.close()
@@ -191,9 +268,9 @@ class _Endpoint:
                             break
                         self.cond.wait()
                 if acks:
-                    conn.sock.sendall(b"".join(
+                    conn.send_headers([
                         wire.pack_header(wire.FrameType.ACK, FLAG_END if a.end else 0, 0, self.session, conn.stream,
-                                         a.seq, a.offset, 0, 0, 0, self.version) for a in acks))
+                                         a.seq, a.offset, 0, 0, 0, self.version) for a in acks])
                 if chunk is not None:
                     self._send_chunk(conn, chunk)
         except OSError:
@@ -206,16 +283,7 @@ class _Endpoint:
         header = wire.pack_header(wire.FrameType.DATA, chunk.flags, chunk.codec, self.session, conn.stream,
                                   chunk.seq, chunk.offset, chunk.raw_len, chunk.payload_len, chunk.checksum,
                                   self.version)
-        views = [memoryview(header)] + [memoryview(s) for s in segments if len(s)]
-        while views:  # sendmsg may stop anywhere; resume mid-buffer
-            sent = conn.sock.sendmsg(views[:512])
-            while sent and views:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+        conn.send_frame(header, segments)
 
     def _segments(self, chunk: OutChunk) -> tuple[bytes | memoryview, ...]:
         """The payload parts of a chunk this end sends (each end keeps them its own way)."""
@@ -228,7 +296,7 @@ class _Endpoint:
         scratch = bytearray(max_encoded_len(max(self.config.chunk_size, self.config.reverse_chunk)))
         try:
             while not conn.broken:
-                h = wire.recv_header(conn.sock, header_buf)
+                h = conn.recv_header(header_buf)
                 if h.type == wire.FrameType.ACK:
                     with self.cond:
                         self.sender.acked(h.offset, end=bool(h.flags & FLAG_END))
@@ -238,10 +306,10 @@ class _Endpoint:
                     self.assembler.check(conn.stream, h)
                     duplicate = self.assembler.is_duplicate(h)
                 if duplicate or h.flags & FLAG_END:
-                    wire.recv_exact_into(conn.sock, memoryview(scratch)[: h.encoded_len])
+                    conn.recv_payload(memoryview(scratch)[: h.encoded_len])
                     handle: object = None
                 else:
-                    handle = self._receive_payload(conn.sock, h, scratch)
+                    handle = self._receive_payload(conn, h, scratch)
                 with self.cond:
                     self.assembler.arrived(conn.stream, h, handle)
                     self._pump()
@@ -266,16 +334,16 @@ class _Endpoint:
         log.warning("byte stream %x, connection %d: %s", self.session, conn.stream, reason,
                     extra={"error_type": kind, "component": "amst"})
 
-    def _receive_payload(self, sock: socket.socket, h: wire.FrameHeader, scratch: bytearray) -> object:
+    def _receive_payload(self, conn: _Conn, h: wire.FrameHeader, scratch: bytearray) -> object:
         """Read, decode and verify one payload; returns the bytes to deliver."""
         if h.codec == CodecId.NONE and h.flags == 0:
             if h.encoded_len != h.raw_len:
                 raise wire.FrameError("uncompressed chunk length mismatch", "bad_length")
             out = bytearray(h.raw_len)
-            wire.recv_exact_into(sock, memoryview(out))
+            conn.recv_payload(memoryview(out))
         else:
             body = memoryview(scratch)[: h.encoded_len]
-            wire.recv_exact_into(sock, body)
+            conn.recv_payload(body)
             out = bytearray(h.raw_len)
             ChunkDecoder().decode(h.codec, h.flags, body, h.raw_len, memoryview(out))
         if checksum(memoryview(out)) != h.checksum:

@@ -23,7 +23,7 @@ import numpy as np
 
 from dwcp_agent import wire
 from dwcp_agent.amst.channel import FrameSource, TcpChannel
-from dwcp_agent.hde.baseline import FilePages, have_list
+from dwcp_agent.hde.baseline import FilePages, have_list_blob
 from dwcp_agent.hde.chunk import (
     BASELINE_BYTES_PER_PAGE,
     DEFAULT_INDEX_BUDGET,
@@ -181,18 +181,17 @@ class ReceiveSession:
         budget = self.index_budget_bytes // 2 // BASELINE_BYTES_PER_PAGE  # rows: non-zero pages
         allocated_pages = os.fstat(fd).st_blocks * 512 // 4096
         try:  # far more allocated pages than the budget has rows: not worth reading to find out
-            have = None if allocated_pages > 8 * budget else have_list(f"/proc/self/fd/{fd}", budget)
+            blob = None if allocated_pages > 8 * budget else have_list_blob(f"/proc/self/fd/{fd}", budget)
         except OSError as exc:
             os.close(fd)
             log.warning("no baseline: cannot read %s: %s", self.dest, exc.strerror,
                         extra={"migration_id": self.start.migration_id})
             return None, b""
-        if have is None:
+        if blob is None:
             os.close(fd)
             log.info("no baseline: %s holds more non-zero pages than index_budget_bytes allows", self.dest,
                      extra={"migration_id": self.start.migration_id})
             return None, b""
-        blob = have.to_bytes()
         if len(blob) > wire.MAX_CONTROL_PAYLOAD // 2:
             os.close(fd)
             log.warning("no baseline: have-list of %d bytes is too large for one control message", len(blob),

@@ -30,7 +30,7 @@ from dwcp_agent.migration.safe_files import sweep_abandoned
 from dwcp_agent.pba.active import ProbeError, serve_probe
 from dwcp_agent.security import channels as channel_security
 from dwcp_agent.security.preauth import ConnectionLimiter, DeadlineReaper, RateLimitedLog, truncate
-from dwcp_agent.security.sealed import end_tls
+from dwcp_agent.security.sealed import FrameKey, seal_stream
 from dwcp_agent.telemetry import tracing
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -55,7 +55,9 @@ class DataServer:
         self.pool = pool or BufferPool()
         self.sessions: dict[int, ReceiveSession] = {}
         # Connections that asked for the "live" role go to the live-migration service.
-        self.live_handler: Callable[[socket.socket, wire.PeerInfo], None] | None = None
+        # (plain socket, peer, sealing keys when the connection came over TLS)
+        self.live_handler: Callable[[socket.socket, wire.PeerInfo, tuple[FrameKey, FrameKey] | None],
+                                    None] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_source)
@@ -162,10 +164,18 @@ class DataServer:
             if self.live_handler is None:
                 conn.close()
                 return
+            keys: tuple[FrameKey, FrameKey] | None = None
             if isinstance(conn, channel_security.ssl.SSLSocket):
-                # Authenticated by TLS above; the QEMU tunnel itself runs in the clear (docs/security-channels.md).
-                conn = end_tls(conn)
-            self.live_handler(conn, peer)
+                # Control and guest memory: sealed frames, as the image path's TcpChannel (security/sealed.py).
+                try:
+                    conn, send_key, recv_key = seal_stream(conn)
+                except (wire.WireError, OSError) as exc:
+                    self.metrics.error("amst", exc.error_type if isinstance(exc, wire.WireError) else "disconnected")
+                    self.refusals.warning("live connection from %s: no stream keys: %s", addr[0], truncate(exc, 300))
+                    conn.close()
+                    return
+                keys = (send_key, recv_key)
+            self.live_handler(conn, peer, keys)
         elif peer.role == "control":
             self._serve_control(conn, peer, token)
         else:

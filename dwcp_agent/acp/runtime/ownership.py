@@ -6,9 +6,11 @@ migration ends; then the ownership change to the destination host is committed t
 consensus. So two hosts never both believe they run the VM: until that commit the source stays
 the owner, whatever happened to the bytes.
 
-The migration runs on threads; the consensus service lives on the agent's event loop. Every
-registry step of a migration goes through one `OwnershipSession`, and each of its two decisions
-(open, then complete or abandon) is one hand-over to that loop, awaited with a bound.
+Image migrations run on threads, live migrations on the agent's event loop, where the consensus
+service lives. Every registry step of either goes through one `OwnershipSession`, and each of its
+two decisions (open, then complete or abandon) is one step, bounded in time: from a thread it is
+one hand-over to the loop (`begin`, `complete`, `abandon`), on the loop it is awaited directly
+(`begin_on_loop`, `complete_on_loop`, `abandon_on_loop`). Same steps, same errors.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ class RegistryOwnership:
             raise OwnedElsewhere(f"VM {vm_id} is owned by {owner}, not this host ({self.node_id})")
         return (await self.consensus.acquire_lease(vm_id, self.node_id, LEASE_TTL_S)).token
 
+    async def begin_on_loop(self, vm_id: str) -> OwnershipSession:
+        """`begin` for a caller on the event loop (a live migration)."""
+        return OwnershipSession(self, vm_id, await self.settle(self._begin(vm_id)))
+
+    async def settle(self, coro: Coroutine[Any, Any, T], steps: int = 1) -> T:
+        """Await `coro` on this loop, `timeout_s` per registry step (the loop-side `cross`)."""
+        try:
+            return await asyncio.wait_for(coro, self.timeout_s * steps)
+        except (ConsensusError, ConsensusTimeout, TimeoutError) as exc:
+            raise OwnershipError(f"registry: {str(exc) or type(exc).__name__}") from exc
+
     def cross(self, coro: Coroutine[Any, Any, T], steps: int = 1) -> T:
         """Run `coro` on the event loop and wait for it, `timeout_s` per registry step."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -64,12 +77,13 @@ class RegistryOwnership:
             return future.result(self.timeout_s * steps)
         except (ConsensusError, ConsensusTimeout, concurrent.futures.TimeoutError) as exc:
             future.cancel()
-            raise OwnershipError(f"registry: {exc or type(exc).__name__}") from exc
+            raise OwnershipError(f"registry: {str(exc) or type(exc).__name__}") from exc
 
 
 class OwnershipSession:
     """One migration's lease on its VM, closed by exactly one decision: `complete` once the
-    destination committed the verified image, `abandon` otherwise. Each is one hand-over."""
+    destination committed the verified image (or, live, its QEMU loaded the whole VM), `abandon`
+    otherwise. Each is one hand-over from a thread, or one bounded await on the loop."""
 
     def __init__(self, registry: RegistryOwnership, vm_id: str, token: int) -> None:
         self.registry = registry
@@ -82,6 +96,11 @@ class OwnershipSession:
         is given back in the same hand-over and OwnershipError raised: the source stays owner."""
         self._close()
         self.registry.cross(self._complete(destination), steps=2)
+
+    async def complete_on_loop(self, destination: str) -> None:
+        """`complete` for a caller on the event loop."""
+        self._close()
+        await self.registry.settle(self._complete(destination), steps=2)
 
     async def _complete(self, destination: str) -> None:
         consensus, node_id = self.registry.consensus, self.registry.node_id
@@ -100,6 +119,14 @@ class OwnershipSession:
         self._close()
         self.registry.cross(self.registry.consensus.release_lease(self.vm_id, self.registry.node_id,
                                                                   self.token))
+
+    async def abandon_on_loop(self) -> None:
+        """`abandon` for a caller on the event loop."""
+        if self.closed:
+            return
+        self._close()
+        await self.registry.settle(self.registry.consensus.release_lease(self.vm_id, self.registry.node_id,
+                                                                         self.token))
 
     def _close(self) -> None:
         if self.closed:

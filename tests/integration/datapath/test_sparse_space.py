@@ -58,7 +58,8 @@ def fifty_gib_free(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)  # the loop device goes once unused
         backing.unlink(missing_ok=True)
 
 

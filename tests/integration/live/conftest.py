@@ -7,6 +7,7 @@ short directory of our own (socket paths are limited to 108 bytes).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -91,6 +92,14 @@ class LiveBed:
     def owner(self, agent: LocalAgent) -> str | None:
         return api_call(agent.url, "GET", "/api/v3/vms/vm1/owner").get("owner")  # type: ignore[no-any-return]
 
+    def owner_after_kill(self, victim: str) -> str | None:
+        """The owner of vm1 in the source agent's ACP registry; a killed source agent is
+        restarted (same state directory and ports) to ask it."""
+        if victim == "src":
+            self.src.start()
+            self.src.wait_ready()
+        return self.owner(self.src)
+
     def qemus(self) -> list[int]:
         return qemu_pids_under(self.root)
 
@@ -102,6 +111,9 @@ class LiveBed:
         assert self.qemus() == [self.vm.proc.pid]  # type: ignore[union-attr]
         seen = len([b for b in self.beats.beats if b.source == self.vm.serial_log.name])
         self.beats.wait_for(seen + more_beats, 30, self.vm.serial_log.name)
+        beats = [b for b in self.beats.beats if b.source == self.vm.serial_log.name]
+        assert len({b.boot_id for b in beats}) == 1, "the guest rebooted"
+        assert all(a.seq < b.seq for a, b in itertools.pairwise(beats)), "the heartbeat sequence went back"
 
     def assert_moved(self, more_beats: int = 5) -> Any:
         """Exactly one QEMU left (the destination's), the guest went on without rebooting."""

@@ -68,3 +68,25 @@ def test_frames_round_trip_and_a_truncated_or_unknown_frame_is_a_tunnel_error() 
             await read_frame(_roundtrip(bytes([99, 0]) + bytes(8)))
 
     asyncio.run(run())
+
+
+def test_sealed_control_frames_hide_the_message_and_a_flipped_byte_is_a_tunnel_error() -> None:
+    from dwcp_agent.security.sealed import FrameKey
+
+    secret = messages.encode(messages.Refuse("guest-secret-vm-name", "incompatible"))
+
+    async def run() -> None:
+        sink = _Sink()
+        write_frame(sink, FrameKind.CONTROL, secret, key=FrameKey(b"k" * 16))  # type: ignore[arg-type]
+        one = bytes(sink.data)
+        assert b"guest-secret-vm-name" not in one
+        frame = await read_frame(_roundtrip(one), FrameKey(b"k" * 16))
+        assert frame.payload == secret
+        for at in (3, len(one) - 1):  # in the sealed header, in the sealed payload
+            flipped = one[:at] + bytes([one[at] ^ 1]) + one[at + 1:]
+            with pytest.raises(TunnelError, match="authentication failed"):
+                await read_frame(_roundtrip(flipped), FrameKey(b"k" * 16))
+        with pytest.raises(TunnelError, match="authentication failed"):  # a wrong key
+            await read_frame(_roundtrip(one), FrameKey(b"x" * 16))
+
+    asyncio.run(run())

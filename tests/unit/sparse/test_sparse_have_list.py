@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dwcp_agent.hde.baseline import HaveList, have_list, header_pages
+from dwcp_agent.hde.baseline import HaveList, have_list, have_list_blob, header_pages
 from dwcp_agent.hde.codecs import CodecError
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -51,3 +51,30 @@ def test_malformed_sparse_have_lists_are_codec_errors() -> None:
             HaveList.from_bytes(bad)
     with pytest.raises(CodecError):
         HaveList.from_bytes(good, max_pages=2)
+
+
+def test_the_have_list_built_while_reading_is_the_one_built_whole(tmp_path: Path) -> None:
+    """The destination streams its baseline's page indexes into the compressor as it reads (only
+    the hash rows wait for the end); what the source decodes is the same have-list, and the
+    budget still refuses a baseline with too many rows."""
+    path = tmp_path / "base.img"
+    rng = np.random.default_rng(5)
+    with open(path, "wb") as f:
+        f.truncate(4 * GiB + 12345)
+        for offset in (0, 9 * MiB + 4096, GiB, 3 * GiB + 7 * MiB):  # blocks across READ_BLOCK edges
+            f.seek(offset)
+            page = rng.integers(0, 256, size=(3 * MiB) // 4096 * 4096, dtype=np.uint8)
+            page[4096:3 * 4096] = 0  # zero pages inside the data get no row
+            f.write(page.tobytes())
+    whole = have_list(path)
+    streamed = have_list_blob(path)
+    assert whole is not None and streamed is not None
+    assert header_pages(streamed) == whole.entries == 4 * (768 - 2)
+    back = HaveList.from_bytes(streamed, max_pages=1 << 24)
+    assert back.pages == whole.pages
+    assert np.array_equal(back.index, whole.index) and np.array_equal(back.hashes, whole.hashes)
+    assert have_list_blob(path, max_entries=whole.entries - 1) is None
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    blob = have_list_blob(empty)
+    assert blob is not None and HaveList.from_bytes(blob).entries == 0
