@@ -235,7 +235,12 @@ class Pbft:
             return
         if not self.det.fresh(sender, wire.nonce):
             return
-        self.heard.add(sender)
+        if sender not in self.heard:
+            # A replica heard for the first time (one that started after us, the primary among
+            # them) gets a full request period before we suspect anyone: at most n-1 restarts.
+            self.heard.add(sender)
+            if self.req_timer is not None:
+                self.req_timer = self.now
         try:
             msg = decode_pbft(wire.body)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError) as exc:
