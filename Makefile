@@ -9,8 +9,9 @@ NATIVE_SRC := $(wildcard native/*.pyx native/*.pxd)
 # System tools the tests and benchmarks use: iperf3/zstd/lz4 as references, iproute2/iptables/
 # ethtool/libnetfilter-queue for the WAN test bed, rdma-core/pyverbs for RDMA discovery,
 # prometheus/alertmanager/promtool/amtool for the operator surface, etcd for the consensus bench,
-# qemu-system-x86/busybox-static/cpio for the live-migration test guest, qemu-utils/rsync for the sparse bench.
-APT_PKGS := iperf3 zstd lz4 iproute2 iptables ethtool gcc libnetfilter-queue-dev libxxhash-dev \
+# qemu-system-x86/busybox-static/cpio for the live-migration test guest, qemu-utils/rsync for the sparse bench,
+# libipsec-mb-dev for AES-GCM on sealed data streams (native/stream.pyx).
+APT_PKGS := iperf3 zstd lz4 iproute2 iptables ethtool gcc libnetfilter-queue-dev libxxhash-dev libipsec-mb-dev \
 	        python3-pyverbs rdma-core ibverbs-utils prometheus prometheus-alertmanager systemd \
 	        etcd-server etcd-client \
 	        qemu-system-x86 qemu-utils rsync busybox-static cpio kmod

@@ -6,11 +6,15 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+# stream.pyx seals and opens frames with intel-ipsec-mb's AES-GCM (apt: libipsec-mb-dev).
+LIBRARIES = {"stream": ["IPSec_MB"]}
+
 extensions = [
     Extension(
         f"dwcp_agent._native.{pyx.stem}",
         [str(pyx)],
         include_dirs=[numpy.get_include()],
+        libraries=LIBRARIES.get(pyx.stem, []),
         extra_compile_args=["-O3", "-march=x86-64-v2", "-fno-strict-aliasing"],
     )
     for pyx in sorted(Path("native").glob("*.pyx"))

@@ -65,8 +65,15 @@ def _server(tree: Path, role: str, args: dict[str, Any]) -> tuple[subprocess.Pop
     return proc, int(line)
 
 
-def measure(tree: Path, work: Path, image: Path, codec: str, side: str, repeats: int) -> float:
-    """Bytes per second of one side of the pipeline on one core."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (/proc/<pid>/stat utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(tree: Path, work: Path, image: Path, codec: str, side: str, repeats: int) -> tuple[float, float]:
+    """Bytes per second of one side of the pipeline on one core, and its CPU seconds per GiB
+    (the measure that holds on a loaded machine: time other processes held the core is not in it)."""
     near, far = _cpus()
     common = {"work": str(work), "codec": codec, "chunk": CHUNK, "image": str(image), "repeats": repeats}
     if side == "source":
@@ -78,7 +85,13 @@ def measure(tree: Path, work: Path, image: Path, codec: str, side: str, repeats:
         role = "feeder"
         args = dict(common, cpu=far, port=port)
     try:
-        return float(_worker(tree, role, args)["bytes_per_second"])
+        server_cpu = _cpu_seconds(server.pid)
+        out = _worker(tree, role, args)
+        if side == "source":  # the source's own measure around SendSession.run (best of the repeats)
+            cpu = float(out.get("cpu_seconds", float("nan")))
+        else:  # the destination server served `repeats` migrations of the image
+            cpu = (_cpu_seconds(server.pid) - server_cpu) / repeats
+        return float(out["bytes_per_second"]), cpu / (image.stat().st_size / (1 << 30))
     finally:
         server.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):  # a loaded disk can hold a killed writer
@@ -145,7 +158,9 @@ def run(quick: bool) -> dict[str, Any]:
                 for side in ("source", "dest"):
                     row: dict[str, Any] = {"image": image_name, "codec": codec, "side": side}
                     for label, tree in trees.items():
-                        row[f"{label}_bytes_per_second"] = measure(tree, work, image, codec, side, repeats)
+                        rate, cpu = measure(tree, work, image, codec, side, repeats)
+                        row[f"{label}_bytes_per_second"] = rate
+                        row[f"{label}_cpu_s_per_gib"] = cpu
                     if "before_bytes_per_second" in row:
                         row["after_over_before"] = row["after_bytes_per_second"] / row["before_bytes_per_second"]
                     results["cases"].append(row)
@@ -162,12 +177,15 @@ def markdown(results: dict[str, Any]) -> str:
     copy = results["c_filecopy_one_core_bytes_per_second"] / 1e9
     mem = results["memcpy_one_core_bytes_per_second"] / 1e9
     lines = [f"### Per-core pipeline throughput (GB/s per core; C file copy {copy:.2f}, memcpy {mem:.2f})", "",
-             "| image | codec | side | before | after | after/before |", "|---|---|---|---|---|---|"]
+             "| image | codec | side | before | after | after/before | CPU s/GiB before | CPU s/GiB after |",
+             "|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for r in results["cases"]:
         before = r.get("before_bytes_per_second")
         lines.append(f"| {r['image']} | {r['codec']} | {r['side']} | "
-                     f"{before / 1e9 if before else float('nan'):.2f} | {r['after_bytes_per_second'] / 1e9:.2f} | "
-                     f"{r.get('after_over_before', float('nan')):.2f} |")
+                     f"{before / 1e9 if before else nan:.2f} | {r['after_bytes_per_second'] / 1e9:.2f} | "
+                     f"{r.get('after_over_before', nan):.2f} | {r.get('before_cpu_s_per_gib', nan):.3f} | "
+                     f"{r.get('after_cpu_s_per_gib', nan):.3f} |")
     return "\n".join(lines)
 
 

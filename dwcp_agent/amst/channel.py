@@ -13,9 +13,11 @@ import ssl
 from typing import Protocol
 
 from dwcp_agent import wire
+from dwcp_agent.kernels import stream as native_stream
 from dwcp_agent.security.sealed import TAG_BYTES, FrameKey, seal_stream
 
 MAX_IOV = 512  # buffers per sendmsg, well under the kernel's IOV_MAX of 1024
+SEAL_STAGING_BYTES = 128 << 10  # a sealed frame goes out through this much ciphertext at a time (stays in cache)
 
 
 class DataChannel(Protocol):
@@ -72,7 +74,8 @@ class TcpChannel:
     """A data stream over one TCP connection (both directions of it: frames out, acks in).
 
     Given a TLS socket (security/channels.py), the stream is switched to sealed frames
-    (security/sealed.py) before the first frame: AES-GCM per frame, scatter-gather send kept.
+    (security/sealed.py) before the first frame: AES-GCM per frame, sealed and sent by the native
+    kernel straight from the payload segments, received by the native loop (`frame_receiver`).
     """
 
     transport = "tcp"
@@ -86,7 +89,9 @@ class TcpChannel:
         self.encrypted = self._send_key is not None
         self._trailer = TAG_BYTES if self.encrypted else 0
         self._sealed = bytearray(0)  # ciphertext staging, grown to the largest frame
-        self._header = b""
+        self._header: bytes | bytearray = b""  # associated data of the payload to open next
+        self._tag = bytearray(TAG_BYTES)
+        self._tag_view = memoryview(self._tag)
         # ACKs are 56-byte headers (sealed: + tag), one per chunk: read them in batches.
         self._ack_size = wire.HEADER_SIZE + self._trailer
         self._acks = bytearray(64 * self._ack_size)
@@ -99,17 +104,12 @@ class TcpChannel:
         return memoryview(self._sealed)[:n]
 
     def send_frame(self, header: bytes, *payload: bytes | memoryview) -> None:
-        parts = [part for part in payload if len(part)]
         if self._send_key is not None:  # header and payload each sealed: nothing but sizes in clear
-            header = bytes(header)
-            sealed_header = bytearray(len(header) + TAG_BYTES)
-            self._send_key.seal_into(b"", header, sealed_header)
-            if parts:
-                plain = parts[0] if len(parts) == 1 else b"".join(parts)
-                sealed = self._staging(len(plain) + TAG_BYTES)
-                self._send_key.seal_into(header, plain, sealed)
-                parts = [sealed]
-            header = bytes(sealed_header)
+            timeout = self.sock.gettimeout()
+            native_stream.send_sealed_frame(self.sock.fileno(), self._send_key.cipher, header, payload,
+                                            self._staging(SEAL_STAGING_BYTES), -1.0 if timeout is None else timeout)
+            return
+        parts = [part for part in payload if len(part)]
         views = [memoryview(header)] + [memoryview(part) for part in parts]
         first = 0
         while first < len(views):  # sendmsg may stop anywhere; resume mid-buffer
@@ -147,17 +147,30 @@ class TcpChannel:
         sealed = self._staging(wire.HEADER_SIZE + TAG_BYTES)
         wire.recv_exact_into(self.sock, sealed)
         self._recv_key.open_into(b"", sealed, header_buf)
-        self._header = bytes(header_buf)
+        self._header = header_buf  # the caller keeps it until the payload is read
         return wire.unpack_header(header_buf)
 
     def recv_payload(self, out: memoryview) -> memoryview:
         if self._recv_key is None or not len(out):  # an empty payload is not sealed (send_frame)
             wire.recv_exact_into(self.sock, out)
             return out
-        sealed = self._staging(len(out) + TAG_BYTES)
-        wire.recv_exact_into(self.sock, sealed)
-        self._recv_key.open_into(self._header, sealed, out)
+        wire.recv_exact_into(self.sock, out)  # ciphertext straight into place, then its tag
+        wire.recv_exact_into(self.sock, self._tag_view)
+        self._recv_key.open_in_place(self._header, out, self._tag)
         return out
+
+    def frame_receiver(self, file_fd: int, header_buf: bytearray, payload: memoryview, session: int, stream: int,
+                       version: int, size: int, chunk_size: int) -> native_stream.RawFrameReceiver | None:
+        """The native receive loop on this stream (None on a socket with a timeout). It fills
+        `header_buf`, which the Python path then reads payloads against; a sealed stream's keys
+        and nonce counters are shared by both."""
+        if self.sock.gettimeout() is not None:
+            return None
+        self._header = header_buf
+        return native_stream.RawFrameReceiver(
+            self.sock.fileno(), file_fd, header_buf, payload, session, stream, version, size, chunk_size,
+            recv_key=None if self._recv_key is None else self._recv_key.cipher,
+            send_key=None if self._send_key is None else self._send_key.cipher)
 
     def send_ack(self, header: bytes) -> None:
         if self._send_key is not None:

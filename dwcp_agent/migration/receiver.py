@@ -136,13 +136,18 @@ class ReceiveSession:
             raise ReceiveError(f"cannot create {self.partial}: {exc.strerror}", "unwritable") from exc
         resumed = self.journal.resumed and not created
         reserve_fd = -1
+        in_place = space.in_memory(fd)  # tmpfs: reserve inside the partial (space.PartialReservation)
         try:
             try:
-                reserve_fd, _ = d.open_file(d.reserve_name)
-                os.ftruncate(reserve_fd, 0)  # a reservation left by a crash is void
+                if in_place:
+                    if resumed:
+                        space.release_unwritten(fd)  # a reservation left by a crash is void
+                else:
+                    reserve_fd, _ = d.open_file(d.reserve_name)
+                    os.ftruncate(reserve_fd, 0)  # a reservation left by a crash is void
                 # A resumed partial needs what it lacks outside the chunks its journal holds.
-                needed = space.check(fd, space.without_chunks(ranges, self.journal.have, self.start.chunk_size),
-                                     free) if resumed else data_bytes
+                wanted = space.without_chunks(ranges, self.journal.have, self.start.chunk_size) if resumed else ranges
+                needed = space.check(fd, wanted, free) if resumed else data_bytes
                 if not resumed:
                     if not space.fits(needed, free(fd)):
                         raise space.NoSpace(needed, free(fd))
@@ -150,7 +155,8 @@ class ReceiveSession:
                         self.journal.reset()
                     os.ftruncate(fd, 0)
                 os.ftruncate(fd, self.start.size)
-                self.reservation = space.Reservation(reserve_fd, needed)
+                self.reservation: space.Reservation | space.PartialReservation = (
+                    space.PartialReservation(fd, wanted, needed) if in_place else space.Reservation(reserve_fd, needed))
                 self._reserved = needed
             except space.NoSpace as exc:
                 raise ReceiveError(f"not enough space in {self.partial.parent}: {exc}", "no_space") from exc
@@ -256,6 +262,7 @@ class ReceiveSession:
                 self.metrics.error("migration", "digest_mismatch")
                 self.journal.reset()
             elif isinstance(action, Rename):
+                self.reservation.settle()  # in the partial: its never-written pages become holes again
                 os.fsync(self._fd)
                 self.directory.commit(self.directory.partial_name)
                 self.journal.remove()
@@ -376,6 +383,8 @@ class ReceiveSession:
                     continue
                 if outcome == native_stream.CHECKSUM:
                     raise wire.FrameError(f"chunk {fast.index} checksum mismatch", "checksum")
+                if outcome == native_stream.TAG:
+                    raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
                 if outcome == native_stream.CLOSED:
                     raise wire.PeerClosed("peer closed the connection" + (" mid-frame" if fast.partial else ""))
                 if outcome == native_stream.OS_ERROR:
@@ -393,11 +402,12 @@ class ReceiveSession:
 
     def _raw_receiver(self, source: FrameSource, stream_id: int, version: int, header_buf: bytearray,
                       payload: memoryview) -> native_stream.RawFrameReceiver | None:
-        """The native receive loop for a TCP stream in blocking mode (RDMA streams use the Python path)."""
-        if not isinstance(source, TcpChannel) or source.sock.gettimeout() is not None or source.encrypted:
-            return None  # the native loop reads the descriptor itself: only for plaintext TCP
-        return native_stream.RawFrameReceiver(source.sock.fileno(), self._fd, header_buf, payload, self.session_id,
-                                       stream_id, version, self.start.size, self.start.chunk_size)
+        """The native receive loop for a TCP stream in blocking mode, sealed or not (RDMA streams use
+        the Python path)."""
+        if not isinstance(source, TcpChannel):
+            return None
+        return source.frame_receiver(self._fd, header_buf, payload, self.session_id, stream_id, version,
+                                     self.start.size, self.start.chunk_size)
 
     def _receive_frame(self, source: FrameSource, h: wire.FrameHeader, stream_id: int, version: int,
                        expected_seq: int, payload: memoryview, raw: memoryview, decoder: ChunkDecoder,
@@ -430,10 +440,15 @@ class ReceiveSession:
             actual = checksum(data)
         if actual != h.checksum:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
+        # In a partial preallocated on tmpfs the skipped zero pages are punched, so they stay
+        # holes and the commit needs no walk of the file (space.PartialReservation.settle).
+        punch = isinstance(self.reservation, space.PartialReservation)
         if data is not None and holes and zero_pages is not None:
-            native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset)
+            native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset, punch)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
             _pwrite_all(self._fd, data, h.offset)
+        elif punch:
+            space.punch_hole(self._fd, h.offset, h.raw_len)
         self._chunk_written(index, h.checksum)
         self.bytes_received += h.raw_len
 
@@ -495,9 +510,9 @@ class ReceiveSession:
         self._flusher.join(max(0.0, deadline - time.monotonic()))
         if self.baseline is not None:
             os.close(self.baseline.fd)
+        self.reservation.close()  # after the final flush: see space.PartialReservation
         os.close(self._fd)
         self._fd = -1
-        self.reservation.close()
         self.directory.unlink(self.directory.reserve_name)  # a later Start reserves what is missing then
         self.journal.close()
         self.directory.close()

@@ -166,7 +166,11 @@ class SendSession:
         offer = self._rdma_offer()
         sock, peer = self._connect("data", session, stream, offer)
         if not offer:
-            return TcpChannel(sock)
+            try:
+                return TcpChannel(sock)  # a TLS stream exchanges its frame keys here
+            except (wire.WireError, OSError) as exc:
+                sock.close()
+                raise MigrationError(f"data stream {stream} key exchange failed: {exc}", "disconnected") from exc
         try:
             return self.transports.source_channel(sock, peer.capabilities, self.chunk_size, self._rdma_failed)
         except TransportUnavailable as exc:

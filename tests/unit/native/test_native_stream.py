@@ -234,6 +234,25 @@ def test_write_except_zero_pages_leaves_marked_pages_untouched(tmp_path: Path) -
     assert got[len(data):] == b"\xaa" * (5 * 4096 - len(data))
 
 
+def test_write_except_zero_pages_can_punch_the_skipped_runs(tmp_path: Path) -> None:
+    """punch=True (a partial preallocated on tmpfs): skipped runs read as zeros and hold no blocks."""
+    path = tmp_path / "partial"
+    path.write_bytes(b"\xaa" * (8 * 4096))
+    data = os.urandom(8 * 4096)
+    zero = bytes([1, 1, 0, 0, 1, 0, 1, 1])  # runs of zero pages at the start, middle and end
+    fd = os.open(path, os.O_RDWR)
+    try:
+        stream.write_except_zero_pages(fd, data, zero, 0, True)
+        blocks = os.fstat(fd).st_blocks * 512
+    finally:
+        os.close(fd)
+    got = path.read_bytes()
+    for p, skipped in enumerate(zero):
+        page = slice(p * 4096, (p + 1) * 4096)
+        assert got[page] == (bytes(4096) if skipped else data[page])
+    assert blocks < 8 * 4096, "the punched pages hold no blocks"
+
+
 def test_write_except_zero_pages_reports_an_io_error() -> None:
     fd = os.open("/dev/null", os.O_RDONLY)
     try:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dwcp_agent.hde.chunk import checksum
 from dwcp_agent.migration import space
 from dwcp_agent.migration.digest import chunk_count, hole_checksums, object_digest, reread_checksums
-from dwcp_agent.migration.extents import ChunkRun, chunk_runs, data_ranges, holes_moved
+from dwcp_agent.migration.extents import ChunkRun, chunk_runs, data_extents, data_ranges, holes_moved
 from dwcp_agent.migration.holes import HoleSet
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -115,6 +117,41 @@ def test_a_reservation_holds_space_and_gives_it_back_as_chunks_land(tmp_path: Pa
         assert reservation.held == 3 * MiB
     finally:
         reservation.close()
+
+
+def _on_tmpfs(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return space.in_memory(fd)
+    finally:
+        os.close(fd)
+
+
+def test_on_tmpfs_the_reservation_is_the_partials_own_pages_and_unwritten_ones_become_holes() -> None:
+    """PartialReservation: the data ranges are preallocated in the partial, written pages keep
+    their bytes, pages never written (zero pages the receiver skips) are punched at close."""
+    if not _on_tmpfs(Path("/dev/shm")):
+        pytest.skip("needs a tmpfs at /dev/shm (where fallocate allocates memory pages)")
+    with tempfile.TemporaryDirectory(prefix=f"dwcp-perf-{os.getpid()}-", dir="/dev/shm") as tmp:
+        fd = _sparse(Path(tmp) / "part", 32 * MiB, [])
+        try:
+            reservation = space.PartialReservation(fd, [(0, 4 * MiB), (16 * MiB, 4 * MiB)], 8 * MiB)
+            assert reservation.held == 8 * MiB
+            assert os.fstat(fd).st_blocks * 512 >= 8 * MiB, "the ranges' bytes are held"
+            assert list(data_extents(fd, 32 * MiB)) == [], "preallocated, never written: holes"
+            os.pwrite(fd, b"a" * MiB, MiB)
+            os.pwrite(fd, b"b" * 4096, 17 * MiB)
+            reservation.shrink_to(2 * MiB)
+            assert os.fstat(fd).st_blocks * 512 >= 8 * MiB, "nothing given back before close"
+            reservation.close()
+            assert os.fstat(fd).st_blocks * 512 == MiB + 4096, "only the written pages stay"
+            assert os.pread(fd, MiB, MiB) == b"a" * MiB and os.pread(fd, 4096, 17 * MiB) == b"b" * 4096
+            assert os.pread(fd, MiB, 2 * MiB) == bytes(MiB)
+            assert list(data_extents(fd, 32 * MiB)) == [(MiB, 2 * MiB), (17 * MiB, 17 * MiB + 4096)]
+        finally:
+            os.close(fd)
 
 
 def test_a_punched_hole_reads_as_zeros_and_frees_its_blocks(tmp_path: Path) -> None:
