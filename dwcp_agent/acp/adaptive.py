@@ -38,7 +38,7 @@ from dwcp_agent.acp.messages import (
     Request,
     Snapshot,
 )
-from dwcp_agent.acp.pbft.certs import client_node, request_bytes
+from dwcp_agent.acp.pbft.certs import client_node
 from dwcp_agent.acp.pbft.pbft import Pbft, PbftOptions
 from dwcp_agent.acp.raft.raft import NotLeader, ProposalDropped, Raft, RaftOptions, Role, decode_conf
 from dwcp_agent.acp.registry import (
@@ -276,8 +276,7 @@ class Replica:
                 return
             self.raft.propose(data, ENTRY_NORMAL)
         elif self.pbft is not None:
-            req = Request(cmd.client, cmd.seq, data)
-            self.pbft.submit(Request(req.client, req.ts, req.op, self.keys.sign(request_bytes(req))))
+            self.pbft.submit(Request(cmd.client, cmd.seq, data))
 
     def change_membership(self, cc: ConfChange) -> None:
         """Single-server membership change (Raft only; PBFT membership is fixed per epoch)."""

@@ -9,9 +9,7 @@ from a primary) or of a backup, whichever replica start-up made primary.
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from acp_cluster_support import acp_clusters
 
 from dwcp_agent.acp.auth import public_key_hex
-from dwcp_agent.acp.pbft.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
+from dwcp_agent.acp.pbft.byzantine_faults import HOOK_ENV, HOOK_UNLOCK
 from dwcp_agent.client import ApiError, api_call
 from dwcp_agent.demo import LocalAgent, free_port
 
@@ -32,31 +31,8 @@ Cluster = Callable[[], list[LocalAgent]]
 
 @pytest.fixture
 def byzantine_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    psk = tmp_path / "psk"
-    psk.write_text(secrets.token_hex(32))
-    started: list[LocalAgent] = []
-
-    def start() -> list[LocalAgent]:
-        ports = [free_port() for _ in range(4)]
-        peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
-        keys = ",".join(f"a{i + 1}={public_key_hex(tmp_path / f'a{i + 1}')}" for i in range(4))
-        agents = []
-        for i, port in enumerate(ports):
-            name = f"a{i + 1}"
-            env = {HOOK_ENV: f"@{tmp_path / name / 'lie'}", HOOK_UNLOCK: UNLOCK_VALUE}
-            agents.append(LocalAgent(name, tmp_path, psk, env,
-                                     {"acp_port": port, "acp_peers": peers, "acp_peer_keys": keys,
-                                      "acp_protocol": "pbft"}))
-        started.extend(agents)
-        for agent in agents:
-            agent.wait_ready()
-        return agents
-
-    yield start
-    for agent in started:
-        if agent.proc is not None and agent.proc.poll() is None:
-            os.kill(agent.proc.pid, signal.SIGCONT)
-        agent.stop(timeout=5)
+    with acp_clusters(tmp_path) as start:
+        yield lambda: start(4, "pbft", byzantine_hook=True)
 
 
 def detections(agent: LocalAgent) -> dict[str, float]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import secrets
 import signal
 import threading
 import time
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from acp_cluster_support import acp_clusters
 
-from dwcp_agent.acp.auth import public_key_hex
 from dwcp_agent.acp.testing.linearizability import UNKNOWN, Operation, check_per_key, lease_model
 from dwcp_agent.client import ApiError, api_call
-from dwcp_agent.demo import LocalAgent, free_port
+from dwcp_agent.demo import LocalAgent
 
 pytestmark = pytest.mark.slow
 
@@ -31,28 +30,8 @@ Cluster = Callable[[int, str], list[LocalAgent]]
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    psk = tmp_path / "psk"
-    psk.write_text(secrets.token_hex(32))
-    started: list[LocalAgent] = []
-
-    def start(n: int, protocol: str) -> list[LocalAgent]:
-        ports = [free_port() for _ in range(n)]
-        peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
-        keys = ",".join(f"a{i + 1}={public_key_hex(tmp_path / f'a{i + 1}')}" for i in range(n))
-        agents = [LocalAgent(f"a{i + 1}", tmp_path, psk, None,
-                             {"acp_port": port, "acp_peers": peers, "acp_peer_keys": keys, "acp_protocol": protocol,
-                              "acp_snapshot_entries": 40})
-                  for i, port in enumerate(ports)]
-        started.extend(agents)
-        for agent in agents:
-            agent.wait_ready()
-        return agents
-
-    yield start
-    for agent in started:
-        if agent.proc is not None and agent.proc.poll() is None:
-            os.kill(agent.proc.pid, signal.SIGCONT)
-        agent.stop(timeout=5)
+    with acp_clusters(tmp_path) as start:
+        yield lambda n, protocol: start(n, protocol, acp_snapshot_entries=40)
 
 
 def _status(agent: LocalAgent) -> dict[str, Any]:

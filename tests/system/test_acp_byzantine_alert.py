@@ -3,17 +3,15 @@ cluster whose primary equivocates through the test hook, scraped by a real Prome
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from pathlib import Path
 
 import pytest
+from acp_cluster_support import acp_clusters
 from test_prometheus_stack import Prometheus, wait_until
 
-from dwcp_agent.acp.auth import public_key_hex
-from dwcp_agent.acp.pbft.byzantine_faults import HOOK_ENV, HOOK_UNLOCK, UNLOCK_VALUE
 from dwcp_agent.client import ApiError, api_call
-from dwcp_agent.demo import LocalAgent, free_port
+from dwcp_agent.demo import LocalAgent
 
 pytestmark = pytest.mark.system
 
@@ -32,37 +30,27 @@ def make_liar(agents: list[LocalAgent], behaviour: str) -> tuple[LocalAgent, lis
 def test_byzantine_alert_fires_when_the_primary_equivocates(tmp_path: Path) -> None:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not found (apt package prometheus; `make test` installs it)")
-    psk = tmp_path / "psk"
-    psk.write_text(secrets.token_hex(32))
-    ports = [free_port() for _ in range(4)]
-    peers = ",".join(f"a{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
-    keys = ",".join(f"a{i + 1}={public_key_hex(tmp_path / f'a{i + 1}')}" for i in range(4))
-    agents = [LocalAgent(f"a{i + 1}", tmp_path, psk,
-                         {HOOK_ENV: f"@{tmp_path / f'a{i + 1}' / 'lie'}", HOOK_UNLOCK: UNLOCK_VALUE},
-                         {"acp_port": port, "acp_peers": peers, "acp_peer_keys": keys, "acp_protocol": "pbft"})
-              for i, port in enumerate(ports)]
     prom = None
-    try:
-        for agent in agents:
-            agent.wait_ready()
-        prom = Prometheus(tmp_path, [f"127.0.0.1:{a.admin_port}" for a in agents])
-        assert prom.alert_state("ByzantineNodeDetected") is None
-        _liar, honest = make_liar(agents, "equivocate")
+    with acp_clusters(tmp_path) as start:
+        agents = start(4, "pbft", byzantine_hook=True)
+        try:
+            prom = Prometheus(tmp_path, [f"127.0.0.1:{a.admin_port}" for a in agents])
+            assert prom.alert_state("ByzantineNodeDetected") is None
+            _liar, honest = make_liar(agents, "equivocate")
 
-        def claimed() -> bool:
-            try:
-                return api_call(honest[0].url, "POST", "/api/v3/vms/vm-1/claim", {"host": "h1"},
-                                timeout=10.0)["owner"] == "h1"
-            except ApiError:
-                return False
+            def claimed() -> bool:
+                try:
+                    return api_call(honest[0].url, "POST", "/api/v3/vms/vm-1/claim", {"host": "h1"},
+                                    timeout=10.0)["owner"] == "h1"
+                except ApiError:
+                    return False
 
-        wait_until("a claim through an honest replica", claimed, timeout=60)
-        wait_until("ByzantineNodeDetected firing", lambda: prom.alert_state("ByzantineNodeDetected") == "firing",
-                   timeout=90)
-        reasons = prom.query("sum by (reason) (dwcp_v3_acp_byzantine_detections_total)")
-        assert any(r["metric"].get("reason") == "equivocation" and float(r["value"][1]) > 0 for r in reasons), reasons
-    finally:
-        if prom is not None:
-            prom.stop()
-        for agent in agents:
-            agent.stop(timeout=5)
+            wait_until("a claim through an honest replica", claimed, timeout=60)
+            wait_until("ByzantineNodeDetected firing", lambda: prom.alert_state("ByzantineNodeDetected") == "firing",
+                       timeout=90)
+            reasons = prom.query("sum by (reason) (dwcp_v3_acp_byzantine_detections_total)")
+            assert any(r["metric"].get("reason") == "equivocation" and float(r["value"][1]) > 0
+                       for r in reasons), reasons
+        finally:
+            if prom is not None:
+                prom.stop()

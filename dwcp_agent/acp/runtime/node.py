@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaReady
 from dwcp_agent.acp.messages import ConfChange, Envelope
@@ -63,6 +64,7 @@ class ConsensusNode:
         self.leader = ""
         self.running = False
         self.failed = ""  # why consensus stopped itself (storage could not persist), else empty
+        self._children: dict[tuple[int, str], Any] = {}
         self._set_protocol_gauge()
 
     # ------------------------------------------------------------ lifecycle
@@ -161,7 +163,7 @@ class ConsensusNode:
                                "quarantined": det.quarantined, "detail": det.detail,
                                "evidence": [item.hex() for item in det.evidence]})
         if rd.applied:
-            m.acp_commits.labels(self.replica.protocol).inc(len(rd.applied))
+            self._child(m.acp_commits, self.replica.protocol).inc(len(rd.applied))
         for client, seq, result in rd.confirmed:
             fut = self._waiting.pop((client, seq), None)
             if fut is not None and not fut.done():
@@ -170,6 +172,14 @@ class ConsensusNode:
             rfut = self._reads.pop(ctx, None)
             if rfut is not None and not rfut.done():
                 rfut.set_result(None)
+
+    def _child(self, metric: Any, protocol: str) -> Any:
+        """The metric's child for `protocol`, looked up once (labels() costs more than the update)."""
+        key = (id(metric), protocol)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(protocol)
+        return child
 
     def _set_protocol_gauge(self) -> None:
         for protocol in ("raft", "pbft"):
@@ -202,7 +212,7 @@ class ConsensusNode:
                     raise ConsensusTimeout(f"no result for {type(op).__name__} within {timeout}s")
                 with contextlib.suppress(asyncio.TimeoutError):
                     result = await asyncio.wait_for(asyncio.shield(fut), min(retry_s, remaining))
-                    self.metrics.acp_consensus_latency.labels(protocol).observe(time.perf_counter() - start)
+                    self._child(self.metrics.acp_consensus_latency, protocol).observe(time.perf_counter() - start)
                     return result
         finally:
             self._waiting.pop(key, None)
