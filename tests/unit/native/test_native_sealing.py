@@ -11,7 +11,6 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from dwcp_agent.security.sealed import TAG_BYTES, FrameKey, ReferenceFrameKey
 SESSION, STREAM, VERSION = 0x1234_5678_9ABC, 3, wire.PROTOCOL_VERSION
 CHUNK = 1 << 20  # several of the native loop's 256 KiB pieces
 SIZE = 3 * CHUNK + 1000  # last chunk is short
+Link = tuple[socket.socket, socket.socket, int, Path]  # the `link` fixture of conftest.py
 KEY = bytes(range(16))
 SEALED_HEADER = wire.HEADER_SIZE + TAG_BYTES
 
@@ -171,21 +171,6 @@ def test_native_send_to_a_shut_down_stream_raises_oserror() -> None:
 
 
 # -- the native receive loop on a sealed stream ------------------------------------------------
-
-
-Link = tuple[socket.socket, socket.socket, int, Path]
-
-
-@pytest.fixture
-def link(tmp_path: Path) -> Iterator[Link]:
-    sender, receiver = socket.socketpair()
-    path = tmp_path / "partial"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.ftruncate(fd, SIZE)
-    yield sender, receiver, fd, path
-    os.close(fd)
-    sender.close()
-    receiver.close()
 
 
 def _sealed_receiver(sock: socket.socket, fd: int) -> tuple[stream.RawFrameReceiver, bytearray, FrameKey]:

@@ -7,7 +7,6 @@ import os
 import socket
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,18 +48,6 @@ def _python_accepts(header: bytes, expected_seq: int) -> bool:
         return False
     return (h.raw_len == chunk_length(index, SIZE, CHUNK) and h.encoded_len <= max_encoded_len(h.raw_len)
             and h.codec == CodecId.NONE and h.flags == 0 and h.encoded_len == h.raw_len)
-
-
-@pytest.fixture
-def link(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket, int, Path]]:
-    sender, receiver = socket.socketpair()
-    path = tmp_path / "partial"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.ftruncate(fd, SIZE)
-    yield sender, receiver, fd, path
-    os.close(fd)
-    sender.close()
-    receiver.close()
 
 
 def _receiver(sock: socket.socket, fd: int, expected_seq: int = 0) -> tuple[stream.RawFrameReceiver, bytearray]:
