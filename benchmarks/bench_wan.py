@@ -44,7 +44,7 @@ IMAGE_BYTES = {"datacenter": 2048 * MiB, "metro": 2048 * MiB, "internet": 1024 *
 STREAM_LOG = re.compile(r"streams (\d+) -> (\d+)")
 CODEC_METRIC = re.compile(r'^dwcp_v3_hde_codec_chunks_total\{codec="(\w+)"\} (\S+)', re.M)
 # Hand-set combinations a user might try; the best of them is the adaptive default's reference.
-HAND_SET = [(4, "lz4"), (4, "zstd"), (16, "lz4"), (16, "zstd"), (64, "zstd"), (16, "none")]
+HAND_SET = [(4, "lz4"), (4, "zstd"), (16, "lz4"), (16, "zstd"), (64, "lz4"), (64, "zstd"), (16, "none")]
 HAND_SET_QUICK = [(4, "lz4"), (16, "zstd")]
 ADAPTIVE_TARGET = 1.2
 
