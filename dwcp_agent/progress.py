@@ -30,6 +30,15 @@ def human_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _streams_text(live: int, done: int, total: int) -> str:
+    """The live stream count; with none open, why: not yet, all being replaced, or all data sent."""
+    if live:
+        return str(live)
+    if not done:
+        return "connecting"
+    return "finishing" if total and done >= total else "reconnecting"
+
+
 class ProgressBar:
     """Redraws one line on a terminal; prints a line per second otherwise (logs, CI)."""
 
@@ -47,8 +56,7 @@ class ProgressBar:
         frac = done / total if total else 1.0
         filled = int(frac * self.width)
         eta = human_duration((total - done) / rate) if rate else "unknown"  # no rate yet, no guess
-        live = m.get("streams") or 0
-        streams = str(live) if live else "connecting"
+        streams = _streams_text(m.get("streams") or 0, done, total)
         line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:5.1f}%  "
                 f"{human_bytes(done)} / {human_bytes(total)}  {human_rate(rate) if rate else '-'}  ETA {eta}"
                 f"  streams {streams}")

@@ -26,3 +26,17 @@ def test_progress_line_has_no_eta_without_a_rate_and_never_streams_0() -> None:
     first, last = out.getvalue().splitlines()
     assert "ETA unknown" in first and "streams connecting" in first
     assert "ETA 0:05" in last and "streams 7" in last and "internet" in last
+
+
+def _line(update: dict[str, int]) -> str:
+    out = io.StringIO()
+    bar = ProgressBar(out)
+    bar.update({"total_bytes": 100, "throughput_bytes_per_second": 10, **update})
+    bar.finish()
+    return out.getvalue()
+
+
+def test_with_no_stream_open_the_line_says_why() -> None:
+    assert "streams connecting" in _line({"done_bytes": 0, "streams": 0})
+    assert "streams reconnecting" in _line({"done_bytes": 60, "streams": 0})  # all lost mid-way, being replaced
+    assert "streams finishing" in _line({"done_bytes": 100, "streams": 0})  # all sent: verifying and committing
