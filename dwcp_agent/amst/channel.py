@@ -94,6 +94,7 @@ class TcpChannel:
         self._tag_view = memoryview(self._tag)
         # ACKs are 56-byte headers (sealed: + tag), one per chunk: read them in batches.
         self._ack_size = wire.HEADER_SIZE + self._trailer
+        self._ack_out = memoryview(bytearray(self._ack_size))
         self._acks = bytearray(64 * self._ack_size)
         self._ack_view = memoryview(self._acks)
         self._ack_start = self._ack_end = 0
@@ -173,10 +174,11 @@ class TcpChannel:
             send_key=None if self._send_key is None else self._send_key.cipher)
 
     def send_ack(self, header: bytes) -> None:
-        if self._send_key is not None:
-            sealed = bytearray(len(header) + TAG_BYTES)
+        if self._send_key is not None:  # sealed into one buffer kept for the stream's ACKs (one sender)
+            sealed = self._ack_out[:len(header) + TAG_BYTES]
             self._send_key.seal_into(b"", header, sealed)
-            header = bytes(sealed)
+            self.sock.sendall(sealed)
+            return
         self.sock.sendall(header)
 
     def abort(self) -> None:
