@@ -215,14 +215,17 @@ class Pbft:
     # ------------------------------------------------------------ input
     def submit(self, req: Request) -> None:
         """A local client's request: signed by this node and broadcast so every replica can watch the
-        primary. The active primary keeps its own clients' requests: its signed pre-prepare carries
-        them to the backups (three frames fewer per request), and a primary that sat on them would
-        only stall its own clients, whose retries broadcast them once it is no longer primary. (They
-        stay signed: after a view change another primary may have to order them.)"""
+        primary. The active primary keeps its own clients' requests, unsigned: its signed pre-prepare
+        header (the digest covers the batch) vouches for them to the backups (three frames and one
+        signature fewer per request). A primary that sat on them would only stall its own
+        clients, whose retries are signed and broadcast once it is no longer primary; an unsigned
+        copy is never re-proposed by another primary (see `_flush`)."""
+        if self.active and self.primary == self.id:
+            self._accept_request(Request(req.client, req.ts, req.op, b""))
+            return
         signed = Request(req.client, req.ts, req.op, self.keys.sign(request_bytes(req)))
         self._accept_request(signed)
-        if not (self.active and self.primary == self.id):
-            self._bcast(RequestFwd(signed))
+        self._bcast(RequestFwd(signed))
 
     def receive(self, sender: str, wire: PbftWire) -> None:
         """Authenticate, decode and dispatch one frame from `sender` (the authenticated link peer)."""
@@ -256,8 +259,12 @@ class Pbft:
             return  # a key not learnt yet (the handshake with that node is pending) is no evidence
         if isinstance(msg, RequestFwd):
             # Straight from the client's own node, the link's MAC already proves the origin; the
-            # signature is checked only for requests relayed by someone else.
-            if sender == client_node(msg.request.client) or valid_request(self.keys, msg.request):
+            # signature is checked only for requests relayed by someone else (or by the primary
+            # that orders it). Only pre-prepares carry unsigned requests: a forwarded one must be
+            # signed.
+            if not msg.request.sig:
+                self.det.report(sender, "invalid_signature", "unsigned request")
+            elif sender == client_node(msg.request.client) or valid_request(self.keys, msg.request):
                 self._accept_request(msg.request)
             else:
                 self.det.report(sender, "invalid_signature", "request")
@@ -310,7 +317,16 @@ class Pbft:
 
     def _accept_request(self, req: Request) -> None:
         key = (req.client, req.ts)
-        if req.ts <= self.last_ts.get(req.client, 0) or key in self.waiting:
+        if req.ts <= self.last_ts.get(req.client, 0):
+            return
+        if key in self.waiting:
+            held = self.requests.get(key)
+            if req.sig and held is not None and not held.sig:
+                # The signed retry of a request we only knew from its own node's pre-prepare: this
+                # copy can be re-proposed by any primary.
+                self.requests[key] = req
+                if key in self.queue:
+                    self.queue[key] = req
             return
         if self.req_timer is None:
             self.req_timer = self.now
@@ -335,7 +351,11 @@ class Pbft:
                 # all: a request it took on its link's word must carry a valid signature to go out.
                 # Its own clients' requests it signed itself.
                 if client_node(req.client) != self.id and not valid_request(self.keys, req):
-                    self.det.report(client_node(req.client), "invalid_signature", "request")
+                    if req.sig:
+                        self.det.report(client_node(req.client), "invalid_signature", "request")
+                    # Unsigned: adopted from its own node's pre-prepare in an earlier view, where
+                    # that primary's header signature vouched for it. Nobody else can vouch for it
+                    # now; its client's signed retry brings it back.
                     self.waiting.pop(key, None)
                     self.requests.pop(key, None)
                     continue
@@ -406,6 +426,9 @@ class Pbft:
             return
         if not self.active or m.view != self.view or sender == self.primary or not self.low < m.seq <= self.high:
             return
+        known = self.slots.get(m.seq)
+        if known is not None and known.view == m.view and known.prepares.get(sender) == m:
+            return  # a retransmission of the prepare we hold: checked when it first came
         if not self.keys.verify(sender, prepare_bytes(m), m.sig):
             self.det.report(sender, "invalid_signature", "prepare")
             return
@@ -661,6 +684,15 @@ class Pbft:
         self._last_nv = nv
         self.vc_quorum_at = None
         self.peer_views = {p: v for p, v in self.peer_views.items() if v > nv.view}
+        reissued = {(r.client, r.ts) for pp in nv.pre_prepares for r in pp.batch}
+        primary = self.qs.primary(nv.view)
+        for key in [k for k, r in self.requests.items()
+                    if not r.sig and client_node(r.client) != primary and k not in reissued]:
+            # Known only unsigned, from its node's pre-prepare in an earlier view: this primary
+            # cannot order it, so waiting for it would only time this view out. If its node is
+            # alive, its client's signed retry brings it back.
+            self.waiting.pop(key, None)
+            self.requests.pop(key, None)
         self.waiting = dict.fromkeys(self.waiting, self.now)
         self.req_timer = self.now if self.waiting else None
         best = max(nv.view_changes, key=lambda vc: vc.stable_seq)
@@ -669,7 +701,6 @@ class Pbft:
         self.slots = {s: slot for s, slot in self.slots.items() if s <= self.low}
         self.vcs = {v: d for v, d in self.vcs.items() if v > nv.view}
         self.next_seq = max([self.low, *(p.seq for p in nv.pre_prepares)]) + 1
-        reissued = {(r.client, r.ts) for pp in nv.pre_prepares for r in pp.batch}
         self.queue = {k: r for k, r in self.requests.items() if k not in reissued}
         for pp in nv.pre_prepares:
             if pp.seq > self.low:
