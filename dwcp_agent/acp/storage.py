@@ -76,9 +76,6 @@ class Storage(Protocol):
     def save(self, ops: PersistOps) -> None:
         """Persist `ops` durably (fsync) before returning."""
 
-    def save_group(self, group: list[PersistOps]) -> None:
-        """Persist several `PersistOps` in order, durably, before returning (one sync for all)."""
-
     def load(self) -> Recovered | None:
         """What was saved, or None on first start."""
 
@@ -131,11 +128,6 @@ class MemoryStorage:
             self.rec = Recovered(ops.epoch_start)
         merge(self.rec, ops)
         self.saves += 1
-
-    def save_group(self, group: list[PersistOps]) -> None:
-        """Apply each ops in order."""
-        for ops in group:
-            self.save(ops)
 
     def load(self) -> Recovered | None:
         """A copy of the stored image (so the replica cannot alter storage without save)."""

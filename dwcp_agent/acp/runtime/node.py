@@ -3,10 +3,7 @@
 The loop is the Ready contract made concrete: every batch is persisted (fsync) before its
 messages go out and before any client hears its result. Incoming frames are coalesced: a burst of
 messages is stepped in one go and produces one Ready, so one fsync covers many commands (group
-commit). With `background_writes` the WAL is written on a thread of its own: the loop keeps stepping
-input and taking Readies while the disk syncs, the Readies that queue up meanwhile go down together
-in the next write (one fsync), and each Ready's messages and answers are held until every write up
-to its own is durable, in order. Clients use lanes — each lane has at most one command in flight, so the PBFT timestamp
+commit). Clients use lanes — each lane has at most one command in flight, so the PBFT timestamp
 rule and the registry's sessions see strictly increasing sequence numbers — and retry the same
 (client, seq) until their deadline, which the sessions turn into exactly-once.
 """
@@ -18,16 +15,14 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dwcp_agent.acp.adaptive import Replica, ReplicaReady
 from dwcp_agent.acp.messages import ConfChange, Envelope
 from dwcp_agent.acp.raft.raft import NotLeader, ProposalDropped
 from dwcp_agent.acp.registry import Command, Op, Result
-from dwcp_agent.acp.storage import PersistOps, Storage
+from dwcp_agent.acp.storage import Storage
 from dwcp_agent.telemetry.metrics import Metrics
 
 __all__ = ["ConsensusNode", "ConsensusTimeout"]
@@ -50,8 +45,7 @@ class ConsensusNode:
 
     def __init__(self, replica: Replica, storage: Storage, metrics: Metrics,
                  send: Callable[[Envelope], None], *, tick_s: float = 0.05, lanes: int = 64,
-                 on_addrs: Callable[[dict[str, str]], None] | None = None,
-                 background_writes: bool = False) -> None:
+                 on_addrs: Callable[[dict[str, str]], None] | None = None) -> None:
         self.replica = replica
         self.storage = storage
         self.metrics = metrics
@@ -71,14 +65,6 @@ class ConsensusNode:
         self.running = False
         self.failed = ""  # why consensus stopped itself (storage could not persist), else empty
         self._children: dict[tuple[int, str], Any] = {}
-        # Background writes: Readies handed to the writer are numbered; `_held` keeps each Ready
-        # with the number of the last write it depends on until that write is durable.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="acp-wal") if background_writes else None
-        self._unwritten: list[PersistOps] = []
-        self._queued_writes = 0
-        self._durable_writes = 0
-        self._held: deque[tuple[int, ReplicaReady]] = deque()
-        self._write: asyncio.Future[None] | None = None
         self._set_protocol_gauge()
 
     # ------------------------------------------------------------ lifecycle
@@ -95,12 +81,6 @@ class ConsensusNode:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        if self._write is not None:
-            with contextlib.suppress(Exception):
-                await self._write  # the storage is closed after us: let the write in progress finish
-        self._held.clear()
-        if self._writer is not None:
-            self._writer.shutdown(wait=False)
         futures: list[asyncio.Future[Result] | asyncio.Future[None]] = [*self._waiting.values(), *self._reads.values()]
         for fut in futures:
             if not fut.done():
@@ -134,54 +114,18 @@ class ConsensusNode:
             guard += 1
             rd = self.replica.ready()
             if not rd.persist.empty():
-                if self._writer is not None:
-                    self._unwritten.append(rd.persist)
-                    self._queued_writes += 1
-                else:
-                    try:
-                        self.storage.save(rd.persist)
-                    except OSError as exc:
-                        self._fail_stop(exc)
-                        return
-            if self._queued_writes > self._durable_writes:
-                self._held.append((self._queued_writes, rd))  # waits for its write, or an earlier one
-            else:
-                self._release(rd)
-        self._start_write()
+                try:
+                    self.storage.save(rd.persist)
+                except OSError as exc:
+                    self._fail_stop(exc)
+                    return
+            if rd.addrs:
+                self.on_addrs(rd.addrs)
+            for env in rd.messages:
+                self.send(env)
+            self._publish(rd)
 
-    def _release(self, rd: ReplicaReady) -> None:
-        """What a Ready says may leave the process now that its state is durable."""
-        if rd.addrs:
-            self.on_addrs(rd.addrs)
-        for env in rd.messages:
-            self.send(env)
-        self._publish(rd)
-
-    def _start_write(self) -> None:
-        """Hand everything persisted since the last write to the writer thread, unless a write is
-        in progress (then it goes next, with whatever else arrives until then: group commit)."""
-        if self._writer is None or self._write is not None or not self._unwritten or self.failed:
-            return
-        group, self._unwritten = self._unwritten, []
-        upto = self._queued_writes
-        self._write = asyncio.get_running_loop().run_in_executor(self._writer, self.storage.save_group, group)
-        self._write.add_done_callback(lambda fut: self._written(fut, upto))
-
-    def _written(self, fut: asyncio.Future[None], upto: int) -> None:
-        self._write = None
-        if self.failed or fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            self._held.clear()
-            self._fail_stop(exc)
-            return
-        self._durable_writes = upto
-        while self._held and self._held[0][0] <= upto and not self.failed:
-            self._release(self._held.popleft()[1])
-        self._start_write()
-
-    def _fail_stop(self, exc: BaseException) -> None:
+    def _fail_stop(self, exc: OSError) -> None:
         """The WAL could not persist a Ready (disk full, fsync failed): what it held may never be
         sent or answered, and the in-memory state is ahead of the disk, so this replica stops
         taking part until the agent restarts and recovers from what did reach the disk."""

@@ -144,7 +144,7 @@ class ConsensusService:
             await self.transport.start(host, self.config.acp_port)
             self.transport.set_peers({**self.members0, **replica.members()})
         self.node = ConsensusNode(replica, self.wal, self.metrics, self._send, tick_s=self.tick_s,
-                                  on_addrs=self._on_addrs, background_writes=True)
+                                  on_addrs=self._on_addrs)
         await self.node.start()
         self.started_at = time.time()
         log.info("consensus started", extra={"component": "acp", "protocol": replica.protocol,

@@ -106,39 +106,26 @@ class FileWAL:
     # ------------------------------------------------------------ save
     def save(self, ops: PersistOps) -> None:
         """Persist ops; returns once they are on stable storage."""
-        self.save_group([ops])
-
-    def save_group(self, group: list[PersistOps]) -> None:
-        """Persist several Readies' ops in order with one sync (group commit); returns once all of
-        them are on stable storage. A record is replayed only if every record before it is intact,
-        so a crash in the middle keeps a prefix of the group, as separate saves would."""
-        frames: list[bytes] = []
-        for ops in group:
-            if self.mirror is None:
-                if ops.epoch_start is None:
-                    raise ValueError("the first save must start an epoch")
-                self.mirror = Recovered(ops.epoch_start)
-            merge(self.mirror, ops)
-            if ops.epoch_start is not None or ops.snapshot is not None or ops.checkpoint is not None:
-                # The rewrite persists the whole mirror, the records gathered so far included.
-                frames = []
-                self._rewrite()
-                continue
-            body = _ENC.encode(_Record(ops.hard_state, ops.entries, ops.prepared, ops.view, ops.spoke))
-            frames.append(self._frame(body))
-        if frames:
-            self._append(b"".join(frames))
+        if self.mirror is None:
+            if ops.epoch_start is None:
+                raise ValueError("the first save must start an epoch")
+            self.mirror = Recovered(ops.epoch_start)
+        merge(self.mirror, ops)
+        if ops.epoch_start is not None or ops.snapshot is not None or ops.checkpoint is not None:
+            self._rewrite()
+            return
+        record = _Record(ops.hard_state, ops.entries, ops.prepared, ops.view, ops.spoke)
+        self._append(_ENC.encode(record))
 
     def _frame(self, body: bytes) -> bytes:
         return _HEADER.pack(len(body), zlib.crc32(body)) + body
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, body: bytes) -> None:
         if self._fd is None:
             self._fd = os.open(self.wal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        self.bytes_written += len(data)
+        frame = self._frame(body)
+        os.write(self._fd, frame)
+        self.bytes_written += len(frame)
         if self.fsync:
             _fsync(self._fd, data_only=True)
 
