@@ -103,6 +103,8 @@ def measure(tree: Path, work: Path, image: Path, codec: str, side: str, repeats:
         server.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):  # a loaded disk can hold a killed writer
             server.communicate(timeout=60)
+        for written in (work / "dst").glob("out*.img"):  # the feeder's images, once nothing holds them
+            written.unlink(missing_ok=True)
 
 
 def baseline_tree(work: Path) -> Path:
