@@ -46,12 +46,6 @@ class TuningLimits:
     connect_wait_s: float = 5.0
     hold_s: float = 10.0                  # after a climb stopped, wait before probing again
     min_gain: float = 0.05                # more streams must raise goodput by this fraction
-    # A short path's BDP fits one window, yet one flow cannot carry a datacenter link: each
-    # stream's sealing, copies and per-frame work run on one core. Start such a path (RTT below
-    # long_path_rtt_s, or no probe) at this many, the fixed default before PBA planned streams:
-    # the first climb from fewer comes a settle and a measuring window (1.5 s) later, longer than
-    # a 2 GiB migration on loopback takes.
-    short_path_streams: int = 4
     rtt_climb: float = 1.25               # median RTT above min RTT x this (+ rtt_slack_s) = a queue
     rtt_slack_s: float = 0.002
     loss_climb: float = 0.02              # loss above this and 3x the loss at fewer streams = overflow
@@ -142,7 +136,6 @@ class StreamTuner:
         per_flow = loss_limited_rate(rtt_s, loss, congestion=self.congestion or "cubic")
         if math.isfinite(per_flow) and bandwidth_bps > 0:
             n = max(n, math.ceil(bandwidth_bps / per_flow))
-        n = max(n, lim.short_path_streams) if rtt_s < lim.long_path_rtt_s else n
         reason = f"initial: bdp {bdp / MiB:.2f} MiB, loss {loss:.4f}"
         if self.loss_based and rtt_s >= lim.long_path_rtt_s and n < self.stream_ceiling:
             n = self.stream_ceiling

@@ -173,18 +173,6 @@ def test_started_at_the_ceiling_on_a_small_path_it_steps_down() -> None:
     assert model.sample(0, counts[-1]).bandwidth_bps == model.capacity  # still fills the path
 
 
-def test_a_short_path_starts_at_the_short_path_count_not_at_its_bdp() -> None:
-    """Loopback or a datacenter link: a BDP under one stream's window still starts at
-    short_path_streams (one flow's work runs on one core); so does a start with no probe."""
-    short = TuningLimits().short_path_streams
-    for cc in ("cubic", "bbr"):
-        assert StreamTuner(cfg(tcp_congestion=cc), CC).initial(50e-6, 3e9).streams == short  # 150 KB BDP
-        assert StreamTuner(cfg(tcp_congestion=cc), CC).initial(0.0, 0.0).streams == short
-    assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.005, 1.25e9).streams == 6 > short  # BDP rules
-    assert StreamTuner(cfg(tcp_congestion="bbr"), CC).initial(0.05, 7e6).streams == 2  # long path: from the BDP
-    assert StreamTuner(cfg(stream_count=1), CC).initial(50e-6, 3e9).streams == 1  # pinned stays pinned
-
-
 def test_buffers_chunks_and_pacing() -> None:
     tuner = StreamTuner(cfg(tcp_congestion="cubic", pacing_rate_bytes=100 * MiB), CC)
     tuner.initial(0.05, 125e6)
