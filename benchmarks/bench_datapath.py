@@ -8,7 +8,9 @@ and file write every migration makes). Cases, 4 streams each, protocol and codec
 time:
   * protocol, same codec: v1 against v3 on the random image with codec none (raw AMST, quoted
     as a ratio to iperf3 -P 4), and on the vm-mix image with lz4 (the first-cut codec);
-  * codec, same protocol (v3) on the vm-mix image: none, lz4, zstd, auto (HDE's choice per chunk).
+  * codec, same protocol (v3) on the vm-mix image: none, lz4, zstd, auto (HDE's choice per chunk);
+  * like for like with the C copy, which encrypts nothing: raw v1 again between agents with
+    `insecure_datacenter_plaintext` (every other case runs the default TLS + AES-128-GCM frames).
 Each case migrates once unmeasured first: on a VM guest, the first write to never-touched memory
 costs a host page fault per page (seen here: 0.4-0.5 GB/s for fresh tmpfs pages against ~4 GB/s
 for reused ones), which would measure the hypervisor rather than the agent. Then every case and
@@ -38,12 +40,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE = ROOT / "benchmarks" / "reference"
 GiB = 1 << 30
 RUNS = 3
-# (name, image profile, codec, protocol); agents are started once per codec
-CASES = (("random_none_v1", "random", "none", "v1"), ("random_none_v3", "random", "none", "v3"),
-         ("vmmix_lz4_v1", "vm-mix", "lz4", "v1"), ("vmmix_lz4_v3", "vm-mix", "lz4", "v3"),
-         ("vmmix_none_v3", "vm-mix", "none", "v3"), ("vmmix_zstd_v3", "vm-mix", "zstd", "v3"),
-         ("vmmix_auto_v3", "vm-mix", "auto", "v3"))
-PROTOCOL_ROWS = ("random_none_v1", "random_none_v3", "vmmix_lz4_v1", "vmmix_lz4_v3")
+# (name, image profile, codec, protocol, channels); agents are started once per (codec, channels)
+CASES = (("random_none_v1", "random", "none", "v1", "tls"), ("random_none_v3", "random", "none", "v3", "tls"),
+         ("vmmix_lz4_v1", "vm-mix", "lz4", "v1", "tls"), ("vmmix_lz4_v3", "vm-mix", "lz4", "v3", "tls"),
+         ("vmmix_none_v3", "vm-mix", "none", "v3", "tls"), ("vmmix_zstd_v3", "vm-mix", "zstd", "v3", "tls"),
+         ("vmmix_auto_v3", "vm-mix", "auto", "v3", "tls"),
+         ("random_none_v1_plaintext", "random", "none", "v1", "plaintext"))
+PROTOCOL_ROWS = ("random_none_v1", "random_none_v1_plaintext", "random_none_v3", "vmmix_lz4_v1", "vmmix_lz4_v3")
 CODEC_ROWS = ("vmmix_none_v3", "vmmix_lz4_v3", "vmmix_zstd_v3", "vmmix_auto_v3")
 
 
@@ -115,15 +118,16 @@ def run(quick: bool) -> dict[str, Any]:
                                    "vm-mix": generate(work / "vm-mix.img", size, "vm-mix", seed=7)}
         results["c_filecopy_4streams"] = spread([r / 1e9 for r in filecopy(images["random"], work, 4, 1 << 20, RUNS)])
         floor = float(results["c_filecopy_4streams"]["median"]) * 1e9
-        for codec in dict.fromkeys(c[2] for c in CASES):
+        for codec, channels in dict.fromkeys((c[2], c[4]) for c in CASES):
             env = {"STREAM_COUNT": "4", "COMPRESSION_ALGO": codec}
-            source = LocalAgent(f"src-{codec}", work, psk, env)
-            dest = LocalAgent(f"dst-{codec}", work, psk, env, {"acp_port": str(free_port())})
+            plain = {"insecure_datacenter_plaintext": "true"} if channels == "plaintext" else {}
+            source = LocalAgent(f"src-{codec}-{channels}", work, psk, env, plain)
+            dest = LocalAgent(f"dst-{codec}-{channels}", work, psk, env, {"acp_port": str(free_port()), **plain})
             agents += [source, dest]
             source.wait_ready()
             dest.wait_ready()
-            for name, profile, case_codec, protocol in CASES:
-                if case_codec != codec:
+            for name, profile, case_codec, protocol, case_channels in CASES:
+                if (case_codec, case_channels) != (codec, channels):
                     continue
                 image = source.images / f"{profile}.img"
                 if not image.exists():
@@ -131,7 +135,7 @@ def run(quick: bool) -> dict[str, Any]:
                 _migrate(source, dest, image, protocol)  # warm-up, see the module docstring
                 finals = [_migrate(source, dest, image, protocol) for _ in range(RUNS)]
                 rates = [size / f["duration_s"] for f in finals]
-                results[name] = {"codec": codec, "protocol": protocol, "image": profile,
+                results[name] = {"codec": codec, "protocol": protocol, "image": profile, "channels": channels,
                                  "logical_gbps": spread([r / 1e9 for r in rates]),
                                  "wire_bytes": finals[-1]["wire_bytes"],
                                  "compression_ratio": round(size / finals[-1]["wire_bytes"], 3),
@@ -152,11 +156,13 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"### Data path ({results['image_bytes'] >> 20} MiB images, loopback, 4 streams, median (min-max) "
              f"of {results['runs']} runs)", "",
              f"References: iperf3 -P 4 (the socket alone) {cell(ref)} GB/s; C file copy, 4 streams (socket + "
-             f"file copies) {cell(floor)} GB/s.", "", "Protocol, same codec:", "", *head]
+             f"file copies) {cell(floor)} GB/s. Agents encrypt (TLS + AES-128-GCM frames) except in the "
+             "plaintext row, the one like for like with the C copy.", "", "Protocol, same codec:", "", *head]
 
     def row(name: str) -> str:
         r = results[name]
-        return (f"| {r['image']}, {r['codec']}, {r['protocol']} | {cell(r['logical_gbps'])} | "
+        plain = ", plaintext" if r.get("channels") == "plaintext" else ""
+        return (f"| {r['image']}, {r['codec']}, {r['protocol']}{plain} | {cell(r['logical_gbps'])} | "
                 f"{cell(r['ratio_to_iperf3_P4'])} | {cell(r['ratio_to_c_filecopy'])} | {r['compression_ratio']} |")
 
     lines += [row(n) for n in PROTOCOL_ROWS]

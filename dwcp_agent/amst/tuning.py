@@ -50,10 +50,11 @@ class TuningLimits:
     rtt_slack_s: float = 0.002
     loss_climb: float = 0.02              # loss above this and 3x the loss at fewer streams = overflow
     # A loss-based flow on a long path is loss-limited to tens of Mbit/s (CUBIC at 50 ms, 0.1 %:
-    # ~10), and the probe's burst, still in slow start, cannot show the path's rate: start there
-    # with this many streams instead of climbing to them, two or three measuring windows later.
+    # ~10, so ~110 fill 1 Gbit/s), and the probe's burst, still in slow start, cannot show the
+    # path's rate. Such a path starts at the stream ceiling instead of climbing to it (each
+    # climbing step costs a settle and a measuring window at a fraction of the rate), and steps
+    # down (halving) while the path shows overflow and the fewer streams keep the goodput.
     long_path_rtt_s: float = 0.020
-    long_path_streams: int = 16
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class StreamTuner:
         self._changed_t: float | None = None
         self._window: list[LinkSample] = []
         self._base: tuple[int, float, float, float] | None = None
+        self._stepping_down = False  # the last change removed streams (a downward probe)
 
     # --- decisions -------------------------------------------------------------------------
     def initial(self, rtt_s: float, bandwidth_bps: float, loss: float = 0.0) -> StreamPlan:
@@ -135,9 +137,9 @@ class StreamTuner:
         if math.isfinite(per_flow) and bandwidth_bps > 0:
             n = max(n, math.ceil(bandwidth_bps / per_flow))
         reason = f"initial: bdp {bdp / MiB:.2f} MiB, loss {loss:.4f}"
-        if self.loss_based and rtt_s >= lim.long_path_rtt_s and n < lim.long_path_streams:
-            n = lim.long_path_streams
-            reason += f", loss-based flows on a {rtt_s * 1e3:.0f} ms path"
+        if self.loss_based and rtt_s >= lim.long_path_rtt_s and n < self.stream_ceiling:
+            n = self.stream_ceiling
+            reason += f", loss-based flows on a {rtt_s * 1e3:.0f} ms path: from the ceiling, down if it overflows"
         return self._commit(self._make(n, reason))
 
     def step(self, sample: LinkSample) -> StreamPlan:
@@ -198,7 +200,12 @@ class StreamTuner:
         median_rtt = rtts[len(rtts) // 2] if rtts else 0.0
         queueing = bool(rtts) and median_rtt > self.min_rtt_s * lim.rtt_climb + lim.rtt_slack_s
         mbit = goodput * 8 / 1e6
+        # Loss-based flows overflowing the bottleneck: a standing queue and loss well above random.
+        overflow = self.loss_based and queueing and loss > lim.loss_climb
         if self._base is None:
+            if overflow and n > lim.min_streams:
+                return self._shrink(now, n, goodput, loss, f"path full at {n} streams: {mbit:.0f} Mbit/s, "
+                                    f"rtt {median_rtt * 1e3:.1f} ms, loss {loss:.4f}", median_rtt)
             if n >= lim.max_streams:
                 return self._hold(now, f"at max {n} streams: {mbit:.0f} Mbit/s, rtt {median_rtt * 1e3:.1f} ms")
             if queueing and not self._flows_add_up(n, goodput, loss):
@@ -207,6 +214,13 @@ class StreamTuner:
             # the bottleneck. Try more; the next window steps back if the RTT climbs further.
             return self._grow(now, n, goodput, loss, "probing for more streams", median_rtt)
         base_n, base_goodput, base_loss, base_rtt = self._base
+        if self._stepping_down:
+            if goodput < base_goodput * (1 - lim.min_gain):
+                return self._change(now, base_n, "hold", f"-{base_n - n} streams lost goodput ({mbit:.0f} Mbit/s)")
+            if overflow and n > lim.min_streams:
+                return self._shrink(now, n, goodput, loss, f"-{base_n - n} streams kept {mbit:.0f} Mbit/s, "
+                                    f"still full", median_rtt)
+            return self._hold(now, f"-{base_n - n} streams kept {mbit:.0f} Mbit/s")
         # A queue the added streams built: RTT above the path's and above what it was before them
         # (a busy host inflates both windows alike; only the rise is the new streams' doing).
         queueing = queueing and median_rtt > base_rtt * lim.rtt_climb + lim.rtt_slack_s
@@ -244,7 +258,14 @@ class StreamTuner:
         else:
             nxt = n * 2
         self._base = (n, goodput, loss, rtt_s or self.rtt_s)
+        self._stepping_down = False
         return self._change(now, min(self.limits.max_streams, nxt), "settle", reason)
+
+    def _shrink(self, now: float, n: int, goodput: float, loss: float, reason: str, rtt_s: float) -> StreamPlan:
+        """Halve the streams; the next window keeps the fewer if they carry (nearly) as much."""
+        self._base = (n, goodput, loss, rtt_s or self.rtt_s)
+        self._stepping_down = True
+        return self._change(now, max(self.limits.min_streams, n // 2), "settle", reason)
 
     def _hold(self, now: float, reason: str) -> StreamPlan:
         return self._change(now, self.plan.streams, "hold", reason)
@@ -252,7 +273,7 @@ class StreamTuner:
     def _change(self, now: float, n: int, phase: str, reason: str) -> StreamPlan:
         self._phase, self._phase_t, self._changed_t, self._window = phase, now, now, []
         if phase == "hold":
-            self._base = None
+            self._base, self._stepping_down = None, False
         return self._commit(self._make(n, reason))
 
     # --- plan details ----------------------------------------------------------------------

@@ -72,9 +72,7 @@ class OutcomeLine:
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(_MAX_LINE)
-            except TimeoutError:
-                return False
-            except OSError:
+            except OSError:  # TimeoutError included: both mean the word did not come
                 return False
             if not data:
                 return False

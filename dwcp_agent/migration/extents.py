@@ -65,9 +65,18 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
+def fully_allocated(fd: int, size: int) -> bool:
+    """Every byte of the file has a block: no hole to find. The SEEK_HOLE walk costs the kernel a
+    page-cache lookup per page on tmpfs (15-20 ms per GiB, before the first byte goes out)."""
+    st = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) and st.st_blocks * 512 >= size
+
+
 def chunk_runs(fd: int, size: int, chunk_size: int) -> list[ChunkRun]:
     """The image as alternating data and hole runs of whole chunks, covering every chunk once."""
     chunks = (size + chunk_size - 1) // chunk_size
+    if chunks and fully_allocated(fd, size):
+        return [ChunkRun(0, chunks, True)]
     runs: list[ChunkRun] = []
     covered = 0  # chunks [0, covered) are in `runs`
     for start, end in data_extents(fd, size):

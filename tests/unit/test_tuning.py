@@ -93,27 +93,31 @@ class BusyHostPath(PathModel):
 
 
 def test_a_busy_hosts_rtt_does_not_stop_the_climb_of_loss_limited_flows() -> None:
-    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
-    tuner.initial(0.050, 3e6, loss=0.001)
-    counts = run_model(tuner, BusyHostPath(125e6, 0.200, 0.001, "cubic", path_rtt=0.050), 20)
-    assert max(counts) == 64 and counts[-1] == 64
+    path = BusyHostPath(125e6, 0.200, 0.001, "cubic", path_rtt=0.050)
+    climbing = StreamTuner(cfg(tcp_congestion="cubic"), CC)  # no probe: climbs from min_streams
+    counts = run_model(climbing, path, 20)
+    assert counts[0] == 2 and counts[-1] == 64
+    # ... nor make a tuner that started at the ceiling step down: the delay came without overflow.
+    started = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    started.initial(0.050, 3e6, loss=0.001)
+    assert set(run_model(started, path, 20)) == {64}
 
 
 def test_settling_waits_for_the_new_streams_to_be_live() -> None:
-    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
-    tuner.initial(0.050, 3e6, loss=0.001)
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)  # no probe: climbs from min_streams
     model = PathModel(125e6, 0.050, 0.001, "cubic")
     t, counts = 0.0, []
-    while tuner.plan.streams == 16:       # climb from 16 once
+    start = tuner.plan.streams
+    while tuner.plan.streams == start:    # climb once
         t += 0.5
-        tuner.step(model.sample(t, 16))
+        tuner.step(model.sample(t, start))
     grown = tuner.plan.streams
-    assert grown > 16
-    # The new streams take 3 s to connect: samples still show 16 carrying 16 streams' goodput,
-    # which must not read as "the added streams did not pay".
+    assert grown > start
+    # The new streams take 3 s to connect: samples still show the old count carrying its
+    # goodput, which must not read as "the added streams did not pay".
     for _ in range(6):
         t += 0.5
-        counts.append(tuner.step(model.sample(t, 16)).streams)
+        counts.append(tuner.step(model.sample(t, start)).streams)
     assert set(counts) == {grown}
     for _ in range(8):
         t += 0.5
@@ -132,11 +136,41 @@ def test_initial_plan_from_bdp_and_loss() -> None:
     tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
     plan = tuner.initial(rtt_s=0.005, bandwidth_bps=1.25e9)       # 6.25 MB BDP, 1 MiB per stream
     assert plan.streams == 6
-    # A long path with loss-based flows starts where the climb would go anyway; BBR climbs from the BDP.
-    assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, 7e6).streams == 16
+    # Loss-based flows on a short lossy path: as many as Mathis' per-flow rate needs.
+    lossy = StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.015, 25e6, loss=0.001)
+    assert lossy.streams == math.ceil(25e6 / loss_limited_rate(0.015, 0.001)) > 6
+    # BBR on a long path starts from the BDP and climbs only if more streams pay.
     assert StreamTuner(cfg(tcp_congestion="bbr"), CC).initial(0.05, 7e6).streams == 2
-    lossy = StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, 25e6, loss=0.001)
-    assert lossy.streams == math.ceil(25e6 / loss_limited_rate(0.05, 0.001)) > 16
+
+
+def test_internet_like_path_starts_at_the_ceiling_datacenter_keeps_its_start() -> None:
+    # 50 ms with CUBIC: the probe's slow-start burst shows a few MB/s, but ~110 flows would fill
+    # 1 Gbit/s at 0.1 % loss; the first plan is the ceiling, bounded by the config's max_streams.
+    for probe_bps in (3e6, 30e6):
+        assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, probe_bps).streams == 64
+    assert StreamTuner(cfg(tcp_congestion="cubic", max_streams=24), CC).initial(0.05, 30e6).streams == 24
+    assert StreamTuner(cfg(tcp_congestion="cubic", stream_count=8), CC).initial(0.05, 30e6).streams == 8
+    # Datacenter-like (0.2 ms, 10 Gbit/s) and metro-like (5 ms) paths start from their BDP.
+    assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.0002, 1.25e9).streams == 2
+    assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.005, 1.25e9).streams == 6
+
+
+def test_started_at_the_ceiling_it_stays_while_the_path_has_room() -> None:
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.050, 3e6)
+    counts = run_model(tuner, PathModel(125e6, 0.050, 0.001, "cubic"), 30)
+    assert set(counts) == {64}
+
+
+def test_started_at_the_ceiling_on_a_small_path_it_steps_down() -> None:
+    # 40 Mbit/s at 50 ms: 64 CUBIC flows only overflow the bottleneck (queue + loss); halving
+    # keeps the goodput until ~5 flows, where one more halving loses it and is undone.
+    model = PathModel(5e6, 0.050, 0.001, "cubic")
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.050, 3e6)
+    counts = run_model(tuner, model, 60)
+    assert counts[0] == 64 and counts[-1] <= 8
+    assert model.sample(0, counts[-1]).bandwidth_bps == model.capacity  # still fills the path
 
 
 def test_buffers_chunks_and_pacing() -> None:

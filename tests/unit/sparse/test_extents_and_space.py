@@ -43,6 +43,19 @@ def test_chunk_runs_follow_the_filesystem_holes(tmp_path: Path) -> None:
     assert len(merged) <= 2 and sum(n for _, n in merged) >= sum(n for _, n in ranges)
 
 
+def test_a_fully_allocated_image_is_one_data_run_and_one_hole_still_shows(tmp_path: Path) -> None:
+    """Every block allocated: one data run without the SEEK_HOLE walk. A single missing page
+    (st_blocks short of the size) takes the walk and finds it."""
+    size = 8 * MiB + 4 * KiB
+    fd = _sparse(tmp_path / "dense", size, [(0, os.urandom(size))])
+    try:
+        assert chunk_runs(fd, size, MiB) == [ChunkRun(0, 9, True)]
+        space.punch_hole(fd, 5 * MiB, MiB)
+        assert chunk_runs(fd, size, MiB) == [ChunkRun(0, 5, True), ChunkRun(5, 1, False), ChunkRun(6, 3, True)]
+    finally:
+        os.close(fd)
+
+
 def test_a_one_tebibyte_hole_walk_reads_nothing(tmp_path: Path) -> None:
     fd = _sparse(tmp_path / "big", 1 << 40, [(512 * GiB, b"d" * 4096)])
     try:
