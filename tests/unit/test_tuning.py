@@ -184,7 +184,10 @@ def test_buffers_chunks_and_pacing() -> None:
         assert chunk % PAGE_SIZE == 0 and chunk & (chunk - 1) == 0
         assert 256 * 1024 <= chunk <= 4 * MiB
     assert tuner.chunk_for(64) < tuner.chunk_for(4)             # more streams, smaller chunks
-    assert tuner.plan.chunk_size == tuner.chunk_for(64)         # sized for the CUBIC ceiling
+    # Sized for the CUBIC ceiling, two chunks per stream: 64 streams x 2 x 512 KiB = max_inflight_bytes.
+    assert tuner.plan.chunk_size == tuner.chunk_for(64, 2) == 512 * 1024
+    # BBR's ceiling is 16 streams, four chunks each.
+    assert StreamTuner(cfg(tcp_congestion="bbr"), CC).plan.chunk_size == tuner.chunk_for(16) == MiB
 
 
 def test_choose_congestion() -> None:
