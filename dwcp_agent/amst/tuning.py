@@ -109,7 +109,10 @@ class StreamTuner:
     def __init__(self, config: Config, available_cc: Sequence[str] | None = None,
                  limits: TuningLimits = TuningLimits()) -> None:
         self.config = config
-        ceiling = min(limits.max_streams, config.max_streams)
+        # A destination with our defaults serves max_connections_per_source connections from one
+        # address, the control connection among them: a stream beyond that is refused, and a plan
+        # counting it would wait for it at every settle.
+        ceiling = min(limits.max_streams, config.max_streams, max(1, config.max_connections_per_source - 1))
         self.limits = replace(limits, max_streams=ceiling, min_streams=min(limits.min_streams, ceiling))
         cc = available_congestion_controls() if available_cc is None else list(available_cc)
         self.congestion = choose_congestion(config.tcp_congestion, cc)
@@ -168,8 +171,10 @@ class StreamTuner:
         per_rtt = lim.settle_rtts * path_rtt
         if self._phase == "settle":
             waited = now - (self._changed_t if self._changed_t is not None else now)
-            if sample.streams < self.plan.streams and waited < lim.connect_wait_s:
-                self._phase_t = now  # new streams still connecting: the settle starts when they are up
+            if sample.streams != self.plan.streams and waited < lim.connect_wait_s:
+                # New streams still connecting, or retired ones still draining what they had sent:
+                # the settle starts when the plan's count is what runs.
+                self._phase_t = now
                 return self.plan
             if elapsed >= max(lim.settle_s, per_rtt):
                 self._start_measure(now)
@@ -204,8 +209,8 @@ class StreamTuner:
         median_rtt = rtts[len(rtts) // 2] if rtts else 0.0
         queueing = bool(rtts) and median_rtt > self.min_rtt_s * lim.rtt_climb + lim.rtt_slack_s
         mbit = goodput * 8 / 1e6
-        # Loss-based flows overflowing the bottleneck: a standing queue and loss well above random.
-        overflow = self.loss_based and queueing and loss > lim.loss_climb
+        app_limited = sum(w.app_limited for w in self._window) / len(self._window)
+        overflow = self._path_full(n, goodput, loss, median_rtt, queueing, app_limited)
         if self._base is None:
             if overflow and n > lim.min_streams:
                 return self._shrink(now, n, goodput, loss, f"path full at {n} streams: {mbit:.0f} Mbit/s, "
@@ -237,6 +242,20 @@ class StreamTuner:
         if n >= lim.max_streams:
             return self._hold(now, f"at max {n} streams: {mbit:.0f} Mbit/s")
         return self._grow(now, n, goodput, loss, f"+{n - base_n} streams paid ({mbit:.0f} Mbit/s)", median_rtt)
+
+    def _path_full(self, n: int, goodput: float, loss: float, rtt_s: float, queueing: bool,
+                   app_limited: float) -> bool:
+        """Loss-based flows fill the bottleneck: a standing queue, and either loss well above random
+        (overflow) or flows the sender keeps busy carrying under half what loss alone allows
+        (Mathis at the measured RTT and loss: the bottleneck's rate, not random loss, limits them).
+        A busy host's inflated RTT lowers that allowance with it, so it does not read as full."""
+        lim = self.limits
+        if not (self.loss_based and queueing):
+            return False
+        if loss > lim.loss_climb:
+            return True
+        per_flow = loss_limited_rate(rtt_s or self._path_rtt(), loss, congestion=self.congestion or "cubic")
+        return app_limited < 0.5 and goodput / max(1, n) < 0.5 * per_flow
 
     def _flows_add_up(self, n: int, goodput: float, loss: float) -> bool:
         """More flows should add linearly: loss-based flows on a long path (each backs off on every
