@@ -4,7 +4,9 @@ One loss-based TCP flow cannot fill a long lossy path (CUBIC at 50 ms and 0.1 % 
 ~10 Mbit/s); N flows carry roughly N times that until the path is full. The tuner starts from the
 bandwidth-delay product and then climbs: it multiplies the stream count while the added streams
 bring their share of goodput, steps back when they did not, and sheds streams when loss or RTT
-climbs without a gain. It is a pure state machine in the style of etcd's raft: the data path feeds
+climbs without a gain. Loss-based flows on a long path start at the ceiling instead (the climb
+would end there, two or three windows later) and halve while the path is full and the fewer
+streams keep the goodput. It is a pure state machine in the style of etcd's raft: the data path feeds
 it `LinkSample`s (time inside) and applies the `StreamPlan` it returns; it never touches a socket.
 `amst.tcp.tune_socket` is the one helper that does, for the data path to call per socket.
 """
