@@ -11,15 +11,22 @@ codecs none / lz4 / zstd. Beside them, per core: the bare C file copy
 migration-core refactor) with its own kernels built; "after" is this tree. The same worker script
 (benchmarks/pipeline_worker.py) runs against both through PYTHONPATH.
 
-    .venv/bin/python -m benchmarks.bench_pipeline [--quick]
+    .venv/bin/python -m benchmarks.bench_pipeline [--quick] [--case IMAGE/CODEC[/SIDE] ...]
+        [--size-mib N] [--repeats N] [--rounds N] [--baseline-tree PATH]
+
+`--case` keeps only the named cases (e.g. `vm-mix/zstd/dest`); `--rounds N` measures each case
+N times, before and after alternating, and reports the medians; `--baseline-tree` reuses a tree
+of the baseline with its kernels built instead of making one.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,36 +144,66 @@ print(best)
     return float(out.stdout.strip())
 
 
-def run(quick: bool) -> dict[str, Any]:
+def selected(cases: list[str]) -> list[tuple[str, str, str]]:
+    """(image, codec, side) triples named by --case patterns (IMAGE/CODEC[/SIDE]); all when none."""
+    every = [(image, codec, side) for image in IMAGES for codec in CODECS for side in ("source", "dest")]
+    if not cases:
+        return every
+    keep = []
+    for triple in every:
+        if any(tuple(pattern.split("/")) == triple[:len(pattern.split("/"))] for pattern in cases):
+            keep.append(triple)
+    if not keep:
+        raise SystemExit(f"no case matches {cases}: cases are IMAGE/CODEC[/SIDE] with IMAGE in {IMAGES}, "
+                         f"CODEC in {CODECS}, SIDE source or dest")
+    return keep
+
+
+def run(quick: bool, cases: list[str] | None = None, size_mib: int | None = None, repeats: int | None = None,
+        rounds: int = 1, baseline: Path | None = None) -> dict[str, Any]:
     from dwcp_agent.migration.images import generate
 
-    size = (64 if quick else 512) << 20
-    repeats = 1 if quick else 3
+    size = (size_mib or (64 if quick else 512)) << 20
+    repeats = repeats or (1 if quick else 3)
+    chosen = selected(cases or [])
     work = Path(tempfile.mkdtemp(prefix=f"dwcp-pipeline-{os.getpid()}-"))
-    results: dict[str, Any] = {"image_bytes": size, "chunk_bytes": CHUNK, "baseline": BASELINE, "cases": []}
+    results: dict[str, Any] = {"image_bytes": size, "chunk_bytes": CHUNK, "baseline": BASELINE, "rounds": rounds,
+                               "cases": []}
     trees: dict[str, Path] = {"after": ROOT}
+    made_baseline = False
     try:
-        images = {name: generate(work / f"{name}.img", size, name, seed=7) for name in IMAGES}
-        results["c_filecopy_one_core_bytes_per_second"] = c_filecopy_one_core(images["random"], work)
+        images = {name: generate(work / f"{name}.img", size, name, seed=7)
+                  for name in IMAGES if any(image == name for image, _, _ in chosen)}
+        results["c_filecopy_one_core_bytes_per_second"] = c_filecopy_one_core(next(iter(images.values())), work)
         results["memcpy_one_core_bytes_per_second"] = memcpy_one_core()
-        try:
-            trees["before"] = baseline_tree(work)
-        except (subprocess.SubprocessError, OSError) as exc:
-            results["baseline_error"] = f"no baseline tree for {BASELINE}: {exc}"
-        for image_name, image in images.items():
-            for codec in CODECS:
-                for side in ("source", "dest"):
-                    row: dict[str, Any] = {"image": image_name, "codec": codec, "side": side}
-                    for label, tree in trees.items():
-                        rate, cpu = measure(tree, work, image, codec, side, repeats)
-                        row[f"{label}_bytes_per_second"] = rate
-                        row[f"{label}_cpu_s_per_gib"] = cpu
-                    if "before_bytes_per_second" in row:
-                        row["after_over_before"] = row["after_bytes_per_second"] / row["before_bytes_per_second"]
-                    results["cases"].append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
+        if baseline is not None:
+            trees["before"] = baseline
+        else:
+            try:
+                trees["before"] = baseline_tree(work)
+                made_baseline = True
+            except (subprocess.SubprocessError, OSError) as exc:
+                results["baseline_error"] = f"no baseline tree for {BASELINE}: {exc}"
+        for image_name, codec, side in chosen:
+            row: dict[str, Any] = {"image": image_name, "codec": codec, "side": side}
+            samples: dict[str, list[tuple[float, float]]] = {label: [] for label in trees}
+            for turn in range(rounds):  # alternate which version goes first
+                order = list(trees.items()) if turn % 2 == 0 else list(reversed(trees.items()))
+                for label, tree in order:
+                    samples[label].append(measure(tree, work, images[image_name], codec, side, repeats))
+            for label, got in samples.items():
+                row[f"{label}_bytes_per_second"] = statistics.median(rate for rate, _ in got)
+                row[f"{label}_cpu_s_per_gib"] = statistics.median(cpu for _, cpu in got)
+                if rounds > 1:
+                    row[f"{label}_samples"] = got
+            if "before_bytes_per_second" in row:
+                row["after_over_before"] = row["after_bytes_per_second"] / row["before_bytes_per_second"]
+                row["cpu_before_over_after"] = row["before_cpu_s_per_gib"] / row["after_cpu_s_per_gib"]
+            results["cases"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        results["load_average"] = os.getloadavg()
     finally:
-        if "before" in trees:
+        if made_baseline:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees["before"])],
                            capture_output=True, timeout=120)
         shutil.rmtree(work, ignore_errors=True)
@@ -177,6 +214,8 @@ def markdown(results: dict[str, Any]) -> str:
     copy = results["c_filecopy_one_core_bytes_per_second"] / 1e9
     mem = results["memcpy_one_core_bytes_per_second"] / 1e9
     lines = [f"### Per-core pipeline throughput (GB/s per core; C file copy {copy:.2f}, memcpy {mem:.2f})", "",
+             f"Median of {results.get('rounds', 1)} alternating round(s); load average "
+             f"{' '.join(f'{x:.2f}' for x in results.get('load_average', ()))}.", "",
              "| image | codec | side | before | after | after/before | CPU s/GiB before | CPU s/GiB after |",
              "|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
@@ -190,8 +229,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
-    result = run(quick)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="64 MiB images, one repeat")
+    parser.add_argument("--case", action="append", default=[], help="IMAGE/CODEC[/SIDE]; repeatable")
+    parser.add_argument("--size-mib", type=int, help="image size (default 512, 64 with --quick)")
+    parser.add_argument("--repeats", type=int, help="migrations per measurement (default 3, 1 with --quick)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating before/after measurements per case")
+    parser.add_argument("--baseline-tree", type=Path, help="an existing baseline tree with its kernels built")
+    args = parser.parse_args()
+    result = run(args.quick, args.case, args.size_mib, args.repeats, args.rounds, args.baseline_tree)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.json").write_text(json.dumps(result, indent=1))

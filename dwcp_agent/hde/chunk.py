@@ -56,6 +56,16 @@ __all__ = [
 _K = np.uint8
 _REF_KINDS = np.array([k in (PageKind.DUP_IN, PageKind.DUP_X, PageKind.BASELINE) for k in range(256)])
 _N_KINDS = len(PageKind)
+# Per chunk, the accounting walks these plain tuples, not the enums (an enum walk per chunk cost
+# as much as a page hash of the chunk).
+_KIND_LABELS = tuple((int(kind), METRIC_KIND[kind]) for kind in PageKind)
+_PAGE_LABELS = tuple(dict.fromkeys(label for _, label in _KIND_LABELS))
+_CODEC_NAMES = {int(codec): codec.name.lower() for codec in CodecId}
+# Hot-path constants: an enum member looked up on its class goes through EnumType.__getattr__.
+_NONE = CodecId.NONE
+_LITERAL, _ZERO, _DUP_IN, _DUP_X, _BASELINE, _DELTA = (
+    int(PageKind.LITERAL), int(PageKind.ZERO), int(PageKind.DUP_IN), int(PageKind.DUP_X), int(PageKind.BASELINE),
+    int(PageKind.DELTA))
 DEFAULT_INDEX_BUDGET = 256 << 20
 # A non-zero baseline page costs its hash (16 B), its page index (8 B) and up to two
 # fingerprint-table slots (2 x 16 B); holes and zero pages cost nothing.
@@ -153,6 +163,8 @@ class ChunkEncoder:
         self._index = index.PeerIndex(dedupe_entries, delta_cache_bytes, index_budget_bytes // 2)
         self._sent: dict[int, int] = {}   # chunk offset -> checksum of the version last encoded
         self._stats_lock = threading.Lock()
+        self._page_counters: dict[str, Any] = {}
+        self._codec_counters: dict[str, Any] = {}
 
     # -- peer state -------------------------------------------------------------------------
 
@@ -229,15 +241,14 @@ class ChunkEncoder:
                 self._sent[offset] = digest
         counts = np.bincount(kinds, minlength=_N_KINDS) if n_pages else np.zeros(_N_KINDS, np.int64)
         if zeros == n_pages:
-            encoded = EncodedChunk(CodecId.NONE, FLAG_ALL_ZERO, (), raw_len, digest)
-        elif counts[PageKind.LITERAL] == n_pages:
+            encoded = EncodedChunk(_NONE, FLAG_ALL_ZERO, (), raw_len, digest)
+        elif counts[_LITERAL] == n_pages:
             codec = self._choose(view, 0)
             codec_id, payload = self._compress(codec, view)
             encoded = EncodedChunk(codec_id, 0, (payload,), raw_len, digest)
         else:
             encoded = self._encode_page_map(view, s, n_pages, page0, int(n_delta), int(delta_bytes), digest)
-        codec_name = CodecId(encoded.codec).name.lower()
-        self._account(counts, encoded, codec_name, time.perf_counter() - start)
+        self._account(counts, encoded, _CODEC_NAMES[encoded.codec], time.perf_counter() - start)
         return encoded
 
     def _encode_page_map(self, view: memoryview, s: _Scratch, n_pages: int, page0: int, n_delta: int,
@@ -252,11 +263,11 @@ class ChunkEncoder:
         PAGE_MAP_HEADER.pack_into(s.body.data, 0, body_len, max(page0, 0))
         codec = self._choose_for_runs(view, literal_runs, literal_len + delta_bytes, meta_len)
         head = PAGE_MAP_HEADER.size + meta_len
-        if codec.id is CodecId.NONE:
+        if codec.id is _NONE:
             parts = [bytes(s.body.data[:head])] + [view[start:end] for start, end in literal_runs]
             if delta_bytes:
                 parts.append(bytes(s.deltas.data[:delta_bytes]))
-            return EncodedChunk(CodecId.NONE, FLAG_PAGE_MAP, tuple(parts), len(view), digest)
+            return EncodedChunk(_NONE, FLAG_PAGE_MAP, tuple(parts), len(view), digest)
         body = s.body.data[PAGE_MAP_HEADER.size: PAGE_MAP_HEADER.size + body_len]
         at = meta_len
         for start, end in literal_runs:
@@ -264,7 +275,7 @@ class ChunkEncoder:
             at += end - start
         body[at: at + delta_bytes] = s.deltas.data[:delta_bytes]
         codec_id, packed = self._compress(codec, body)
-        if codec_id is CodecId.NONE:
+        if codec_id is _NONE:
             packed = bytes(packed)  # the scratch body is reused by this thread's next chunk
         return EncodedChunk(codec_id, FLAG_PAGE_MAP, (bytes(s.body.data[:PAGE_MAP_HEADER.size]), packed),
                             len(view), digest)
@@ -282,7 +293,7 @@ class ChunkEncoder:
         return self.selector.choose(body, meta_len).codec
 
     def _compress(self, codec: Codec, body: memoryview) -> tuple[int, bytes | memoryview]:
-        if codec.id is not CodecId.NONE:
+        if codec.id is not _NONE:
             start = time.perf_counter()
             payload = codec.compress(body)
             if self.selector is not None:
@@ -291,13 +302,13 @@ class ChunkEncoder:
                 return codec.id, payload
         # Stored as is: the caller's buffer outlives the frame (the sender holds it until acked),
         # so no copy is needed for the payload.
-        return CodecId.NONE, body
+        return _NONE, body
 
     def _account(self, counts: np.ndarray, encoded: EncodedChunk, codec_name: str, seconds: float) -> None:
-        by_label: dict[str, int] = {}
-        for kind in PageKind:
-            label = METRIC_KIND[kind]
-            by_label[label] = by_label.get(label, 0) + int(counts[kind])
+        per_kind = counts.tolist()
+        by_label = dict.fromkeys(_PAGE_LABELS, 0)
+        for kind, label in _KIND_LABELS:
+            by_label[label] += per_kind[kind]
         with self._stats_lock:
             st = self.stats
             st.chunks += 1
@@ -310,8 +321,23 @@ class ChunkEncoder:
             self.metrics.hde_compression_latency.observe(seconds)
             for label, n in by_label.items():
                 if n:
-                    self.metrics.hde_pages.labels(label).inc(n)
-            self.metrics.hde_codec_chunks.labels(codec_name).inc()
+                    self._page_counter(label).inc(n)
+            self._codec_counter(codec_name).inc()
+
+    def _page_counter(self, label: str) -> Any:
+        """The hde_pages child of `label`, looked up once per encoder instead of once per chunk."""
+        counter = self._page_counters.get(label)
+        if counter is None:
+            assert self.metrics is not None
+            counter = self._page_counters[label] = self.metrics.hde_pages.labels(label)
+        return counter
+
+    def _codec_counter(self, name: str) -> Any:
+        counter = self._codec_counters.get(name)
+        if counter is None:
+            assert self.metrics is not None
+            counter = self._codec_counters[name] = self.metrics.hde_codec_chunks.labels(name)
+        return counter
 
 
 def _build_meta(s: _Scratch, n_pages: int, n_delta: int) -> int:
@@ -331,7 +357,7 @@ def _build_meta(s: _Scratch, n_pages: int, n_delta: int) -> int:
 
 def _literal_runs(kinds: np.ndarray, raw_len: int) -> list[tuple[int, int]]:
     """Byte ranges [start, end) of the chunk's runs of consecutive literal pages, in order."""
-    literal = np.concatenate(([False], kinds == PageKind.LITERAL, [False]))
+    literal = np.concatenate(([False], kinds == _LITERAL, [False]))
     edges = np.flatnonzero(literal[1:] != literal[:-1]) * PAGE_SIZE
     return [(int(a), min(int(b), raw_len)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
@@ -396,7 +422,7 @@ class ChunkDecoder:
         if flags & FLAG_PAGE_MAP:
             return _decode_page_map(codec, payload, raw_len, out, read_page or self.read_page,
                                     read_baseline or self.read_baseline)
-        body = payload if codec.id is CodecId.NONE else codec.decompress(payload, raw_len)
+        body = payload if codec.id is _NONE else codec.decompress(payload, raw_len)
         if len(body) != raw_len:
             raise CodecError(f"payload of {len(body)} bytes, frame announced {raw_len}")
         dest[:] = np.frombuffer(body, dtype=np.uint8)
@@ -405,7 +431,7 @@ class ChunkDecoder:
 
 def check_all_zero(codec_id: int, payload_len: int) -> None:
     """An ALL_ZERO frame has no payload and codec none; anything else is malformed."""
-    if payload_len or codec_id != CodecId.NONE:
+    if payload_len or codec_id != _NONE:
         raise CodecError("all-zero chunk carries a payload or a codec")
 
 
@@ -441,18 +467,18 @@ def _decode_page_map(codec: Codec, payload: memoryview, raw_len: int, out: memor
     if page0 + n_pages > MAX_PAGE_INDEX:
         raise CodecError(f"chunk page index {page0} is out of range")
     packed = payload[PAGE_MAP_HEADER.size:]
-    body = packed if codec.id is CodecId.NONE else memoryview(codec.decompress(packed, body_len))
+    body = packed if codec.id is _NONE else memoryview(codec.decompress(packed, body_len))
     if len(body) != body_len:
         raise CodecError(f"page-map body of {len(body)} bytes, header says {body_len}")
     kinds = np.frombuffer(body, dtype=np.uint8, count=n_pages)
     if n_pages and int(kinds.max()) >= _N_KINDS:
         raise CodecError("unknown page kind in the page map")
     full = raw_len // PAGE_SIZE
-    if full < n_pages and kinds[full] not in (PageKind.LITERAL, PageKind.ZERO):
+    if full < n_pages and kinds[full] not in (_LITERAL, _ZERO):
         raise CodecError("a short last page can only be literal or zero")
     counts = np.bincount(kinds, minlength=_N_KINDS)
-    n_ref = int(counts[PageKind.DUP_IN] + counts[PageKind.DUP_X] + counts[PageKind.BASELINE])
-    n_delta = int(counts[PageKind.DELTA])
+    n_ref = int(counts[_DUP_IN] + counts[_DUP_X] + counts[_BASELINE])
+    n_delta = int(counts[_DELTA])
     pos = n_pages
     if pos + 8 * n_ref + 2 * n_delta > body_len:
         raise CodecError("page map announces more references than the body holds")
@@ -460,7 +486,7 @@ def _decode_page_map(codec: Codec, payload: memoryview, raw_len: int, out: memor
     pos += 8 * n_ref
     delta_lens = np.frombuffer(body, dtype="<u2", count=n_delta, offset=pos).astype(np.uint16)
     pos += 2 * n_delta
-    literal_len = int(counts[PageKind.LITERAL]) * PAGE_SIZE
+    literal_len = int(counts[_LITERAL]) * PAGE_SIZE
     if full < n_pages and kinds[full] == PageKind.LITERAL:
         literal_len -= PAGE_SIZE - (raw_len - full * PAGE_SIZE)
     if pos + literal_len + int(delta_lens.sum()) != body_len:
@@ -480,7 +506,7 @@ def _decode_page_map(codec: Codec, payload: memoryview, raw_len: int, out: memor
                        body_arr[pos + literal_len:])
     except ValueError as exc:
         raise CodecError(f"page map: {exc}") from None
-    return (kinds == PageKind.ZERO).view(np.uint8)
+    return (kinds == _ZERO).view(np.uint8)
 
 
 def _is_file_or_none(reader: PageReader | None) -> bool:
@@ -499,9 +525,9 @@ def _fill_external(kinds: np.ndarray, refs: np.ndarray, page0: int, out: memoryv
     positions = np.arange(len(kinds), dtype=np.int64)
     sources: list[tuple[PageReader | None, np.ndarray, np.ndarray, str]] = []
     for kind, from_ref, reader, what in (
-        (PageKind.DUP_X, True, read_page, "acknowledged page"),
-        (PageKind.DELTA, False, read_page, "acknowledged page"),
-        (PageKind.BASELINE, True, read_baseline, "baseline page"),
+        (_DUP_X, True, read_page, "acknowledged page"),
+        (_DELTA, False, read_page, "acknowledged page"),
+        (_BASELINE, True, read_baseline, "baseline page"),
         (PageKind.SAME, False, read_baseline, "baseline page"),
     ):
         where = positions[kinds == kind]

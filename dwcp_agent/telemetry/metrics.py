@@ -10,6 +10,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -68,6 +69,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # component -> (operations, latency, data-path latency or None): `operation` runs once per
+        # chunk, and a labels() lookup costs about as much as the rest of it.
+        self._operation_series: dict[str, tuple[Any, Any, Any]] = {}
         # CPU, memory, file descriptors and the Python runtime, as every exporter has them.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -336,10 +340,16 @@ class Metrics:
             raise
         finally:
             elapsed = time.perf_counter() - start
-            self.component_operations.labels(component).inc()
-            self.component_latency.labels(component).observe(elapsed)
-            if component in DATA_PATH_COMPONENTS:
-                self.migration_latency.labels(component).observe(elapsed)
+            series = self._operation_series.get(component)
+            if series is None:
+                series = self._operation_series[component] = (
+                    self.component_operations.labels(component), self.component_latency.labels(component),
+                    self.migration_latency.labels(component) if component in DATA_PATH_COMPONENTS else None)
+            operations, latency, data_path = series
+            operations.inc()
+            latency.observe(elapsed)
+            if data_path is not None:
+                data_path.observe(elapsed)
 
     def exposition(self) -> bytes:
         """Prometheus text format of every series."""

@@ -131,3 +131,52 @@ def test_kernels_reject_short_output_buffers() -> None:
         pages.page_hashes(chunk, np.empty(1, np.uint8), np.empty((2, 2), np.uint64))
     with pytest.raises(ValueError):
         pages.zero_page_mask(chunk, np.empty(1, np.uint8))
+
+
+# The page hash spelled out in Python (native/pages.pyx): the stripe loop is compiled once per
+# vector width and picked at load time, and every clone must give these same values, or a
+# have-list computed on one host would not match the pages of another.
+_M64 = (1 << 64) - 1
+_SEED = [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+         0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x27D4EB2F165667C5, 0x94D049BB133111EB]
+_KEY = [0xBE4BA423396CFEB8, 0x1CAD21F72C81017C, 0xDB979083E96DD4DE, 0x1F67B3B7A4A44072,
+        0x78E5C0CC4EE679CB, 0x2172FFCC7DD05A82, 0x8E2443F7744608B8, 0x4C263A81E69035E0]
+_STEP, _FIN_LO, _FIN_HI = 0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3
+
+
+def _fold_mul(a: int, b: int) -> int:
+    p = a * b
+    return (p & _M64) ^ (p >> 64)
+
+
+def _avalanche(h: int) -> int:
+    h ^= h >> 33
+    h = h * 0xFF51AFD7ED558CCD & _M64
+    h ^= h >> 29
+    h = h * 0xC4CEB9FE1A85EC53 & _M64
+    return h ^ (h >> 32)
+
+
+def _reference_hash128(data: bytes) -> tuple[int, int]:
+    acc = list(_SEED)
+    stripes = -(-len(data) // 64)
+    padded = data + bytes(stripes * 64 - len(data))
+    for s in range(stripes):
+        w = [int.from_bytes(padded[64 * s + 8 * i: 64 * s + 8 * i + 8], "little") for i in range(8)]
+        pos = s * _STEP & _M64
+        for i in range(0, 8, 2):
+            k0, k1 = w[i] ^ (_KEY[i] + pos & _M64), w[i + 1] ^ (_KEY[i + 1] + pos & _M64)
+            acc[i] = acc[i] + (k0 & 0xFFFFFFFF) * (k0 >> 32) + w[i + 1] & _M64
+            acc[i + 1] = acc[i + 1] + (k1 & 0xFFFFFFFF) * (k1 >> 32) + w[i] & _M64
+    n = len(data)
+    lo, hi = n * _FIN_LO & _M64, n * _FIN_HI + 1 & _M64
+    for i in range(4):
+        lo = lo + _fold_mul(acc[2 * i] ^ _KEY[2 * i + 1], acc[2 * i + 1] ^ _FIN_LO) & _M64
+        hi = hi + _fold_mul(acc[i] ^ _FIN_HI, acc[i + 4] ^ _KEY[i]) & _M64
+    return _avalanche(lo), _avalanche(hi ^ (lo >> 7))
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 100, 4095, 4096, 8192 + 17])
+def test_page_hash_matches_the_python_reference(length: int) -> None:
+    data = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
+    assert pages.hash128(data) == _reference_hash128(data)
