@@ -250,9 +250,10 @@ class StreamTuner:
         """Loss-based flows fill the bottleneck: a standing queue, and either loss well above random
         (overflow) or flows the sender keeps busy carrying under half what loss alone allows
         (Mathis at the measured RTT and loss: the bottleneck's rate, not random loss, limits them).
-        A busy host's inflated RTT lowers that allowance with it, so it does not read as full."""
+        A busy host's inflated RTT lowers that allowance with it, so it does not read as full.
+        Only on long paths, where the count started at the ceiling; shorter ones climb to theirs."""
         lim = self.limits
-        if not (self.loss_based and queueing):
+        if not (self.loss_based and queueing and self._path_rtt() >= lim.long_path_rtt_s):
             return False
         if loss > lim.loss_climb:
             return True

@@ -267,3 +267,12 @@ def test_settling_waits_for_retired_streams_to_drain() -> None:
         t += 0.5
         counts.append(tuner.step(model.sample(t, CEILING)).streams)
     assert set(counts) == {halved}
+
+
+def test_a_short_path_with_a_queue_holds_instead_of_stepping_down() -> None:
+    # 5 ms, CUBIC forced, a queue but no loss (a busy loopback): as before, hold the count reached.
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.005, 1.25e9)
+    start = tuner.plan.streams
+    counts = run_model(tuner, QueuedPath(5e6, 0.005, 0.0), 20)
+    assert min(counts) >= start
