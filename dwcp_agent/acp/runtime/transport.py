@@ -47,6 +47,7 @@ MAX_HANDSHAKE_FRAME = 4 * 1024  # Hello and Proof are a few hundred bytes
 MAX_INBOUND = 256
 MAX_INBOUND_PER_SOURCE = 32
 QUEUE_LIMIT = 10000
+STOP_TIMEOUT_S = 5.0  # stop() gives up on a task that still runs after this
 VERSION = 1
 
 
@@ -165,6 +166,7 @@ class Transport:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._server: asyncio.Server | None = None
         self._inbound: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self.port = 0
         self.frames_sent = 0
         self.frames_dropped = 0
@@ -198,14 +200,25 @@ class Transport:
         queue.put_nowait(encode(env))
 
     async def stop(self) -> None:
-        """Close the listener, the senders and inbound connections."""
+        """Close the listener, the senders and inbound connections.
+
+        Bounded: on Python 3.11 `asyncio.wait_for` can swallow a cancellation that lands as its
+        inner call completes (gh-86296), so a task may outlive one cancel; `_stopping` ends the
+        sender's loop, and each task is cancelled again until it is gone or the bound passes."""
+        self._stopping = True
         if self._server is not None:
             self._server.close()
-        for task in [*self._tasks.values(), *self._inbound]:
-            task.cancel()
-        for task in [*self._tasks.values(), *self._inbound]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        deadline = asyncio.get_running_loop().time() + STOP_TIMEOUT_S
+        while tasks := [t for t in (*self._tasks.values(), *self._inbound) if not t.done()]:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=min(left, 0.5))
+        for task in (*self._tasks.values(), *self._inbound):
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a connection's end is not worth a warning at shutdown
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
@@ -263,7 +276,7 @@ class Transport:
     async def _sender(self, peer: str, queue: asyncio.Queue[bytes]) -> None:
         backoff = 0.05
         pending: bytes | None = None
-        while True:
+        while not self._stopping:
             try:
                 _reader, writer, session = await self._dial(peer)
             except (TimeoutError, OSError, ConnectionError, msgspec.DecodeError, msgspec.ValidationError,
