@@ -4,7 +4,9 @@ One loss-based TCP flow cannot fill a long lossy path (CUBIC at 50 ms and 0.1 % 
 ~10 Mbit/s); N flows carry roughly N times that until the path is full. The tuner starts from the
 bandwidth-delay product and then climbs: it multiplies the stream count while the added streams
 bring their share of goodput, steps back when they did not, and sheds streams when loss or RTT
-climbs without a gain. It is a pure state machine in the style of etcd's raft: the data path feeds
+climbs without a gain. Loss-based flows on a long path start at the ceiling instead (the climb
+would end there, two or three windows later) and halve while the path is full and the fewer
+streams keep the goodput. It is a pure state machine in the style of etcd's raft: the data path feeds
 it `LinkSample`s (time inside) and applies the `StreamPlan` it returns; it never touches a socket.
 `amst.tcp.tune_socket` is the one helper that does, for the data path to call per socket.
 """
@@ -37,6 +39,10 @@ class TuningLimits:
     max_chunk: int = 4 * MiB
     window_per_stream: int = 1 * MiB      # initial count: one stream per this much BDP
     chunks_in_flight: int = 4             # per stream, within max_inflight_bytes
+    # ... but loss-based flows sized for the full ceiling: each carries ~1 MB/s on a long path,
+    # so two chunks keep it busy, and the per-chunk cost (codec sample, frame, checksum, journal,
+    # ack) of 4096 chunks per GiB was ~2 s of CPU over 1024 on the internet bed.
+    loss_based_chunks_in_flight: int = 2
     settle_s: float = 0.5                 # after a change, ignore this long (new flows connect, ramp)
     measure_s: float = 1.0                # then measure over this long
     settle_rtts: float = 10.0             # ... and at least this many RTTs each (slow paths ramp slowly)
@@ -105,7 +111,10 @@ class StreamTuner:
     def __init__(self, config: Config, available_cc: Sequence[str] | None = None,
                  limits: TuningLimits = TuningLimits()) -> None:
         self.config = config
-        ceiling = min(limits.max_streams, config.max_streams)
+        # A destination with our defaults serves max_connections_per_source connections from one
+        # address, the control connection among them: a stream beyond that is refused, and a plan
+        # counting it would wait for it at every settle.
+        ceiling = min(limits.max_streams, config.max_streams, max(1, config.max_connections_per_source - 1))
         self.limits = replace(limits, max_streams=ceiling, min_streams=min(limits.min_streams, ceiling))
         cc = available_congestion_controls() if available_cc is None else list(available_cc)
         self.congestion = choose_congestion(config.tcp_congestion, cc)
@@ -164,8 +173,10 @@ class StreamTuner:
         per_rtt = lim.settle_rtts * path_rtt
         if self._phase == "settle":
             waited = now - (self._changed_t if self._changed_t is not None else now)
-            if sample.streams < self.plan.streams and waited < lim.connect_wait_s:
-                self._phase_t = now  # new streams still connecting: the settle starts when they are up
+            if sample.streams != self.plan.streams and waited < lim.connect_wait_s:
+                # New streams still connecting, or retired ones still draining what they had sent:
+                # the settle starts when the plan's count is what runs.
+                self._phase_t = now
                 return self.plan
             if elapsed >= max(lim.settle_s, per_rtt):
                 self._start_measure(now)
@@ -200,8 +211,8 @@ class StreamTuner:
         median_rtt = rtts[len(rtts) // 2] if rtts else 0.0
         queueing = bool(rtts) and median_rtt > self.min_rtt_s * lim.rtt_climb + lim.rtt_slack_s
         mbit = goodput * 8 / 1e6
-        # Loss-based flows overflowing the bottleneck: a standing queue and loss well above random.
-        overflow = self.loss_based and queueing and loss > lim.loss_climb
+        app_limited = sum(w.app_limited for w in self._window) / len(self._window)
+        overflow = self._path_full(n, goodput, loss, median_rtt, queueing, app_limited)
         if self._base is None:
             if overflow and n > lim.min_streams:
                 return self._shrink(now, n, goodput, loss, f"path full at {n} streams: {mbit:.0f} Mbit/s, "
@@ -233,6 +244,21 @@ class StreamTuner:
         if n >= lim.max_streams:
             return self._hold(now, f"at max {n} streams: {mbit:.0f} Mbit/s")
         return self._grow(now, n, goodput, loss, f"+{n - base_n} streams paid ({mbit:.0f} Mbit/s)", median_rtt)
+
+    def _path_full(self, n: int, goodput: float, loss: float, rtt_s: float, queueing: bool,
+                   app_limited: float) -> bool:
+        """Loss-based flows fill the bottleneck: a standing queue, and either loss well above random
+        (overflow) or flows the sender keeps busy carrying under half what loss alone allows
+        (Mathis at the measured RTT and loss: the bottleneck's rate, not random loss, limits them).
+        A busy host's inflated RTT lowers that allowance with it, so it does not read as full.
+        Only on long paths, where the count started at the ceiling; shorter ones climb to theirs."""
+        lim = self.limits
+        if not (self.loss_based and queueing and self._path_rtt() >= lim.long_path_rtt_s):
+            return False
+        if loss > lim.loss_climb:
+            return True
+        per_flow = loss_limited_rate(rtt_s or self._path_rtt(), loss, congestion=self.congestion or "cubic")
+        return app_limited < 0.5 and goodput / max(1, n) < 0.5 * per_flow
 
     def _flows_add_up(self, n: int, goodput: float, loss: float) -> bool:
         """More flows should add linearly: loss-based flows on a long path (each backs off on every
@@ -282,7 +308,7 @@ class StreamTuner:
         if not self.pinned:
             n = max(lim.min_streams, min(lim.max_streams, n))
         return StreamPlan(n, self.buffer_for(n), self.congestion, self.pacing_for(n),
-                          self.chunk_for(n if self.pinned else max(n, self.stream_ceiling)), reason)
+                          self.chunk_for(n) if self.pinned else self.ceiling_chunk(), reason)
 
     @property
     def loss_based(self) -> bool:
@@ -313,10 +339,15 @@ class StreamTuner:
         total = self.config.pacing_rate_bytes
         return max(1, total // max(1, n)) if total else 0
 
-    def chunk_for(self, n: int) -> int:
+    def ceiling_chunk(self) -> int:
+        """The tuned chunk size: fixed per attempt, so sized for the streams the climb may reach."""
+        per_stream = self.limits.loss_based_chunks_in_flight if self.loss_based else None
+        return self.chunk_for(self.stream_ceiling, per_stream)
+
+    def chunk_for(self, n: int, per_stream: int | None = None) -> int:
         """Chunk size: a few chunks per stream fit in max_inflight_bytes, whole pages, a power of two."""
         lim = self.limits
-        budget = self.config.max_inflight_bytes // max(1, n * lim.chunks_in_flight)
+        budget = self.config.max_inflight_bytes // max(1, n * (per_stream or lim.chunks_in_flight))
         size = 1 << max(0, budget.bit_length() - 1)
         size = max(lim.min_chunk, min(lim.max_chunk, size, self.config.max_inflight_bytes))
         return max(PAGE_SIZE, size - size % PAGE_SIZE)

@@ -125,7 +125,8 @@ class LinkController:
                 log.debug("pba tick", extra={
                     "streams": sample.streams, "mbit": round(sample.bandwidth_bps * 8e-6, 1),
                     "rtt_ms": round(sample.rtt_s * 1e3, 2), "loss": round(sample.loss, 5),
-                    "utilization": round(sample.utilization, 3), "mode": self.detector.mode,
+                    "utilization": round(sample.utilization, 3), "app_limited": round(sample.app_limited, 2),
+                    "mode": self.detector.mode,
                     "plan_streams": plan.streams, "buffer": plan.buffer_bytes})
             return plan
 

@@ -20,6 +20,8 @@ from dwcp_agent.config import PAGE_SIZE, MiB, load_config
 from dwcp_agent.pba.probe import LinkSample
 
 CC = ["reno", "cubic", "bbr"]
+# max_streams (64) less the control connection within the destination's max_connections_per_source (64).
+CEILING = 63
 
 
 def cfg(**kw: object) -> object:
@@ -61,8 +63,8 @@ def test_cubic_on_a_lossy_long_path_climbs_to_fill_it() -> None:
     # internet-like: 50 ms, 0.1 % loss, 1 Gbit/s; one CUBIC flow ~1.1 MB/s, so ~110 would fill it.
     tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
     counts = run_model(tuner, PathModel(125e6, 0.050, 0.001, "cubic"), 30)
-    assert max(counts) == 64                     # climbs to the ceiling: every stream still pays
-    assert counts.index(64) <= 20                # within 10 s (0.5 s steps)
+    assert max(counts) == CEILING                # climbs to the ceiling: every stream still pays
+    assert counts.index(CEILING) <= 20           # within 10 s (0.5 s steps)
 
 
 def test_climb_stops_and_steps_back_when_the_path_is_full() -> None:
@@ -96,11 +98,11 @@ def test_a_busy_hosts_rtt_does_not_stop_the_climb_of_loss_limited_flows() -> Non
     path = BusyHostPath(125e6, 0.200, 0.001, "cubic", path_rtt=0.050)
     climbing = StreamTuner(cfg(tcp_congestion="cubic"), CC)  # no probe: climbs from min_streams
     counts = run_model(climbing, path, 20)
-    assert counts[0] == 2 and counts[-1] == 64
+    assert counts[0] == 2 and counts[-1] == CEILING
     # ... nor make a tuner that started at the ceiling step down: the delay came without overflow.
     started = StreamTuner(cfg(tcp_congestion="cubic"), CC)
     started.initial(0.050, 3e6, loss=0.001)
-    assert set(run_model(started, path, 20)) == {64}
+    assert set(run_model(started, path, 20)) == {CEILING}
 
 
 def test_settling_waits_for_the_new_streams_to_be_live() -> None:
@@ -147,8 +149,10 @@ def test_internet_like_path_starts_at_the_ceiling_datacenter_keeps_its_start() -
     # 50 ms with CUBIC: the probe's slow-start burst shows a few MB/s, but ~110 flows would fill
     # 1 Gbit/s at 0.1 % loss; the first plan is the ceiling, bounded by the config's max_streams.
     for probe_bps in (3e6, 30e6):
-        assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, probe_bps).streams == 64
+        assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.05, probe_bps).streams == CEILING
     assert StreamTuner(cfg(tcp_congestion="cubic", max_streams=24), CC).initial(0.05, 30e6).streams == 24
+    assert StreamTuner(cfg(tcp_congestion="cubic", max_streams=256, max_connections_per_source=9),
+                       CC).initial(0.05, 30e6).streams == 8
     assert StreamTuner(cfg(tcp_congestion="cubic", stream_count=8), CC).initial(0.05, 30e6).streams == 8
     # Datacenter-like (0.2 ms, 10 Gbit/s) and metro-like (5 ms) paths start from their BDP.
     assert StreamTuner(cfg(tcp_congestion="cubic"), CC).initial(0.0002, 1.25e9).streams == 2
@@ -159,7 +163,7 @@ def test_started_at_the_ceiling_it_stays_while_the_path_has_room() -> None:
     tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
     tuner.initial(0.050, 3e6)
     counts = run_model(tuner, PathModel(125e6, 0.050, 0.001, "cubic"), 30)
-    assert set(counts) == {64}
+    assert set(counts) == {CEILING}
 
 
 def test_started_at_the_ceiling_on_a_small_path_it_steps_down() -> None:
@@ -169,7 +173,7 @@ def test_started_at_the_ceiling_on_a_small_path_it_steps_down() -> None:
     tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
     tuner.initial(0.050, 3e6)
     counts = run_model(tuner, model, 60)
-    assert counts[0] == 64 and counts[-1] <= 8
+    assert counts[0] == CEILING and counts[-1] <= 8
     assert model.sample(0, counts[-1]).bandwidth_bps == model.capacity  # still fills the path
 
 
@@ -184,7 +188,10 @@ def test_buffers_chunks_and_pacing() -> None:
         assert chunk % PAGE_SIZE == 0 and chunk & (chunk - 1) == 0
         assert 256 * 1024 <= chunk <= 4 * MiB
     assert tuner.chunk_for(64) < tuner.chunk_for(4)             # more streams, smaller chunks
-    assert tuner.plan.chunk_size == tuner.chunk_for(64)         # sized for the CUBIC ceiling
+    # Sized for the CUBIC ceiling, two chunks per stream: 64 streams x 2 x 512 KiB = max_inflight_bytes.
+    assert tuner.plan.chunk_size == tuner.chunk_for(64, 2) == 512 * 1024
+    # BBR's ceiling is 16 streams, four chunks each.
+    assert StreamTuner(cfg(tcp_congestion="bbr"), CC).plan.chunk_size == tuner.chunk_for(16) == MiB
 
 
 def test_choose_congestion() -> None:
@@ -206,3 +213,66 @@ def test_tune_socket_on_a_real_socket() -> None:
             assert got.rstrip(b"\0").decode() == cc
         with pytest.raises(ValueError, match="not available"):
             tune_socket(sock, congestion="no-such-cc")
+
+
+class QueuedPath(PathModel):
+    """A bottleneck with a deep queue (tbf on the bed at 40 Mbit/s): past capacity the RTT doubles
+    but loss stays random, so only the flows' small share of Mathis' rate shows the path full.
+    `app_limited`: the sender, not the path, keeps the flows short of data."""
+
+    def __init__(self, capacity: float, rtt: float, loss: float, app_limited: float = 0.0) -> None:
+        super().__init__(capacity, rtt, loss, "cubic")
+        self.app_limited = app_limited
+
+    def sample(self, t: float, n: int, dt: float = 0.5) -> LinkSample:
+        full = n * loss_limited_rate(self.rtt, self.loss) >= self.capacity
+        rtt = self.rtt * (2.0 if full else 1.02)
+        rate = min(n * loss_limited_rate(rtt, self.loss), self.capacity)
+        acked = int(rate * dt)
+        return LinkSample(t=t, interval_s=dt, streams=n, bandwidth_bps=rate, capacity_bps=rate, rtt_s=rtt,
+                          rttvar_s=rtt / 10, min_rtt_s=self.rtt, loss=self.loss,
+                          retransmits=int(self.loss * acked / 1448), acked_bytes=acked,
+                          app_limited=self.app_limited, utilization=1.0)
+
+
+def test_a_standing_queue_without_overflow_loss_still_steps_down() -> None:
+    model = QueuedPath(5e6, 0.050, 0.001)
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.050, 3e6)
+    counts = run_model(tuner, model, 40)
+    assert counts[0] == CEILING and counts[-1] <= 16
+    assert model.sample(0, counts[-1]).bandwidth_bps == model.capacity
+
+
+def test_an_app_limited_sender_behind_a_queue_is_not_read_as_a_full_path() -> None:
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.050, 3e6)
+    assert set(run_model(tuner, QueuedPath(5e6, 0.050, 0.001, app_limited=1.0), 30)) == {CEILING}
+
+
+def test_settling_waits_for_retired_streams_to_drain() -> None:
+    model = PathModel(5e6, 0.050, 0.001, "cubic")
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.050, 3e6)
+    t = 0.0
+    while tuner.plan.streams == CEILING:
+        t += 0.5
+        tuner.step(model.sample(t, CEILING))
+    halved = tuner.plan.streams
+    assert halved < CEILING
+    # The retired streams drain their sent chunks for 3 s: still the old count on the wire, which
+    # must not read as "the fewer streams kept the goodput".
+    counts = []
+    for _ in range(6):
+        t += 0.5
+        counts.append(tuner.step(model.sample(t, CEILING)).streams)
+    assert set(counts) == {halved}
+
+
+def test_a_short_path_with_a_queue_holds_instead_of_stepping_down() -> None:
+    # 5 ms, CUBIC forced, a queue but no loss (a busy loopback): as before, hold the count reached.
+    tuner = StreamTuner(cfg(tcp_congestion="cubic"), CC)
+    tuner.initial(0.005, 1.25e9)
+    start = tuner.plan.streams
+    counts = run_model(tuner, QueuedPath(5e6, 0.005, 0.0), 20)
+    assert min(counts) >= start

@@ -135,6 +135,7 @@ class Pbft:
         self.heard: set[str] = set()  # replicas this incarnation has had an authenticated frame from
         self._nv_resent: dict[str, int] = {}
         self.fetching = 0
+        self._exec_at_retransmit = self.last_exec  # last_exec at the previous retransmission period
         self.view_changes = 0
         self._last_vc: ViewChange | None = None
         self._last_nv: NewView | None = None
@@ -215,14 +216,17 @@ class Pbft:
     # ------------------------------------------------------------ input
     def submit(self, req: Request) -> None:
         """A local client's request: signed by this node and broadcast so every replica can watch the
-        primary. The active primary keeps its own clients' requests: its signed pre-prepare carries
-        them to the backups (three frames fewer per request), and a primary that sat on them would
-        only stall its own clients, whose retries broadcast them once it is no longer primary. (They
-        stay signed: after a view change another primary may have to order them.)"""
+        primary. The active primary keeps its own clients' requests, unsigned: its signed pre-prepare
+        header (the digest covers the batch) vouches for them to the backups (three frames and one
+        signature fewer per request). A primary that sat on them would only stall its own
+        clients, whose retries are signed and broadcast once it is no longer primary; an unsigned
+        copy is never re-proposed by another primary (see `_flush`)."""
+        if self.active and self.primary == self.id:
+            self._accept_request(Request(req.client, req.ts, req.op, b""))
+            return
         signed = Request(req.client, req.ts, req.op, self.keys.sign(request_bytes(req)))
         self._accept_request(signed)
-        if not (self.active and self.primary == self.id):
-            self._bcast(RequestFwd(signed))
+        self._bcast(RequestFwd(signed))
 
     def receive(self, sender: str, wire: PbftWire) -> None:
         """Authenticate, decode and dispatch one frame from `sender` (the authenticated link peer)."""
@@ -256,8 +260,12 @@ class Pbft:
             return  # a key not learnt yet (the handshake with that node is pending) is no evidence
         if isinstance(msg, RequestFwd):
             # Straight from the client's own node, the link's MAC already proves the origin; the
-            # signature is checked only for requests relayed by someone else.
-            if sender == client_node(msg.request.client) or valid_request(self.keys, msg.request):
+            # signature is checked only for requests relayed by someone else (or by the primary
+            # that orders it). Only pre-prepares carry unsigned requests: a forwarded one must be
+            # signed.
+            if not msg.request.sig:
+                self.det.report(sender, "invalid_signature", "unsigned request")
+            elif sender == client_node(msg.request.client) or valid_request(self.keys, msg.request):
                 self._accept_request(msg.request)
             else:
                 self.det.report(sender, "invalid_signature", "request")
@@ -310,7 +318,16 @@ class Pbft:
 
     def _accept_request(self, req: Request) -> None:
         key = (req.client, req.ts)
-        if req.ts <= self.last_ts.get(req.client, 0) or key in self.waiting:
+        if req.ts <= self.last_ts.get(req.client, 0):
+            return
+        if key in self.waiting:
+            held = self.requests.get(key)
+            if req.sig and held is not None and not held.sig:
+                # The signed retry of a request we only knew from its own node's pre-prepare: this
+                # copy can be re-proposed by any primary.
+                self.requests[key] = req
+                if key in self.queue:
+                    self.queue[key] = req
             return
         if self.req_timer is None:
             self.req_timer = self.now
@@ -335,7 +352,11 @@ class Pbft:
                 # all: a request it took on its link's word must carry a valid signature to go out.
                 # Its own clients' requests it signed itself.
                 if client_node(req.client) != self.id and not valid_request(self.keys, req):
-                    self.det.report(client_node(req.client), "invalid_signature", "request")
+                    if req.sig:
+                        self.det.report(client_node(req.client), "invalid_signature", "request")
+                    # Unsigned: adopted from its own node's pre-prepare in an earlier view, where
+                    # that primary's header signature vouched for it. Nobody else can vouch for it
+                    # now; its client's signed retry brings it back.
                     self.waiting.pop(key, None)
                     self.requests.pop(key, None)
                     continue
@@ -406,6 +427,9 @@ class Pbft:
             return
         if not self.active or m.view != self.view or sender == self.primary or not self.low < m.seq <= self.high:
             return
+        known = self.slots.get(m.seq)
+        if known is not None and known.view == m.view and known.prepares.get(sender) == m:
+            return  # a retransmission of the prepare we hold: checked when it first came
         if not self.keys.verify(sender, prepare_bytes(m), m.sig):
             self.det.report(sender, "invalid_signature", "prepare")
             return
@@ -661,6 +685,15 @@ class Pbft:
         self._last_nv = nv
         self.vc_quorum_at = None
         self.peer_views = {p: v for p, v in self.peer_views.items() if v > nv.view}
+        reissued = {(r.client, r.ts) for pp in nv.pre_prepares for r in pp.batch}
+        primary = self.qs.primary(nv.view)
+        for key in [k for k, r in self.requests.items()
+                    if not r.sig and client_node(r.client) != primary and k not in reissued]:
+            # Known only unsigned, from its node's pre-prepare in an earlier view: this primary
+            # cannot order it, so waiting for it would only time this view out. If its node is
+            # alive, its client's signed retry brings it back.
+            self.waiting.pop(key, None)
+            self.requests.pop(key, None)
         self.waiting = dict.fromkeys(self.waiting, self.now)
         self.req_timer = self.now if self.waiting else None
         best = max(nv.view_changes, key=lambda vc: vc.stable_seq)
@@ -669,7 +702,6 @@ class Pbft:
         self.slots = {s: slot for s, slot in self.slots.items() if s <= self.low}
         self.vcs = {v: d for v, d in self.vcs.items() if v > nv.view}
         self.next_seq = max([self.low, *(p.seq for p in nv.pre_prepares)]) + 1
-        reissued = {(r.client, r.ts) for pp in nv.pre_prepares for r in pp.batch}
         self.queue = {k: r for k, r in self.requests.items() if k not in reissued}
         for pp in nv.pre_prepares:
             if pp.seq > self.low:
@@ -718,7 +750,15 @@ class Pbft:
         """Links may lose messages: resend our part of every slot that has not executed yet, and of
         the last few that have (a replica that missed their commits, or their pre-prepare while it
         was restarting, would otherwise wait for the next stable checkpoint with the pipeline stuck
-        behind it)."""
+        behind it). While slots execute here, only every fourth period: under steady load these
+        resends were one frame in eight and almost never needed. A stuck primary stops everyone's
+        progress, so then all resend at once; a backup that lags alone waits at most four periods
+        (or the next stable checkpoint, announced below in every period)."""
+        progressed = self.last_exec > self._exec_at_retransmit
+        self._exec_at_retransmit = self.last_exec
+        if progressed and self.last_exec >= self.low and self.now % (4 * self.opts.retransmit_ticks):
+            self._resend_checkpoint()
+            return
         first = max(self.low + 1, self.last_exec + 1 - 2 * self.opts.max_inflight)
         for seq in range(first, self.last_exec + 1 + self.opts.max_inflight):
             slot = self.slots.get(seq)
@@ -731,8 +771,11 @@ class Pbft:
                 self._bcast(mine)
             if slot.prepared:
                 self._bcast(Commit(slot.view, seq, slot.pp.digest, self.id))
-        # Our newest checkpoint, stable or not: a replica that missed it (restarted, cut off) learns
-        # the stable point from these and fetches the state instead of waiting for the next one.
+        self._resend_checkpoint()
+
+    def _resend_checkpoint(self) -> None:
+        """Our newest checkpoint, stable or not: a replica that missed it (restarted, cut off) learns
+        the stable point from these and fetches the state instead of waiting for the next one."""
         own = self.checkpoints.get(max(self.checkpoints, default=-1), {}).get(self.id)
         if own is not None and own.seq >= self.low:
             self._bcast(own)

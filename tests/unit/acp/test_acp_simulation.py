@@ -65,11 +65,13 @@ def test_pbft_simulation_schedules_keep_agreement_with_a_byzantine_replica() -> 
 def test_simulation_catches_commit_without_quorum(protocol: str, nodes: int) -> None:
     # PBFT's view changes are rare now (no replica escalates alone), and they are where a slot
     # committed without a quorum gets lost: more partitions give the broken variant more chances.
+    # (PBFT: about half the schedules catch it; 40 seeds so the share, not the luck of 20, is tested.)
     faults = {"partition_rate": 0.05} if protocol == "pbft" else {}
+    seeds = 40 if protocol == "pbft" else 20
     caught = sum(bool(run_schedule(SimConfig(protocol=protocol, nodes=nodes, seed=s, unsafe_quorum=1,
                                              **faults)).violations)  # type: ignore[arg-type]
-                 for s in range(20))
-    assert caught >= 10
+                 for s in range(seeds))
+    assert caught >= 0.4 * seeds if protocol == "pbft" else caught >= 10
 
 
 def test_simulation_seed_replays_identically() -> None:
