@@ -2,7 +2,7 @@
  * Reference for the data-path benchmark: the least work a verified file-to-file copy over
  * loopback TCP can do on this host, with nothing of the agent around it.
  *
- *   filecopy SRC DST STREAMS CHUNK_BYTES
+ *   filecopy [--seal] [--reserve] SRC DST STREAMS CHUNK_BYTES
  *
  * A child process listens on 127.0.0.1; STREAMS sender threads each take the next chunk, pread it,
  * xxh3-64 it and send (16-byte header: index, hash) + chunk; STREAMS receiver threads recv, check
@@ -10,16 +10,30 @@
  * temporary file). Prints the throughput in bytes per second. No journal, no ACKs, no HDE: iperf3
  * measures the socket alone, this measures socket + the two file copies any migration must make,
  * so the agent's figure can be read against both.
+ *
+ * The options add the agent's default guarantees, so its encrypted rows have a like-for-like
+ * reference too:
+ *   --seal     each chunk travels AES-128-GCM sealed, with the library the agent uses (intel-ipsec-mb,
+ *              native/stream.pyx): one key per stream (a per-run random master key, which the
+ *              receiver inherits through fork, XOR the stream's number, sent first on the stream),
+ *              nonce = 96-bit little-endian counter from 1, the 16-byte header as associated data,
+ *              sealed and opened in 128 KiB pieces like the agent; the receiver checks the tag (a
+ *              mismatch is a hard error) and the xxh3 before it writes.
+ *   --reserve  posix_fallocate(DST, 0, size) before the receivers accept, as the agent's destination
+ *              reserves the image's space before it answers Start.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <intel-ipsec-mb.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -30,6 +44,34 @@
 static long chunk, chunks, size;
 static int src_fd, dst_fd, port;
 static atomic_long next_chunk;
+static atomic_long next_stream;
+static int seal, reserve;
+static uint8_t master_key[16];
+static IMB_MGR *mb;
+
+enum { TAG_BYTES = 16, PIECE = 128 * 1024 };
+
+/* One stream's AES-128-GCM state: expanded key, context, nonce counter (as sealed.FrameKey). */
+struct cipher {
+    struct gcm_key_data key __attribute__((aligned(64)));
+    struct gcm_context_data ctx __attribute__((aligned(64)));
+    uint64_t counter;
+};
+
+static void cipher_init(struct cipher *c, uint64_t stream) {
+    uint8_t key[16];
+    memcpy(key, master_key, sizeof key);
+    for (int i = 0; i < 8; i++) key[i] ^= (uint8_t)(stream >> (8 * i));
+    IMB_AES128_GCM_PRE(mb, key, &c->key);
+    c->counter = 0;
+}
+
+static void cipher_begin(struct cipher *c, const void *aad, uint64_t aad_len) {
+    uint8_t iv[12] = {0};
+    c->counter++;
+    for (int i = 0; i < 8; i++) iv[i] = (uint8_t)(c->counter >> (8 * i));
+    IMB_AES128_GCM_INIT(mb, &c->key, &c->ctx, iv, aad, aad_len);
+}
 
 static void die(const char *what) {
     perror(what);
@@ -60,14 +102,31 @@ static void *sender(void *unused) {
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr)) die("connect");
     char *buf = aligned_alloc(4096, (size_t)chunk);
+    static _Thread_local struct cipher cipher;
+    if (seal) {
+        uint64_t stream = (uint64_t)atomic_fetch_add(&next_stream, 1);
+        cipher_init(&cipher, stream);
+        struct iovec hello = {&stream, sizeof stream};
+        send_all(sock, &hello, 1);
+    }
     for (;;) {
         long index = atomic_fetch_add(&next_chunk, 1);
         if (index >= chunks) break;
         long len = (index + 1) * chunk <= size ? chunk : size - index * chunk;
         if (pread(src_fd, buf, (size_t)len, index * chunk) != len) die("pread");
         uint64_t header[2] = {(uint64_t)index, XXH3_64bits(buf, (size_t)len)};
-        struct iovec iov[2] = {{header, sizeof header}, {buf, (size_t)len}};
-        send_all(sock, iov, 2);
+        uint8_t tag[TAG_BYTES];
+        if (seal) {
+            cipher_begin(&cipher, header, sizeof header);
+            for (long at = 0; at < len; at += PIECE) {
+                uint8_t *piece = (uint8_t *)buf + at;
+                IMB_AES128_GCM_ENC_UPDATE(mb, &cipher.key, &cipher.ctx, piece, piece,
+                                          (uint64_t)(len - at < PIECE ? len - at : PIECE));
+            }
+            IMB_AES128_GCM_ENC_FINALIZE(mb, &cipher.key, &cipher.ctx, tag, TAG_BYTES);
+        }
+        struct iovec iov[3] = {{header, sizeof header}, {buf, (size_t)len}, {tag, TAG_BYTES}};
+        send_all(sock, iov, seal ? 3 : 2);
     }
     close(sock);
     free(buf);
@@ -89,11 +148,36 @@ static void *receiver(void *arg) {
     int sock = (int)(intptr_t)arg;
     char *buf = aligned_alloc(4096, (size_t)chunk);
     uint64_t header[2];
+    static _Thread_local struct cipher cipher;
+    if (seal) {
+        uint64_t stream;
+        if (!recv_all(sock, (char *)&stream, sizeof stream)) {
+            fprintf(stderr, "stream closed before its number\n");
+            exit(1);
+        }
+        cipher_init(&cipher, stream);
+    }
     while (recv_all(sock, (char *)header, sizeof header)) {
         long index = (long)header[0];
         if (index < 0 || index >= chunks) die("bad chunk index");
         long len = (index + 1) * chunk <= size ? chunk : size - index * chunk;
         recv_all(sock, buf, len);
+        if (seal) {
+            uint8_t tag[TAG_BYTES], computed[TAG_BYTES], diff = 0;
+            recv_all(sock, (char *)tag, TAG_BYTES);
+            cipher_begin(&cipher, header, sizeof header);
+            for (long at = 0; at < len; at += PIECE) {
+                uint8_t *piece = (uint8_t *)buf + at;
+                IMB_AES128_GCM_DEC_UPDATE(mb, &cipher.key, &cipher.ctx, piece, piece,
+                                          (uint64_t)(len - at < PIECE ? len - at : PIECE));
+            }
+            IMB_AES128_GCM_DEC_FINALIZE(mb, &cipher.key, &cipher.ctx, computed, TAG_BYTES);
+            for (int i = 0; i < TAG_BYTES; i++) diff |= computed[i] ^ tag[i];
+            if (diff) {
+                fprintf(stderr, "chunk %ld: AES-GCM tag mismatch\n", index);
+                exit(1);
+            }
+        }
         if (XXH3_64bits(buf, (size_t)len) != header[1]) die("checksum mismatch");
         if (pwrite(dst_fd, buf, (size_t)len, index * chunk) != len) die("pwrite");
     }
@@ -103,14 +187,27 @@ static void *receiver(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s SRC DST STREAMS CHUNK_BYTES\n", argv[0]);
+    char *args[4];
+    int positional = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--seal")) seal = 1;
+        else if (!strcmp(argv[i], "--reserve")) reserve = 1;
+        else if (positional < 4 && strncmp(argv[i], "--", 2)) args[positional++] = argv[i];
+        else positional = 5;
+    }
+    if (positional != 4) {
+        fprintf(stderr, "usage: %s [--seal] [--reserve] SRC DST STREAMS CHUNK_BYTES\n", argv[0]);
         return 2;
     }
-    int streams = atoi(argv[3]);
-    chunk = atol(argv[4]);
+    if (seal) {
+        if ((mb = alloc_mb_mgr(0)) == NULL) die("alloc_mb_mgr");
+        init_mb_mgr_auto(mb, NULL);
+        if (getrandom(master_key, sizeof master_key, 0) != sizeof master_key) die("getrandom");
+    }
+    int streams = atoi(args[2]);
+    chunk = atol(args[3]);
     if (streams < 1 || streams > 64 || chunk < 4096) return 2;
-    if ((src_fd = open(argv[1], O_RDONLY)) < 0) die(argv[1]);
+    if ((src_fd = open(args[0], O_RDONLY)) < 0) die(args[0]);
     size = lseek(src_fd, 0, SEEK_END);
     chunks = (size + chunk - 1) / chunk;
     int listener = socket(AF_INET, SOCK_STREAM, 0);
@@ -127,7 +224,12 @@ int main(int argc, char **argv) {
     if (child < 0) die("fork");
     pthread_t threads[64];
     if (child == 0) {
-        if ((dst_fd = open(argv[2], O_RDWR | O_CREAT | O_TRUNC, 0600)) < 0 || ftruncate(dst_fd, size)) die(argv[2]);
+        if ((dst_fd = open(args[1], O_RDWR | O_CREAT | O_TRUNC, 0600)) < 0 || ftruncate(dst_fd, size)) die(args[1]);
+        int rc = reserve ? posix_fallocate(dst_fd, 0, size) : 0;
+        if (rc) {
+            fprintf(stderr, "posix_fallocate: %s\n", strerror(rc));
+            _exit(1);
+        }
         for (int i = 0; i < streams; i++) {
             int sock = accept(listener, NULL, NULL);
             if (sock < 0) die("accept");
