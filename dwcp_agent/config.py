@@ -132,7 +132,8 @@ class Config:
     insecure_datacenter_plaintext: bool = _spec(False, doc="Data and consensus traffic unencrypted, PSK only "
                                                            "(trusted networks only; warned and shown in /health).")
     max_connections: int = _spec(512, lo=1, hi=65536, doc="Data-port connections served at once (worker pool size).")
-    max_connections_per_source: int = _spec(64, lo=1, hi=65536, doc="Data-port connections from one address.")
+    max_connections_per_source: int = _spec(
+        65, lo=1, hi=65536, doc="Data-port connections from one address: 64 data streams and their control.")
     # Files and outgoing limits (sparse: issue 13 items 5-6, issue 16)
     partial_ttl_s: float = _spec(86400.0, lo=1.0, hi=365 * 86400,
                                  doc="Abandoned partial images and journals are removed after this.")

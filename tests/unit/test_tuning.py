@@ -20,8 +20,8 @@ from dwcp_agent.config import PAGE_SIZE, MiB, load_config
 from dwcp_agent.pba.probe import LinkSample
 
 CC = ["reno", "cubic", "bbr"]
-# max_streams (64) less the control connection within the destination's max_connections_per_source (64).
-CEILING = 63
+# max_streams (64); the destination's max_connections_per_source (65) leaves room for the control connection.
+CEILING = 64
 
 
 def cfg(**kw: object) -> object:
