@@ -57,6 +57,7 @@ class ConsensusNode:
         for i in range(lanes):
             self._free.put_nowait(_Lane(f"{replica.id}/{incarnation}/{i}"))
         self._waiting: dict[tuple[str, int], asyncio.Future[Result]] = {}
+        self._commands: dict[tuple[str, int], Command] = {}  # what each waiting client submitted
         self._reads: dict[int, asyncio.Future[None]] = {}
         self._read_ctx = 0
         self._scheduled = False
@@ -147,6 +148,8 @@ class ConsensusNode:
             m.acp_leader_changes.inc()
             log.info("raft leader is %s", rd.leader, extra={"component": "acp", "peer_id": rd.leader})
         self.leader = rd.leader
+        if rd.leader_changed:
+            self._resubmit_waiting()
         if rd.view_changes:
             m.acp_view_changes.inc(rd.view_changes)
             log.warning("pbft view change", extra={"component": "acp", "view": self.replica.status().get("view")})
@@ -172,6 +175,16 @@ class ConsensusNode:
             rfut = self._reads.pop(ctx, None)
             if rfut is not None and not rfut.done():
                 rfut.set_result(None)
+
+    def _resubmit_waiting(self) -> None:
+        """A new leader is known: send it what our clients wait for now instead of at each one's
+        next retry (up to `retry_s` later, which was most of the first write's delay after a
+        leader died). Resubmitting is safe: a command is applied once per (client, seq)."""
+        for cmd in list(self._commands.values()):
+            with contextlib.suppress(NotLeader, ProposalDropped):
+                self.replica.submit(cmd, forward=True)
+        if self._commands:
+            self._schedule()
 
     def _child(self, metric: Any, protocol: str) -> Any:
         """The metric's child for `protocol`, looked up once (labels() costs more than the update)."""
@@ -201,6 +214,7 @@ class ConsensusNode:
         try:
             fut: asyncio.Future[Result] = loop.create_future()
             self._waiting[key] = fut
+            self._commands[key] = cmd
             while True:
                 if self.failed:
                     raise ConsensusTimeout(self.failed)
@@ -216,6 +230,7 @@ class ConsensusNode:
                     return result
         finally:
             self._waiting.pop(key, None)
+            self._commands.pop(key, None)
             self._free.put_nowait(lane)
 
     async def read_barrier(self, timeout: float = 5.0) -> bool:
