@@ -321,23 +321,16 @@ class ChunkEncoder:
             self.metrics.hde_compression_latency.observe(seconds)
             for label, n in by_label.items():
                 if n:
-                    self._page_counter(label).inc(n)
-            self._codec_counter(codec_name).inc()
+                    _child(self._page_counters, self.metrics.hde_pages, label).inc(n)
+            _child(self._codec_counters, self.metrics.hde_codec_chunks, codec_name).inc()
 
-    def _page_counter(self, label: str) -> Any:
-        """The hde_pages child of `label`, looked up once per encoder instead of once per chunk."""
-        counter = self._page_counters.get(label)
-        if counter is None:
-            assert self.metrics is not None
-            counter = self._page_counters[label] = self.metrics.hde_pages.labels(label)
-        return counter
 
-    def _codec_counter(self, name: str) -> Any:
-        counter = self._codec_counters.get(name)
-        if counter is None:
-            assert self.metrics is not None
-            counter = self._codec_counters[name] = self.metrics.hde_codec_chunks.labels(name)
-        return counter
+def _child(cache: dict[str, Any], family: Any, label: str) -> Any:
+    """The metric family's child for `label`, looked up once per encoder instead of once per chunk."""
+    child = cache.get(label)
+    if child is None:
+        child = cache[label] = family.labels(label)
+    return child
 
 
 def _build_meta(s: _Scratch, n_pages: int, n_delta: int) -> int:
