@@ -113,7 +113,10 @@ def test_migration_over_rdma_arrives_identical_with_bytes_labelled_rdma(tmp_path
 
 
 class FailingProvider(SoftProvider):
-    """The link fails at the source's `after`-th RDMA write: that queue pair goes to ERROR.
+    """The link fails at the source's `after`-th RDMA write: that queue pair goes to ERROR, and so
+    does every other queue pair of the link at its next write, as when a port goes down. (With the
+    other queue pairs left working, the lost chunk could be redone on them and the attempt finish
+    over RDMA before the error was reaped: the test then saw one attempt, about 1 run in 8.)
 
     The failing write first waits (bounded) until `delivered()` holds, so that the destination has
     processed some RDMA chunks before the link breaks however the threads happen to be scheduled.
@@ -125,6 +128,7 @@ class FailingProvider(SoftProvider):
         self.delivered = delivered
         self.total = 0
         self.failed: list[SoftQP] = []
+        self.qps: list[SoftQP] = []
 
     def open(self, port: Any) -> SoftContext:
         ctx = super().open(port)
@@ -132,6 +136,9 @@ class FailingProvider(SoftProvider):
 
         def create_qp(send_depth: int, recv_depth: int) -> SoftQP:
             qp = create(send_depth, recv_depth)
+            self.qps.append(qp)
+            if self.failed:  # the link is down: a queue pair made now fails at its first write
+                qp.fail_after_writes = 0
             post = qp.post_write_imm
 
             def counted(*args: Any) -> None:
@@ -140,7 +147,8 @@ class FailingProvider(SoftProvider):
                     deadline = time.monotonic() + 10.0
                     while not self.delivered() and time.monotonic() < deadline:
                         time.sleep(0.005)
-                    qp.fail_after_writes = qp.writes  # this very write is the one that fails
+                    for other in self.qps:  # this very write is the first that fails
+                        other.fail_after_writes = other.writes
                     self.failed.append(qp)
                 post(*args)
 
