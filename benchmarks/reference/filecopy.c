@@ -73,6 +73,24 @@ static void cipher_begin(struct cipher *c, const void *aad, uint64_t aad_len) {
     IMB_AES128_GCM_INIT(mb, &c->key, &c->ctx, iv, aad, aad_len);
 }
 
+/* Seal (encrypt = 1) or open `buf` in place in PIECE-sized steps, as the agent does, and write the tag. */
+static void cipher_run(struct cipher *c, int encrypt, const void *aad, uint64_t aad_len, void *buf, long len,
+                       uint8_t *tag) {
+    cipher_begin(c, aad, aad_len);
+    for (long at = 0; at < len; at += PIECE) {
+        uint8_t *piece = (uint8_t *)buf + at;
+        uint64_t n = (uint64_t)(len - at < PIECE ? len - at : PIECE);
+        if (encrypt)
+            IMB_AES128_GCM_ENC_UPDATE(mb, &c->key, &c->ctx, piece, piece, n);
+        else
+            IMB_AES128_GCM_DEC_UPDATE(mb, &c->key, &c->ctx, piece, piece, n);
+    }
+    if (encrypt)
+        IMB_AES128_GCM_ENC_FINALIZE(mb, &c->key, &c->ctx, tag, TAG_BYTES);
+    else
+        IMB_AES128_GCM_DEC_FINALIZE(mb, &c->key, &c->ctx, tag, TAG_BYTES);
+}
+
 static void die(const char *what) {
     perror(what);
     exit(1);
@@ -117,13 +135,7 @@ static void *sender(void *unused) {
         uint64_t header[2] = {(uint64_t)index, XXH3_64bits(buf, (size_t)len)};
         uint8_t tag[TAG_BYTES];
         if (seal) {
-            cipher_begin(&cipher, header, sizeof header);
-            for (long at = 0; at < len; at += PIECE) {
-                uint8_t *piece = (uint8_t *)buf + at;
-                IMB_AES128_GCM_ENC_UPDATE(mb, &cipher.key, &cipher.ctx, piece, piece,
-                                          (uint64_t)(len - at < PIECE ? len - at : PIECE));
-            }
-            IMB_AES128_GCM_ENC_FINALIZE(mb, &cipher.key, &cipher.ctx, tag, TAG_BYTES);
+            cipher_run(&cipher, 1, header, sizeof header, buf, len, tag);
         }
         struct iovec iov[3] = {{header, sizeof header}, {buf, (size_t)len}, {tag, TAG_BYTES}};
         send_all(sock, iov, seal ? 3 : 2);
@@ -165,13 +177,7 @@ static void *receiver(void *arg) {
         if (seal) {
             uint8_t tag[TAG_BYTES], computed[TAG_BYTES], diff = 0;
             recv_all(sock, (char *)tag, TAG_BYTES);
-            cipher_begin(&cipher, header, sizeof header);
-            for (long at = 0; at < len; at += PIECE) {
-                uint8_t *piece = (uint8_t *)buf + at;
-                IMB_AES128_GCM_DEC_UPDATE(mb, &cipher.key, &cipher.ctx, piece, piece,
-                                          (uint64_t)(len - at < PIECE ? len - at : PIECE));
-            }
-            IMB_AES128_GCM_DEC_FINALIZE(mb, &cipher.key, &cipher.ctx, computed, TAG_BYTES);
+            cipher_run(&cipher, 0, header, sizeof header, buf, len, computed);
             for (int i = 0; i < TAG_BYTES; i++) diff |= computed[i] ^ tag[i];
             if (diff) {
                 fprintf(stderr, "chunk %ld: AES-GCM tag mismatch\n", index);
