@@ -106,6 +106,9 @@ def measure(tree: Path, work: Path, image: Path, codec: str, side: str, repeats:
             server.communicate(timeout=60)
         for written in (work / "dst").glob("out*.img"):  # the feeder's images, once nothing holds them
             written.unlink(missing_ok=True)
+        # Every measurement starts with no dirty pages or pending discards of the one before: their
+        # writeback would land in whichever version runs next.
+        os.sync()
 
 
 def baseline_tree(work: Path) -> Path:
