@@ -54,7 +54,7 @@ class AttemptSession(Protocol):
     progress: Progress
     encoder: ChunkEncoder
     link: LinkController | None
-    buffers: queue.SimpleQueue[bytearray]
+    buffers: queue.LifoQueue[bytearray]
     checksums: np.ndarray
     fd: int
     size: int
@@ -84,7 +84,7 @@ class Attempt:
         self.work = threading.Condition(self.lock)   # encoder workers wait here
         self.ready_to_send = threading.Condition(self.lock)  # stream threads wait here
         self.redo: collections.deque[OutChunk] = collections.deque()  # to encode again (lost stream)
-        self.free: queue.SimpleQueue[bytearray] = session.buffers
+        self.free: queue.LifoQueue[bytearray] = session.buffers
         self.live_streams = 0
         # Online stream tuning (PBA): ids below target_streams run; the tuner moves the target.
         self.target_streams = session.streams
