@@ -269,7 +269,8 @@ class ChunkEncoder:
         PAGE_MAP_HEADER.pack_into(s.body.data, 0, body_len, max(page0, 0))
         codec = self._choose_for_runs(view, starts, ends, literal_len + delta_bytes, meta_len)
         head = PAGE_MAP_HEADER.size + meta_len
-        if codec.id is _NONE:
+        # The metadata always shrinks and XOR deltas usually do: only literal pages are sampled.
+        if codec.id is _NONE or (not delta_bytes and self._skips(codec, _run_samples(view, starts, ends, literal_len))):
             parts = [bytes(s.body.data[:head]), *map(view.__getitem__, map(slice, starts, ends))]
             if delta_bytes:
                 parts.append(bytes(s.deltas.data[:delta_bytes]))
@@ -278,7 +279,7 @@ class ChunkEncoder:
         _gather_literals(view, starts, ends, body[meta_len: meta_len + literal_len])
         at = meta_len + literal_len
         body[at: at + delta_bytes] = s.deltas.data[:delta_bytes]
-        codec_id, packed = self._compress(codec, body)
+        codec_id, packed = self._compress(codec, body, sampled=True)
         if codec_id is _NONE:
             packed = bytes(packed)  # the scratch body is reused by this thread's next chunk
         return EncodedChunk(codec_id, FLAG_PAGE_MAP, (bytes(s.body.data[:PAGE_MAP_HEADER.size]), packed),
@@ -291,16 +292,21 @@ class ChunkEncoder:
         assert self.selector is not None
         return self.selector.choose_sampled(_sample_runs(view, starts, ends), length, meta_len).codec
 
+    def _skips(self, codec: Codec, samples: list[memoryview]) -> bool:
+        """A forced codec first tries a few sample pages (the selector samples for `auto` already):
+        a chunk none of whose samples shrinks is stored without compressing all of it."""
+        return self.codec is not None and codec.id is not _NONE and bool(samples) and _incompressible(codec, samples)
+
     def _choose(self, body: memoryview, meta_len: int) -> Codec:
         if self.codec is not None:
             return self.codec
         assert self.selector is not None
         return self.selector.choose(body, meta_len).codec
 
-    def _compress(self, codec: Codec, body: memoryview) -> tuple[int, bytes | memoryview]:
-        # A forced codec first tries a few sample pages (the selector samples for `auto` already):
-        # a chunk none of whose samples shrinks is stored without compressing all of it.
-        if codec.id is not _NONE and not (self.codec is not None and _incompressible(codec, body)):
+    def _compress(self, codec: Codec, body: memoryview, sampled: bool = False) -> tuple[int, bytes | memoryview]:
+        """`body` compressed, or stored when that would not shrink it (`sampled`: _skips already
+        said the body is worth compressing)."""
+        if codec.id is not _NONE and (sampled or not self._skips(codec, _body_samples(body))):
             start = time.perf_counter()
             payload = codec.compress(body)
             if self.selector is not None:
@@ -332,22 +338,39 @@ class ChunkEncoder:
             _child(self._codec_counters, self.metrics.hde_codec_chunks, codec_name).inc()
 
 
-def _incompressible(codec: Codec, body: memoryview) -> bool:
-    """True when no sample page spread over `body` shrinks by INCOMPRESSIBLE_GAIN under `codec`.
+def _incompressible(codec: Codec, samples: list[memoryview]) -> bool:
+    """True when no sample shrinks by INCOMPRESSIBLE_GAIN under `codec`.
 
     A compression that would not shrink the chunk is thrown away anyway (stored as codec none):
     four 4 KiB samples predict that for ~1.5 % of the cost of compressing a 1 MiB chunk (lz4 or
-    zstd on random bytes: ~160 us a MiB here). Bodies under INCOMPRESSIBLE_MIN are compressed.
+    zstd on random bytes: ~160 us a MiB here).
     """
-    n = len(body)
-    if n < INCOMPRESSIBLE_MIN:
-        return False
-    step = (n - PAGE_SIZE) // (INCOMPRESSIBLE_SAMPLES - 1)
-    for i in range(INCOMPRESSIBLE_SAMPLES):
-        sample = body[i * step: i * step + PAGE_SIZE]
-        if len(codec.compress(sample)) < PAGE_SIZE * (1 - INCOMPRESSIBLE_GAIN):
-            return False
-    return True
+    return all(len(codec.compress(sample)) >= len(sample) * (1 - INCOMPRESSIBLE_GAIN) for sample in samples)
+
+
+def _body_samples(body: memoryview) -> list[memoryview]:
+    """INCOMPRESSIBLE_SAMPLES pages spread over `body`; none when it is under INCOMPRESSIBLE_MIN
+    (compressing a small body costs about what the samples would)."""
+    if len(body) < INCOMPRESSIBLE_MIN:
+        return []
+    step = (len(body) - PAGE_SIZE) // (INCOMPRESSIBLE_SAMPLES - 1)
+    return [body[i * step: i * step + PAGE_SIZE] for i in range(INCOMPRESSIBLE_SAMPLES)]
+
+
+def _run_samples(view: memoryview, starts: list[int], ends: list[int], literal_len: int) -> list[memoryview]:
+    """INCOMPRESSIBLE_SAMPLES literal pages spread over the literal runs (as _body_samples over
+    the gathered literal bytes, without gathering them)."""
+    if literal_len < INCOMPRESSIBLE_MIN:
+        return []
+    last = (literal_len - 1) // PAGE_SIZE
+    wanted = [i * last // (INCOMPRESSIBLE_SAMPLES - 1) * PAGE_SIZE for i in range(INCOMPRESSIBLE_SAMPLES)]
+    samples, before = [], 0
+    for start, end in zip(starts, ends, strict=True):
+        while wanted and wanted[0] < before + end - start:
+            at = start + wanted.pop(0) - before
+            samples.append(view[at: min(at + PAGE_SIZE, end)])
+        before += end - start
+    return samples
 
 
 def _child(cache: dict[str, Any], family: Any, label: str) -> Any:
