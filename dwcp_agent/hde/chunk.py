@@ -271,7 +271,8 @@ class ChunkEncoder:
         head = PAGE_MAP_HEADER.size + meta_len
         # The metadata always shrinks and XOR deltas usually do: only literal pages are sampled.
         if codec.id is _NONE or (not delta_bytes and self._skips(codec, _run_samples(view, starts, ends, literal_len))):
-            parts = [bytes(s.body.data[:head]), *map(view.__getitem__, map(slice, starts, ends))]
+            parts: list[bytes | memoryview] = [bytes(s.body.data[:head])]
+            parts += [view[start:end] for start, end in zip(starts, ends, strict=True)]
             if delta_bytes:
                 parts.append(bytes(s.deltas.data[:delta_bytes]))
             return EncodedChunk(_NONE, FLAG_PAGE_MAP, tuple(parts), len(view), digest)
