@@ -570,22 +570,20 @@ cdef class AckReader:
             self.end -= self.start
             self.start = 0
         while self.end < self.size:
-            if timeout_ms >= 0:  # a socket with a timeout is non-blocking: wait first, as Python does
-                p.fd, p.events, p.revents = self.fd, POLLIN, 0
-                ready = poll(&p, 1, timeout_ms)
-                if ready == 0:
-                    return _TIMED_OUT
-                if ready < 0:
-                    if errno == EINTR:
-                        continue
-                    self.error = errno
-                    return _OS_ERROR
             k = recv(self.fd, self.buf + self.end, self.cap - self.end, 0)
             if k > 0:
                 self.end += k
             elif k == 0:
                 return _CLOSED
-            elif errno != EINTR and errno != EAGAIN:
+            elif errno == EAGAIN:  # a socket with a timeout is non-blocking: wait as Python would
+                p.fd, p.events, p.revents = self.fd, POLLIN, 0
+                ready = poll(&p, 1, timeout_ms)
+                if ready == 0:
+                    return _TIMED_OUT
+                if ready < 0 and errno != EINTR:
+                    self.error = errno
+                    return _OS_ERROR
+            elif errno != EINTR:
                 self.error = errno
                 return _OS_ERROR
         return 0
