@@ -6,8 +6,9 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# stream.pyx seals and opens frames with intel-ipsec-mb's AES-GCM (apt: libipsec-mb-dev).
-LIBRARIES = {"stream": ["IPSec_MB"]}
+# stream.pyx seals and opens frames with intel-ipsec-mb's AES-GCM (apt: libipsec-mb-dev) and
+# hashes payloads with libxxhash's CPU dispatch (apt: libxxhash-dev).
+LIBRARIES = {"stream": ["IPSec_MB", "xxhash"]}
 
 extensions = [
     Extension(
