@@ -5,7 +5,8 @@ into a destination on the other core that acknowledges and discards. Destination
 real DataServer (receive -> verify -> decode -> write -> journal -> digest) pinned to one core,
 fed frames recorded beforehand by a feeder on the other core. Cases: random and vm-mix images,
 codecs none / lz4 / zstd. Beside them, per core: the bare C file copy
-(benchmarks/reference/filecopy.c, both of its ends on one core) and memcpy.
+(benchmarks/reference/filecopy.c) with both of its ends on one core, and with each end on its own
+core (the per-side reference: bytes per CPU second of its sender and of its receiver), and memcpy.
 
 "before" is a `git worktree` of DWCP_PIPELINE_BASELINE (default 73d0f58, the tree before the
 migration-core refactor) with its own kernels built; "after" is this tree. The same worker script
@@ -105,6 +106,9 @@ def measure(tree: Path, work: Path, image: Path, codec: str, side: str, repeats:
             server.communicate(timeout=60)
         for written in (work / "dst").glob("out*.img"):  # the feeder's images, once nothing holds them
             written.unlink(missing_ok=True)
+        # Every measurement starts with no dirty pages or pending discards of the one before: their
+        # writeback would land in whichever version runs next.
+        os.sync()
 
 
 def baseline_tree(work: Path) -> Path:
@@ -117,20 +121,31 @@ def baseline_tree(work: Path) -> Path:
     return tree
 
 
-def c_filecopy_one_core(image: Path, work: Path) -> float:
-    """The bare verified file copy (sender and receiver) on one core."""
+def c_filecopy_references(image: Path, work: Path) -> dict[str, float]:
+    """The bare verified file copy (benchmarks/reference/filecopy.c, one stream, plaintext, same
+    chunk size), two ways: both ends on one core (bytes per second), and each end pinned to its
+    own core, as each side of the agent is measured here (bytes per CPU second of that side: the
+    least a sender that reads, hashes and sends, or a receiver that receives, checks and writes,
+    can cost on this host and file system)."""
     binary = work / "filecopy"
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(REFERENCE / "filecopy.c"), "-lxxhash", "-lpthread",
                     "-lIPSec_MB"], check=True, capture_output=True, timeout=120)
-    near, _ = _cpus()
-    best = 0.0
+    near, far = _cpus()
+    copy = [str(binary), str(image), str(work / "filecopy.out"), "1", str(CHUNK)]
+    one_core, send_cpu, recv_cpu = [], [], []
     for _ in range(3):
-        out = subprocess.run([str(binary), str(image), str(work / "filecopy.out"), "1", str(CHUNK)],
-                             capture_output=True, text=True, check=True, timeout=600,
+        out = subprocess.run(copy, capture_output=True, text=True, check=True, timeout=600,
                              preexec_fn=lambda: os.sched_setaffinity(0, {near}))
-        best = max(best, float(out.stdout.split()[0]))
+        one_core.append(float(out.stdout.split()[0]))
+        split = subprocess.run([copy[0], "--pin", f"{near},{far}", *copy[1:]], capture_output=True, text=True,
+                               check=True, timeout=600).stdout.split()
+        send_cpu.append(float(split[1]))
+        recv_cpu.append(float(split[2]))
     (work / "filecopy.out").unlink(missing_ok=True)
-    return best
+    size = image.stat().st_size
+    return {"c_filecopy_one_core_bytes_per_second": max(one_core),
+            "c_filecopy_source_side_bytes_per_cpu_second": size / statistics.median(send_cpu),
+            "c_filecopy_dest_side_bytes_per_cpu_second": size / statistics.median(recv_cpu)}
 
 
 def memcpy_one_core(size: int = 256 << 20) -> float:
@@ -176,7 +191,7 @@ def run(quick: bool, cases: list[str] | None = None, size_mib: int | None = None
     try:
         images = {name: generate(work / f"{name}.img", size, name, seed=7)
                   for name in IMAGES if any(image == name for image, _, _ in chosen)}
-        results["c_filecopy_one_core_bytes_per_second"] = c_filecopy_one_core(next(iter(images.values())), work)
+        results.update(c_filecopy_references(next(iter(images.values())), work))
         results["memcpy_one_core_bytes_per_second"] = memcpy_one_core()
         if baseline is not None:
             trees["before"] = baseline
@@ -215,7 +230,11 @@ def run(quick: bool, cases: list[str] | None = None, size_mib: int | None = None
 def markdown(results: dict[str, Any]) -> str:
     copy = results["c_filecopy_one_core_bytes_per_second"] / 1e9
     mem = results["memcpy_one_core_bytes_per_second"] / 1e9
+    c_source = results.get("c_filecopy_source_side_bytes_per_cpu_second", float("nan")) / 1e9
+    c_dest = results.get("c_filecopy_dest_side_bytes_per_cpu_second", float("nan")) / 1e9
     lines = [f"### Per-core pipeline throughput (GB/s per core; C file copy {copy:.2f}, memcpy {mem:.2f})", "",
+             f"C file copy per side, GB per CPU second: sender (read, xxh3, send) {c_source:.2f}, "
+             f"receiver (recv, xxh3 check, write) {c_dest:.2f}.", "",
              f"Median of {results.get('rounds', 1)} alternating round(s); load average "
              f"{' '.join(f'{x:.2f}' for x in results.get('load_average', ()))}.", "",
              "| image | codec | side | before | after | after/before | CPU s/GiB before | CPU s/GiB after |",

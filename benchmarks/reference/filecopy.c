@@ -2,7 +2,7 @@
  * Reference for the data-path benchmark: the least work a verified file-to-file copy over
  * loopback TCP can do on this host, with nothing of the agent around it.
  *
- *   filecopy [--seal] [--reserve] SRC DST STREAMS CHUNK_BYTES
+ *   filecopy [--seal] [--reserve] [--pin SEND_CPU,RECV_CPU] SRC DST STREAMS CHUNK_BYTES
  *
  * A child process listens on 127.0.0.1; STREAMS sender threads each take the next chunk, pread it,
  * xxh3-64 it and send (16-byte header: index, hash) + chunk; STREAMS receiver threads recv, check
@@ -21,6 +21,10 @@
  *              mismatch is a hard error) and the xxh3 before it writes.
  *   --reserve  posix_fallocate(DST, 0, size) before the receivers accept, as the agent's destination
  *              reserves the image's space before it answers Start.
+ *
+ * For a per-side reference (bench_pipeline measures each side of the agent alone on one core):
+ *   --pin S,R  the sending process runs on CPU S and the receiving one on CPU R, and the output line
+ *              gains each side's CPU seconds (user + system): "BYTES_PER_S SEND_CPU_S RECV_CPU_S".
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -33,7 +37,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -46,6 +52,7 @@ static int src_fd, dst_fd, port;
 static atomic_long next_chunk;
 static atomic_long next_stream;
 static int seal, reserve;
+static int send_cpu = -1, recv_cpu = -1;
 static uint8_t master_key[16];
 static IMB_MGR *mb;
 
@@ -192,17 +199,32 @@ static void *receiver(void *arg) {
     return NULL;
 }
 
+/* Run this process (and the threads it starts after) on one CPU; -1 leaves it where it is. */
+static void pin(int cpu) {
+    if (cpu < 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set)) die("sched_setaffinity");
+}
+
+static double cpu_seconds(const struct rusage *usage) {
+    return (double)usage->ru_utime.tv_sec + (double)usage->ru_utime.tv_usec / 1e6 +
+           (double)usage->ru_stime.tv_sec + (double)usage->ru_stime.tv_usec / 1e6;
+}
+
 int main(int argc, char **argv) {
     char *args[4];
     int positional = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--seal")) seal = 1;
         else if (!strcmp(argv[i], "--reserve")) reserve = 1;
+        else if (!strcmp(argv[i], "--pin") && i + 1 < argc && sscanf(argv[i + 1], "%d,%d", &send_cpu, &recv_cpu) == 2) i++;
         else if (positional < 4 && strncmp(argv[i], "--", 2)) args[positional++] = argv[i];
         else positional = 5;
     }
     if (positional != 4) {
-        fprintf(stderr, "usage: %s [--seal] [--reserve] SRC DST STREAMS CHUNK_BYTES\n", argv[0]);
+        fprintf(stderr, "usage: %s [--seal] [--reserve] [--pin SEND_CPU,RECV_CPU] SRC DST STREAMS CHUNK_BYTES\n", argv[0]);
         return 2;
     }
     if (seal) {
@@ -230,6 +252,7 @@ int main(int argc, char **argv) {
     if (child < 0) die("fork");
     pthread_t threads[64];
     if (child == 0) {
+        pin(recv_cpu);
         if ((dst_fd = open(args[1], O_RDWR | O_CREAT | O_TRUNC, 0600)) < 0 || ftruncate(dst_fd, size)) die(args[1]);
         int rc = reserve ? posix_fallocate(dst_fd, 0, size) : 0;
         if (rc) {
@@ -244,6 +267,7 @@ int main(int argc, char **argv) {
         for (int i = 0; i < streams; i++) pthread_join(threads[i], NULL);
         _exit(0);
     }
+    pin(send_cpu);
     for (int i = 0; i < streams; i++) pthread_create(&threads[i], NULL, sender, NULL);
     for (int i = 0; i < streams; i++) pthread_join(threads[i], NULL);
     int status;
@@ -253,6 +277,13 @@ int main(int argc, char **argv) {
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double seconds = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-    printf("%.0f\n", (double)size / seconds);
+    if (send_cpu < 0) {
+        printf("%.0f\n", (double)size / seconds);
+        return 0;
+    }
+    struct rusage self, children;
+    getrusage(RUSAGE_SELF, &self);
+    getrusage(RUSAGE_CHILDREN, &children);
+    printf("%.0f %.6f %.6f\n", (double)size / seconds, cpu_seconds(&self), cpu_seconds(&children));
     return 0;
 }

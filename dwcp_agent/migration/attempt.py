@@ -29,6 +29,7 @@ from dwcp_agent.hde.baseline import HaveList, header_pages
 from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, checksum
 from dwcp_agent.hde.codecs import CodecError
 from dwcp_agent.hde.layout import FLAG_HOLE
+from dwcp_agent.migration.buffers import FreeBuffers
 from dwcp_agent.migration.core import Action, CloseStream, Commit, ImageSender, OutChunk, Reencode, Release
 from dwcp_agent.migration.core.image import HoleRun, Run
 from dwcp_agent.migration.digest import chunk_length
@@ -54,7 +55,7 @@ class AttemptSession(Protocol):
     progress: Progress
     encoder: ChunkEncoder
     link: LinkController | None
-    buffers: queue.SimpleQueue[bytearray]
+    buffers: FreeBuffers
     checksums: np.ndarray
     fd: int
     size: int
@@ -84,7 +85,7 @@ class Attempt:
         self.work = threading.Condition(self.lock)   # encoder workers wait here
         self.ready_to_send = threading.Condition(self.lock)  # stream threads wait here
         self.redo: collections.deque[OutChunk] = collections.deque()  # to encode again (lost stream)
-        self.free: queue.SimpleQueue[bytearray] = session.buffers
+        self.free: FreeBuffers = session.buffers
         self.live_streams = 0
         # Online stream tuning (PBA): ids below target_streams run; the tuner moves the target.
         self.target_streams = session.streams

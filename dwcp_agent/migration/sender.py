@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import socket
 import ssl
 import threading
@@ -28,7 +27,7 @@ from dwcp_agent.config import Config
 from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, make_encoder
 from dwcp_agent.hde.codecs import codec_by_name
 from dwcp_agent.migration.attempt import Attempt
-from dwcp_agent.migration.buffers import BufferPool
+from dwcp_agent.migration.buffers import BufferPool, FreeBuffers
 from dwcp_agent.migration.digest import chunk_count, hole_checksums, object_digest
 from dwcp_agent.migration.extents import ChunkRun, chunk_runs, data_ranges, holes_moved
 from dwcp_agent.migration.model import (
@@ -106,7 +105,7 @@ class SendSession:
         self.holes: list[ChunkRun] = []  # hole runs announced by the current attempt
         self.pool = pool or BufferPool()
         self._lent: list[bytearray] = []  # taken when sending starts, returned when the migration ends
-        self.buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.buffers = FreeBuffers()  # last in, first out: the buffers in use stay in cache
 
     def _lend_buffers(self) -> None:
         """Chunk buffers, once the destination has accepted: a migration that never gets that far

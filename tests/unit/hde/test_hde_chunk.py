@@ -14,13 +14,15 @@ from dwcp_agent.hde.baseline import FilePages, HaveList, have_list
 from dwcp_agent.hde.chunk import (
     FLAG_ALL_ZERO,
     FLAG_PAGE_MAP,
+    INCOMPRESSIBLE_SAMPLES,
     ChunkDecoder,
     ChunkEncoder,
     EncodedChunk,
+    _literal_runs,
     checksum,
     make_encoder,
 )
-from dwcp_agent.hde.codecs import NAMES, CodecError, codec_by_name
+from dwcp_agent.hde.codecs import NAMES, Codec, CodecError, codec_by_name
 from dwcp_agent.telemetry.metrics import Metrics
 
 CODECS = list(NAMES)
@@ -287,3 +289,76 @@ def test_make_encoder_forces_the_configured_codec_or_selects() -> None:
     enc = auto.encode(memoryview(text), 0)
     assert enc.codec == 2                          # slow link, compressible data: zstd
     assert _decode(enc) == text.tobytes()
+
+
+class _CountingCodec(Codec):
+    """A real codec that also records how many bytes it was asked to compress."""
+
+    compressed: list[int]
+
+    def compress(self, data: memoryview | bytes) -> bytes:
+        self.compressed.append(len(data))
+        return super().compress(data)
+
+
+def _counting(name: str) -> _CountingCodec:
+    base = codec_by_name(name)
+    codec = _CountingCodec(base.id, base.name, base.level)
+    object.__setattr__(codec, "compressed", [])
+    return codec
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
+def test_forced_codec_stores_an_incompressible_chunk_after_compressing_only_samples(codec: str) -> None:
+    data = np.random.default_rng(11).integers(0, 256, 256 * PAGE, dtype=np.uint8)
+    counting = _counting(codec)
+    enc = ChunkEncoder(counting).encode(memoryview(data), 0)
+    assert enc.codec == 0 and enc.flags == 0 and enc.payload_len == len(data)
+    assert sum(counting.compressed) <= INCOMPRESSIBLE_SAMPLES * PAGE  # not the whole MiB
+    assert _decode(enc) == data.tobytes()
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
+@pytest.mark.parametrize("text_every", [1, 2, 3])
+def test_forced_codec_still_compresses_a_chunk_whose_samples_shrink(codec: str, text_every: int) -> None:
+    """Random pages with text pages among them (every page, every other, every third): the
+    samples see text, the whole chunk is compressed, and it decodes byte for byte."""
+    rng = np.random.default_rng(text_every)
+    grid = rng.integers(0, 256, (256, PAGE), dtype=np.uint8)
+    words = rng.integers(97, 123, (32, 8), dtype=np.uint8)
+    for i in range(0, 256, text_every):
+        grid[i] = words[rng.integers(0, 32, PAGE // 8)].reshape(-1)
+    data = grid.reshape(-1)
+    for offset in (None, 0):  # the plain path and the page-map path
+        enc = ChunkEncoder(codec_by_name(codec)).encode(memoryview(data), offset)
+        assert enc.codec == codec_by_name(codec).id and enc.payload_len < len(data)
+        assert _decode(enc) == data.tobytes()
+
+
+def test_page_map_with_zero_pages_and_an_incompressible_body_is_stored_and_decodes() -> None:
+    data = np.random.default_rng(3).integers(0, 256, (256, PAGE), dtype=np.uint8)
+    data[::5] = 0  # zero pages: the page-map layout, its literal body random
+    counting = _counting("lz4")
+    enc = ChunkEncoder(counting).encode(memoryview(data.reshape(-1)), 0)
+    assert enc.flags == FLAG_PAGE_MAP and enc.codec == 0
+    assert sum(counting.compressed) <= INCOMPRESSIBLE_SAMPLES * PAGE
+    assert _decode(enc) == data.tobytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=300), st.integers(1, PAGE))
+def test_literal_runs_are_the_maximal_runs_of_literal_pages(literal: list[bool], last_page: int) -> None:
+    kinds = np.array([0 if lit else 1 for lit in literal], dtype=np.uint8)  # LITERAL = 0, ZERO = 1
+    raw_len = (len(literal) - 1) * PAGE + last_page
+    starts, ends = _literal_runs(kinds, raw_len)
+    expected, page = [], 0
+    while page < len(literal):
+        if literal[page]:
+            first = page
+            while page < len(literal) and literal[page]:
+                page += 1
+            expected.append((first * PAGE, min(page * PAGE, raw_len)))
+        else:
+            page += 1
+    assert list(zip(starts, ends, strict=True)) == expected
+    assert all(isinstance(x, int) for x in starts + ends)
