@@ -14,21 +14,23 @@ from dwcp_agent import wire
 from dwcp_agent.hde.layout import PAGE_SIZE, PageKind
 
 try:
-    from dwcp_agent._native import delta, index, pages, stream
+    from dwcp_agent._native import delta, index, pagemap, pages, stream
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(f"dwcp_agent's native kernels are not built ({exc}): run `make native` in the "
                       "source tree (it builds dwcp_agent/_native from native/*.pyx)") from exc
 
-__all__ = ["check_constants", "delta", "index", "pages", "stream"]
+__all__ = ["check_constants", "delta", "index", "pagemap", "pages", "stream"]
 
 
-def check_constants(pages: ModuleType, stream: ModuleType, delta: ModuleType, index: ModuleType) -> None:
+def check_constants(pages: ModuleType, stream: ModuleType, delta: ModuleType, index: ModuleType,
+                    pagemap: ModuleType = pagemap) -> None:
     """ImportError naming every constant the kernels were compiled with that Python disagrees with."""
     expected = [
         ("pages.PAGE_SIZE", pages.PAGE_SIZE, PAGE_SIZE),
         ("delta.PAGE_SIZE", delta.PAGE_SIZE, PAGE_SIZE),
         ("index.PAGE_SIZE", index.PAGE_SIZE, PAGE_SIZE),
         ("stream.PAGE_SIZE", stream.PAGE_SIZE, PAGE_SIZE),
+        ("pagemap.PAGE_SIZE", pagemap.PAGE_SIZE, PAGE_SIZE),
         ("pages.KIND_LITERAL", pages.KIND_LITERAL, PageKind.LITERAL),
         ("pages.KIND_ZERO", pages.KIND_ZERO, PageKind.ZERO),
         ("pages.KIND_DUP_IN", pages.KIND_DUP_IN, PageKind.DUP_IN),

@@ -28,12 +28,14 @@ from dwcp_agent.hde.chunk import (
     BASELINE_BYTES_PER_PAGE,
     DEFAULT_INDEX_BUDGET,
     FLAG_ALL_ZERO,
+    FLAG_PAGE_MAP,
     ChunkDecoder,
     check_all_zero,
     checksum,
 )
 from dwcp_agent.hde.codecs import CodecError, CodecId
 from dwcp_agent.hde.layout import FLAG_HOLE, max_encoded_len
+from dwcp_agent.hde.page_map_writer import write_page_map_chunk
 from dwcp_agent.kernels import stream as native_stream
 from dwcp_agent.migration import space
 from dwcp_agent.migration.buffers import BufferPool
@@ -421,6 +423,13 @@ class ReceiveSession:
         # Zero pages need no write where the partial file still has its holes: a file created by
         # this session, in a chunk this session has not written yet (a resent chunk is written whole).
         holes = self.core.file_has_holes_at(index)
+        # In a partial preallocated on tmpfs the skipped zero pages are punched, so they stay
+        # holes and the commit needs no walk of the file (space.PartialReservation.settle).
+        punch = isinstance(self.reservation, space.PartialReservation)
+        if h.flags == FLAG_PAGE_MAP and self._write_page_map(h, index, body, raw, holes, punch):
+            self._chunk_written(index, h.checksum)
+            self.bytes_received += h.raw_len
+            return
         data: memoryview | None = None
         zero_pages = None
         if h.flags == FLAG_ALL_ZERO and holes:  # nothing to decode or write
@@ -440,9 +449,6 @@ class ReceiveSession:
             actual = checksum(data)
         if actual != h.checksum:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
-        # In a partial preallocated on tmpfs the skipped zero pages are punched, so they stay
-        # holes and the commit needs no walk of the file (space.PartialReservation.settle).
-        punch = isinstance(self.reservation, space.PartialReservation)
         if data is not None and holes and zero_pages is not None:
             native_stream.write_except_zero_pages(self._fd, data, zero_pages, h.offset, punch)
         elif data is not None:  # a chunk with no page map, or where the file may hold older bytes
@@ -451,6 +457,19 @@ class ReceiveSession:
             space.punch_hole(self._fd, h.offset, h.raw_len)
         self._chunk_written(index, h.checksum)
         self.bytes_received += h.raw_len
+
+    def _write_page_map(self, h: wire.FrameHeader, index: int, body: memoryview, raw: memoryview, holes: bool,
+                        punch: bool) -> bool:
+        """Verify and write a page-map chunk from where its pages lie (no chunk built, no second
+        copy); False when it holds DELTA pages, left to the decoder."""
+        with self.metrics.operation("hde"):
+            written = write_page_map_chunk(self._fd, h.codec, body, h.raw_len, h.offset, h.checksum,
+                                           raw[: h.raw_len], self.partial_pages, self.baseline, holes, punch)
+        if written is None:
+            return False
+        if not written:
+            raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
+        return True
 
     def _chunk_written(self, index: int, checksum: int) -> None:
         with self._core_lock:

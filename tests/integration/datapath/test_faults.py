@@ -9,6 +9,7 @@ import select
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -17,12 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from datapath_support import PSK, CuttingProxy, Migrate, Receiver, run_migration
 
 from dwcp_agent import wire
 from dwcp_agent.amst.channel import TcpChannel
-from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, checksum
+from dwcp_agent.hde.chunk import FLAG_ALL_ZERO, FLAG_PAGE_MAP, checksum
+from dwcp_agent.hde.layout import PAGE_MAP_HEADER, PageKind
+from dwcp_agent.migration.digest import object_digest
 from dwcp_agent.migration.model import MigrationError, SendResult
 from dwcp_agent.migration.receiver import open_session
 from dwcp_agent.security import pki
@@ -189,6 +193,56 @@ def test_all_zero_frame_with_a_payload_or_a_codec_is_refused(receiver: Receiver,
     control.close()
     stream.close()
     assert not (receiver.dir / "out.img").exists()
+
+
+def _page_map_payload(kinds: bytes, refs: tuple[int, ...], literals: bytes) -> bytes:
+    body = kinds + b"".join(struct.pack("<Q", r) for r in refs) + literals
+    return PAGE_MAP_HEADER.pack(len(body), 0) + body
+
+
+@pytest.mark.parametrize(("fault", "component", "error_type"), [
+    ("none", "", ""),
+    ("checksum", "amst", "checksum"),
+    ("forward_reference", "hde", "decode"),
+    ("sections_do_not_add_up", "hde", "decode"),
+])
+def test_page_map_frame_is_verified_before_it_is_written(receiver: Receiver, fault: str, component: str,
+                                                         error_type: str) -> None:
+    """A page-map chunk (zero, literal and duplicate pages, as vm-mix sends them) goes through the
+    receiver's page-map writer: written and acknowledged when it checks out, otherwise refused with
+    the decoder's error kinds and nothing written."""
+    control, ready = _open_session(receiver, size=MiB)
+    stream = _data_stream(receiver, ready.session)
+    pages = MiB // 4096
+    literal = os.urandom(4096)
+    kinds = bytes([PageKind.LITERAL] + [PageKind.ZERO, PageKind.DUP_IN] * ((pages - 1) // 2) + [PageKind.ZERO])
+    refs = (0,) * ((pages - 1) // 2)
+    chunk = literal + (bytes(4096) + literal) * ((pages - 1) // 2) + bytes(4096)
+    payload = _page_map_payload(kinds, refs, literal)
+    digest = checksum(chunk)
+    if fault == "checksum":
+        digest ^= 1
+    elif fault == "forward_reference":
+        payload = _page_map_payload(kinds, (5, *refs[1:]), literal)
+    elif fault == "sections_do_not_add_up":
+        payload = _page_map_payload(kinds, refs, literal + b"x")
+    frame = _data_frame(ready, payload, flags=FLAG_PAGE_MAP, raw_len=MiB, checksum=digest)
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        _send_raw_frame(stream, frame)
+    if fault == "none":
+        assert stream.recv_ack(bytearray(wire.HEADER_SIZE)).sequence == 0
+        wire.send_message(control, wire.Commit(object_digest(np.array([checksum(chunk)], dtype=np.uint64))))
+        assert isinstance(wire.recv_message(control), wire.Committed)
+        assert (receiver.dir / "out.img").read_bytes() == chunk
+        assert (receiver.dir / "out.img").stat().st_blocks * 512 < MiB // 2 + 64 * 1024, "zero pages stay holes"
+    else:
+        assert _closed_by_peer(stream.sock)
+        assert receiver.wait_errors(component, error_type) == 1
+        assert not (receiver.dir / "out.img").exists()
+        partial = receiver.dir / "out.img.dwcp-part"
+        assert not partial.exists() or partial.stat().st_blocks == 0, "nothing written"
+    control.close()
+    stream.close()
 
 
 def test_good_frame_is_acked_then_commit_with_missing_chunks_fails(receiver: Receiver) -> None:
