@@ -22,7 +22,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport EAGAIN, EINTR, ETIMEDOUT, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcpy, memset
 from posix.types cimport off_t
 
 
@@ -258,10 +258,8 @@ def write_except_zero_pages(int fd, const uint8_t[::1] data, const uint8_t[::1] 
 cdef enum:
     _TAG_LEN = 16
     _PIECE = 128 * 1024     # bytes sealed or opened per step: stays in cache between the copy and the cipher
-    _TIMED_OUT = 100        # _send_wait, AckReader: a stall outlasted the socket's timeout
-    _NOGIL_BYTES = 16384    # smaller seals and opens keep the GIL (see FrameCipher.seal_into)
+    _TIMED_OUT = 100        # _send_wait: a stall outlasted the socket's timeout
 TAG_BYTES = _TAG_LEN
-TIMED_OUT = _TIMED_OUT
 SEALED_HEADER_SIZE = HEADER_LEN + _TAG_LEN
 
 cdef uint8_t _EMPTY[1]
@@ -388,13 +386,8 @@ cdef class FrameCipher:
         cdef int rc
         if out.shape[0] != n + _TAG_LEN:
             raise ValueError(f"output is {out.shape[0]} bytes, expected {n + _TAG_LEN}")
-        # A header or an ACK takes well under a microsecond: releasing the GIL for it would cost
-        # more, and hand the GIL to another thread that this one must then wait for again.
-        if n < _NOGIL_BYTES:
+        with nogil:
             rc = self.seal(_ptr(aad), aad.shape[0], _ptr(payload), n, &out[0])
-        else:
-            with nogil:
-                rc = self.seal(_ptr(aad), aad.shape[0], _ptr(payload), n, &out[0])
         if rc:
             raise RuntimeError("AES-GCM seal failed")
 
@@ -405,11 +398,8 @@ cdef class FrameCipher:
         cdef int rc
         if n < 0 or out.shape[0] != n:
             raise ValueError(f"sealed input of {sealed.shape[0]} bytes cannot open into {out.shape[0]}")
-        if n < _NOGIL_BYTES:
+        with nogil:
             rc = self.open(_ptr(aad), aad.shape[0], &sealed[0], n, _wptr(out))
-        else:
-            with nogil:
-                rc = self.open(_ptr(aad), aad.shape[0], &sealed[0], n, _wptr(out))
         return rc == 0
 
     def open_in_place(self, const uint8_t[::1] aad, uint8_t[::1] data, const uint8_t[::1] tag):
@@ -419,18 +409,12 @@ cdef class FrameCipher:
         cdef int rc = 0
         if tag.shape[0] != _TAG_LEN:
             raise ValueError(f"tag is {tag.shape[0]} bytes, expected {_TAG_LEN}")
-        if n < _NOGIL_BYTES:
-            rc = self._open_in_place(_ptr(aad), aad.shape[0], _wptr(data), n, &tag[0])
-        else:
-            with nogil:
-                rc = self._open_in_place(_ptr(aad), aad.shape[0], _wptr(data), n, &tag[0])
+        with nogil:
+            if self.open_begin(_ptr(aad), aad.shape[0]) or self.open_update(_wptr(data), _wptr(data), n):
+                rc = -1
+            else:
+                rc = self.open_end(&tag[0])
         return rc == 0
-
-    cdef int _open_in_place(self, const uint8_t* aad, Py_ssize_t aad_len, uint8_t* data, Py_ssize_t n,
-                            const uint8_t* tag) noexcept nogil:
-        if self.open_begin(aad, aad_len) or self.open_update(data, data, n):
-            return -1
-        return self.open_end(tag)
 
 
 
@@ -504,91 +488,6 @@ def send_sealed_frame(int fd, FrameCipher key, const uint8_t[::1] header, tuple 
         raise TimeoutError(ETIMEDOUT, "timed out")
     if rc:
         raise OSError(err, f"sending a sealed frame: errno {err}")
-
-
-cdef class AckReader:
-    """The source's reader of one TCP stream's ACKs: received in batches and, on a sealed stream,
-    opened without the GIL; `next_ack` hands out one 56-byte header at a time.
-
-    An ACK arrives per chunk. Read from Python it cost three GIL releases (the socket's poll and
-    recv, then the open), each a handoff to an encoder or stream thread on a 2-core host; here an
-    ACK already received costs none and a wait for more costs one.
-    """
-
-    cdef int fd
-    cdef FrameCipher key
-    cdef bint sealed
-    cdef Py_ssize_t size, start, end, cap
-    cdef uint8_t* buf
-    cdef readonly int error
-
-    def __cinit__(self, int fd, FrameCipher key=None, int batch=64):
-        if batch < 1:
-            raise ValueError(f"batch of {batch} ACKs")
-        self.size = _HEADER_LEN + (_TAG_LEN if key is not None else 0)
-        self.cap = self.size * batch
-        self.buf = <uint8_t*>malloc(self.cap)
-        if self.buf == NULL:
-            raise MemoryError()
-        self.fd, self.key, self.sealed = fd, key, key is not None
-        self.start = self.end = 0
-        self.error = 0
-
-    def __dealloc__(self):
-        free(self.buf)
-
-    def next_ack(self, uint8_t[::1] header, double timeout):
-        """Fill `header` (56 bytes) with the next ACK: 0, CLOSED, OS_ERROR (errno in `error`), TAG
-        (a sealed ACK failed its check) or TIMED_OUT (no byte for `timeout` s; < 0: no limit)."""
-        cdef int rc
-        cdef int timeout_ms = -1 if timeout < 0 else <int>(timeout * 1000)
-        if header.shape[0] != _HEADER_LEN:
-            raise ValueError(f"header buffer is {header.shape[0]} bytes, expected {_HEADER_LEN}")
-        if self.end - self.start >= self.size:
-            return self._take(&header[0])
-        with nogil:
-            rc = self._fill(timeout_ms)
-            if not rc:
-                rc = self._take(&header[0])
-        return rc
-
-    cdef int _take(self, uint8_t* out) noexcept nogil:
-        cdef uint8_t* p = self.buf + self.start
-        self.start += self.size
-        if self.sealed:
-            return _TAG if self.key.open(NULL, 0, p, _HEADER_LEN, out) else 0
-        memcpy(out, p, _HEADER_LEN)
-        return 0
-
-    cdef int _fill(self, int timeout_ms) noexcept nogil:
-        """Receive until a whole ACK is buffered (what else has arrived comes along)."""
-        cdef ssize_t k
-        cdef pollfd p
-        cdef int ready
-        if self.start:
-            memmove(self.buf, self.buf + self.start, self.end - self.start)
-            self.end -= self.start
-            self.start = 0
-        while self.end < self.size:
-            if timeout_ms >= 0:  # a socket with a timeout is non-blocking: wait first, as Python does
-                p.fd, p.events, p.revents = self.fd, POLLIN, 0
-                ready = poll(&p, 1, timeout_ms)
-                if ready == 0:
-                    return _TIMED_OUT
-                if ready < 0:
-                    if errno == EINTR:
-                        continue
-                    self.error = errno
-                    return _OS_ERROR
-            k = recv(self.fd, self.buf + self.end, self.cap - self.end, 0)
-            if k > 0:
-                self.end += k
-            elif k == 0:
-                return _CLOSED
-            elif errno != EINTR and errno != EAGAIN:
-                self.error = errno
-                return _OS_ERROR
-        return 0
 
 
 cdef class RawFrameReceiver:

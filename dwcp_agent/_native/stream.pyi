@@ -8,7 +8,6 @@ CHECKSUM: int
 CLOSED: int
 OS_ERROR: int
 TAG: int
-TIMED_OUT: int
 TAG_BYTES: int
 SEALED_HEADER_SIZE: int
 HEADER_SIZE: int
@@ -30,11 +29,6 @@ class FrameCipher:
 
 def send_sealed_frame(fd: int, key: FrameCipher, header: ReadBytes, payload: tuple[ReadBytes, ...],
                       staging: WriteBytes, timeout: float) -> None: ...
-
-class AckReader:
-    error: int
-    def __init__(self, fd: int, key: FrameCipher | None = None, batch: int = 64) -> None: ...
-    def next_ack(self, header: WriteBytes, timeout: float) -> int: ...
 
 class RawFrameReceiver:
     expected_seq: int

@@ -8,7 +8,6 @@ these methods, so TCP and RDMA are interchangeable per stream and per attempt.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import ssl
 from typing import Protocol
@@ -93,10 +92,12 @@ class TcpChannel:
         self._header: bytes | bytearray = b""  # associated data of the payload to open next
         self._tag = bytearray(TAG_BYTES)
         self._tag_view = memoryview(self._tag)
-        # ACKs are 56-byte headers (sealed: + tag), one per chunk: read in batches, natively.
-        self._ack_out = memoryview(bytearray(wire.HEADER_SIZE + self._trailer))
-        self._ack_reader = native_stream.AckReader(
-            sock.fileno(), None if self._recv_key is None else self._recv_key.cipher)
+        # ACKs are 56-byte headers (sealed: + tag), one per chunk: read them in batches.
+        self._ack_size = wire.HEADER_SIZE + self._trailer
+        self._ack_out = memoryview(bytearray(self._ack_size))
+        self._acks = bytearray(64 * self._ack_size)
+        self._ack_view = memoryview(self._acks)
+        self._ack_start = self._ack_end = 0
 
     def _staging(self, n: int) -> memoryview:
         if len(self._sealed) < n:
@@ -123,17 +124,22 @@ class TcpChannel:
                     sent = 0
 
     def recv_ack(self, header_buf: bytearray) -> wire.FrameHeader:
-        timeout = self.sock.gettimeout()
-        outcome = self._ack_reader.next_ack(header_buf, -1.0 if timeout is None else timeout)
-        if outcome == native_stream.CLOSED:
-            raise wire.PeerClosed("peer closed the connection")
-        if outcome == native_stream.TAG:
-            raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
-        if outcome == native_stream.TIMED_OUT:
-            raise TimeoutError("timed out")
-        if outcome == native_stream.OS_ERROR:
-            err = self._ack_reader.error
-            raise OSError(err, os.strerror(err))
+        size = self._ack_size
+        while self._ack_end - self._ack_start < size:
+            if self._ack_start:
+                pending = self._ack_end - self._ack_start
+                self._acks[:pending] = self._acks[self._ack_start:self._ack_end]
+                self._ack_start, self._ack_end = 0, pending
+            got = self.sock.recv_into(self._ack_view[self._ack_end:])
+            if got == 0:
+                raise wire.PeerClosed("peer closed the connection")
+            self._ack_end += got
+        start = self._ack_start
+        self._ack_start += size
+        if self._recv_key is not None:
+            self._recv_key.open_into(b"", self._ack_view[start:start + size], header_buf)
+        else:
+            header_buf[:] = self._acks[start:start + size]
         return wire.unpack_header(header_buf)
 
     def recv_header(self, header_buf: bytearray) -> wire.FrameHeader:

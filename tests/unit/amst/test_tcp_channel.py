@@ -6,6 +6,9 @@ import os
 import socket
 import threading
 
+import pytest
+
+from dwcp_agent import wire
 from dwcp_agent.amst.channel import MAX_IOV, TcpChannel
 
 
@@ -34,3 +37,27 @@ def test_a_payload_of_more_parts_than_one_sendmsg_takes_arrives_intact() -> None
         a.close()
         b.close()
     assert bytes(got) == expected
+
+
+def test_recv_ack_raises_what_the_attempt_expects() -> None:
+    """Attempt._read_acks ends a stream on WireError or OSError: a timeout, a bad header and a
+    closed peer must each be one of those, and a good ACK (split across reads) its parsed header."""
+    a, b = socket.socketpair()
+    with a:
+        channel = TcpChannel(b)
+        header = bytearray(wire.HEADER_SIZE)
+        b.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            channel.recv_ack(header)
+        b.settimeout(10)
+        ack = wire.pack_header(wire.FrameType.ACK, 0, 0, 9, 1, 5, 5 << 20, 0, 0, 0, wire.PROTOCOL_VERSION)
+        a.sendall(ack[:20])
+        threading.Timer(0.05, a.sendall, args=(ack[20:],)).start()
+        assert channel.recv_ack(header).sequence == 5
+        a.sendall(b"\0" * wire.HEADER_SIZE)  # no magic
+        with pytest.raises(wire.FrameError):
+            channel.recv_ack(header)
+        a.close()
+        with pytest.raises(wire.PeerClosed):
+            channel.recv_ack(header)
+        channel.close()
