@@ -13,11 +13,12 @@ migration-core refactor) with its own kernels built; "after" is this tree. The s
 (benchmarks/pipeline_worker.py) runs against both through PYTHONPATH.
 
     .venv/bin/python -m benchmarks.bench_pipeline [--quick] [--case IMAGE/CODEC[/SIDE] ...]
-        [--size-mib N] [--repeats N] [--rounds N] [--baseline-tree PATH]
+        [--size-mib N] [--repeats N] [--rounds N] [--baseline-tree PATH] [--dir PATH]
 
 `--case` keeps only the named cases (e.g. `vm-mix/zstd/dest`); `--rounds N` measures each case
-N times, before and after alternating, and reports the medians; `--baseline-tree` reuses a tree
-of the baseline with its kernels built instead of making one.
+N times, before and after alternating, and reports the medians and the paired (same-round)
+ratios; `--baseline-tree` reuses a tree of the baseline with its kernels built instead of making
+one; `--dir` puts the images and outputs on another file system (default tmpfs, /dev/shm).
 """
 
 from __future__ import annotations
@@ -111,6 +112,16 @@ def measure(tree: Path, work: Path, image: Path, codec: str, side: str, repeats:
         os.sync()
 
 
+def paired(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> dict[str, Any]:
+    """Each round's after/before rate, measured back to back: this host's speed drifts by a third
+    over minutes (the same case, same code, 3.0 then 4.5 CPU s/GiB), which moves both versions of
+    a round alike but can put one version's median in a slow stretch. The median of the paired
+    ratios, and in how many rounds after >= before."""
+    ratios = [a_rate / b_rate for (b_rate, _), (a_rate, _) in zip(before, after, strict=True)]
+    return {"paired_after_over_before": statistics.median(ratios),
+            "rounds_after_at_least_before": sum(ratio >= 1 for ratio in ratios), "rounds": len(ratios)}
+
+
 def baseline_tree(work: Path) -> Path:
     """A worktree of the baseline commit with its native kernels built."""
     tree = work / "before"
@@ -176,16 +187,25 @@ def selected(cases: list[str]) -> list[tuple[str, str, str]]:
     return keep
 
 
+def _default_dir(image_bytes: int) -> Path | None:
+    """tmpfs when it has room, as bench_datapath: a VM's memory lands in RAM, and on a disk the
+    destination's figure is the disk's writeback as much as the pipeline (on this VM's ext4, three
+    cases carrying the very same frames read 0.91-1.18x of each other in one run)."""
+    shm = Path("/dev/shm")
+    room = 12 * image_bytes  # both images, the destination's outputs, C copy, and slack
+    return shm if shm.is_dir() and shutil.disk_usage(shm).free > room else None
+
+
 def run(quick: bool, cases: list[str] | None = None, size_mib: int | None = None, repeats: int | None = None,
-        rounds: int = 1, baseline: Path | None = None) -> dict[str, Any]:
+        rounds: int = 1, baseline: Path | None = None, directory: Path | None = None) -> dict[str, Any]:
     from dwcp_agent.migration.images import generate
 
     size = (size_mib or (64 if quick else 512)) << 20
     repeats = repeats or (1 if quick else 3)
     chosen = selected(cases or [])
-    work = Path(tempfile.mkdtemp(prefix=f"dwcp-pipeline-{os.getpid()}-"))
+    work = Path(tempfile.mkdtemp(prefix=f"dwcp-pipeline-{os.getpid()}-", dir=directory or _default_dir(size)))
     results: dict[str, Any] = {"image_bytes": size, "chunk_bytes": CHUNK, "baseline": BASELINE, "rounds": rounds,
-                               "cases": []}
+                               "directory": str(work.parent), "cases": []}
     trees: dict[str, Path] = {"after": ROOT}
     made_baseline = False
     try:
@@ -216,6 +236,7 @@ def run(quick: bool, cases: list[str] | None = None, size_mib: int | None = None
             if "before_bytes_per_second" in row:
                 row["after_over_before"] = row["after_bytes_per_second"] / row["before_bytes_per_second"]
                 row["cpu_before_over_after"] = row["before_cpu_s_per_gib"] / row["after_cpu_s_per_gib"]
+                row.update(paired(samples["before"], samples["after"]))
             results["cases"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
         results["load_average"] = os.getloadavg()
@@ -232,19 +253,23 @@ def markdown(results: dict[str, Any]) -> str:
     mem = results["memcpy_one_core_bytes_per_second"] / 1e9
     c_source = results.get("c_filecopy_source_side_bytes_per_cpu_second", float("nan")) / 1e9
     c_dest = results.get("c_filecopy_dest_side_bytes_per_cpu_second", float("nan")) / 1e9
-    lines = [f"### Per-core pipeline throughput (GB/s per core; C file copy {copy:.2f}, memcpy {mem:.2f})", "",
+    lines = [f"### Per-core pipeline throughput (GB/s per core; C file copy {copy:.2f}, memcpy {mem:.2f}; "
+             f"files in {results.get('directory', '?')})", "",
              f"C file copy per side, GB per CPU second: sender (read, xxh3, send) {c_source:.2f}, "
              f"receiver (recv, xxh3 check, write) {c_dest:.2f}.", "",
              f"Median of {results.get('rounds', 1)} alternating round(s); load average "
              f"{' '.join(f'{x:.2f}' for x in results.get('load_average', ()))}.", "",
-             "| image | codec | side | before | after | after/before | CPU s/GiB before | CPU s/GiB after |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| image | codec | side | before | after | after/before | paired after/before (rounds >= 1) "
+             "| CPU s/GiB before | CPU s/GiB after |",
+             "|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in results["cases"]:
         before = r.get("before_bytes_per_second")
         lines.append(f"| {r['image']} | {r['codec']} | {r['side']} | "
                      f"{before / 1e9 if before else nan:.2f} | {r['after_bytes_per_second'] / 1e9:.2f} | "
-                     f"{r.get('after_over_before', nan):.2f} | {r.get('before_cpu_s_per_gib', nan):.3f} | "
+                     f"{r.get('after_over_before', nan):.2f} | {r.get('paired_after_over_before', nan):.2f} "
+                     f"({r.get('rounds_after_at_least_before', '-')}/{r.get('rounds', '-')}) | "
+                     f"{r.get('before_cpu_s_per_gib', nan):.3f} | "
                      f"{r.get('after_cpu_s_per_gib', nan):.3f} |")
     return "\n".join(lines)
 
@@ -257,8 +282,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="migrations per measurement (default 3, 1 with --quick)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating before/after measurements per case")
     parser.add_argument("--baseline-tree", type=Path, help="an existing baseline tree with its kernels built")
+    parser.add_argument("--dir", type=Path, help="where images and outputs go (default /dev/shm when it has room)")
     args = parser.parse_args()
-    result = run(args.quick, args.case, args.size_mib, args.repeats, args.rounds, args.baseline_tree)
+    result = run(args.quick, args.case, args.size_mib, args.repeats, args.rounds, args.baseline_tree, args.dir)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.json").write_text(json.dumps(result, indent=1))
