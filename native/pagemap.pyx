@@ -54,20 +54,14 @@ cdef extern from "<errno.h>" nogil:
     int EINTR
 
 
-# libxxhash's runtime dispatch (AVX-512 / AVX2 / SSE2 as the CPU has them): xxhash.h inlined
-# here would be held to SSE2 by -march=x86-64-v2, about a third of the speed (apt: libxxhash-dev).
-cdef extern from *:
-    """
-    #include <xxhash.h>
-    #include <xxh_x86dispatch.h>
-    """
-    ctypedef struct XXH3_state_t:
-        pass
-    XXH3_state_t* XXH3_createState() nogil
-    int XXH3_freeState(XXH3_state_t* state) nogil
-    int XXH3_64bits_reset(XXH3_state_t* state) nogil
-    int XXH3_64bits_update(XXH3_state_t* state, const void* data, size_t n) nogil
-    uint64_t XXH3_64bits_digest(const XXH3_state_t* state) nogil
+from xxh3 cimport (
+    XXH3_64bits_digest,
+    XXH3_64bits_reset,
+    XXH3_64bits_update,
+    XXH3_createState,
+    XXH3_freeState,
+    XXH3_state_t,
+)
 
 
 PAGE_SIZE = PAGE

@@ -82,23 +82,15 @@ cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
 
-# libxxhash's runtime dispatch (AVX-512 / AVX2 / SSE2 as the CPU has them): the payload hash
-# runs ~3x faster than xxhash.h inlined here, which this module's -march=x86-64-v2 holds to
-# SSE2 (measured: 12 vs 32-36 GB/s on 128 KiB pieces in cache). The header maps XXH3_64bits and
-# XXH3_64bits_update onto the dispatching versions.
-cdef extern from *:
-    """
-    #include <xxhash.h>
-    #include <xxh_x86dispatch.h>
-    """
-    uint64_t XXH3_64bits(const void* data, size_t n) nogil
-    ctypedef struct XXH3_state_t:
-        pass
-    XXH3_state_t* XXH3_createState() nogil
-    int XXH3_freeState(XXH3_state_t* state) nogil
-    int XXH3_64bits_reset(XXH3_state_t* state) nogil
-    int XXH3_64bits_update(XXH3_state_t* state, const void* data, size_t n) nogil
-    uint64_t XXH3_64bits_digest(const XXH3_state_t* state) nogil
+from xxh3 cimport (
+    XXH3_64bits,
+    XXH3_64bits_digest,
+    XXH3_64bits_reset,
+    XXH3_64bits_update,
+    XXH3_createState,
+    XXH3_freeState,
+    XXH3_state_t,
+)
 
 
 cdef enum Outcome:

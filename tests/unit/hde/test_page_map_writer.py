@@ -112,31 +112,32 @@ def test_writes_exactly_what_the_decoder_builds(tmp_path: Path, codec: str, raw_
             os.close(fd)
 
 
-def test_a_wrong_checksum_writes_nothing(tmp_path: Path) -> None:
-    rnd = random.Random(3)
+def _into_filled_file(tmp_path: Path, seed: int, n_pages: int, kinds: tuple[PageKind, ...], fill: bytes,
+                      checksum_flip: int = 0) -> tuple[bool | None, bytes]:
+    """Write a page-map chunk of `kinds` over a file full of `fill`: the outcome, and the file after."""
+    rnd = random.Random(seed)
     partial, baseline, partial_pages, baseline_pages = _files(tmp_path, rnd)
-    payload, digest = _page_map(rnd, 8 * PAGE, "none", (PageKind.LITERAL, PageKind.DUP_IN), partial, baseline)
-    fd = _target(tmp_path, 8 * PAGE, b"\x11" * 8 * PAGE)
+    payload, digest = _page_map(rnd, n_pages * PAGE, "none", kinds, partial, baseline)
+    fd = _target(tmp_path, n_pages * PAGE, fill * n_pages * PAGE)
     try:
-        scratch = memoryview(bytearray(8 * PAGE))
-        assert write_page_map_chunk(fd, 0, memoryview(payload), 8 * PAGE, 0, digest ^ 1, scratch, partial_pages,
-                                    baseline_pages, False, False) is False
-        assert os.pread(fd, 8 * PAGE, 0) == b"\x11" * 8 * PAGE
+        outcome = write_page_map_chunk(fd, 0, memoryview(payload), n_pages * PAGE, 0, digest ^ checksum_flip,
+                                       memoryview(bytearray(n_pages * PAGE)), partial_pages, baseline_pages, False,
+                                       False)
+        return outcome, os.pread(fd, n_pages * PAGE, 0)
     finally:
         os.close(fd)
+
+
+def test_a_wrong_checksum_writes_nothing(tmp_path: Path) -> None:
+    outcome, after = _into_filled_file(tmp_path, 3, 8, (PageKind.LITERAL, PageKind.DUP_IN), b"\x11", checksum_flip=1)
+    assert outcome is False
+    assert after == b"\x11" * 8 * PAGE
 
 
 def test_delta_chunks_are_handed_back_untouched(tmp_path: Path) -> None:
-    rnd = random.Random(4)
-    partial, baseline, partial_pages, baseline_pages = _files(tmp_path, rnd)
-    payload, digest = _page_map(rnd, 4 * PAGE, "none", (PageKind.DELTA,), partial, baseline)
-    fd = _target(tmp_path, 4 * PAGE, b"\x22" * 4 * PAGE)
-    try:
-        assert write_page_map_chunk(fd, 0, memoryview(payload), 4 * PAGE, 0, digest, memoryview(bytearray(4 * PAGE)),
-                                    partial_pages, baseline_pages, False, False) is None
-        assert os.pread(fd, 4 * PAGE, 0) == b"\x22" * 4 * PAGE
-    finally:
-        os.close(fd)
+    outcome, after = _into_filled_file(tmp_path, 4, 4, (PageKind.DELTA,), b"\x22")
+    assert outcome is None
+    assert after == b"\x22" * 4 * PAGE
 
 
 def test_a_reference_to_a_missing_file_is_a_codec_error(tmp_path: Path) -> None:
