@@ -54,14 +54,7 @@ cdef extern from "<errno.h>" nogil:
     int EINTR
 
 
-from xxh3 cimport (
-    XXH3_64bits_digest,
-    XXH3_64bits_reset,
-    XXH3_64bits_update,
-    XXH3_createState,
-    XXH3_freeState,
-    XXH3_state_t,
-)
+from xxh3 cimport *  # XXH3_64bits, XXH3_state_t and the streaming calls
 
 
 PAGE_SIZE = PAGE

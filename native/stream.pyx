@@ -82,15 +82,7 @@ cdef extern from "<stdlib.h>" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
 
-from xxh3 cimport (
-    XXH3_64bits,
-    XXH3_64bits_digest,
-    XXH3_64bits_reset,
-    XXH3_64bits_update,
-    XXH3_createState,
-    XXH3_freeState,
-    XXH3_state_t,
-)
+from xxh3 cimport *  # XXH3_64bits, XXH3_state_t and the streaming calls
 
 
 cdef enum Outcome:
