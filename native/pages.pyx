@@ -230,6 +230,41 @@ def page_hashes(const uint8_t[::1] chunk, uint8_t[::1] zero_out, uint64_t[:, ::1
     return count
 
 
+def gather_literals(const uint8_t[::1] chunk, const uint8_t[::1] kinds, uint8_t[::1] out):
+    """Copy the literal pages of `chunk` (kinds[p] == LITERAL), in order, to the start of `out`;
+    return the bytes written. Consecutive literal pages go in one copy; a short last page is
+    copied as long as it is. This is the page-map body's literal section, gathered for a codec
+    that needs its input in one buffer."""
+    cdef Py_ssize_t n = chunk.shape[0]
+    cdef Py_ssize_t pages = (n + _PAGE - 1) // _PAGE
+    if kinds.shape[0] < pages:
+        raise ValueError(f"kinds has {kinds.shape[0]} entries, chunk has {pages} pages")
+    cdef Py_ssize_t p, first, total = 0, at = 0, start, end
+    for p in range(pages):
+        if kinds[p] == _LITERAL:
+            total += min(_PAGE, n - p * _PAGE)
+    if out.shape[0] < total:
+        raise ValueError(f"output of {out.shape[0]} bytes cannot hold {total} literal bytes")
+    if total == 0:
+        return 0
+    cdef const uint8_t* base = &chunk[0]
+    cdef uint8_t* dst = &out[0]
+    with nogil:
+        p = 0
+        while p < pages:
+            if kinds[p] != _LITERAL:
+                p += 1
+                continue
+            first = p
+            while p < pages and kinds[p] == _LITERAL:
+                p += 1
+            start = first * _PAGE
+            end = min(p * _PAGE, n)
+            memcpy(dst + at, base + start, end - start)
+            at += end - start
+    return at
+
+
 def hash128(const uint8_t[::1] data):
     """(fingerprint, confirmation) of `data`: the page hash for one buffer, for tests and tools."""
     cdef uint64_t lo = 0, hi = 0
