@@ -99,6 +99,8 @@ class Attempt:
         self.session_id = ready.session
         self.version = version
         self.direct = session.direct  # stream threads read and encode their chunks (module docstring)
+        # Direct mode: chunks read and not yet acknowledged (buffers bound the workers' instead).
+        self.window = max(2 * session.streams, session.config.max_inflight_bytes // session.chunk_size)
         self.have = unpack_have(ready.have)
         # `runs`: the source's data/hole plan (SEEK_DATA walk); holes go as FLAG_HOLE frames.
         self.core = ImageSender(session.size, session.chunk_size, self.have, session.checksums, runs=runs)
@@ -343,6 +345,9 @@ class Attempt:
                     if self.redo:
                         job = self.redo.popleft()
                         break
+                    if self.core.outstanding >= self.window:  # an acknowledgement first
+                        self.ready_to_send.wait(POLL_S)
+                        continue
                     taken = self.core.next_job()
                     if isinstance(taken, HoleRun):
                         self.core.hole_ready(taken)
@@ -452,6 +457,8 @@ class Attempt:
                 with self.lock:
                     self.core.acked(stream_id, h.sequence)
                     actions = self.core.take_ready()
+                    if self.direct:  # the window moved: a stream thread may read its next chunk
+                        self.ready_to_send.notify()
                 self._apply(actions)
                 if any(isinstance(a, CloseStream) for a in actions):
                     raise wire.FrameError("acknowledgement of a frame never sent", "sequence")
