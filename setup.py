@@ -7,8 +7,9 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 # stream.pyx seals and opens frames with intel-ipsec-mb's AES-GCM (apt: libipsec-mb-dev) and
-# hashes payloads with libxxhash's CPU dispatch (apt: libxxhash-dev).
-LIBRARIES = {"stream": ["IPSec_MB", "xxhash"]}
+# hashes payloads with libxxhash's CPU dispatch (apt: libxxhash-dev), as pagemap.pyx does. Every
+# kernel's libraries are named here, nowhere else.
+LIBRARIES = {"stream": ["IPSec_MB", "xxhash"], "pagemap": ["xxhash"]}
 
 extensions = [
     Extension(

@@ -23,7 +23,7 @@ __all__ = ["check_constants", "delta", "index", "pagemap", "pages", "stream"]
 
 
 def check_constants(pages: ModuleType, stream: ModuleType, delta: ModuleType, index: ModuleType,
-                    pagemap: ModuleType = pagemap) -> None:
+                    pagemap: ModuleType) -> None:
     """ImportError naming every constant the kernels were compiled with that Python disagrees with."""
     expected = [
         ("pages.PAGE_SIZE", pages.PAGE_SIZE, PAGE_SIZE),
@@ -46,4 +46,4 @@ def check_constants(pages: ModuleType, stream: ModuleType, delta: ModuleType, in
                           + "; ".join(wrong))
 
 
-check_constants(pages, stream, delta, index)
+check_constants(pages, stream, delta, index, pagemap)

@@ -1,23 +1,22 @@
 # cython: language_level=3
-# distutils: libraries = xxhash
 """The destination's page-map chunk writer: verify and write a FLAG_PAGE_MAP chunk without building it.
 
 The Python decoder (hde/chunk.py `_decode_page_map` + delta.fill_from_files + delta.assemble)
 rebuilds the whole chunk in a buffer (a copy of every literal and duplicate page, a memset of
-every zero page), hashes it, then copies it again into the page cache. `write_page_map` takes
+every zero page), hashes it, then copies it again into the page cache. `PageMapWriter` takes
 the decoded page-map body instead and, without the GIL:
-  1. applies every check of `_decode_page_map`, `fill_from_files` and `assemble` (same messages,
+  1. (prepare) applies every check of `_decode_page_map`, `fill_from_files` and `assemble` (same messages,
      raised as ValueError for the caller to report as CodecError);
-  2. points each page at where its bytes already are: the literal section, an earlier page of the
+  2. (prepare) points each page at where its bytes already are: the literal section, an earlier page of the
      chunk (DUP_IN), a static zero page, or `scratch` for pages read from the receiver's files
      (DUP_X, BASELINE, SAME: one pread each, before anything is written);
-  3. hashes the chunk page by page (xxh3-64, streaming: the same value as over the built chunk)
-     and stops with CHECKSUM, writing nothing, on a mismatch;
-  4. writes each run of pages with one pwritev from those places. With `holes` (the file reads
+  3. (verify) hashes the chunk page by page (xxh3-64, streaming: the same value as over the
+     built chunk); on a mismatch the chunk is forgotten and cannot be written;
+  4. (write) writes each run of pages with one pwritev from those places. With `holes` (the file reads
      as zeros there) ZERO pages are skipped, and with `punch` punched, as write_except_zero_pages
      does; without, they are written as zeros.
-DELTA pages (an XOR against the acknowledged page) are left to the Python decoder: the call
-returns UNSUPPORTED before reading or writing anything.
+DELTA pages (an XOR against the acknowledged page) are left to the Python decoder: prepare
+returns UNSUPPORTED before reading anything.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
@@ -61,10 +60,8 @@ PAGE_SIZE = PAGE
 
 cdef enum:
     _DONE = 0
-    _CHECKSUM = 1
     _UNSUPPORTED = 2
     _R_UNSUPPORTED = 102  # _point_pages' codes above the _REASONS keys
-    _R_CHECKSUM = 201
     _IOV = 256            # iovecs per pwritev (IOV_MAX is 1024)
     _K_LITERAL = 0
     _K_ZERO = 1
@@ -75,8 +72,7 @@ cdef enum:
     _K_DELTA = 6
     _N_KINDS = 7
 
-DONE = _DONE                # verified and written
-CHECKSUM = _CHECKSUM        # the chunk's xxh3-64 does not match: nothing written
+DONE = _DONE                # the map is checked and every page points at its bytes
 UNSUPPORTED = _UNSUPPORTED  # a DELTA page: nothing read or written, decode it in Python
 cdef uint64_t _MAX_PAGE_INDEX = (<uint64_t>1) << 50
 cdef uint8_t _ZEROS[PAGE]
@@ -258,62 +254,114 @@ cdef int _point_pages(const uint8_t* body, Py_ssize_t body_len, Py_ssize_t raw_l
     return 0
 
 
-def write_page_map(int fd, const uint8_t[::1] body, Py_ssize_t raw_len, uint64_t page0, uint8_t[::1] scratch,
-                   int partial_fd, int baseline_fd, uint64_t expected, uint64_t offset, bint holes=True,
-                   bint punch=False):
-    """Verify the chunk a decoded page-map `body` describes against `expected` (its xxh3-64) and
-    write it at `offset` of `fd`. DONE, CHECKSUM (nothing written) or UNSUPPORTED (DELTA pages:
-    nothing read or written). A malformed map raises ValueError, an I/O error OSError.
+cdef class PageMapWriter:
+    """One stream's page-map writer, in three steps so that the receiver can time the decode
+    apart from the checksum and the write, as it does for chunks the decoder builds:
+      prepare(...)  check the map and point every page at its bytes (the decode);
+      verify(sum)   hash the chunk from those places (True when it matches);
+      write(...)    write it, only after verify returned True for this chunk.
+    The page-pointer array and the XXH3 state are this stream's scratch, allocated once. Between
+    prepare and write the writer holds the body and scratch buffers its pointers point into."""
 
-    The caller has checked the page-map header (body length and bounds, page0) as
-    hde.chunk._decode_page_map does. `scratch` holds the pages read from the files (DUP_X from
-    `partial_fd`, BASELINE and SAME from `baseline_fd`; -1 for no such file)."""
-    cdef Py_ssize_t pages = (raw_len + PAGE - 1) // PAGE
-    cdef Py_ssize_t body_len = body.shape[0], p, length
-    cdef const uint8_t** src
-    cdef const uint8_t* kinds
-    cdef const uint8_t* run_end
-    cdef const uint8_t* run_start
-    cdef XXH3_state_t* state
-    cdef int rc = 0, os_err = 0
-    if raw_len <= 0 or scratch.shape[0] < raw_len or body_len < pages:
-        raise ValueError("page map does not match the chunk length")
-    kinds = &body[0]
-    src = <const uint8_t**>malloc(sizeof(uint8_t*) * pages)
-    state = XXH3_createState()
-    if src == NULL or state == NULL:
-        free(src)
-        XXH3_freeState(state)
-        raise MemoryError()
-    try:
+    cdef const uint8_t** _src
+    cdef XXH3_state_t* _state
+    cdef Py_ssize_t _max_pages
+    cdef Py_ssize_t _raw_len
+    cdef const uint8_t[::1] _body
+    cdef uint8_t[::1] _scratch
+    cdef bint _prepared
+    cdef bint _verified
+
+    def __cinit__(self, Py_ssize_t max_raw_len):
+        if max_raw_len <= 0:
+            raise ValueError("a page-map writer needs a positive chunk size")
+        self._max_pages = (max_raw_len + PAGE - 1) // PAGE
+        self._src = <const uint8_t**>malloc(sizeof(uint8_t*) * self._max_pages)
+        self._state = XXH3_createState()
+        if self._src == NULL or self._state == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self._src)
+        if self._state != NULL:
+            XXH3_freeState(self._state)
+
+    cdef void _forget(self):
+        self._prepared = self._verified = False
+        self._body = None
+        self._scratch = None
+
+    def prepare(self, const uint8_t[::1] body, Py_ssize_t raw_len, uint64_t page0, uint8_t[::1] scratch,
+                int partial_fd, int baseline_fd):
+        """Check the map a decoded page-map `body` describes and point each page at its bytes.
+        DONE, or UNSUPPORTED (DELTA pages: nothing read). A malformed map raises ValueError, an
+        I/O error OSError.
+
+        The caller has checked the page-map header (body length and bounds, page0) as
+        hde.chunk._decode_page_map does. `scratch` receives the pages read from the files (DUP_X
+        from `partial_fd`, BASELINE and SAME from `baseline_fd`; -1 for no such file)."""
+        cdef Py_ssize_t pages = (raw_len + PAGE - 1) // PAGE
+        cdef Py_ssize_t body_len = body.shape[0]
+        cdef int rc = 0, os_err = 0
+        self._forget()
+        if raw_len <= 0 or pages > self._max_pages or scratch.shape[0] < raw_len or body_len < pages:
+            raise ValueError("page map does not match the chunk length")
         with nogil:
-            rc = _point_pages(&body[0], body_len, raw_len, page0, &scratch[0], partial_fd, baseline_fd, src,
+            rc = _point_pages(&body[0], body_len, raw_len, page0, &scratch[0], partial_fd, baseline_fd, self._src,
                               &os_err)
-            if rc == 0:
-                XXH3_64bits_reset(state)
-                run_start = run_end = NULL
-                for p in range(pages):  # contiguous pages (runs of literals) hashed in one update
-                    length = min(<Py_ssize_t>PAGE, raw_len - p * PAGE)
-                    if src[p] != run_end:
-                        if run_end != NULL:
-                            XXH3_64bits_update(state, run_start, run_end - run_start)
-                        run_start = src[p]
-                    run_end = src[p] + length
-                XXH3_64bits_update(state, run_start, run_end - run_start)
-                if XXH3_64bits_digest(state) != expected:
-                    rc = _R_CHECKSUM
-                elif _write_runs(fd, src, pages, raw_len, kinds, offset, holes, punch):
-                    os_err = errno
-                    rc = -1
-    finally:
-        free(src)
-        XXH3_freeState(state)
-    if rc == 0:
+        if rc == _R_UNSUPPORTED:
+            return _UNSUPPORTED
+        if rc == -1:
+            raise OSError(os_err, f"page-map chunk: reading a referenced page: errno {os_err}")
+        if rc:
+            raise ValueError(_REASONS[rc])
+        self._body = body
+        self._scratch = scratch
+        self._raw_len = raw_len
+        self._prepared = True
         return _DONE
-    if rc == _R_CHECKSUM:
-        return _CHECKSUM
-    if rc == _R_UNSUPPORTED:
-        return _UNSUPPORTED
-    if rc == -1:
-        raise OSError(os_err, f"page-map chunk at {offset}: errno {os_err}")
-    raise ValueError(_REASONS[rc])
+
+    def verify(self, uint64_t expected):
+        """Whether the prepared chunk's xxh3-64 is `expected` (the same value as over the built
+        chunk); only then may it be written."""
+        cdef Py_ssize_t pages = (self._raw_len + PAGE - 1) // PAGE, p, length
+        cdef const uint8_t* run_start = NULL
+        cdef const uint8_t* run_end = NULL
+        cdef const uint8_t** src = self._src
+        cdef uint64_t digest
+        if not self._prepared:
+            raise ValueError("no page-map chunk prepared")
+        with nogil:
+            XXH3_64bits_reset(self._state)
+            for p in range(pages):  # contiguous pages (runs of literals) hashed in one update
+                length = min(<Py_ssize_t>PAGE, self._raw_len - p * PAGE)
+                if src[p] != run_end:
+                    if run_end != NULL:
+                        XXH3_64bits_update(self._state, run_start, run_end - run_start)
+                    run_start = src[p]
+                run_end = src[p] + length
+            XXH3_64bits_update(self._state, run_start, run_end - run_start)
+            digest = XXH3_64bits_digest(self._state)
+        self._verified = digest == expected
+        if not self._verified:
+            self._forget()
+        return self._verified
+
+    def write(self, int fd, uint64_t offset, bint holes=True, bint punch=False):
+        """Write the verified chunk at `offset` of `fd` with one pwritev per run of pages. With
+        `holes` (the file reads as zeros there) ZERO pages are skipped, and with `punch` punched;
+        without, they are written as zeros. OSError on an I/O error."""
+        cdef int rc, os_err = 0
+        if not self._verified:
+            self._forget()
+            raise ValueError("a page-map chunk is written only after its checksum matched")
+        try:
+            with nogil:
+                rc = _write_runs(fd, self._src, (self._raw_len + PAGE - 1) // PAGE, self._raw_len, &self._body[0],
+                                 offset, holes, punch)
+                if rc:
+                    os_err = errno
+        finally:
+            self._forget()
+        if rc:
+            raise OSError(os_err, f"page-map chunk at {offset}: errno {os_err}")

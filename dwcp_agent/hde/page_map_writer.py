@@ -2,10 +2,13 @@
 
 `ChunkDecoder.decode` rebuilds a page-map chunk in a buffer (every literal and duplicate page
 copied, every zero page cleared), the receiver hashes that buffer and copies it again into the
-page cache. `write_page_map_chunk` checks the page-map header and decompresses the body here, as
-`_decode_page_map` does, then lets the native writer (native/pagemap.pyx) check the map, hash the
-chunk from where its pages lie and pwritev them straight from there. A malformed payload raises
-CodecError as the decoder would; a chunk with DELTA pages returns None untouched, for the decoder.
+page cache. `PageMapWriter.decode` checks the page-map header and decompresses the body here, as
+`_decode_page_map` does, then lets the native writer (native/pagemap.pyx) check the map and point
+every page at where its bytes lie; `matches` hashes the chunk from there and `write` pwritevs the
+pages straight from there, only after `matches` said yes. The three steps are apart so that the
+receiver times the decode alone (the `hde` operation), as for chunks the decoder builds. A
+malformed payload raises CodecError as the decoder would; a chunk with DELTA pages is left to the
+decoder (`decode` returns False, nothing read or written).
 """
 
 from __future__ import annotations
@@ -15,36 +18,48 @@ from dwcp_agent.hde.codecs import CodecError, CodecId, codec_by_id
 from dwcp_agent.hde.layout import MAX_PAGE_INDEX, PAGE_MAP_HEADER, max_body_len, pages_in
 from dwcp_agent.kernels import pagemap
 
-__all__ = ["write_page_map_chunk"]
+__all__ = ["PageMapWriter"]
 
 _NONE = CodecId.NONE
 
 
-def write_page_map_chunk(fd: int, codec_id: int, payload: memoryview, raw_len: int, offset: int, checksum: int,
-                         scratch: memoryview, partial: FilePages | None, baseline: FilePages | None,
-                         holes: bool, punch: bool) -> bool | None:
-    """Verify and write one page-map chunk at `offset` of `fd`: True when written, False when its
-    checksum does not match (nothing written), None when it holds DELTA pages (nothing done).
+class PageMapWriter:
+    """One stream's page-map writer: its page-pointer array and hash state are allocated once,
+    for chunks of up to `chunk_size` bytes. Pages referenced in `partial`/`baseline` are read
+    from those files."""
 
-    `holes`: the file reads as zeros in this chunk, so ZERO pages are not written (with `punch`,
-    they are punched). `scratch` (raw_len bytes) receives pages read from `partial`/`baseline`."""
-    n_pages = pages_in(raw_len)
-    if len(payload) < PAGE_MAP_HEADER.size:
-        raise CodecError("page-map header is truncated")
-    body_len, page0 = PAGE_MAP_HEADER.unpack_from(payload)
-    if body_len > max_body_len(raw_len) or body_len < n_pages:
-        raise CodecError(f"page-map body of {body_len} bytes is impossible for {raw_len} raw bytes")
-    if page0 + n_pages > MAX_PAGE_INDEX:
-        raise CodecError(f"chunk page index {page0} is out of range")
-    packed = payload[PAGE_MAP_HEADER.size:]
-    body = packed if codec_id == _NONE else codec_by_id(codec_id).decompress(packed, body_len)
-    if len(body) != body_len:
-        raise CodecError(f"page-map body of {len(body)} bytes, header says {body_len}")
-    try:
-        outcome = pagemap.write_page_map(fd, body, raw_len, page0, scratch, partial.fd if partial else -1,
-                                         baseline.fd if baseline else -1, checksum, offset, holes, punch)
-    except ValueError as exc:
-        raise CodecError(str(exc)) from None
-    if outcome == pagemap.UNSUPPORTED:
-        return None
-    return outcome == pagemap.DONE
+    def __init__(self, chunk_size: int, partial: FilePages | None, baseline: FilePages | None) -> None:
+        self._native = pagemap.PageMapWriter(chunk_size)
+        self._partial_fd = partial.fd if partial else -1
+        self._baseline_fd = baseline.fd if baseline else -1
+
+    def decode(self, codec_id: int, payload: memoryview, raw_len: int, scratch: memoryview) -> bool:
+        """Check one page-map payload and point its pages at their bytes: True when ready to
+        verify, False when it holds DELTA pages (for the decoder). `scratch` (raw_len bytes)
+        receives the pages read from the files and must stay untouched until `write`."""
+        n_pages = pages_in(raw_len)
+        if len(payload) < PAGE_MAP_HEADER.size:
+            raise CodecError("page-map header is truncated")
+        body_len, page0 = PAGE_MAP_HEADER.unpack_from(payload)
+        if body_len > max_body_len(raw_len) or body_len < n_pages:
+            raise CodecError(f"page-map body of {body_len} bytes is impossible for {raw_len} raw bytes")
+        if page0 + n_pages > MAX_PAGE_INDEX:
+            raise CodecError(f"chunk page index {page0} is out of range")
+        packed = payload[PAGE_MAP_HEADER.size:]
+        body = packed if codec_id == _NONE else codec_by_id(codec_id).decompress(packed, body_len)
+        if len(body) != body_len:
+            raise CodecError(f"page-map body of {len(body)} bytes, header says {body_len}")
+        try:
+            outcome = self._native.prepare(body, raw_len, page0, scratch, self._partial_fd, self._baseline_fd)
+        except ValueError as exc:
+            raise CodecError(str(exc)) from None
+        return outcome == pagemap.DONE
+
+    def matches(self, checksum: int) -> bool:
+        """Whether the decoded chunk's xxh3-64 is `checksum`; when not, it can no longer be written."""
+        return self._native.verify(checksum)
+
+    def write(self, fd: int, offset: int, holes: bool, punch: bool) -> None:
+        """Write the matched chunk at `offset` of `fd`. `holes`: the file reads as zeros in this
+        chunk, so ZERO pages are not written (with `punch`, they are punched)."""
+        self._native.write(fd, offset, holes, punch)

@@ -35,7 +35,7 @@ from dwcp_agent.hde.chunk import (
 )
 from dwcp_agent.hde.codecs import CodecError, CodecId
 from dwcp_agent.hde.layout import FLAG_HOLE, max_encoded_len
-from dwcp_agent.hde.page_map_writer import write_page_map_chunk
+from dwcp_agent.hde.page_map_writer import PageMapWriter
 from dwcp_agent.kernels import stream as native_stream
 from dwcp_agent.migration import space
 from dwcp_agent.migration.buffers import BufferPool
@@ -363,6 +363,7 @@ class ReceiveSession:
         header_buf = bytearray(wire.HEADER_SIZE)
         fast = self._raw_receiver(source, stream_id, version, header_buf, payload)
         decoder = ChunkDecoder(read_page=self.partial_pages, read_baseline=self.baseline)
+        page_maps = PageMapWriter(self.start.chunk_size, self.partial_pages, self.baseline)
         zero_sums: dict[int, int] = {}
         expected_seq = 0
         bytes_counter = self.metrics.bytes_transferred.labels("received", self.mode, source.transport)
@@ -393,7 +394,8 @@ class ReceiveSession:
                     raise OSError(fast.error, os.strerror(fast.error))
                 h = wire.unpack_header(header_buf)
                 expected_seq = fast.expected_seq
-            self._receive_frame(source, h, stream_id, version, expected_seq, payload, raw, decoder, zero_sums)
+            self._receive_frame(source, h, stream_id, version, expected_seq, payload, raw, decoder, page_maps,
+                                zero_sums)
             expected_seq += 1
             if fast is not None:
                 fast.skip()
@@ -413,7 +415,7 @@ class ReceiveSession:
 
     def _receive_frame(self, source: FrameSource, h: wire.FrameHeader, stream_id: int, version: int,
                        expected_seq: int, payload: memoryview, raw: memoryview, decoder: ChunkDecoder,
-                       zero_sums: dict[int, int]) -> None:
+                       page_maps: PageMapWriter, zero_sums: dict[int, int]) -> None:
         """Check, receive, decode, verify, write and journal one frame (the caller acknowledges it)."""
         index = self._check_header(h, stream_id, version, expected_seq)
         if h.flags == FLAG_HOLE:
@@ -426,10 +428,6 @@ class ReceiveSession:
         # In a partial preallocated on tmpfs the skipped zero pages are punched, so they stay
         # holes and the commit needs no walk of the file (space.PartialReservation.settle).
         punch = isinstance(self.reservation, space.PartialReservation)
-        if h.flags == FLAG_PAGE_MAP and self._write_page_map(h, index, body, raw, holes, punch):
-            self._chunk_written(index, h.checksum)
-            self.bytes_received += h.raw_len
-            return
         data: memoryview | None = None
         zero_pages = None
         if h.flags == FLAG_ALL_ZERO and holes:  # nothing to decode or write
@@ -444,8 +442,19 @@ class ReceiveSession:
             actual = checksum(data)
         else:
             data = raw[: h.raw_len]
-            with self.metrics.operation("hde"):
-                zero_pages = decoder.decode(h.codec, h.flags, body, h.raw_len, data)
+            with self.metrics.operation("hde"):  # the decode alone, one operation a chunk
+                # A page-map chunk is not built: its pages are pointed at where they lie (DELTA
+                # pages excepted, which the decoder builds).
+                mapped = h.flags == FLAG_PAGE_MAP and page_maps.decode(h.codec, body, h.raw_len, data)
+                if not mapped:
+                    zero_pages = decoder.decode(h.codec, h.flags, body, h.raw_len, data)
+            if mapped:
+                if not page_maps.matches(h.checksum):
+                    raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
+                page_maps.write(self._fd, h.offset, holes, punch)
+                self._chunk_written(index, h.checksum)
+                self.bytes_received += h.raw_len
+                return
             actual = checksum(data)
         if actual != h.checksum:
             raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
@@ -457,19 +466,6 @@ class ReceiveSession:
             space.punch_hole(self._fd, h.offset, h.raw_len)
         self._chunk_written(index, h.checksum)
         self.bytes_received += h.raw_len
-
-    def _write_page_map(self, h: wire.FrameHeader, index: int, body: memoryview, raw: memoryview, holes: bool,
-                        punch: bool) -> bool:
-        """Verify and write a page-map chunk from where its pages lie (no chunk built, no second
-        copy); False when it holds DELTA pages, left to the decoder."""
-        with self.metrics.operation("hde"):
-            written = write_page_map_chunk(self._fd, h.codec, body, h.raw_len, h.offset, h.checksum,
-                                           raw[: h.raw_len], self.partial_pages, self.baseline, holes, punch)
-        if written is None:
-            return False
-        if not written:
-            raise wire.FrameError(f"chunk {index} checksum mismatch", "checksum")
-        return True
 
     def _chunk_written(self, index: int, checksum: int) -> None:
         with self._core_lock:

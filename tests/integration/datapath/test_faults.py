@@ -235,6 +235,11 @@ def test_page_map_frame_is_verified_before_it_is_written(receiver: Receiver, fau
         assert isinstance(wire.recv_message(control), wire.Committed)
         assert (receiver.dir / "out.img").read_bytes() == chunk
         assert (receiver.dir / "out.img").stat().st_blocks * 512 < MiB // 2 + 64 * 1024, "zero pages stay holes"
+        # One hde operation, the decode, for the one chunk: the verify and the write are not in it.
+        assert receiver.metrics.registry.get_sample_value("dwcp_v3_component_operations_total",
+                                                          {"component": "hde"}) == 1
+        assert receiver.metrics.registry.get_sample_value("dwcp_v3_migration_latency_seconds_count",
+                                                          {"component": "hde"}) == 1
     else:
         assert _closed_by_peer(stream.sock)
         assert receiver.wait_errors(component, error_type) == 1

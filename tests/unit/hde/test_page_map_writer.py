@@ -21,12 +21,25 @@ from dwcp_agent.hde.baseline import FilePages
 from dwcp_agent.hde.chunk import ChunkDecoder, checksum
 from dwcp_agent.hde.codecs import CodecError, codec_by_name
 from dwcp_agent.hde.layout import PAGE_MAP_HEADER, PageKind
-from dwcp_agent.hde.page_map_writer import write_page_map_chunk
+from dwcp_agent.hde.page_map_writer import PageMapWriter
 
 PAGE = 4096
 FILE_PAGES = 64  # pages of the partial and baseline files references point into
 ITERATIONS = int(os.environ.get("DWCP_FUZZ_ITERATIONS", "100000")) // 50 or 1
 SEED = int(os.environ.get("DWCP_FUZZ_SEED", "20260101"))
+
+
+def write_page_map_chunk(fd: int, codec_id: int, payload: memoryview, raw_len: int, offset: int, digest: int,
+                         scratch: memoryview, partial: FilePages | None, baseline: FilePages | None, holes: bool,
+                         punch: bool, writer: PageMapWriter | None = None) -> bool | None:
+    """The receiver's three steps: True when written, False on a checksum mismatch, None for DELTA."""
+    writer = writer or PageMapWriter(raw_len, partial, baseline)
+    if not writer.decode(codec_id, payload, raw_len, scratch):
+        return None
+    if not writer.matches(digest):
+        return False
+    writer.write(fd, offset, holes, punch)
+    return True
 
 
 def _page_map(rnd: random.Random, raw_len: int, codec: str, kinds_allowed: tuple[PageKind, ...],
@@ -161,6 +174,7 @@ def test_mutated_payloads_are_refused_or_verified_like_the_decoder(tmp_path: Pat
     partial, baseline, partial_pages, baseline_pages = _files(tmp_path, rnd)
     kinds = tuple(PageKind)
     raw_len = 6 * PAGE
+    writer = PageMapWriter(raw_len, partial_pages, baseline_pages)  # one stream's, reused after refusals
     for i in range(ITERATIONS):
         codec = rnd.choice(["none", "lz4", "zstd"])
         payload, digest = _page_map(rnd, raw_len, codec, kinds, partial, baseline)
@@ -178,7 +192,7 @@ def test_mutated_payloads_are_refused_or_verified_like_the_decoder(tmp_path: Pat
             try:
                 written = write_page_map_chunk(fd, codec_id, memoryview(mutated), raw_len, 0, digest,
                                                memoryview(bytearray(raw_len)), partial_pages, baseline_pages,
-                                               False, False)
+                                               False, False, writer)
             except CodecError:
                 written = "refused"
             on_disk = os.pread(fd, raw_len, 0)
@@ -211,3 +225,40 @@ def test_short_last_page_and_a_chunk_of_one_page_at_a_large_offset(tmp_path: Pat
         assert np.frombuffer(built, np.uint8).any()
     finally:
         os.close(fd)
+
+
+def test_nothing_is_written_unless_the_checksum_matched(tmp_path: Path) -> None:
+    """write refuses a chunk that was not verified, or whose checksum did not match, and a chunk
+    written once cannot be written again without a new decode and verify."""
+    rnd = random.Random(7)
+    partial, baseline, partial_pages, baseline_pages = _files(tmp_path, rnd)
+    payload, digest = _page_map(rnd, 4 * PAGE, "none", (PageKind.LITERAL, PageKind.DUP_X), partial, baseline)
+    writer = PageMapWriter(4 * PAGE, partial_pages, baseline_pages)
+    fd = _target(tmp_path, 4 * PAGE, b"\x44" * 4 * PAGE)
+    try:
+        scratch = memoryview(bytearray(4 * PAGE))
+        assert writer.decode(0, memoryview(payload), 4 * PAGE, scratch)
+        with pytest.raises(ValueError, match="only after its checksum matched"):
+            writer.write(fd, 0, False, False)
+        assert writer.decode(0, memoryview(payload), 4 * PAGE, scratch)
+        assert not writer.matches(digest ^ 1)
+        with pytest.raises(ValueError, match="only after its checksum matched"):
+            writer.write(fd, 0, False, False)
+        assert os.pread(fd, 4 * PAGE, 0) == b"\x44" * 4 * PAGE
+        assert writer.decode(0, memoryview(payload), 4 * PAGE, scratch)
+        assert writer.matches(digest)
+        writer.write(fd, 0, False, False)
+        assert checksum(os.pread(fd, 4 * PAGE, 0)) == digest
+        with pytest.raises(ValueError, match="only after its checksum matched"):
+            writer.write(fd, 0, False, False)
+    finally:
+        os.close(fd)
+
+
+def test_a_chunk_longer_than_the_writer_was_made_for_is_refused(tmp_path: Path) -> None:
+    rnd = random.Random(8)
+    partial, baseline, _, _ = _files(tmp_path, rnd)
+    payload, _ = _page_map(rnd, 8 * PAGE, "none", (PageKind.LITERAL,), partial, baseline)
+    with pytest.raises(CodecError, match="does not match the chunk length"):
+        PageMapWriter(4 * PAGE, None, None).decode(0, memoryview(payload), 8 * PAGE,
+                                                   memoryview(bytearray(8 * PAGE)))

@@ -12,9 +12,10 @@ import pytest
 
 import dwcp_agent
 from dwcp_agent import kernels
-from dwcp_agent._native import delta, index, pages, stream
+from dwcp_agent._native import delta, index, pagemap, pages, stream
 
 PACKAGE = Path(dwcp_agent.__file__).resolve().parent
+NATIVE = PACKAGE.parent / "native"
 
 
 def test_only_the_kernels_module_imports_native() -> None:
@@ -32,11 +33,25 @@ def test_only_the_kernels_module_imports_native() -> None:
 
 
 def test_a_constant_that_differs_from_python_fails_the_import() -> None:
-    kernels.check_constants(pages, stream, delta, index)
+    kernels.check_constants(pages, stream, delta, index, pagemap)
     wrong_stream = SimpleNamespace(**{k: getattr(stream, k) for k in dir(stream) if k.isupper()})
     wrong_stream.HEADER_SIZE = 64
     with pytest.raises(ImportError, match=r"make native.*stream.HEADER_SIZE is 64, Python says 56"):
-        kernels.check_constants(pages, wrong_stream, delta, index)  # type: ignore[arg-type]
+        kernels.check_constants(pages, wrong_stream, delta, index, pagemap)  # type: ignore[arg-type]
+
+
+def test_the_page_map_writer_is_checked_too() -> None:
+    wrong_pagemap = SimpleNamespace(PAGE_SIZE=8192)
+    with pytest.raises(ImportError, match=r"pagemap.PAGE_SIZE is 8192, Python says 4096"):
+        kernels.check_constants(pages, stream, delta, index, wrong_pagemap)  # type: ignore[arg-type]
+
+
+def test_kernel_libraries_are_named_in_setup_py_only() -> None:
+    """setup.py's LIBRARIES is the one place a kernel's link libraries are set: a `# distutils:`
+    line in a .pyx would be a second one."""
+    assert sorted(NATIVE.glob("*.pyx")), NATIVE
+    for pyx in NATIVE.glob("*.pyx"):
+        assert "# distutils:" not in pyx.read_text(), pyx.name
 
 
 def test_missing_kernels_say_to_run_make_native() -> None:
