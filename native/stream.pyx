@@ -538,8 +538,11 @@ cdef class RawFrameReceiver:
         if self.hash_state != NULL:
             XXH3_freeState(self.hash_state)
 
-    def skip(self):
-        """The caller handled the frame whose header it was given: expect the next sequence."""
+    def handled(self, uint64_t sequence, uint64_t offset):
+        """The caller received, wrote and recorded the frame whose header it was given: expect the
+        next sequence, and acknowledge (`sequence`, `offset`) with the next call's `ack_last`, as
+        after _WRITTEN (no ACK built and sent in Python)."""
+        self.sequence, self.offset = sequence, offset
         self.expected_seq += 1
 
     def next_frame(self, bint ack_last=False):

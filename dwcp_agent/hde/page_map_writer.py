@@ -14,7 +14,7 @@ decoder (`decode` returns False, nothing read or written).
 from __future__ import annotations
 
 from dwcp_agent.hde.baseline import FilePages
-from dwcp_agent.hde.codecs import CodecError, CodecId, codec_by_id
+from dwcp_agent.hde.codecs import Codec, CodecError, CodecId, codec_by_id
 from dwcp_agent.hde.layout import MAX_PAGE_INDEX, PAGE_MAP_HEADER, max_body_len, pages_in
 from dwcp_agent.kernels import pagemap
 
@@ -32,6 +32,7 @@ class PageMapWriter:
         self._native = pagemap.PageMapWriter(chunk_size)
         self._partial_fd = partial.fd if partial else -1
         self._baseline_fd = baseline.fd if baseline else -1
+        self._codecs: dict[int, Codec] = {}  # by id: codec_by_id builds an enum and a Codec per call
 
     def decode(self, codec_id: int, payload: memoryview, raw_len: int, scratch: memoryview) -> bool:
         """Check one page-map payload and point its pages at their bytes: True when ready to
@@ -46,7 +47,12 @@ class PageMapWriter:
         if page0 + n_pages > MAX_PAGE_INDEX:
             raise CodecError(f"chunk page index {page0} is out of range")
         packed = payload[PAGE_MAP_HEADER.size:]
-        body = packed if codec_id == _NONE else codec_by_id(codec_id).decompress(packed, body_len)
+        body: memoryview | bytes = packed
+        if codec_id != _NONE:
+            codec = self._codecs.get(codec_id)
+            if codec is None:
+                codec = self._codecs[codec_id] = codec_by_id(codec_id)  # an unknown id: CodecError
+            body = codec.decompress(packed, body_len)
         if len(body) != body_len:
             raise CodecError(f"page-map body of {len(body)} bytes, header says {body_len}")
         try:

@@ -397,10 +397,12 @@ class ReceiveSession:
             self._receive_frame(source, h, stream_id, version, expected_seq, payload, raw, decoder, page_maps,
                                 zero_sums)
             expected_seq += 1
-            if fast is not None:
-                fast.skip()
             bytes_counter.inc(wire.HEADER_SIZE + h.encoded_len)  # counted once written, even if the ACK fails
             logical_counter.inc(h.raw_len)
+            if fast is not None:  # the native loop acknowledges it on its next call, as a raw chunk
+                fast.handled(h.sequence, h.offset)
+                ack_last = True
+                continue
             source.send_ack(wire.pack_header(wire.FrameType.ACK, 0, 0, self.session_id, stream_id, h.sequence,
                                              h.offset, 0, 0, 0, version))
 

@@ -262,3 +262,15 @@ def test_a_chunk_longer_than_the_writer_was_made_for_is_refused(tmp_path: Path) 
     with pytest.raises(CodecError, match="does not match the chunk length"):
         PageMapWriter(4 * PAGE, None, None).decode(0, memoryview(payload), 8 * PAGE,
                                                    memoryview(bytearray(8 * PAGE)))
+
+
+def test_an_unknown_codec_id_is_a_codec_error_and_the_writer_goes_on(tmp_path: Path) -> None:
+    rnd = random.Random(9)
+    partial, baseline, _, _ = _files(tmp_path, rnd)
+    writer = PageMapWriter(4 * PAGE, None, None)
+    for codec in ("lz4", "zstd", "lz4"):  # each codec id twice over the writer's life
+        payload, digest = _page_map(rnd, 4 * PAGE, codec, (PageKind.LITERAL, PageKind.ZERO), partial, baseline)
+        with pytest.raises(CodecError, match="unknown codec id 200"):
+            writer.decode(200, memoryview(payload), 4 * PAGE, memoryview(bytearray(4 * PAGE)))
+        assert writer.decode(codec_by_name(codec).id, memoryview(payload), 4 * PAGE, memoryview(bytearray(4 * PAGE)))
+        assert writer.matches(digest)

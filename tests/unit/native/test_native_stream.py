@@ -113,8 +113,12 @@ def test_frames_to_decode_come_back_with_the_payload_unread(
     assert rx.next_frame() == stream.HEADER
     assert bytes(header) == frame[:wire.HEADER_SIZE]
     assert receiver.recv(10) == b"0123456789"
-    rx.skip()
+    rx.handled(0, 0)
     assert rx.expected_seq == 1
+    # The frame Python handled is acknowledged by the next call, as a raw chunk is.
+    sender.shutdown(socket.SHUT_WR)
+    assert rx.next_frame(ack_last=True) == stream.CLOSED
+    assert sender.recv(4096) == wire.pack_header(wire.FrameType.ACK, 0, 0, SESSION, STREAM, 0, 0, 0, 0, 0, VERSION)
 
 
 REFUSED = {
