@@ -44,7 +44,7 @@ from dwcp_agent.hde.layout import (
     max_body_len,
     pages_in,
 )
-from dwcp_agent.hde.selector import SAMPLE_PAGES, CodecSelector, LinkSource, host_cpu_share
+from dwcp_agent.hde.selector import SAMPLE_PAGES, CodecSelector, LinkSource, host_cpu_share, spread_pages
 from dwcp_agent.kernels import delta, index, pages
 from dwcp_agent.telemetry.metrics import Metrics
 
@@ -59,7 +59,6 @@ _N_KINDS = len(PageKind)
 # Per chunk, the accounting walks these plain tuples, not the enums (an enum walk per chunk cost
 # as much as a page hash of the chunk).
 _KIND_LABELS = tuple((int(kind), METRIC_KIND[kind]) for kind in PageKind)
-_PAGE_LABELS = tuple(dict.fromkeys(label for _, label in _KIND_LABELS))
 _CODEC_NAMES = {int(codec): codec.name.lower() for codec in CodecId}
 # Hot-path constants: an enum member looked up on its class goes through EnumType.__getattr__.
 _NONE = CodecId.NONE
@@ -172,6 +171,7 @@ class ChunkEncoder:
         self._stats_lock = threading.Lock()
         self._page_counters: dict[str, Any] = {}
         self._codec_counters: dict[str, Any] = {}
+        self._series: tuple[Any, tuple[tuple[int, Any], ...]] | None = None
 
     # -- peer state -------------------------------------------------------------------------
 
@@ -246,53 +246,60 @@ class ChunkEncoder:
                             view, self._index.cache_array(), kinds, slots, s.deltas, s.delta_lens, DELTA_LIMIT)
                 self._index.commit(page0, view, hashes, kinds)
                 self._sent[offset] = digest
-        counts = np.bincount(kinds, minlength=_N_KINDS) if n_pages else np.zeros(_N_KINDS, np.int64)
+        per_kind = np.bincount(kinds, minlength=_N_KINDS).tolist() if n_pages else [0] * _N_KINDS
         if zeros == n_pages:
             encoded = EncodedChunk(_NONE, FLAG_ALL_ZERO, (), raw_len, digest)
-        elif counts[_LITERAL] == n_pages:
+        elif per_kind[_LITERAL] == n_pages:
             codec = self._choose(view, 0)
             codec_id, payload = self._compress(codec, view)
             encoded = EncodedChunk(codec_id, 0, (payload,), raw_len, digest)
         else:
-            encoded = self._encode_page_map(view, s, n_pages, page0, int(n_delta), int(delta_bytes), digest)
-        self._account(counts, encoded, _CODEC_NAMES[encoded.codec], time.perf_counter() - start)
+            literal_len = per_kind[_LITERAL] * PAGE_SIZE
+            if kinds[n_pages - 1] == _LITERAL:  # a short last page holds fewer bytes
+                literal_len -= n_pages * PAGE_SIZE - raw_len
+            encoded = self._encode_page_map(view, s, n_pages, page0, int(n_delta), int(delta_bytes), literal_len,
+                                            digest)
+        self._account(per_kind, encoded, _CODEC_NAMES[encoded.codec], time.perf_counter() - start)
         return encoded
 
     def _encode_page_map(self, view: memoryview, s: _Scratch, n_pages: int, page0: int, n_delta: int,
-                         delta_bytes: int, digest: int) -> EncodedChunk:
+                         delta_bytes: int, literal_len: int, digest: int) -> EncodedChunk:
         """A chunk with zero, duplicate, reference or delta pages. Stored (codec none), its literal
         pages go to the socket from `view` itself; a codec needs them gathered first."""
         kinds = s.kinds[:n_pages]
         meta_len = _build_meta(s, n_pages, n_delta)
-        starts, ends = _literal_runs(kinds, len(view))
-        literal_len = sum(ends) - sum(starts)
         body_len = meta_len + literal_len + delta_bytes
         PAGE_MAP_HEADER.pack_into(s.body.data, 0, body_len, max(page0, 0))
-        codec = self._choose_for_runs(view, starts, ends, literal_len + delta_bytes, meta_len)
-        head = PAGE_MAP_HEADER.size + meta_len
-        # The metadata always shrinks and XOR deltas usually do: only literal pages are sampled.
-        if codec.id is _NONE or (not delta_bytes and self._skips(codec, _run_samples(view, starts, ends, literal_len))):
-            parts: list[bytes | memoryview] = [bytes(s.body.data[:head])]
-            parts += [view[start:end] for start, end in zip(starts, ends, strict=True)]
-            if delta_bytes:
-                parts.append(bytes(s.deltas.data[:delta_bytes]))
-            return EncodedChunk(_NONE, FLAG_PAGE_MAP, tuple(parts), len(view), digest)
-        body = s.body.data[PAGE_MAP_HEADER.size: PAGE_MAP_HEADER.size + body_len]
-        _gather_literals(view, starts, ends, body[meta_len: meta_len + literal_len])
-        at = meta_len + literal_len
-        body[at: at + delta_bytes] = s.deltas.data[:delta_bytes]
-        codec_id, packed = self._compress(codec, body, sampled=True)
-        if codec_id is _NONE:
-            packed = bytes(packed)  # the scratch body is reused by this thread's next chunk
-        return EncodedChunk(codec_id, FLAG_PAGE_MAP, (bytes(s.body.data[:PAGE_MAP_HEADER.size]), packed),
-                            len(view), digest)
-
-    def _choose_for_runs(self, view: memoryview, starts: list[int], ends: list[int], length: int,
-                         meta_len: int) -> Codec:
+        runs: tuple[list[int], list[int]] | None = None
         if self.codec is not None:
-            return self.codec
-        assert self.selector is not None
-        return self.selector.choose_sampled(_sample_runs(view, starts, ends), length, meta_len).codec
+            codec = self.codec
+        else:  # the selector's estimate samples the literal runs where they lie
+            assert self.selector is not None
+            runs = _literal_runs(kinds, len(view))
+            sample = b"".join(spread_pages(view, *runs, literal_len, SAMPLE_PAGES))
+            codec = self.selector.choose_sampled(sample, literal_len + delta_bytes, meta_len).codec
+        body = s.body.data[PAGE_MAP_HEADER.size: PAGE_MAP_HEADER.size + body_len]
+        if codec.id is not _NONE:
+            # Gathered natively (one copy per run of literal pages); the samples of a forced
+            # codec's check are taken from the gathered bytes. The metadata always shrinks and XOR
+            # deltas usually do: only literal pages are sampled.
+            gathered = pages.gather_literals(view, kinds, body[meta_len: meta_len + literal_len])
+            assert gathered == literal_len
+            if delta_bytes or not self._skips(codec, _check_samples(body[meta_len: meta_len + literal_len])):
+                at = meta_len + literal_len
+                body[at: at + delta_bytes] = s.deltas.data[:delta_bytes]
+                codec_id, packed = self._compress(codec, body, sampled=True)
+                if codec_id is _NONE:
+                    packed = bytes(packed)  # the scratch body is reused by this thread's next chunk
+                return EncodedChunk(codec_id, FLAG_PAGE_MAP, (bytes(s.body.data[:PAGE_MAP_HEADER.size]), packed),
+                                    len(view), digest)
+        starts, ends = runs or _literal_runs(kinds, len(view))
+        head = PAGE_MAP_HEADER.size + meta_len
+        parts: list[bytes | memoryview] = [bytes(s.body.data[:head])]
+        parts += [view[start:end] for start, end in zip(starts, ends, strict=True)]
+        if delta_bytes:
+            parts.append(bytes(s.deltas.data[:delta_bytes]))
+        return EncodedChunk(_NONE, FLAG_PAGE_MAP, tuple(parts), len(view), digest)
 
     def _skips(self, codec: Codec, samples: list[memoryview]) -> bool:
         """A forced codec first tries a few sample pages (the selector samples for `auto` already):
@@ -308,10 +315,13 @@ class ChunkEncoder:
     def _compress(self, codec: Codec, body: memoryview, sampled: bool = False) -> tuple[int, bytes | memoryview]:
         """`body` compressed, or stored when that would not shrink it (`sampled`: _skips already
         said the body is worth compressing)."""
-        if codec.id is not _NONE and (sampled or not self._skips(codec, _body_samples(body))):
-            start = time.perf_counter()
-            payload = codec.compress(body)
-            if self.selector is not None:
+        if codec.id is not _NONE and (sampled or not self._skips(codec, _check_samples(body))):
+            if self.codec is not None:  # forced: no choice for the measured speed to inform
+                payload = codec.compress(body)
+            else:
+                assert self.selector is not None
+                start = time.perf_counter()
+                payload = codec.compress(body)
                 self.selector.observe(codec, len(body), time.perf_counter() - start)
             if len(payload) < len(body):
                 return codec.id, payload
@@ -319,25 +329,34 @@ class ChunkEncoder:
         # so no copy is needed for the payload.
         return _NONE, body
 
-    def _account(self, counts: np.ndarray, encoded: EncodedChunk, codec_name: str, seconds: float) -> None:
-        per_kind = counts.tolist()
-        by_label = dict.fromkeys(_PAGE_LABELS, 0)
-        for kind, label in _KIND_LABELS:
-            by_label[label] += per_kind[kind]
+    def _account(self, per_kind: list[int], encoded: EncodedChunk, codec_name: str, seconds: float) -> None:
         with self._stats_lock:
             st = self.stats
             st.chunks += 1
             st.logical_bytes += encoded.raw_len
             st.payload_bytes += encoded.payload_len
             st.codec_chunks[codec_name] = st.codec_chunks.get(codec_name, 0) + 1
-            for label, n in by_label.items():
-                st.pages[label] += n
+            for kind, label in _KIND_LABELS:
+                if per_kind[kind]:
+                    st.pages[label] += per_kind[kind]
         if self.metrics is not None:
-            self.metrics.hde_compression_latency.observe(seconds)
-            for label, n in by_label.items():
-                if n:
-                    _child(self._page_counters, self.metrics.hde_pages, label).inc(n)
+            latency, page_counters = self._page_series()
+            latency.observe(seconds)
+            for kind, counter in page_counters:
+                if per_kind[kind]:
+                    counter.inc(per_kind[kind])
             _child(self._codec_counters, self.metrics.hde_codec_chunks, codec_name).inc()
+
+    def _page_series(self) -> tuple[Any, tuple[tuple[int, Any], ...]]:
+        """The latency histogram and each page kind's counter child, looked up once per encoder
+        (kinds sharing a label share its child)."""
+        if self._series is None:
+            assert self.metrics is not None
+            pages_family = self.metrics.hde_pages
+            self._series = (self.metrics.hde_compression_latency,
+                            tuple((kind, _child(self._page_counters, pages_family, label))
+                                  for kind, label in _KIND_LABELS))
+        return self._series
 
 
 def _incompressible(codec: Codec, samples: list[memoryview]) -> bool:
@@ -356,29 +375,12 @@ def _incompressible(codec: Codec, samples: list[memoryview]) -> bool:
     return True
 
 
-def _body_samples(body: memoryview) -> list[memoryview]:
-    """INCOMPRESSIBLE_SAMPLES pages spread over `body`; none when it is under INCOMPRESSIBLE_MIN
+def _check_samples(body: memoryview) -> list[memoryview]:
+    """The incompressibility check's samples of `body`; none when it is under INCOMPRESSIBLE_MIN
     (compressing a small body costs about what the samples would)."""
     if len(body) < INCOMPRESSIBLE_MIN:
         return []
-    step = (len(body) - PAGE_SIZE) // (INCOMPRESSIBLE_SAMPLES - 1)
-    return [body[i * step: i * step + PAGE_SIZE] for i in range(INCOMPRESSIBLE_SAMPLES)]
-
-
-def _run_samples(view: memoryview, starts: list[int], ends: list[int], literal_len: int) -> list[memoryview]:
-    """INCOMPRESSIBLE_SAMPLES literal pages spread over the literal runs (as _body_samples over
-    the gathered literal bytes, without gathering them)."""
-    if literal_len < INCOMPRESSIBLE_MIN:
-        return []
-    last = (literal_len - 1) // PAGE_SIZE
-    wanted = [i * last // (INCOMPRESSIBLE_SAMPLES - 1) * PAGE_SIZE for i in range(INCOMPRESSIBLE_SAMPLES)]
-    samples, before = [], 0
-    for start, end in zip(starts, ends, strict=True):
-        while wanted and wanted[0] < before + end - start:
-            at = start + wanted.pop(0) - before
-            samples.append(view[at: min(at + PAGE_SIZE, end)])
-        before += end - start
-    return samples
+    return spread_pages(body, [0], [len(body)], len(body), INCOMPRESSIBLE_SAMPLES)
 
 
 def _child(cache: dict[str, Any], family: Any, label: str) -> Any:
@@ -414,23 +416,6 @@ def _literal_runs(kinds: np.ndarray, raw_len: int) -> tuple[list[int], list[int]
     if ends and ends[-1] > raw_len:  # a short last page
         ends[-1] = raw_len
     return starts, ends
-
-
-def _gather_literals(view: memoryview, starts: list[int], ends: list[int], out: memoryview) -> None:
-    """Copy the literal runs of `view`, in order, into `out` (a run at a time: faster than a
-    numpy gather of the pages, measured)."""
-    at = 0
-    for start, end in zip(starts, ends, strict=True):
-        out[at: at + end - start] = view[start:end]
-        at += end - start
-
-
-def _sample_runs(view: memoryview, starts: list[int], ends: list[int]) -> bytes:
-    """Up to SAMPLE_PAGES literal pages spread over the runs, for the codec estimate."""
-    if not starts:
-        return b""
-    picks = dict.fromkeys(i * (len(starts) - 1) // max(SAMPLE_PAGES - 1, 1) for i in range(SAMPLE_PAGES))
-    return b"".join(bytes(view[starts[i]: min(ends[i], starts[i] + PAGE_SIZE)]) for i in picks)
 
 
 def make_encoder(config: Any, metrics: Metrics | None = None, link: LinkSource = None,

@@ -221,5 +221,26 @@ def _sample(body: memoryview) -> bytes:
     return b"".join(bytes(body[i * step: i * step + SAMPLE_PAGE]) for i in range(SAMPLE_PAGES))
 
 
+def spread_pages(view: memoryview, starts: list[int], ends: list[int], total: int, count: int) -> list[memoryview]:
+    """`count` pages (fewer when `total` holds fewer) spread evenly over the `total` bytes of the
+    runs [starts[i], ends[i]) of `view`, taken in order as if the runs were one buffer, each page
+    cut at its run's end: the samples of the selector's estimate and of a forced codec's
+    incompressibility check (hde/chunk.py), without gathering the runs first."""
+    if total <= 0 or count <= 0:
+        return []
+    last = (total - 1) // SAMPLE_PAGE
+    wanted = list(dict.fromkeys(i * last // max(count - 1, 1) * SAMPLE_PAGE for i in range(count)))
+    samples: list[memoryview] = []
+    before = 0
+    for start, end in zip(starts, ends, strict=True):
+        while wanted and wanted[0] < before + end - start:
+            at = start + wanted.pop(0) - before
+            samples.append(view[at: min(at + SAMPLE_PAGE, end)])
+        if not wanted:
+            break
+        before += end - start
+    return samples
+
+
 def _ratio(codec: Codec, sample: bytes) -> float:
     return len(sample) / max(len(codec.compress(sample)), 1)

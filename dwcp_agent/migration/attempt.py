@@ -6,6 +6,11 @@ threaded driver: encoder workers read and encode chunks into pooled buffers, eac
 sends the frames the core assigns to it (faster streams carry more), an ACK reader per stream
 feeds acknowledgements back. Threads, not coroutines: preadv, the codecs and sendmsg release the
 GIL, so they run in parallel.
+
+Direct mode (`AttemptSession.direct`: v1 with codec none, where a chunk goes as it was read, its
+zero pages aside) has no encoder workers: the stream thread that will send a chunk reads and
+encodes it itself, as the C file copy does. No other thread is woken per chunk, and the bytes are
+still in that core's cache when they are sealed. The core still hands out every chunk.
 """
 
 from __future__ import annotations
@@ -41,9 +46,23 @@ from dwcp_agent.telemetry.metrics import Metrics
 log = logging.getLogger("dwcp_agent.migration")
 
 
-def _held(chunk: OutChunk) -> tuple[bytearray, EncodedChunk]:
-    """A queued chunk's pooled buffer (raw bytes) and its encoding (segments alias the buffer)."""
-    return cast(tuple[bytearray, EncodedChunk], chunk.handle)
+Held = tuple[bytearray, EncodedChunk]  # a chunk's pooled buffer (raw bytes), its encoding (segments alias it)
+Frame = tuple[OutChunk, Held | None]    # a frame to send and its payload's buffers (None: a hole)
+
+
+def _held(chunk: OutChunk) -> Held:
+    """A queued chunk's buffer and encoding."""
+    return cast(Held, chunk.handle)
+
+
+class _StreamBuffer:
+    """Direct mode: the chunk buffer a stream thread reads into, kept from one chunk to the next
+    so that each read lands in memory this core has just used."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf: bytearray | None = None
 
 
 class AttemptSession(Protocol):
@@ -63,6 +82,7 @@ class AttemptSession(Protocol):
     chunk_size: int
     streams: int
     cross_chunk: bool
+    direct: bool
 
     def encode(self, view: memoryview, index: int) -> EncodedChunk: ...
 
@@ -78,6 +98,9 @@ class Attempt:
         self.control = control
         self.session_id = ready.session
         self.version = version
+        self.direct = session.direct  # stream threads read and encode their chunks (module docstring)
+        # Direct mode: chunks read and not yet acknowledged (buffers bound the workers' instead).
+        self.window = max(2 * session.streams, session.config.max_inflight_bytes // session.chunk_size)
         self.have = unpack_have(ready.have)
         # `runs`: the source's data/hole plan (SEEK_DATA walk); holes go as FLAG_HOLE frames.
         self.core = ImageSender(session.size, session.chunk_size, self.have, session.checksums, runs=runs)
@@ -129,15 +152,16 @@ class Attempt:
                 chunk = action.chunk
                 if chunk.acked:
                     s.progress.add("acked_bytes", chunk.raw_len)
-                    if not chunk.flags & FLAG_HOLE:  # holes are never referenced: the index does not track them
+                    # Holes are never referenced (the index does not track them); v1 keeps no index.
+                    if s.cross_chunk and not chunk.flags & FLAG_HOLE:
                         s.encoder.acked(chunk.offset, chunk.raw_len, chunk.checksum)
                 if chunk.handle is not None:
                     self.free.put(_held(chunk)[0])
                     chunk.handle = None
             elif isinstance(action, Reencode):
-                with self.lock:
+                with self.lock:  # direct mode: a stream thread reads it again (its buffer went on)
                     self.redo.append(action.chunk)
-                    self.work.notify()
+                    (self.ready_to_send if self.direct else self.work).notify()
             elif isinstance(action, Commit):
                 s.progress.end_transfer()  # every chunk is acknowledged: before the streams wind down
                 self._finish()
@@ -194,38 +218,48 @@ class Attempt:
             return None
 
     def worker(self) -> None:
-        s = self.s
         try:
             while (job := self._next_job()) is not None:
                 if isinstance(job, OutChunk):
-                    # Never resend a stored payload: it may be a delta against a page the receiver
-                    # has since overwritten. Encoding again follows the encoder's current view.
                     raw = _held(job)[0]
-                    with s.metrics.operation("hde"):
-                        encoded = s.encode(memoryview(raw)[: job.raw_len], job.index)
-                    self._queued(job.index, raw, encoded, job)
+                    self._queued(job.index, raw, self._encode(raw, job), job)
                     continue
-                index = job
                 buf = self._get_buffer()
                 if buf is None:
                     return
-                length = chunk_length(index, s.size, s.chunk_size)
-                view = memoryview(buf)[:length]
-                if os.preadv(s.fd, [view], index * s.chunk_size) != length:
-                    raise MigrationError(f"source {s.request.source} changed size during migration", "source")
-                known = self.have.get(index)
-                if known is not None and known == checksum(view):
-                    s.progress.add("skipped_bytes", length)
+                encoded = self._load(job, buf)
+                if encoded is not None:
+                    self._queued(job, buf, encoded, None)
+                else:
                     self.free.put(buf)
-                    self._step("chunk_skipped", index, known)
-                    continue
-                with s.metrics.operation("hde"):
-                    encoded = s.encode(view, index)
-                self._queued(index, buf, encoded, None)
         except MigrationError as exc:
             self.abort(exc)
+
+    def _encode(self, raw: bytearray, chunk: OutChunk) -> EncodedChunk:
+        """Encode a chunk lost with its stream again. Never resend a stored payload: it may be a
+        delta against a page the receiver has since overwritten; encoding again follows the
+        encoder's current view."""
+        with self.s.metrics.operation("hde"):
+            return self.s.encode(memoryview(raw)[: chunk.raw_len], chunk.index)
+
+    def _load(self, index: int, buf: bytearray) -> EncodedChunk | None:
+        """Read chunk `index` into `buf` and encode it; None when the destination holds it already
+        (the core is told; `buf` stays the caller's). Raises MigrationError."""
+        s = self.s
+        length = chunk_length(index, s.size, s.chunk_size)
+        view = memoryview(buf)[:length]
+        try:
+            if os.preadv(s.fd, [view], index * s.chunk_size) != length:
+                raise MigrationError(f"source {s.request.source} changed size during migration", "source")
         except OSError as exc:
-            self.abort(MigrationError(f"cannot read source {s.request.source}: {exc.strerror}", "source"))
+            raise MigrationError(f"cannot read source {s.request.source}: {exc.strerror}", "source") from exc
+        known = self.have.get(index)
+        if known is not None and known == checksum(view):
+            s.progress.add("skipped_bytes", length)
+            self._step("chunk_skipped", index, known)
+            return None
+        with s.metrics.operation("hde"):
+            return s.encode(view, index)
 
     def _queued(self, index: int, buf: bytearray, encoded: EncodedChunk, chunk: OutChunk | None) -> None:
         with self.lock:
@@ -235,8 +269,10 @@ class Attempt:
             self.ready_to_send.notify()
         self._apply(actions)
 
-    def _get_buffer(self) -> bytearray | None:
-        while not self.done.is_set():
+    def _get_buffer(self, stream_id: int = -1, broken: threading.Event | None = None) -> bytearray | None:
+        """A free chunk buffer; None once the attempt is over (or, for a stream thread, once its
+        stream broke or was retired: it then takes no new chunk)."""
+        while not self.done.is_set() and (broken is None or self._sending(stream_id, broken)):
             try:
                 return self.free.get(timeout=POLL_S)
             except queue.Empty:
@@ -277,14 +313,85 @@ class Attempt:
                 self.done.set()
             self.work.notify_all()
 
-    def _next_frame(self, stream_id: int, broken: threading.Event) -> OutChunk | None:
+    def _sending(self, stream_id: int, broken: threading.Event) -> bool:
+        return not self.done.is_set() and not broken.is_set() and stream_id < self.target_streams
+
+    def _next_frame(self, stream_id: int, broken: threading.Event, own: _StreamBuffer) -> Frame | None:
+        """The next frame for this stream and the buffers its payload lies in (None for a hole)."""
+        if self.direct:
+            return self._next_direct(stream_id, broken, own)
         with self.lock:
-            while not self.done.is_set() and not broken.is_set() and stream_id < self.target_streams:
+            while self._sending(stream_id, broken):
                 chunk = self.core.next_frame(stream_id)
                 if chunk is not None:
-                    return chunk
+                    return chunk, cast(Held | None, chunk.handle)  # held until acknowledged
                 self.ready_to_send.wait(POLL_S)
             return None
+
+    def _next_direct(self, stream_id: int, broken: threading.Event, own: _StreamBuffer) -> Frame | None:
+        """Direct mode: the core's next frame for this stream; when none is queued, a chunk lost
+        with a stream or the core's next chunk, read into this thread's buffer and encoded here,
+        then handed to the core like a worker's. The thread takes the frame's buffer from the
+        chunk: a raw chunk lost later is read again, so the buffer is reused once sent."""
+        while True:
+            job: OutChunk | int | None = None
+            with self.lock:
+                while self._sending(stream_id, broken):
+                    chunk = self.core.next_frame(stream_id)  # queued first: holes, a chunk another thread read
+                    if chunk is not None:
+                        return chunk, self._take(chunk)
+                    if own.buf is None:
+                        break  # a buffer first: a chunk handed out is never left unread
+                    if self.redo:
+                        job = self.redo.popleft()
+                        break
+                    if self.core.outstanding >= self.window:  # an acknowledgement first
+                        self.ready_to_send.wait(POLL_S)
+                        continue
+                    taken = self.core.next_job()
+                    if isinstance(taken, HoleRun):
+                        self.core.hole_ready(taken)
+                        continue
+                    if taken is not None:
+                        job = taken
+                        break
+                    self.ready_to_send.wait(POLL_S)
+                else:
+                    return None
+            if job is None:
+                own.buf = self._get_buffer(stream_id, broken)
+                if own.buf is None:
+                    return None
+                continue
+            buf = own.buf
+            assert buf is not None  # a chunk is only taken with a buffer in hand
+            index = job.index if isinstance(job, OutChunk) else job
+            try:
+                encoded = self._load(index, buf)
+            except MigrationError as exc:
+                self.abort(exc)
+                return None
+            if encoded is None:
+                continue
+            own.buf = None
+            with self.lock:
+                mine = self.core.chunk_encoded(index, encoded.checksum, encoded.codec, encoded.flags,
+                                               encoded.payload_len, (buf, encoded),
+                                               chunk=job if isinstance(job, OutChunk) else None)
+                chunk = self.core.next_frame(stream_id) if self._sending(stream_id, broken) else None
+                held = self._take(chunk) if chunk is not None else None
+                actions = self.core.take_ready()
+                if chunk is not mine:  # it waits for another stream
+                    self.ready_to_send.notify()
+            self._apply(actions)
+            if chunk is not None:
+                return chunk, held
+
+    @staticmethod
+    def _take(chunk: OutChunk) -> Held | None:
+        """Direct mode, under the lock: the sending thread owns the frame's buffer from now on."""
+        held, chunk.handle = cast(Held | None, chunk.handle), None
+        return held
 
     def _run_stream(self, channel: DataChannel, stream_id: int) -> bool:
         """Send until done; False when the stream broke (its unacked chunks are encoded again)."""
@@ -301,9 +408,11 @@ class Attempt:
         s.metrics.active_streams.inc()
         s.metrics.amst_active_streams.inc()
         sent_counter = s.metrics.bytes_transferred.labels("sent", s.request.mode, channel.transport)
+        own = _StreamBuffer()
         try:
-            while (chunk := self._next_frame(stream_id, broken)) is not None:
-                segments = _held(chunk)[1].segments if chunk.handle is not None else ()  # a hole: none
+            while (frame := self._next_frame(stream_id, broken, own)) is not None:
+                chunk, held = frame
+                segments = held[1].segments if held is not None else ()  # a hole: none
                 header = wire.pack_header(wire.FrameType.DATA, chunk.flags, chunk.codec, self.session_id, stream_id,
                                           chunk.seq, chunk.offset, chunk.raw_len, chunk.payload_len, chunk.checksum,
                                           self.version)
@@ -312,6 +421,12 @@ class Attempt:
                 except OSError:
                     broken.set()
                     break
+                finally:
+                    if self.direct and held is not None:  # sent (or lost: read again): reuse it
+                        if own.buf is None:
+                            own.buf = held[0]
+                        else:
+                            self.free.put(held[0])
                 wire_len = wire.HEADER_SIZE + chunk.payload_len
                 s.progress.add("wire_bytes", wire_len)
                 sent_counter.inc(wire_len)
@@ -320,6 +435,8 @@ class Attempt:
                    and self.core.in_flight(stream_id)):
                 time.sleep(POLL_S)
         finally:
+            if own.buf is not None:
+                self.free.put(own.buf)
             self.socks.pop(stream_id, None)
             channel.abort()
             acker.join()
@@ -340,6 +457,8 @@ class Attempt:
                 with self.lock:
                     self.core.acked(stream_id, h.sequence)
                     actions = self.core.take_ready()
+                    if self.direct:  # the window moved: a stream thread may read its next chunk
+                        self.ready_to_send.notify()
                 self._apply(actions)
                 if any(isinstance(a, CloseStream) for a in actions):
                     raise wire.FrameError("acknowledgement of a frame never sent", "sequence")

@@ -25,7 +25,7 @@ from dwcp_agent.amst.rdma import RdmaError
 from dwcp_agent.amst.select import Transports, TransportUnavailable
 from dwcp_agent.config import Config
 from dwcp_agent.hde.chunk import ChunkEncoder, EncodedChunk, make_encoder
-from dwcp_agent.hde.codecs import codec_by_name
+from dwcp_agent.hde.codecs import CodecId, codec_by_name
 from dwcp_agent.migration.attempt import Attempt
 from dwcp_agent.migration.buffers import BufferPool, FreeBuffers
 from dwcp_agent.migration.digest import chunk_count, hole_checksums, object_digest
@@ -91,6 +91,8 @@ class SendSession:
         else:
             codec = "lz4" if config.compression_algo == "auto" else config.compression_algo
             self.encoder = ChunkEncoder(codec_by_name(codec, config.zstd_level), metrics, dedupe=False)
+        # Chunks go as read (zero pages aside): each stream thread reads and encodes its own (attempt.py).
+        self.direct = not self.cross_chunk and self.encoder.codec is not None and self.encoder.codec.id is CodecId.NONE
         # Opened once (O_NOFOLLOW) and read only through this descriptor (migration/safe_files.py).
         if request.image is None:
             try:
@@ -327,7 +329,7 @@ class SendSession:
         control.settimeout(None)
         threads = [threading.Thread(target=attempt.watch_control, name="control", daemon=True)]
         threads += [threading.Thread(target=attempt.worker, name=f"encode-{i}", daemon=True)
-                    for i in range(self.workers)]
+                    for i in range(0 if self.direct else self.workers)]
         attempt.live_streams = self.streams
         threads += [threading.Thread(target=attempt.stream, args=(i,), name=f"stream-{i}", daemon=True)
                     for i in range(self.streams)]

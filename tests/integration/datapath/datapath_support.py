@@ -79,16 +79,18 @@ def run_migration(tmp_path: Path, receiver: Receiver, source: Path, dest_name: s
 
 
 class CuttingProxy:
-    """A loopback TCP proxy that can cut one connection after it has carried `cut_after` bytes.
+    """A loopback TCP proxy that can cut one connection after it has carried `cut_after` bytes
+    (with `flip`: alter that byte instead, once, and carry on, as a faulty link would).
 
     Connection 0 is the migration's control connection; 1..N are its data streams, in the
     order the source opened them.
     """
 
-    def __init__(self, target_port: int, cut_connection: int, cut_after: int) -> None:
+    def __init__(self, target_port: int, cut_connection: int, cut_after: int, flip: bool = False) -> None:
         self.target_port = target_port
         self.cut_connection = cut_connection
         self.cut_after = cut_after
+        self.flip = flip
         self.cut_done = threading.Event()
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
@@ -120,6 +122,11 @@ class CuttingProxy:
                 data = src.recv(1 << 16)
                 if not data:
                     break
+                if self.flip and limit is not None and carried + len(data) > limit:
+                    at = limit - carried
+                    data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+                    limit = None
+                    self.cut_done.set()
                 dst.sendall(data)
                 carried += len(data)
                 if limit is not None and carried >= limit:

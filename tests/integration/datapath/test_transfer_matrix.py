@@ -66,10 +66,12 @@ def test_64_mib_image_over_n_streams(receiver: Receiver, migrate: Migrate, src_d
         assert result.wire_bytes < 0.9 * result.logical_bytes
 
 
+@pytest.mark.parametrize("protocol, codec", [("v3", "auto"), ("v1", "none")])  # v1 none: the direct path
 def test_small_chunks_and_tight_inflight_bound_still_complete(receiver: Receiver, migrate: Migrate,
-                                                              src_dir: Path) -> None:
+                                                              src_dir: Path, protocol: str, codec: str) -> None:
     source = _image(src_dir, 8 * MiB + 123, "vm-mix")
-    result = migrate(receiver, source, chunk_size="64KiB", max_inflight_bytes="1MiB", stream_count=4)
+    result = migrate(receiver, source, protocol=protocol, compression_algo=codec, chunk_size="64KiB",
+                     max_inflight_bytes="1MiB", stream_count=4)
     _assert_identical(source, receiver.dir / "out.img", result.digest, 64 * 1024)
 
 

@@ -23,6 +23,7 @@ from dwcp_agent.hde.chunk import (
     make_encoder,
 )
 from dwcp_agent.hde.codecs import NAMES, Codec, CodecError, codec_by_name
+from dwcp_agent.hde.selector import spread_pages
 from dwcp_agent.telemetry.metrics import Metrics
 
 CODECS = list(NAMES)
@@ -362,6 +363,41 @@ def test_literal_runs_are_the_maximal_runs_of_literal_pages(literal: list[bool],
             page += 1
     assert list(zip(starts, ends, strict=True)) == expected
     assert all(isinstance(x, int) for x in starts + ends)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=120), st.integers(1, PAGE), st.integers(1, 6))
+def test_spread_pages_of_the_runs_are_the_pages_of_the_gathered_bytes(literal: list[bool], last_page: int,
+                                                                       count: int) -> None:
+    """The one sample picker: over the literal runs where they lie (the selector's estimate) it
+    gives the very pages it gives over the gathered literal bytes (a forced codec's check): the
+    first page, the last, and pages evenly between, as many as asked or as there are."""
+    kinds = np.array([0 if lit else 1 for lit in literal], dtype=np.uint8)
+    raw_len = (len(literal) - 1) * PAGE + last_page
+    data = np.random.default_rng(len(literal) * PAGE + last_page).integers(0, 256, raw_len, dtype=np.uint8).tobytes()
+    starts, ends = _literal_runs(kinds, raw_len)
+    total = sum(ends) - sum(starts)
+    gathered = b"".join(data[start:end] for start, end in zip(starts, ends, strict=True))
+    from_runs = [bytes(page) for page in spread_pages(memoryview(data), starts, ends, total, count)]
+    from_body = [bytes(page) for page in spread_pages(memoryview(gathered), [0], [total], total, count)]
+    assert from_runs == from_body
+    n_pages = (total + PAGE - 1) // PAGE
+    assert len(from_body) == min(count, n_pages)
+    if total:
+        assert from_body[0] == gathered[:PAGE]
+        assert from_body[-1] == gathered[(n_pages - 1) * PAGE:] or len(from_body) == 1
+
+
+def test_a_forced_codec_never_measures_the_selectors_speeds() -> None:
+    """The selector's host profile (a calibration of every codec, ~20 ms) and its per-chunk speed
+    updates only serve the `auto` choice: a forced codec leaves them alone; auto still feeds them."""
+    data = page_mix(256, seed=4)
+    for algo, measured in (("zstd", False), ("lz4", False), ("auto", True)):
+        encoder = make_encoder(Config(compression_algo=algo), link=1e6, cpu_share=None)
+        for offset in (None, 0):  # the plain and the page-map paths
+            encoder.encode(memoryview(data), offset)
+        assert encoder.selector is not None
+        assert (encoder.selector._profile is not None) is measured, algo
 
 
 @pytest.mark.parametrize("codec", ["zstd", "snappy", "lz4"])

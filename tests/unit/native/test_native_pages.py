@@ -176,7 +176,43 @@ def _reference_hash128(data: bytes) -> tuple[int, int]:
     return _avalanche(lo), _avalanche(hi ^ (lo >> 7))
 
 
-@pytest.mark.parametrize("length", [1, 63, 64, 65, 100, 4095, 4096, 8192 + 17])
-def test_page_hash_matches_the_python_reference(length: int) -> None:
-    data = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
-    assert pages.hash128(data) == _reference_hash128(data)
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 100, 127, 128, 129, 4095, 4096, 8192 + 17])
+def test_page_hash_matches_the_python_reference(length: int, portable: bool) -> None:
+    """Both stripe loops (AVX-512 where the CPU has it, the portable C loop) give the reference's
+    hashes, through hash128 and through page_hashes."""
+    data = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8)
+    was = pages.use_portable_stripes(portable)
+    try:
+        assert pages.hash128(data) == _reference_hash128(data.tobytes())
+        n = (length + PAGE - 1) // PAGE
+        zero, hashes = np.empty(n, np.uint8), np.empty((n, 2), np.uint64)
+        pages.page_hashes(data, zero, hashes)
+        assert [tuple(row) for row in hashes.tolist()] == [
+            _reference_hash128(data[p * PAGE: (p + 1) * PAGE].tobytes()) for p in range(n)]
+    finally:
+        pages.use_portable_stripes(was)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=40), st.integers(1, PAGE), st.integers(0, 2**32 - 1))
+def test_gather_literals_copies_the_literal_pages_in_order(kinds: list[int], last_page: int, seed: int) -> None:
+    """Any kind map, a short or full last page: the literal pages (kind 0), in page order, and nothing
+    else; the last page as long as it is. The bytes after them in `out` are left as they were."""
+    raw_len = (len(kinds) - 1) * PAGE + last_page
+    chunk = np.random.default_rng(seed).integers(0, 256, raw_len, dtype=np.uint8)
+    kind_arr = np.array(kinds, np.uint8)
+    expected = b"".join(chunk[p * PAGE: (p + 1) * PAGE].tobytes() for p, k in enumerate(kinds) if k == 0)
+    out = np.full(len(kinds) * PAGE + 8, 0xEE, np.uint8)
+    assert pages.gather_literals(chunk, kind_arr, out) == len(expected)
+    assert out[: len(expected)].tobytes() == expected
+    assert (out[len(expected):] == 0xEE).all()
+
+
+def test_gather_literals_refuses_a_short_output_or_kind_map() -> None:
+    chunk = np.ones(3 * PAGE, np.uint8)
+    with pytest.raises(ValueError, match="cannot hold"):
+        pages.gather_literals(chunk, np.zeros(3, np.uint8), np.empty(3 * PAGE - 1, np.uint8))
+    with pytest.raises(ValueError, match="kinds"):
+        pages.gather_literals(chunk, np.zeros(2, np.uint8), np.empty(3 * PAGE, np.uint8))
+    assert pages.gather_literals(chunk, np.ones(3, np.uint8), np.empty(0, np.uint8)) == 0  # no literal page
