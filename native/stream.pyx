@@ -92,6 +92,7 @@ cdef enum Outcome:
     _CLOSED = 3     # the peer closed (or the stream was shut down); `partial` says mid-frame
     _OS_ERROR = 4   # a system call failed; `error` holds errno
     _TAG = 5        # sealed stream: a header or payload failed its AES-GCM tag check
+    _PAYLOAD = 6    # recv_payload: the payload of a handed-back header is read (and opened)
 
 # Outcomes of next_frame (mirrored in dwcp_agent/_native/stream.pyi).
 WRITTEN = _WRITTEN
@@ -100,6 +101,7 @@ CHECKSUM = _CHECKSUM
 CLOSED = _CLOSED
 OS_ERROR = _OS_ERROR
 TAG = _TAG
+PAYLOAD = _PAYLOAD
 
 from layout cimport CRC_SPAN, FRAME_ACK, FRAME_DATA, HEADER_LEN, MAGIC, PAGE
 
@@ -544,6 +546,47 @@ cdef class RawFrameReceiver:
         after _WRITTEN (no ACK built and sent in Python)."""
         self.sequence, self.offset = sequence, offset
         self.expected_seq += 1
+
+    def recv_payload(self, Py_ssize_t n):
+        """Read the `n`-byte payload of the frame last handed back (HEADER) into the payload
+        buffer, opened in place on a sealed stream (associated data: its header; an empty payload
+        is not sealed), as the channel's recv_payload does. PAYLOAD, or CLOSED, OS_ERROR, TAG."""
+        cdef int rc
+        if n < 0 or n > self.payload_cap:
+            raise ValueError(f"a payload of {n} bytes does not fit the {self.payload_cap}-byte buffer")
+        with nogil:
+            rc = self._recv_payload(n)
+        return rc
+
+    cdef int _recv_payload(self, Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t done = 0, take, got = 0
+        cdef uint8_t* p
+        cdef int rc
+        self.partial = False
+        self.error = 0
+        if not self.sealed or n == 0:
+            rc = _recv_all(self.sock_fd, self.payload_ptr, n, &got)
+        else:
+            if self.recv_key.open_begin(self.header_ptr, _HEADER_LEN):
+                return _TAG
+            rc = 0
+            while done < n and rc == 0:
+                take = min(n - done, <Py_ssize_t>_PIECE)
+                p = self.payload_ptr + done
+                rc = _recv_all(self.sock_fd, p, take, &got)
+                if rc == 0:
+                    if self.recv_key.open_update(p, p, take):
+                        return _TAG
+                    done += take
+            if rc == 0:
+                rc = _recv_all(self.sock_fd, self.tag, _TAG_LEN, &got)
+                if rc == 0 and self.recv_key.open_end(self.tag):
+                    return _TAG
+        if rc:
+            self.partial = True
+            self.error = errno if rc == _OS_ERROR else 0
+            return rc
+        return _PAYLOAD
 
     def next_frame(self, bint ack_last=False):
         """With `ack_last`, first acknowledge the frame last _WRITTEN; then receive one frame.

@@ -8,6 +8,7 @@ CHECKSUM: int
 CLOSED: int
 OS_ERROR: int
 TAG: int
+PAYLOAD: int
 TAG_BYTES: int
 SEALED_HEADER_SIZE: int
 HEADER_SIZE: int
@@ -44,4 +45,5 @@ class RawFrameReceiver:
                  expected_seq: int = 0, recv_key: FrameCipher | None = None,
                  send_key: FrameCipher | None = None) -> None: ...
     def handled(self, sequence: int, offset: int) -> None: ...
+    def recv_payload(self, n: int) -> int: ...
     def next_frame(self, ack_last: bool = False) -> int: ...

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -386,15 +387,11 @@ class ReceiveSession:
                     continue
                 if outcome == native_stream.CHECKSUM:
                     raise wire.FrameError(f"chunk {fast.index} checksum mismatch", "checksum")
-                if outcome == native_stream.TAG:
-                    raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
-                if outcome == native_stream.CLOSED:
-                    raise wire.PeerClosed("peer closed the connection" + (" mid-frame" if fast.partial else ""))
-                if outcome == native_stream.OS_ERROR:
-                    raise OSError(fast.error, os.strerror(fast.error))
+                if outcome != native_stream.HEADER:
+                    _raise_for(fast, outcome)
                 h = wire.unpack_header(header_buf)
                 expected_seq = fast.expected_seq
-            self._receive_frame(source, h, stream_id, version, expected_seq, payload, raw, decoder, page_maps,
+            self._receive_frame(source, fast, h, stream_id, version, expected_seq, payload, raw, decoder, page_maps,
                                 zero_sums)
             expected_seq += 1
             bytes_counter.inc(wire.HEADER_SIZE + h.encoded_len)  # counted once written, even if the ACK fails
@@ -415,7 +412,8 @@ class ReceiveSession:
         return source.frame_receiver(self._fd, header_buf, payload, self.session_id, stream_id, version,
                                      self.start.size, self.start.chunk_size)
 
-    def _receive_frame(self, source: FrameSource, h: wire.FrameHeader, stream_id: int, version: int,
+    def _receive_frame(self, source: FrameSource, fast: native_stream.RawFrameReceiver | None,
+                       h: wire.FrameHeader, stream_id: int, version: int,
                        expected_seq: int, payload: memoryview, raw: memoryview, decoder: ChunkDecoder,
                        page_maps: PageMapWriter, zero_sums: dict[int, int]) -> None:
         """Check, receive, decode, verify, write and journal one frame (the caller acknowledges it)."""
@@ -423,7 +421,13 @@ class ReceiveSession:
         if h.flags == FLAG_HOLE:
             self._receive_hole(h, index)
             return
-        body = source.recv_payload(payload[: h.encoded_len])
+        if fast is None:
+            body = source.recv_payload(payload[: h.encoded_len])
+        else:  # read (and opened) by the native loop, without a Python call per recv
+            outcome = fast.recv_payload(h.encoded_len)
+            if outcome != native_stream.PAYLOAD:
+                _raise_for(fast, outcome)
+            body = payload[: h.encoded_len]
         # Zero pages need no write where the partial file still has its holes: a file created by
         # this session, in a chunk this session has not written yet (a resent chunk is written whole).
         holes = self.core.file_has_holes_at(index)
@@ -533,6 +537,17 @@ class ReceiveSession:
         self.directory.unlink(self.directory.reserve_name)  # a later Start reserves what is missing then
         self.journal.close()
         self.directory.close()
+
+
+def _raise_for(fast: native_stream.RawFrameReceiver, outcome: int) -> NoReturn:
+    """The error a native receive outcome (TAG, CLOSED, OS_ERROR) stands for."""
+    if outcome == native_stream.TAG:
+        raise wire.FrameError("frame authentication failed (altered, replayed or reordered)", "tag")
+    if outcome == native_stream.CLOSED:
+        raise wire.PeerClosed("peer closed the connection" + (" mid-frame" if fast.partial else ""))
+    if outcome == native_stream.OS_ERROR:
+        raise OSError(fast.error, os.strerror(fast.error))
+    raise RuntimeError(f"unexpected native receive outcome {outcome}")
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -267,6 +267,34 @@ def test_a_frame_for_python_leaves_its_payload_to_the_shared_key(link: Link) -> 
     assert bytes(ack) == wire.pack_header(wire.FrameType.ACK, 0, 0, SESSION, STREAM, 0, 0, 0, 0, 0, VERSION)
 
 
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_handed_back_frames_sealed_payload_is_opened_natively(link: Link, flip: bool) -> None:
+    """The payload of a frame the native loop hands back is read and opened in place by
+    recv_payload at the receive key's next nonce (over several pieces); a flipped bit is TAG."""
+    sender, receiver, fd, _ = link
+    header, payload = bytearray(wire.HEADER_SIZE), bytearray(max_encoded_len(CHUNK))
+    rx = stream.RawFrameReceiver(receiver.fileno(), fd, header, payload, SESSION, STREAM, VERSION, SIZE, CHUNK,
+                                 recv_key=FrameKey(KEY).cipher, send_key=FrameKey(KEY[::-1]).cipher)
+    source_key = ReferenceFrameKey(KEY)
+    first, second = os.urandom(300_000), os.urandom(CHUNK)
+    frame = bytearray(_reference_frame(source_key, _header(0, 0, first, codec=1, raw_len=CHUNK), first))
+    if flip:
+        frame[SEALED_HEADER + 200_000] ^= 1
+    feeder = _send_in_background(sender, bytes(frame) + _reference_frame(source_key, _header(1, CHUNK, second),
+                                                                         second))
+    assert rx.next_frame() == stream.HEADER
+    if flip:
+        assert rx.recv_payload(len(first)) == stream.TAG
+        receiver.shutdown(socket.SHUT_RDWR)
+    else:
+        assert rx.recv_payload(len(first)) == stream.PAYLOAD
+        assert payload[:len(first)] == first
+        rx.handled(0, 0)
+        assert rx.next_frame(ack_last=True) == stream.WRITTEN and rx.sequence == 1
+    feeder.join(60)
+
+
 def test_a_sealed_receiver_needs_both_keys(link: Link) -> None:
     _, receiver, fd, _ = link
     with pytest.raises(ValueError, match="both keys"):

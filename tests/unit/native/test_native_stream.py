@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -119,6 +120,29 @@ def test_frames_to_decode_come_back_with_the_payload_unread(
     sender.shutdown(socket.SHUT_WR)
     assert rx.next_frame(ack_last=True) == stream.CLOSED
     assert sender.recv(4096) == wire.pack_header(wire.FrameType.ACK, 0, 0, SESSION, STREAM, 0, 0, 0, 0, 0, VERSION)
+
+
+
+def test_a_handed_back_frames_payload_is_read_natively_and_a_cut_one_is_partial(
+        link: tuple[socket.socket, socket.socket, int, Path]) -> None:
+    sender, receiver, fd, _ = link
+    header, payload = bytearray(wire.HEADER_SIZE), bytearray(max_encoded_len(CHUNK))
+    rx = stream.RawFrameReceiver(receiver.fileno(), fd, header, payload, SESSION, STREAM, VERSION, SIZE, CHUNK)
+    body = os.urandom(len(payload))  # the most a frame carries, sent from another thread
+    feeder = threading.Thread(target=sender.sendall,
+                              args=(_frame_header(0, 0, encoded_len=len(body), codec=CodecId.LZ4) + body,))
+    feeder.start()
+    assert rx.next_frame() == stream.HEADER
+    assert rx.recv_payload(len(body)) == stream.PAYLOAD
+    assert payload[:len(body)] == body
+    feeder.join(60)
+    rx.handled(0, 0)
+    sender.sendall(_frame_header(1, CHUNK, encoded_len=100, codec=CodecId.LZ4) + body[:40])
+    sender.shutdown(socket.SHUT_WR)
+    assert rx.next_frame(ack_last=True) == stream.HEADER
+    assert rx.recv_payload(100) == stream.CLOSED and rx.partial
+    with pytest.raises(ValueError, match="does not fit"):
+        rx.recv_payload(len(payload) + 1)
 
 
 REFUSED = {
