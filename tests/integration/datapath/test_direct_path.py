@@ -43,6 +43,20 @@ def _threads_seen(run: Callable[[], SendResult]) -> tuple[SendResult, set[str]]:
     return outcome[0], names
 
 
+def _raw_through_proxy(receiver: Receiver, migrate: Migrate, source: Path, cut_connection: int, cut_after: int,
+                       flip: bool = False) -> SendResult:
+    """A raw v1 migration over 4 streams through a proxy that cuts (or, with `flip`, alters one
+    byte of) data connection `cut_connection` after `cut_after` bytes; it must have acted."""
+    proxy = CuttingProxy(receiver.port, cut_connection=cut_connection, cut_after=cut_after, flip=flip)
+    try:
+        result = migrate(receiver, source, port=proxy.port, protocol="v1", compression_algo="none",
+                         stream_count=4, pacing_rate_bytes="8MiB")
+    finally:
+        proxy.stop()
+    assert proxy.cut_done.is_set()
+    return result
+
+
 def test_raw_chunks_are_sent_by_stream_threads_without_encoder_threads(receiver: Receiver, migrate: Migrate,
                                                                        src_dir: Path) -> None:
     source = _random_image(src_dir, 16 * MiB)
@@ -63,13 +77,7 @@ def test_raw_chunks_are_sent_by_stream_threads_without_encoder_threads(receiver:
 def test_raw_stream_cut_mid_transfer_reads_its_chunks_again(receiver: Receiver, migrate: Migrate,
                                                             src_dir: Path) -> None:
     source = _random_image(src_dir, 24 * MiB)
-    proxy = CuttingProxy(receiver.port, cut_connection=2, cut_after=2 * MiB)
-    try:
-        result = migrate(receiver, source, port=proxy.port, protocol="v1", compression_algo="none",
-                         stream_count=4, pacing_rate_bytes="8MiB")
-    finally:
-        proxy.stop()
-    assert proxy.cut_done.is_set()
+    result = _raw_through_proxy(receiver, migrate, source, cut_connection=2, cut_after=2 * MiB)
     assert (receiver.dir / "out.img").read_bytes() == source.read_bytes()
     assert result.attempts == 1  # the chunks in flight on the cut stream were read again and resent
 
@@ -77,13 +85,7 @@ def test_raw_stream_cut_mid_transfer_reads_its_chunks_again(receiver: Receiver, 
 def test_raw_frame_altered_on_the_wire_is_refused_and_its_chunk_resent(receiver: Receiver, migrate: Migrate,
                                                                        src_dir: Path) -> None:
     source = _random_image(src_dir, 24 * MiB)
-    proxy = CuttingProxy(receiver.port, cut_connection=1, cut_after=MiB + 12345, flip=True)
-    try:
-        result = migrate(receiver, source, port=proxy.port, protocol="v1", compression_algo="none",
-                         stream_count=4, pacing_rate_bytes="8MiB")
-    finally:
-        proxy.stop()
-    assert proxy.cut_done.is_set()
+    result = _raw_through_proxy(receiver, migrate, source, cut_connection=1, cut_after=MiB + 12345, flip=True)
     assert receiver.wait_errors("amst", "tag") == 1  # sealed frame: its tag check refused it
     assert (receiver.dir / "out.img").read_bytes() == source.read_bytes()
     assert result.attempts == 1
