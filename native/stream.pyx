@@ -559,34 +559,18 @@ cdef class RawFrameReceiver:
         return rc
 
     cdef int _recv_payload(self, Py_ssize_t n) noexcept nogil:
-        cdef Py_ssize_t done = 0, take, got = 0
-        cdef uint8_t* p
+        cdef Py_ssize_t got = 0
         cdef int rc
         self.partial = False
         self.error = 0
-        if not self.sealed or n == 0:
-            rc = _recv_all(self.sock_fd, self.payload_ptr, n, &got)
+        if self.sealed and n:
+            rc = self._recv_opened(n, False)
         else:
-            if self.recv_key.open_begin(self.header_ptr, _HEADER_LEN):
-                return _TAG
-            rc = 0
-            while done < n and rc == 0:
-                take = min(n - done, <Py_ssize_t>_PIECE)
-                p = self.payload_ptr + done
-                rc = _recv_all(self.sock_fd, p, take, &got)
-                if rc == 0:
-                    if self.recv_key.open_update(p, p, take):
-                        return _TAG
-                    done += take
-            if rc == 0:
-                rc = _recv_all(self.sock_fd, self.tag, _TAG_LEN, &got)
-                if rc == 0 and self.recv_key.open_end(self.tag):
-                    return _TAG
-        if rc:
-            self.partial = True
-            self.error = errno if rc == _OS_ERROR else 0
-            return rc
-        return _PAYLOAD
+            rc = _recv_all(self.sock_fd, self.payload_ptr, n, &got)
+            if rc:
+                self.partial = True
+                self.error = errno if rc == _OS_ERROR else 0
+        return rc if rc else _PAYLOAD
 
     def next_frame(self, bint ack_last=False):
         """With `ack_last`, first acknowledge the frame last _WRITTEN; then receive one frame.
@@ -675,14 +659,27 @@ cdef class RawFrameReceiver:
         return _WRITTEN
 
     cdef int _recv_sealed_payload(self, Py_ssize_t n) noexcept nogil:
-        """Read, decrypt in place and hash the payload in pieces that stay in cache, then check the
-        tag (associated data: the header) and the checksum. 0, or the outcome to return."""
+        """A raw chunk's sealed payload: read, opened and hashed (_recv_opened), then the checksum
+        checked. 0, or the outcome to return."""
+        cdef int rc = self._recv_opened(n, True)
+        if rc:
+            return rc
+        self.expected_seq += 1
+        if XXH3_64bits_digest(self.hash_state) != self.checksum:
+            return _CHECKSUM
+        return 0
+
+    cdef int _recv_opened(self, Py_ssize_t n, bint hashed) noexcept nogil:
+        """Read the `n`-byte sealed payload of the current header and decrypt it in place, in
+        pieces that stay in cache (hashed into hash_state as they pass, with `hashed`), then check
+        its tag (associated data: the header). 0, or the outcome to return (partial/error set)."""
         cdef Py_ssize_t done = 0, take, got = 0
         cdef uint8_t* p
         cdef int rc
         if self.recv_key.open_begin(self.header_ptr, _HEADER_LEN):
             return _TAG
-        XXH3_64bits_reset(self.hash_state)
+        if hashed:
+            XXH3_64bits_reset(self.hash_state)
         while done < n:
             take = min(n - done, <Py_ssize_t>_PIECE)
             p = self.payload_ptr + done
@@ -693,16 +690,14 @@ cdef class RawFrameReceiver:
                 return rc
             if self.recv_key.open_update(p, p, take):
                 return _TAG
-            XXH3_64bits_update(self.hash_state, p, take)
+            if hashed:
+                XXH3_64bits_update(self.hash_state, p, take)
             done += take
         rc = _recv_all(self.sock_fd, self.tag, _TAG_LEN, &got)
         if rc:
             self.partial = True
             self.error = errno if rc == _OS_ERROR else 0
             return rc
-        self.expected_seq += 1
         if self.recv_key.open_end(self.tag):
             return _TAG
-        if XXH3_64bits_digest(self.hash_state) != self.checksum:
-            return _CHECKSUM
         return 0
